@@ -1,0 +1,122 @@
+//! RabbitMQ: connecting (plain or TLS) and publishing result events with confirms.
+
+use std::time::Instant;
+
+use futures_util::future::try_join_all;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
+
+use crate::config::BrokerConfig;
+use crate::outcome::ResultEvent;
+use crate::telemetry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot read TLS file {0}: {1}")]
+    TlsFile(String, std::io::Error),
+    #[error("AMQP error: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker refused the result event (nack)")]
+    Nacked,
+    #[error("the broker connection was lost")]
+    ConnectionLost,
+}
+
+impl BrokerError {
+    /// Everything but a bad TLS file can succeed on another try (after a reconnect).
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, BrokerError::TlsFile(..))
+    }
+}
+
+/// Opens a connection; `amqps://` URLs use the configured CA and client identity.
+pub async fn connect(cfg: &BrokerConfig, connection_name: &str) -> Result<Connection, BrokerError> {
+    let props = ConnectionProperties::default().with_connection_name(connection_name.into());
+    if cfg.ca_file.is_none() && cfg.client_identity_file.is_none() {
+        return Ok(Connection::connect(&cfg.url, props).await?);
+    }
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| BrokerError::TlsFile(path.display().to_string(), e))
+    };
+    let cert_chain = match &cfg.ca_file {
+        Some(path) => Some(String::from_utf8_lossy(&read(path)?).into_owned()),
+        None => None,
+    };
+    let identity = match &cfg.client_identity_file {
+        Some(path) => Some(OwnedIdentity::PKCS12 {
+            der: read(path)?,
+            password: cfg.client_identity_password.clone().unwrap_or_default(),
+        }),
+        None => None,
+    };
+    let tls = OwnedTLSConfig {
+        identity,
+        cert_chain,
+    };
+    let runtime = lapin::runtime::default_runtime()?;
+    Ok(Connection::connect_with_config(&cfg.url, props, tls, runtime).await?)
+}
+
+/// A confirm-mode channel for result events.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+    events_exchange: String,
+}
+
+impl Publisher {
+    pub async fn open(connection: &Connection, events_exchange: &str) -> Result<Self, BrokerError> {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self {
+            channel,
+            events_exchange: events_exchange.to_owned(),
+        })
+    }
+
+    /// Publishes the event to the events exchange and, when asked, to `reply_to`, and returns
+    /// once the broker has confirmed both. An unroutable event (nobody bound, reply queue gone)
+    /// is confirmed too: it is counted and logged, not retried forever.
+    pub async fn publish(&self, event: &ResultEvent, reply_to: Option<&str>) -> Result<(), BrokerError> {
+        let started = Instant::now();
+        let mandatory = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
+        let mut targets = vec![(self.events_exchange.as_str(), event.routing_key.as_str(), "events")];
+        if let Some(queue) = reply_to {
+            targets.push(("", queue, "reply_to"));
+        }
+        let sends = targets.into_iter().map(|(exchange, key, target)| async move {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    exchange.into(),
+                    key.into(),
+                    mandatory,
+                    &event.body,
+                    event.properties.clone(),
+                )
+                .await?
+                .await?;
+            match confirm {
+                Confirmation::Ack(Some(_)) => {
+                    metrics::counter!(telemetry::RESULTS_UNROUTABLE, "target" => target).increment(1);
+                    tracing::warn!(target, routing_key = key, "Result event was unroutable.");
+                    Ok(())
+                }
+                Confirmation::Ack(None) => Ok(()),
+                Confirmation::Nack(_) => Err(BrokerError::Nacked),
+                // The channel is put in confirm mode on open; no confirm means it was not.
+                Confirmation::NotRequested => Err(BrokerError::Nacked),
+            }
+        });
+        try_join_all(sends).await?;
+        metrics::histogram!(telemetry::STAGE_DURATION, "stage" => "publish_confirm")
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+}

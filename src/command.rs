@@ -1,0 +1,222 @@
+//! The command body: strict JSON decoding and the number-to-JID normaliser.
+//!
+//! whatsapp-rust's own `Jid` parser accepts `abc@s.whatsapp.net` and `55 11 9@s.whatsapp.net`,
+//! so validation is ours: a JID that leaves here holds only ASCII digits, at most one `-` (legacy
+//! group ids) and one of three servers. It never holds a path separator or `..`, which matters
+//! because it becomes part of media paths.
+
+use serde::Deserialize;
+
+use crate::outcome::Outcome;
+
+/// What a valid body asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeleteRequest {
+    pub chat: ChatJid,
+    pub delete_media: bool,
+}
+
+/// A validated, normalised chat JID (`<digits>@s.whatsapp.net`, `<digits>@lid`, `<id>@g.us`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ChatJid(String);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JidServer {
+    Phone,
+    Lid,
+    Group,
+}
+
+impl ChatJid {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    pub fn user(&self) -> &str {
+        self.0.split_once('@').map(|(u, _)| u).unwrap_or_default()
+    }
+    pub fn server(&self) -> JidServer {
+        match self.0.rsplit_once('@').map(|(_, s)| s) {
+            Some(PHONE_SERVER) => JidServer::Phone,
+            Some(LID_SERVER) => JidServer::Lid,
+            _ => JidServer::Group,
+        }
+    }
+}
+
+impl std::fmt::Display for ChatJid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+const PHONE_SERVER: &str = "s.whatsapp.net";
+const LID_SERVER: &str = "lid";
+const GROUP_SERVER: &str = "g.us";
+/// Longest `number` looked at; anything longer is not a phone number or JID we support.
+const MAX_NUMBER_CHARS: usize = 128;
+
+#[derive(Deserialize)]
+struct RawBody {
+    // A wrong type (`"number": 5511...`) fails here, as a Go/serde-strict handler would.
+    #[serde(default)]
+    number: Option<String>,
+    #[serde(default, rename = "deleteMedia")]
+    delete_media: Option<bool>,
+}
+
+/// Decodes and validates a body, in the contract's order: `Invalid request body`, then
+/// `Number is required`, then `Invalid number`.
+pub fn parse_body(body: &[u8], max_bytes: usize) -> Result<DeleteRequest, Outcome> {
+    // Derived structs also accept JSON arrays; the body must be an object.
+    let is_object = body.trim_ascii_start().first() == Some(&b'{');
+    if !is_object || body.len() > max_bytes {
+        return Err(Outcome::InvalidBody);
+    }
+    let raw: RawBody = serde_json::from_slice(body).map_err(|_| Outcome::InvalidBody)?;
+    let number = raw.number.unwrap_or_default();
+    let number = number.trim();
+    if number.is_empty() {
+        return Err(Outcome::NumberRequired);
+    }
+    let chat = normalise_number(number).ok_or(Outcome::InvalidNumber)?;
+    Ok(DeleteRequest {
+        chat,
+        delete_media: raw.delete_media.unwrap_or(false),
+    })
+}
+
+/// A phone number (`+55 11 99999-9999` style) or a JID on a supported server, as a normalised
+/// JID; `None` when it is neither.
+pub fn normalise_number(input: &str) -> Option<ChatJid> {
+    let input = input.trim();
+    if input.len() > MAX_NUMBER_CHARS {
+        return None;
+    }
+    match input.rsplit_once('@') {
+        Some((user, server)) => {
+            let server = server.to_ascii_lowercase();
+            let ok = match server.as_str() {
+                PHONE_SERVER | LID_SERVER => is_digits(user, 1, 20),
+                GROUP_SERVER => is_group_id(user),
+                _ => false,
+            };
+            ok.then(|| ChatJid(format!("{user}@{server}")))
+        }
+        None => {
+            let digits = input.strip_prefix('+').unwrap_or(input);
+            // Spaces and dashes are tolerated between digits, nothing else.
+            if digits.starts_with([' ', '-']) {
+                return None;
+            }
+            let digits: String = digits.chars().filter(|c| !matches!(c, ' ' | '-')).collect();
+            (is_digits(&digits, 7, 15) && !digits.starts_with('0'))
+                .then(|| ChatJid(format!("{digits}@{PHONE_SERVER}")))
+        }
+    }
+}
+
+fn is_digits(s: &str, min: usize, max: usize) -> bool {
+    (min..=max).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// `120363024567890123` or the legacy `<creator>-<timestamp>`.
+fn is_group_id(user: &str) -> bool {
+    match user.split_once('-') {
+        Some((creator, created)) => is_digits(creator, 5, 20) && is_digits(created, 1, 20),
+        None => is_digits(user, 5, 30),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jid(s: &str) -> Option<String> {
+        normalise_number(s).map(|j| j.0)
+    }
+
+    #[test]
+    fn phone_numbers_become_pn_jids() {
+        assert_eq!(jid("5511999999999").unwrap(), "5511999999999@s.whatsapp.net");
+        assert_eq!(jid("+55 11 99999-9999").unwrap(), "5511999999999@s.whatsapp.net");
+        assert_eq!(jid("  5511999999999 ").unwrap(), "5511999999999@s.whatsapp.net");
+    }
+
+    #[test]
+    fn jids_are_kept_with_a_lower_case_server() {
+        assert_eq!(jid("5511@s.whatsapp.net").unwrap(), "5511@s.whatsapp.net");
+        assert_eq!(jid("5511@S.WhatsApp.NET").unwrap(), "5511@s.whatsapp.net");
+        assert_eq!(jid("123456789012345@lid").unwrap(), "123456789012345@lid");
+        assert_eq!(
+            jid("120363024567890123@g.us").unwrap(),
+            "120363024567890123@g.us"
+        );
+        assert_eq!(
+            jid("5511999999999-1600000000@g.us").unwrap(),
+            "5511999999999-1600000000@g.us"
+        );
+        let parsed = normalise_number("120363024567890123@g.us").unwrap();
+        assert_eq!(parsed.server(), JidServer::Group);
+        assert_eq!(parsed.user(), "120363024567890123");
+    }
+
+    #[test]
+    fn everything_else_is_invalid() {
+        for bad in [
+            "abc@s.whatsapp.net",
+            "55 11 99999@s.whatsapp.net",
+            "@s.whatsapp.net",
+            "s.whatsapp.net",
+            "5511999999999:12@s.whatsapp.net",
+            "5511@example.com",
+            "5511@newsletter",
+            "../5511@s.whatsapp.net",
+            "5511/..@lid",
+            "55\0 11",
+            "abc",
+            "55119999a9999",
+            "123",
+            "0551199999999",
+            "5511999999999999999",
+            "+",
+            "-5511999999999",
+            "5511999999999@g.us@g.us",
+            "١٢٣٤٥٦٧٨",
+        ] {
+            assert_eq!(jid(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn body_rules_in_contract_order() {
+        let max = 64 * 1024;
+        let ok = parse_body(br#"{"number":"5511999999999"}"#, max).unwrap();
+        assert!(!ok.delete_media);
+        let ok = parse_body(
+            br#"{"number":"5511999999999","deleteMedia":true,"extra":[1]}"#,
+            max,
+        )
+        .unwrap();
+        assert!(ok.delete_media);
+        for (body, want) in [
+            (&b""[..], Outcome::InvalidBody),
+            (b"not json", Outcome::InvalidBody),
+            (b"[]", Outcome::InvalidBody),
+            (b"\"5511\"", Outcome::InvalidBody),
+            (br#"{"number":5511999999999}"#, Outcome::InvalidBody),
+            (br#"{"number":"5511999999999","deleteMedia":"yes"}"#, Outcome::InvalidBody),
+            (br#"{"number":"5511999999999"} x"#, Outcome::InvalidBody),
+            (b"{}", Outcome::NumberRequired),
+            (br#"{"number":null}"#, Outcome::NumberRequired),
+            (br#"{"number":"   "}"#, Outcome::NumberRequired),
+            (br#"{"number":"abc"}"#, Outcome::InvalidNumber),
+        ] {
+            assert_eq!(parse_body(body, max).unwrap_err(), want, "{body:?}");
+        }
+        let big = format!(r#"{{"number":"5511999999999","pad":"{}"}}"#, "x".repeat(100));
+        assert_eq!(
+            parse_body(big.as_bytes(), 64).unwrap_err(),
+            Outcome::InvalidBody
+        );
+    }
+}

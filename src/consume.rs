@@ -1,0 +1,236 @@
+//! Consumers: one per hosted instance queue plus the unrouted queue. Each delivery is handled,
+//! its result published with a confirm, and only then is the delivery settled.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::broker::{BrokerError, Publisher};
+use crate::config::is_valid_instance_name;
+use crate::decode::Envelope;
+use crate::outcome::{EventContext, render};
+use crate::pipeline::{Handled, Instance, Pipeline, Source};
+use crate::telemetry;
+use crate::topology::Names;
+
+/// The `instance` of a 404 answer whose routing key is not a valid instance name (it cannot be
+/// one: names start with a letter or digit).
+pub const UNNAMED_INSTANCE: &str = "_invalid";
+
+/// Settings shared by all consumers of one worker.
+pub struct Consuming {
+    pub pipeline: Arc<Pipeline>,
+    pub names: Names,
+    pub app_id: String,
+    pub prefetch: u16,
+    pub concurrency: usize,
+}
+
+/// What happens to a delivery once its handling is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// The result is out: remove the command.
+    Ack,
+    /// Hand it back to the queue (the result could not be published, or we are stopping).
+    Requeue,
+}
+
+/// The one place that decides a delivery's fate.
+fn settle_for(published: &Result<(), BrokerError>) -> Settle {
+    match published {
+        Ok(()) => Settle::Ack,
+        Err(_) => Settle::Requeue,
+    }
+}
+
+async fn settle(delivery: &Delivery, settle: Settle) {
+    let result = match settle {
+        Settle::Ack => delivery.ack(BasicAckOptions::default()).await,
+        Settle::Requeue => {
+            delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    match result {
+        Ok(true) => {}
+        // A channel from before a reconnect: the broker has requeued the delivery already.
+        Ok(false) => tracing::warn!(?settle, "Delivery could not be settled on a stale channel; it will come back."),
+        Err(error) => tracing::warn!(?settle, %error, "Settling the delivery failed; it will come back."),
+    }
+}
+
+/// A started consumer: its channel and the task reading it.
+pub struct RunningConsumer {
+    pub channel: Channel,
+    pub tag: String,
+}
+
+/// Starts the consumer of one queue on its own channel.
+#[allow(clippy::too_many_arguments)]
+pub async fn start(
+    connection: &Connection,
+    consuming: Arc<Consuming>,
+    publisher: Publisher,
+    queue: String,
+    instance: Option<Arc<Instance>>,
+    tracker: TaskTracker,
+    stop_consuming: CancellationToken,
+    hard_stop: CancellationToken,
+    lost: CancellationToken,
+) -> Result<RunningConsumer, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    // Re-applied on every (re)connection: lapin's recovery would not.
+    channel
+        .basic_qos(consuming.prefetch, BasicQosOptions::default())
+        .await?;
+    let tag = format!("{}-{}", consuming.app_id, uuid::Uuid::new_v4());
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let limit = Arc::new(Semaphore::new(consuming.concurrency));
+    let loop_tracker = tracker.clone();
+    tracker.spawn(async move {
+        loop {
+            let next = tokio::select! {
+                _ = stop_consuming.cancelled() => break,
+                next = consumer.next() => next,
+            };
+            let delivery = match next {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(error)) => {
+                    tracing::warn!(%error, queue, "Consumer failed.");
+                    lost.cancel();
+                    break;
+                }
+                None => {
+                    lost.cancel();
+                    break;
+                }
+            };
+            let permit = tokio::select! {
+                _ = stop_consuming.cancelled() => break,
+                permit = limit.clone().acquire_owned() => permit.expect("semaphore is never closed"),
+            };
+            let consuming = consuming.clone();
+            let publisher = publisher.clone();
+            let instance = instance.clone();
+            let hard_stop = hard_stop.clone();
+            let lost = lost.clone();
+            loop_tracker.spawn(async move {
+                let _permit = permit;
+                process(&consuming, &publisher, instance.as_deref(), delivery, &hard_stop, &lost).await;
+            });
+        }
+    });
+    Ok(RunningConsumer { channel, tag })
+}
+
+async fn process(
+    consuming: &Consuming,
+    publisher: &Publisher,
+    instance: Option<&Instance>,
+    delivery: Delivery,
+    hard_stop: &CancellationToken,
+    lost: &CancellationToken,
+) {
+    let started = Instant::now();
+    let envelope = Envelope::from_properties(&delivery.properties);
+    let source = match instance {
+        Some(instance) => Source::Instance(instance),
+        None => Source::Unrouted {
+            routing_key: delivery.routing_key.as_str(),
+        },
+    };
+    let instance_name = match source {
+        Source::Instance(i) => i.name.as_str(),
+        // Anything can be sent as a routing key; only a well-formed name is echoed back.
+        Source::Unrouted { routing_key } if is_valid_instance_name(routing_key) => routing_key,
+        Source::Unrouted { .. } => UNNAMED_INSTANCE,
+    };
+    let span = tracing::info_span!(
+        "command",
+        idempotency_id = envelope.idempotency_id.as_deref().unwrap_or(""),
+        instance = instance_name,
+        attempt = envelope.previous_attempts + 1,
+        traceparent = envelope.traceparent.as_deref().unwrap_or(""),
+    );
+    let queue_kind = if instance.is_some() { "instance" } else { "unrouted" };
+    metrics::counter!(telemetry::COMMANDS_RECEIVED, "queue" => queue_kind).increment(1);
+    let in_flight = metrics::gauge!(telemetry::IN_FLIGHT);
+    in_flight.increment(1.0);
+
+    let work = async {
+        let handled = consuming
+            .pipeline
+            .handle(source, &envelope, &delivery.data)
+            .await;
+        let published = publish(consuming, publisher, &envelope, instance_name, &handled).await;
+        if let Err(error) = &published {
+            tracing::warn!(%error, "Result event not confirmed; the command goes back to the queue.");
+            // The publishing channel may be gone: rebuild the connection rather than spin.
+            lost.cancel();
+        } else {
+            let status = handled.outcome.status();
+            metrics::counter!(
+                telemetry::COMMANDS_COMPLETED,
+                "status" => status.to_string(),
+                "outcome" => handled.outcome.label(),
+            )
+            .increment(1);
+            tracing::info!(status, outcome = handled.outcome.label(), attempts = handled.attempts, "Command answered.");
+        }
+        settle(&delivery, settle_for(&published)).await;
+    }
+    .instrument(span.clone());
+
+    tokio::select! {
+        () = work => {}
+        () = hard_stop.cancelled() => {
+            let _enter = span.enter();
+            tracing::warn!("Shutdown grace period over; handing the command back.");
+            settle(&delivery, Settle::Requeue).await;
+        }
+    }
+    in_flight.decrement(1.0);
+    metrics::histogram!(telemetry::COMMAND_DURATION).record(started.elapsed().as_secs_f64());
+}
+
+async fn publish(
+    consuming: &Consuming,
+    publisher: &Publisher,
+    envelope: &Envelope,
+    instance_name: &str,
+    handled: &Handled,
+) -> Result<(), BrokerError> {
+    let ctx = EventContext {
+        instance: instance_name,
+        idempotency_id: envelope.idempotency_id.as_deref(),
+        correlation_id: envelope.correlation_id.as_deref(),
+        chat: handled.chat.as_ref(),
+        attempts: handled.attempts,
+        replayed: false,
+        traceparent: envelope.traceparent.as_deref(),
+        app_id: &consuming.app_id,
+        now: chrono::Utc::now(),
+    };
+    let event = render(&handled.outcome, &ctx);
+    publisher.publish(&event, envelope.reply_to.as_deref()).await
+}

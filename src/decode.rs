@@ -1,0 +1,114 @@
+//! The first pipeline stage: what a delivery says, read from its properties and headers.
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable};
+
+/// Header carrying how many times the work was already tried (set by our retry path).
+pub const ATTEMPT_HEADER: &str = "x-chat-delete-attempt";
+
+/// A command's envelope; the body is validated later, after authentication.
+#[derive(Debug, Clone, Default)]
+pub struct Envelope {
+    /// AMQP `message_id`; empty is treated as absent.
+    pub idempotency_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+    /// The `token` header, only when it is a string.
+    pub token: Option<Vec<u8>>,
+    /// Tries already made before this delivery (0 for a fresh command).
+    pub previous_attempts: u32,
+    pub traceparent: Option<String>,
+}
+
+impl Envelope {
+    pub fn from_properties(props: &BasicProperties) -> Self {
+        let non_empty = |s: Option<&lapin::types::ShortString>| {
+            s.map(|s| s.as_str().to_owned()).filter(|s| !s.is_empty())
+        };
+        let headers = props.headers().as_ref();
+        Self {
+            idempotency_id: non_empty(props.message_id().as_ref()),
+            correlation_id: non_empty(props.correlation_id().as_ref()),
+            reply_to: non_empty(props.reply_to().as_ref()),
+            token: headers.and_then(|h| string_header(h, "token")),
+            previous_attempts: headers
+                .and_then(|h| int_header(h, ATTEMPT_HEADER))
+                .unwrap_or(0),
+            traceparent: headers
+                .and_then(|h| string_header(h, "traceparent"))
+                .and_then(|b| String::from_utf8(b).ok())
+                .filter(|tp| is_traceparent(tp)),
+        }
+    }
+}
+
+fn string_header(headers: &FieldTable, key: &str) -> Option<Vec<u8>> {
+    match headers.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(s.as_bytes().to_vec()),
+        AMQPValue::ShortString(s) => Some(s.as_str().as_bytes().to_vec()),
+        _ => None,
+    }
+}
+
+fn int_header(headers: &FieldTable, key: &str) -> Option<u32> {
+    let value = match headers.inner().get(key)? {
+        AMQPValue::ShortShortInt(v) => i64::from(*v),
+        AMQPValue::ShortShortUInt(v) => i64::from(*v),
+        AMQPValue::ShortInt(v) => i64::from(*v),
+        AMQPValue::ShortUInt(v) => i64::from(*v),
+        AMQPValue::LongInt(v) => i64::from(*v),
+        AMQPValue::LongUInt(v) => i64::from(*v),
+        AMQPValue::LongLongInt(v) => *v,
+        _ => return None,
+    };
+    u32::try_from(value).ok()
+}
+
+/// `00-<32 hex>-<16 hex>-<2 hex>`; anything else is dropped rather than echoed.
+fn is_traceparent(tp: &str) -> bool {
+    let parts: Vec<&str> = tp.split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    parts.len() == 4
+        && hex(parts[0], 2)
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::ShortString;
+
+    #[test]
+    fn reads_ids_token_and_attempts() {
+        let mut h = FieldTable::default();
+        h.insert(ShortString::from("token"), AMQPValue::LongString("t".into()));
+        h.insert(ShortString::from(ATTEMPT_HEADER), AMQPValue::LongInt(3));
+        h.insert(
+            ShortString::from("traceparent"),
+            AMQPValue::LongString("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+        );
+        let props = BasicProperties::default()
+            .with_message_id("id-1".into())
+            .with_correlation_id("".into())
+            .with_headers(h);
+        let env = Envelope::from_properties(&props);
+        assert_eq!(env.idempotency_id.as_deref(), Some("id-1"));
+        assert_eq!(env.correlation_id, None);
+        assert_eq!(env.token.as_deref(), Some(&b"t"[..]));
+        assert_eq!(env.previous_attempts, 3);
+        assert!(env.traceparent.is_some());
+    }
+
+    #[test]
+    fn a_token_that_is_not_a_string_is_no_token() {
+        let mut h = FieldTable::default();
+        h.insert(ShortString::from("token"), AMQPValue::LongInt(5));
+        h.insert(ShortString::from("traceparent"), AMQPValue::LongString("junk".into()));
+        let env = Envelope::from_properties(&BasicProperties::default().with_headers(h));
+        assert_eq!(env.token, None);
+        assert_eq!(env.traceparent, None);
+        assert_eq!(env.idempotency_id, None);
+    }
+}

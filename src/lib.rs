@@ -1,0 +1,249 @@
+//! chat-delete-worker: consumes "delete entire chat" commands from RabbitMQ, applies each to the
+//! owning WhatsApp instance, purges the chat's media when asked, and publishes a result event
+//! that matches the documented HTTP payloads.
+//!
+//! # Layout
+//! - `config`: the typed configuration (TOML + `CDW__*` environment overrides).
+//! - `topology`: exchange and queue names, and their declaration.
+//! - `decode` → `auth` → `command` → `session` → `media`: the pipeline stages, driven by
+//!   `pipeline`; `outcome` turns the result into the event; `consume` settles deliveries.
+//! - `broker`: the RabbitMQ connection and confirmed publishing; `http`: health and metrics.
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod broker;
+pub mod command;
+pub mod config;
+pub mod consume;
+pub mod decode;
+pub mod http;
+pub mod media;
+pub mod outcome;
+pub mod pipeline;
+pub mod session;
+pub mod telemetry;
+pub mod topology;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::BasicCancelOptions;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{BrokerError, Publisher};
+use crate::config::Config;
+use crate::consume::Consuming;
+use crate::http::Health;
+use crate::pipeline::Pipeline;
+use crate::topology::Names;
+
+/// What a started worker tells its caller.
+#[derive(Debug, Clone, Default)]
+pub struct Started {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, when enabled.
+    pub http_addr: Option<SocketAddr>,
+}
+
+/// Runs the worker until `shutdown` completes, reconnecting to the broker whenever the
+/// connection is lost. `on_started` is called once the HTTP port is bound (tests read it).
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_started: impl FnOnce(Started) + Send,
+) -> anyhow::Result<()> {
+    let metrics = telemetry::prometheus();
+    let pipeline = Arc::new(Pipeline::from_config(&config).await?);
+    let health = Arc::new(Health::default());
+    let stop = CancellationToken::new();
+    let stopper = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stopper.cancel();
+    });
+
+    let http_addr = if config.http.enabled {
+        let addr = http::serve(
+            &config.http.bind,
+            config.http.port,
+            metrics,
+            health.clone(),
+            stop.clone(),
+        )
+        .await?;
+        tracing::info!(%addr, "Serving /metrics, /healthz and /readyz.");
+        Some(addr)
+    } else {
+        None
+    };
+    on_started(Started { http_addr });
+    tokio::spawn(report_instance_states(pipeline.clone(), stop.clone()));
+
+    let consuming = Arc::new(Consuming {
+        pipeline: pipeline.clone(),
+        names: Names::new(&config.broker.namespace),
+        app_id: config.worker.name.clone(),
+        prefetch: config.broker.prefetch,
+        concurrency: config.worker.concurrency_per_instance,
+    });
+    let mut delay = Duration::from_millis(250);
+    let mut connections = 0u64;
+    loop {
+        let served = serve_connection(&config, &consuming, &health, &stop, connections).await;
+        health.broker_connected.store(false, Ordering::SeqCst);
+        health.consuming.store(false, Ordering::SeqCst);
+        metrics::gauge!(telemetry::BROKER_CONNECTED).set(0.0);
+        match served {
+            Ok(()) => break,
+            Err(error) if !error.is_retryable() => {
+                stop.cancel();
+                shutdown_sessions(&pipeline).await;
+                return Err(error.into());
+            }
+            Err(error) => {
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "Broker connection lost; reconnecting.");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+                connections += 1;
+                metrics::counter!(telemetry::BROKER_RECONNECTS).increment(1);
+            }
+        }
+        if stop.is_cancelled() {
+            break;
+        }
+    }
+    shutdown_sessions(&pipeline).await;
+    tracing::info!("Worker stopped.");
+    Ok(())
+}
+
+/// One broker connection's life: declare, consume, and on stop or loss drain in-flight work.
+/// `Ok` means a requested stop; `Err` a lost or refused connection.
+async fn serve_connection(
+    config: &Config,
+    consuming: &Arc<Consuming>,
+    health: &Health,
+    stop: &CancellationToken,
+    generation: u64,
+) -> Result<(), BrokerError> {
+    let name = format!("{} ({generation})", config.worker.name);
+    let connection = broker::connect(&config.broker, &name).await?;
+    let names = &consuming.names;
+    let declare_channel = connection.create_channel().await?;
+    topology::declare(
+        &declare_channel,
+        &config.broker,
+        names,
+        consuming.pipeline.instances.keys().map(String::as_str),
+    )
+    .await?;
+    let _ = declare_channel.close(200, "declared".into()).await;
+    let publisher = Publisher::open(&connection, &names.events_exchange()).await?;
+    health.broker_connected.store(true, Ordering::SeqCst);
+    metrics::gauge!(telemetry::BROKER_CONNECTED).set(1.0);
+
+    let lost = CancellationToken::new();
+    let watch_lost = lost.clone();
+    let mut events = connection.events_listener();
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            if matches!(event, lapin::Event::Error(_)) {
+                watch_lost.cancel();
+                break;
+            }
+        }
+    });
+
+    let tracker = TaskTracker::new();
+    let stop_consuming = CancellationToken::new();
+    let hard_stop = CancellationToken::new();
+    let mut queues: Vec<(String, Option<Arc<pipeline::Instance>>)> = consuming
+        .pipeline
+        .instances
+        .values()
+        .map(|i| (names.instance_queue(&i.name), Some(i.clone())))
+        .collect();
+    queues.push((names.unrouted_queue(), None));
+    let mut consumers = Vec::with_capacity(queues.len());
+    for (queue, instance) in queues {
+        let started = consume::start(
+            &connection,
+            consuming.clone(),
+            publisher.clone(),
+            queue,
+            instance,
+            tracker.clone(),
+            stop_consuming.clone(),
+            hard_stop.clone(),
+            lost.clone(),
+        )
+        .await;
+        match started {
+            Ok(consumer) => consumers.push(consumer),
+            Err(error) => {
+                stop_consuming.cancel();
+                return Err(error.into());
+            }
+        }
+    }
+    health.consuming.store(true, Ordering::SeqCst);
+    tracing::info!(consumers = consumers.len(), "Consuming.");
+
+    let requested = tokio::select! {
+        _ = stop.cancelled() => true,
+        _ = lost.cancelled() => false,
+    };
+    health.consuming.store(false, Ordering::SeqCst);
+    stop_consuming.cancel();
+    if requested {
+        for consumer in &consumers {
+            let _ = consumer
+                .channel
+                .basic_cancel(consumer.tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+        }
+    }
+    tracker.close();
+    let grace = Duration::from_millis(config.worker.shutdown_grace_ms);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(grace_ms = grace.as_millis() as u64, "In-flight commands did not finish in time; handing them back.");
+        hard_stop.cancel();
+        tracker.wait().await;
+    }
+    let _ = connection.close(200, "worker stopping".into()).await;
+    if requested {
+        Ok(())
+    } else {
+        Err(BrokerError::ConnectionLost)
+    }
+}
+
+async fn shutdown_sessions(pipeline: &Pipeline) {
+    for instance in pipeline.instances.values() {
+        instance.session.shutdown().await;
+    }
+}
+
+/// Keeps the per-instance connection gauge current.
+async fn report_instance_states(pipeline: Arc<Pipeline>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        for instance in pipeline.instances.values() {
+            let connected = instance.session.state() == session::SessionState::Connected;
+            metrics::gauge!(telemetry::INSTANCE_CONNECTED, "instance" => instance.name.clone())
+                .set(if connected { 1.0 } else { 0.0 });
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The `chat-delete-worker` binary: parses the command line and hands over to the library.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use chat_delete_worker::config::{Config, TokenHash};
+use chat_delete_worker::topology::Names;
+use chat_delete_worker::{broker, telemetry, topology};
+
+/// Consumes "delete entire chat" commands from RabbitMQ and publishes their results.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML config file; without one the worker runs its embedded demo defaults (one simulated
+    /// instance `demo`, token `demo-token`).
+    #[arg(long, short, global = true, env = "CHAT_DELETE_WORKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log JSON lines instead of human-readable text.
+    #[arg(long, global = true, env = "CHAT_DELETE_WORKER_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker (the default).
+    Run,
+    /// Declare the exchanges and queues for the configured instances, then exit.
+    Topology,
+    /// Print the SHA-256 of a token, read from standard input, for the config's `token_sha256`.
+    TokenHash,
+    /// Validate the config and print what this worker would host.
+    CheckConfig,
+}
+
+/// Exit code for a bad config, as sysexits' EX_USAGE.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::TokenHash) = cli.command {
+        let mut token = String::new();
+        if let Err(error) = std::io::stdin().read_to_string(&mut token) {
+            eprintln!("cannot read the token from standard input: {error}");
+            return ExitCode::FAILURE;
+        }
+        let token = token.trim_end_matches(['\r', '\n']);
+        println!("{}", hex::encode(TokenHash::of(token.as_bytes()).0));
+        return ExitCode::SUCCESS;
+    }
+    telemetry::init_logs(cli.log_json);
+    let config = match Config::load(cli.config.as_deref(), std::env::vars()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("invalid configuration: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result = runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Run) {
+            Command::Run => {
+                chat_delete_worker::run(config, shutdown_signal(), |_| {}).await
+            }
+            Command::Topology => declare_topology(&config).await,
+            Command::CheckConfig => {
+                check_config(&config);
+                Ok(())
+            }
+            Command::TokenHash => unreachable!("handled before the runtime starts"),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn declare_topology(config: &Config) -> anyhow::Result<()> {
+    let connection = broker::connect(&config.broker, "chat-delete-worker topology").await?;
+    let channel = connection.create_channel().await?;
+    let names = Names::new(&config.broker.namespace);
+    topology::declare(
+        &channel,
+        &config.broker,
+        &names,
+        config.instances.keys().map(String::as_str),
+    )
+    .await?;
+    let _ = connection.close(200, "done".into()).await;
+    println!(
+        "declared {} and {} with {} instance queue(s)",
+        names.commands_exchange(),
+        names.events_exchange(),
+        config.instances.len()
+    );
+    Ok(())
+}
+
+fn check_config(config: &Config) {
+    let names = Names::new(&config.broker.namespace);
+    println!("config is valid");
+    println!("commands exchange: {}", names.commands_exchange());
+    println!("events exchange:   {}", names.events_exchange());
+    for (name, instance) in &config.instances {
+        println!(
+            "instance {name}: kind={:?} account={} queue={}",
+            instance.kind,
+            instance.account.as_deref().unwrap_or("-"),
+            names.instance_queue(name)
+        );
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received; stopping."),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; stopping."),
+    }
+}

@@ -1,0 +1,72 @@
+//! The `ChatSession` boundary: one WhatsApp connection per instance, real or simulated.
+
+mod simulated;
+mod whatsapp;
+
+pub use simulated::SimulatedSession;
+pub use whatsapp::WhatsappSession;
+
+use crate::command::ChatJid;
+
+/// Why a delete did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    /// No active, logged-in session, or the app-state keys have not arrived yet.
+    #[error("instance is not connected")]
+    NotConnected,
+    /// No answer in time; the delete may or may not have been applied (a second one is harmless).
+    #[error("timed out")]
+    Timeout,
+    /// WhatsApp had trouble (5xx, throttling, transport); worth another try.
+    #[error("{0}")]
+    Server(String),
+    /// WhatsApp refused the request; another try would be refused too.
+    #[error("{0}")]
+    Rejected(String),
+}
+
+impl SessionError {
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, SessionError::Rejected(_))
+    }
+
+    /// Short and free of secrets: it becomes `Failed to delete chat: <reason>`.
+    pub fn reason(&self) -> String {
+        let text = self.to_string();
+        text.chars().take(200).collect()
+    }
+}
+
+/// Connection state of an instance, as the pipeline and the health endpoint see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// Never paired: run `chat-delete-worker pair <instance>`.
+    NotPaired,
+    Connecting,
+    Connected,
+    LoggedOut,
+    Stopped,
+}
+
+impl SessionState {
+    pub fn label(self) -> &'static str {
+        match self {
+            SessionState::NotPaired => "not_paired",
+            SessionState::Connecting => "connecting",
+            SessionState::Connected => "connected",
+            SessionState::LoggedOut => "logged_out",
+            SessionState::Stopped => "stopped",
+        }
+    }
+}
+
+#[async_trait::async_trait]
+pub trait ChatSession: Send + Sync {
+    fn state(&self) -> SessionState;
+
+    /// Deletes the chat from the instance's chat list (all linked devices, through app state).
+    async fn delete_chat(&self, chat: &ChatJid, delete_media: bool) -> Result<(), SessionError>;
+
+    /// Stops the session, flushing what it must keep.
+    async fn shutdown(&self) {}
+}

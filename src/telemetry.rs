@@ -1,0 +1,93 @@
+//! Metric names and descriptions in one place, the Prometheus recorder, and log setup.
+//! Labels are bounded: status, outcome, stage, and instance (bounded by the config).
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const COMMANDS_RECEIVED: &str = "chat_delete_commands_received_total";
+pub const COMMANDS_COMPLETED: &str = "chat_delete_commands_completed_total";
+pub const COMMAND_DURATION: &str = "chat_delete_command_duration_seconds";
+pub const STAGE_DURATION: &str = "chat_delete_stage_duration_seconds";
+pub const IN_FLIGHT: &str = "chat_delete_in_flight";
+pub const RETRIES: &str = "chat_delete_retries_total";
+pub const PARKED: &str = "chat_delete_parked_total";
+pub const REPLAYS: &str = "chat_delete_replays_total";
+pub const RESULTS_UNROUTABLE: &str = "chat_delete_results_unroutable_total";
+pub const INSTANCE_CONNECTED: &str = "chat_delete_instance_connected";
+pub const BROKER_CONNECTED: &str = "chat_delete_broker_connected";
+pub const BROKER_RECONNECTS: &str = "chat_delete_broker_reconnects_total";
+pub const MEDIA_OBJECTS_DELETED: &str = "chat_delete_media_objects_deleted_total";
+pub const MEDIA_BYTES_DELETED: &str = "chat_delete_media_bytes_deleted_total";
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(COMMANDS_RECEIVED, "Command deliveries received, by queue kind.");
+    describe_counter!(
+        COMMANDS_COMPLETED,
+        "Commands answered with a published result, by HTTP status and outcome."
+    );
+    describe_histogram!(
+        COMMAND_DURATION,
+        Unit::Seconds,
+        "Time from receiving a command to acking it."
+    );
+    describe_histogram!(
+        STAGE_DURATION,
+        Unit::Seconds,
+        "Time spent per pipeline stage (session_delete, media_purge, publish_confirm)."
+    );
+    describe_gauge!(IN_FLIGHT, "Commands being processed right now.");
+    describe_counter!(RETRIES, "Tries repeated after a transient failure, by stage.");
+    describe_counter!(PARKED, "Commands moved to the parking queue.");
+    describe_counter!(REPLAYS, "Commands answered from a remembered result.");
+    describe_counter!(
+        RESULTS_UNROUTABLE,
+        "Result events the broker returned as unroutable, by target (events, reply_to)."
+    );
+    describe_gauge!(
+        INSTANCE_CONNECTED,
+        "1 when the instance's WhatsApp session is connected and logged in."
+    );
+    describe_gauge!(BROKER_CONNECTED, "1 while the broker connection is up.");
+    describe_counter!(BROKER_RECONNECTS, "Broker connections re-established after a loss.");
+    describe_counter!(MEDIA_OBJECTS_DELETED, "Media objects deleted by purges.");
+    describe_counter!(
+        MEDIA_BYTES_DELETED,
+        Unit::Bytes,
+        "Bytes freed by media purges."
+    );
+}
+
+/// Installs the process-wide recorder once; later calls return the same handle.
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    5.0, 10.0, 30.0, 60.0,
+                ])
+                .expect("static buckets are valid")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (a test harness); ours still renders.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+/// Human-readable logs by default, JSON lines with `json = true`. `RUST_LOG` filters.
+pub fn init_logs(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,253 @@
+//! Exchange and queue names, and their idempotent declaration.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+use crate::config::{BrokerConfig, QueueType};
+
+/// Delay tiers of the retry queues: a command waiting for another try sits in the first tier
+/// that is at least as long as its backoff, then dead-letters back to the commands exchange.
+pub const RETRY_TIERS_MS: [u64; 4] = [5_000, 30_000, 120_000, 600_000];
+
+/// Every name the worker uses, derived from one namespace so tests and tenants can share a
+/// broker without touching each other.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub namespace: String,
+}
+
+impl Names {
+    pub fn new(namespace: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+        }
+    }
+    /// Direct exchange; routing key = instance name.
+    pub fn commands_exchange(&self) -> String {
+        format!("{}.commands", self.namespace)
+    }
+    /// Fanout alternate exchange of the commands exchange.
+    pub fn unrouted_exchange(&self) -> String {
+        format!("{}.commands.unrouted", self.namespace)
+    }
+    /// Commands no instance queue took: answered with 404.
+    pub fn unrouted_queue(&self) -> String {
+        format!("{}.delete.unrouted", self.namespace)
+    }
+    pub fn instance_queue(&self, instance: &str) -> String {
+        format!("{}.delete.{instance}", self.namespace)
+    }
+    pub fn parked_queue(&self) -> String {
+        format!("{}.delete.parked", self.namespace)
+    }
+    /// Fanout exchange in front of one retry tier; routing keys pass through untouched, so the
+    /// dead-lettered message comes back with its instance routing key.
+    pub fn retry_exchange(&self, delay_ms: u64) -> String {
+        format!("{}.retry.{}", self.namespace, tier_label(delay_ms))
+    }
+    pub fn retry_queue(&self, delay_ms: u64) -> String {
+        format!("{}.delete.retry.{}", self.namespace, tier_label(delay_ms))
+    }
+    /// Topic exchange of result events.
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.namespace)
+    }
+}
+
+/// Event `type` of a success; also the routing-key prefix on the events exchange. Fixed by the
+/// contract, whatever the namespace.
+pub const SUCCESS_TYPE: &str = "chat.deleted";
+/// Event `type` of every error outcome.
+pub const FAILURE_TYPE: &str = "chat.delete_failed";
+
+fn tier_label(delay_ms: u64) -> String {
+    if delay_ms % 60_000 == 0 {
+        format!("{}m", delay_ms / 60_000)
+    } else if delay_ms % 1_000 == 0 {
+        format!("{}s", delay_ms / 1_000)
+    } else {
+        format!("{delay_ms}ms")
+    }
+}
+
+fn table(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in entries {
+        t.insert(ShortString::from(k), v);
+    }
+    t
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.into())
+}
+
+/// Arguments shared by the worker's durable queues.
+fn queue_args(cfg: &BrokerConfig, extra: Vec<(&str, AMQPValue)>) -> FieldTable {
+    let mut entries = match cfg.queue_type {
+        QueueType::Quorum => vec![("x-queue-type", text("quorum"))],
+        QueueType::Classic => vec![("x-queue-type", text("classic"))],
+    };
+    entries.extend(extra);
+    table(entries)
+}
+
+/// Declares everything the hosted instances need. Declaring again with the same arguments is a
+/// no-op, so every worker does it at start.
+pub async fn declare(
+    channel: &Channel,
+    cfg: &BrokerConfig,
+    names: &Names,
+    instances: impl IntoIterator<Item = &str>,
+) -> Result<(), lapin::Error> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let queue_durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+
+    channel
+        .exchange_declare(
+            names.unrouted_exchange().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            names.commands_exchange().into(),
+            ExchangeKind::Direct,
+            durable,
+            table(vec![(
+                "alternate-exchange",
+                text(&names.unrouted_exchange()),
+            )]),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            names.events_exchange().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+
+    channel
+        .queue_declare(
+            names.parked_queue().into(),
+            queue_durable,
+            queue_args(cfg, vec![]),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            names.unrouted_queue().into(),
+            queue_durable,
+            queue_args(cfg, dead_letter_args(cfg, names)),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            names.unrouted_queue().into(),
+            names.unrouted_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    for delay in RETRY_TIERS_MS {
+        channel
+            .exchange_declare(
+                names.retry_exchange(delay).into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        // No consumer: messages wait out the TTL and dead-letter back with their own routing key.
+        let args = queue_args(
+            cfg,
+            vec![
+                ("x-message-ttl", AMQPValue::LongLongInt(delay as i64)),
+                (
+                    "x-dead-letter-exchange",
+                    text(&names.commands_exchange()),
+                ),
+            ],
+        );
+        channel
+            .queue_declare(names.retry_queue(delay).into(), queue_durable, args)
+            .await?;
+        channel
+            .queue_bind(
+                names.retry_queue(delay).into(),
+                names.retry_exchange(delay).into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+
+    for instance in instances {
+        let mut extra = vec![("x-single-active-consumer", AMQPValue::Boolean(true))];
+        extra.extend(dead_letter_args(cfg, names));
+        channel
+            .queue_declare(
+                names.instance_queue(instance).into(),
+                queue_durable,
+                queue_args(cfg, extra),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                names.instance_queue(instance).into(),
+                names.commands_exchange().into(),
+                instance.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// A message rejected without requeue, or delivered more than the limit (a crash loop), goes to
+/// the parking queue instead of being dropped.
+fn dead_letter_args<'a>(cfg: &BrokerConfig, names: &Names) -> Vec<(&'a str, AMQPValue)> {
+    let mut args = vec![
+        ("x-dead-letter-exchange", text("")),
+        ("x-dead-letter-routing-key", text(&names.parked_queue())),
+    ];
+    if cfg.queue_type == QueueType::Quorum {
+        args.push((
+            "x-delivery-limit",
+            AMQPValue::LongLongInt(cfg.delivery_limit as i64),
+        ));
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_namespace_gives_the_documented_names() {
+        let n = Names::new("chat");
+        assert_eq!(n.commands_exchange(), "chat.commands");
+        assert_eq!(n.events_exchange(), "chat.events");
+        assert_eq!(n.unrouted_exchange(), "chat.commands.unrouted");
+        assert_eq!(n.instance_queue("demo"), "chat.delete.demo");
+        assert_eq!(n.parked_queue(), "chat.delete.parked");
+        assert_eq!(n.retry_queue(5_000), "chat.delete.retry.5s");
+        assert_eq!(n.retry_queue(120_000), "chat.delete.retry.2m");
+    }
+}
