@@ -5,7 +5,7 @@ use std::time::Instant;
 use futures_util::future::try_join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
-use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
 use crate::config::BrokerConfig;
 use crate::outcome::ResultEvent;
@@ -19,6 +19,8 @@ pub enum BrokerError {
     Amqp(#[from] lapin::Error),
     #[error("the broker refused the result event (nack)")]
     Nacked,
+    #[error("no queue is bound to {0}")]
+    Unroutable(String),
     #[error("the broker connection was lost")]
     ConnectionLost,
 }
@@ -77,42 +79,49 @@ impl Publisher {
         })
     }
 
+    /// Publishes `body` and waits for the broker's confirm; `Ok(false)` when it was
+    /// unroutable (returned).
+    pub async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<bool, BrokerError> {
+        let mandatory = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
+        let confirm = self
+            .channel
+            .basic_publish(exchange.into(), routing_key.into(), mandatory, body, properties)
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(returned) => Ok(returned.is_none()),
+            // The channel is put in confirm mode on open; no confirm means it was not.
+            Confirmation::Nack(_) | Confirmation::NotRequested => Err(BrokerError::Nacked),
+        }
+    }
+
     /// Publishes the event to the events exchange and, when asked, to `reply_to`, and returns
     /// once the broker has confirmed both. An unroutable event (nobody bound, reply queue gone)
     /// is confirmed too: it is counted and logged, not retried forever.
     pub async fn publish(&self, event: &ResultEvent, reply_to: Option<&str>) -> Result<(), BrokerError> {
         let started = Instant::now();
-        let mandatory = BasicPublishOptions {
-            mandatory: true,
-            ..Default::default()
-        };
         let mut targets = vec![(self.events_exchange.as_str(), event.routing_key.as_str(), "events")];
         if let Some(queue) = reply_to {
             targets.push(("", queue, "reply_to"));
         }
         let sends = targets.into_iter().map(|(exchange, key, target)| async move {
-            let confirm = self
-                .channel
-                .basic_publish(
-                    exchange.into(),
-                    key.into(),
-                    mandatory,
-                    &event.body,
-                    event.properties.clone(),
-                )
-                .await?
+            let routed = self
+                .publish_confirmed(exchange, key, &event.body, event.properties.clone())
                 .await?;
-            match confirm {
-                Confirmation::Ack(Some(_)) => {
-                    metrics::counter!(telemetry::RESULTS_UNROUTABLE, "target" => target).increment(1);
-                    tracing::warn!(target, routing_key = key, "Result event was unroutable.");
-                    Ok(())
-                }
-                Confirmation::Ack(None) => Ok(()),
-                Confirmation::Nack(_) => Err(BrokerError::Nacked),
-                // The channel is put in confirm mode on open; no confirm means it was not.
-                Confirmation::NotRequested => Err(BrokerError::Nacked),
+            if !routed {
+                metrics::counter!(telemetry::RESULTS_UNROUTABLE, "target" => target).increment(1);
+                tracing::debug!(target, routing_key = key, "Result event was unroutable.");
             }
+            Ok::<(), BrokerError>(())
         });
         try_join_all(sends).await?;
         metrics::histogram!(telemetry::STAGE_DURATION, "stage" => "publish_confirm")

@@ -17,8 +17,23 @@ pub struct DeleteRequest {
 }
 
 /// A validated, normalised chat JID (`<digits>@s.whatsapp.net`, `<digits>@lid`, `<id>@g.us`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Deserialising validates again, so a stored JID is as safe as a fresh one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct ChatJid(String);
+
+impl TryFrom<String> for ChatJid {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        normalise_number(&value).ok_or_else(|| "not a valid chat JID".to_owned())
+    }
+}
+
+impl From<ChatJid> for String {
+    fn from(jid: ChatJid) -> String {
+        jid.0
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JidServer {

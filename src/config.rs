@@ -29,6 +29,12 @@ pub struct Config {
     pub store: StoreConfig,
     #[serde(default)]
     pub media: MediaConfig,
+    #[serde(default)]
+    pub idempotency: IdempotencyConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub pacing: PacingConfig,
     /// Accounts by name; an account's token (TokenAccount) is valid for every instance it owns.
     #[serde(default)]
     pub accounts: BTreeMap<String, AccountConfig>,
@@ -142,6 +148,108 @@ impl Default for StoreConfig {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdempotencyBackend {
+    /// A redb file under `store.path`: no server, one worker process per file.
+    Embedded,
+    /// Redis: shared by several workers.
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdempotencyConfig {
+    pub backend: IdempotencyBackend,
+    /// Embedded store file; default `<store.path>/idempotency.redb`.
+    pub path: Option<PathBuf>,
+    /// Redis URL (may carry credentials: prefer `CDW__IDEMPOTENCY__REDIS_URL`).
+    pub redis_url: String,
+    /// Prefix of the Redis keys.
+    pub key_prefix: String,
+    /// How long 200 and 4xx results are remembered and replayed.
+    pub keep_secs: u64,
+    /// How long a claim on an id excludes other deliveries of it when its worker vanished
+    /// (Redis; the embedded store knows its previous owner is gone).
+    pub lease_secs: u64,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            backend: IdempotencyBackend::Embedded,
+            path: None,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "chat-delete:idem:".into(),
+            keep_secs: 24 * 3600,
+            lease_secs: 120,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Tries of a transient failure inside one delivery (with exponential backoff and jitter).
+    pub in_process_attempts: usize,
+    pub in_process_min_delay_ms: u64,
+    pub in_process_max_delay_ms: u64,
+    /// Then, one delayed redelivery through the broker per entry, waiting that long; when they
+    /// are spent the final 503/500 is published and the command parked. The default adds up
+    /// to about 5 minutes.
+    pub broker_delays_ms: Vec<u64>,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            in_process_attempts: 3,
+            in_process_min_delay_ms: 100,
+            in_process_max_delay_ms: 2_000,
+            broker_delays_ms: vec![5_000, 30_000, 120_000, 120_000],
+        }
+    }
+}
+
+/// Deletes per minute per token, or `"unlimited"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PacingLimit {
+    PerMinute(u32),
+    Unlimited,
+}
+
+impl<'de> Deserialize<'de> for PacingLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u32),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(0) => Err(serde::de::Error::custom("use \"unlimited\" instead of 0")),
+            Raw::Number(n) => Ok(PacingLimit::PerMinute(n)),
+            Raw::Text(t) if t == "unlimited" => Ok(PacingLimit::Unlimited),
+            Raw::Text(_) => Err(serde::de::Error::custom("expected a number or \"unlimited\"")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PacingConfig {
+    /// Deletes each token may start per minute (per worker process).
+    pub deletes_per_minute: PacingLimit,
+}
+
+impl Default for PacingConfig {
+    fn default() -> Self {
+        Self {
+            deletes_per_minute: PacingLimit::PerMinute(100),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccountConfig {
@@ -195,6 +303,9 @@ pub struct SimulatedConfig {
     pub failure: SimulatedFailure,
     /// Appends one line per delete performed (time, chat) to this file, flushed to disk.
     pub effects_log: Option<PathBuf>,
+    /// When set, the session is connected exactly while this file exists (lets tests and
+    /// harnesses connect an instance while the worker runs).
+    pub connected_flag_file: Option<PathBuf>,
 }
 
 impl Default for SimulatedConfig {
@@ -205,6 +316,7 @@ impl Default for SimulatedConfig {
             fail_first: 0,
             failure: SimulatedFailure::NotConnected,
             effects_log: None,
+            connected_flag_file: None,
         }
     }
 }
@@ -351,6 +463,12 @@ impl Config {
         if self.broker.prefetch == 0 {
             return Err(invalid("broker.prefetch".into(), "must be at least 1"));
         }
+        if self.retry.in_process_attempts == 0 {
+            return Err(invalid("retry.in_process_attempts".into(), "must be at least 1"));
+        }
+        if self.retry.broker_delays_ms.iter().any(|d| *d < 10) {
+            return Err(invalid("retry.broker_delays_ms".into(), "delays are at least 10 ms"));
+        }
         if self.worker.concurrency_per_instance == 0 {
             return Err(invalid(
                 "worker.concurrency_per_instance".into(),
@@ -358,6 +476,13 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    pub fn idempotency_path(&self) -> PathBuf {
+        self.idempotency
+            .path
+            .clone()
+            .unwrap_or_else(|| self.store.path.join("idempotency.redb"))
     }
 
     /// The session file of a `whatsapp` instance.
@@ -481,6 +606,10 @@ mod tests {
         assert_eq!(config.broker.url, "amqp://u:p@h:1/%2f");
         assert_eq!(config.broker.prefetch, 7);
         assert_eq!(config.instances["demo"].simulated.latency_ms, 5);
+        let config = Config::load(None, env(&[("CDW__PACING__DELETES_PER_MINUTE", "unlimited")])).unwrap();
+        assert_eq!(config.pacing.deletes_per_minute, PacingLimit::Unlimited);
+        let config = Config::load(None, env(&[("CDW__RETRY__BROKER_DELAYS_MS", "[100, 200]")])).unwrap();
+        assert_eq!(config.retry.broker_delays_ms, vec![100, 200]);
         let err = Config::load(None, env(&[("CDW__BROKER__NOPE", "1")]))
             .unwrap_err()
             .to_string();

@@ -7,8 +7,8 @@ use std::time::Instant;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,15 +16,20 @@ use tracing::Instrument;
 
 use crate::broker::{BrokerError, Publisher};
 use crate::config::is_valid_instance_name;
-use crate::decode::Envelope;
+use crate::decode::{ATTEMPT_HEADER, Envelope, RETRIES_HEADER};
 use crate::outcome::{EventContext, render};
-use crate::pipeline::{Handled, Instance, Pipeline, Source};
+use crate::pipeline::{Instance, Pipeline, Source, Verdict};
 use crate::telemetry;
 use crate::topology::Names;
 
 /// The `instance` of a 404 answer whose routing key is not a valid instance name (it cannot be
 /// one: names start with a letter or digit).
 pub const UNNAMED_INSTANCE: &str = "_invalid";
+
+/// Headers of a parked command: the final status and outcome, and where it was going.
+pub const PARKED_STATUS_HEADER: &str = "x-parked-status";
+pub const PARKED_OUTCOME_HEADER: &str = "x-parked-outcome";
+pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-original-routing-key";
 
 /// Settings shared by all consumers of one worker.
 pub struct Consuming {
@@ -44,7 +49,8 @@ pub enum Settle {
     Requeue,
 }
 
-/// The one place that decides a delivery's fate.
+/// The one place that decides a delivery's fate: acked once everything its verdict asked for
+/// is confirmed, handed back otherwise.
 fn settle_for(published: &Result<(), BrokerError>) -> Settle {
     match published {
         Ok(()) => Settle::Ack,
@@ -153,17 +159,13 @@ async fn process(
 ) {
     let started = Instant::now();
     let envelope = Envelope::from_properties(&delivery.properties);
-    let source = match instance {
-        Some(instance) => Source::Instance(instance),
-        None => Source::Unrouted {
-            routing_key: delivery.routing_key.as_str(),
-        },
-    };
-    let instance_name = match source {
-        Source::Instance(i) => i.name.as_str(),
+    let (source, instance_name) = match instance {
+        Some(instance) => (Source::Instance(instance), instance.name.as_str()),
         // Anything can be sent as a routing key; only a well-formed name is echoed back.
-        Source::Unrouted { routing_key } if is_valid_instance_name(routing_key) => routing_key,
-        Source::Unrouted { .. } => UNNAMED_INSTANCE,
+        None if is_valid_instance_name(delivery.routing_key.as_str()) => {
+            (Source::Unrouted, delivery.routing_key.as_str())
+        }
+        None => (Source::Unrouted, UNNAMED_INSTANCE),
     };
     let span = tracing::info_span!(
         "command",
@@ -178,26 +180,14 @@ async fn process(
     in_flight.increment(1.0);
 
     let work = async {
-        let handled = consuming
-            .pipeline
-            .handle(source, &envelope, &delivery.data)
-            .await;
-        let published = publish(consuming, publisher, &envelope, instance_name, &handled).await;
-        if let Err(error) = &published {
-            tracing::warn!(%error, "Result event not confirmed; the command goes back to the queue.");
+        let verdict = consuming.pipeline.handle(source, &envelope, &delivery.data).await;
+        let done = carry_out(consuming, publisher, &envelope, instance_name, &delivery, verdict).await;
+        if let Err(error) = &done {
+            tracing::warn!(%error, "Could not publish; the command goes back to the queue.");
             // The publishing channel may be gone: rebuild the connection rather than spin.
             lost.cancel();
-        } else {
-            let status = handled.outcome.status();
-            metrics::counter!(
-                telemetry::COMMANDS_COMPLETED,
-                "status" => status.to_string(),
-                "outcome" => handled.outcome.label(),
-            )
-            .increment(1);
-            tracing::info!(status, outcome = handled.outcome.label(), attempts = handled.attempts, "Command answered.");
         }
-        settle(&delivery, settle_for(&published)).await;
+        settle(&delivery, settle_for(&done)).await;
     }
     .instrument(span.clone());
 
@@ -213,24 +203,92 @@ async fn process(
     metrics::histogram!(telemetry::COMMAND_DURATION).record(started.elapsed().as_secs_f64());
 }
 
-async fn publish(
+/// Publishes what the verdict asks for: the result (and the parked copy), or the command into
+/// a retry queue. Every publish is confirmed before the delivery is acked.
+async fn carry_out(
     consuming: &Consuming,
     publisher: &Publisher,
     envelope: &Envelope,
     instance_name: &str,
-    handled: &Handled,
+    delivery: &Delivery,
+    verdict: Verdict,
 ) -> Result<(), BrokerError> {
-    let ctx = EventContext {
-        instance: instance_name,
-        idempotency_id: envelope.idempotency_id.as_deref(),
-        correlation_id: envelope.correlation_id.as_deref(),
-        chat: handled.chat.as_ref(),
-        attempts: handled.attempts,
-        replayed: false,
-        traceparent: envelope.traceparent.as_deref(),
-        app_id: &consuming.app_id,
-        now: chrono::Utc::now(),
-    };
-    let event = render(&handled.outcome, &ctx);
-    publisher.publish(&event, envelope.reply_to.as_deref()).await
+    match verdict {
+        Verdict::Answer {
+            handled,
+            replayed,
+            park,
+        } => {
+            let ctx = EventContext {
+                instance: instance_name,
+                idempotency_id: envelope.idempotency_id.as_deref(),
+                correlation_id: envelope.correlation_id.as_deref(),
+                chat: handled.chat.as_ref(),
+                attempts: handled.attempts,
+                replayed,
+                traceparent: envelope.traceparent.as_deref(),
+                app_id: &consuming.app_id,
+                now: chrono::Utc::now(),
+            };
+            let event = render(&handled.outcome, &ctx);
+            publisher
+                .publish(&event, envelope.reply_to.as_deref())
+                .await?;
+            let status = handled.outcome.status();
+            let label = handled.outcome.label();
+            metrics::counter!(telemetry::COMMANDS_COMPLETED, "status" => status.to_string(), "outcome" => label)
+                .increment(1);
+            tracing::info!(status, outcome = label, attempts = handled.attempts, replayed, "Command answered.");
+            if park {
+                let headers = vec![
+                    (PARKED_STATUS_HEADER, AMQPValue::LongInt(i32::from(status))),
+                    (PARKED_OUTCOME_HEADER, AMQPValue::LongString(label.into())),
+                    (ORIGINAL_ROUTING_KEY_HEADER, AMQPValue::LongString(instance_name.into())),
+                    (ATTEMPT_HEADER, AMQPValue::LongInt(handled.attempts as i32)),
+                ];
+                let props = with_headers(&delivery.properties, headers);
+                publisher
+                    .publish_confirmed("", &consuming.names.parked_queue(), &delivery.data, props)
+                    .await?;
+                metrics::counter!(telemetry::PARKED).increment(1);
+                tracing::warn!(status, outcome = label, "Command parked after its final failure.");
+            }
+            Ok(())
+        }
+        Verdict::RetryLater {
+            delay_ms,
+            tries,
+            retries,
+        } => {
+            let headers = vec![
+                (ATTEMPT_HEADER, AMQPValue::LongInt(tries as i32)),
+                (RETRIES_HEADER, AMQPValue::LongInt(retries as i32)),
+            ];
+            let props = with_headers(&delivery.properties, headers);
+            // The retry exchange is a fanout: the routing key survives the dead-lettering back.
+            let routed = publisher
+                .publish_confirmed(
+                    &consuming.names.retry_exchange(delay_ms),
+                    delivery.routing_key.as_str(),
+                    &delivery.data,
+                    props,
+                )
+                .await?;
+            if !routed {
+                return Err(BrokerError::Unroutable(consuming.names.retry_exchange(delay_ms)));
+            }
+            metrics::counter!(telemetry::RETRIES, "stage" => "broker").increment(1);
+            tracing::info!(delay_ms, tries, retries, "Command will be tried again later.");
+            Ok(())
+        }
+    }
+}
+
+/// The command's properties with some headers set (the token and everything else kept).
+fn with_headers(props: &BasicProperties, set: Vec<(&str, AMQPValue)>) -> BasicProperties {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    for (key, value) in set {
+        headers.insert(ShortString::from(key), value);
+    }
+    props.clone().with_headers(headers)
 }

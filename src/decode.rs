@@ -4,7 +4,9 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 
 /// Header carrying how many times the work was already tried (set by our retry path).
-pub const ATTEMPT_HEADER: &str = "x-chat-delete-attempt";
+pub const ATTEMPT_HEADER: &str = "x-chat-delete-attempts";
+/// Header carrying how many delayed redeliveries the command has had.
+pub const RETRIES_HEADER: &str = "x-chat-delete-retries";
 
 /// A command's envelope; the body is validated later, after authentication.
 #[derive(Debug, Clone, Default)]
@@ -17,6 +19,8 @@ pub struct Envelope {
     pub token: Option<Vec<u8>>,
     /// Tries already made before this delivery (0 for a fresh command).
     pub previous_attempts: u32,
+    /// Delayed redeliveries so far.
+    pub retries: u32,
     pub traceparent: Option<String>,
 }
 
@@ -33,6 +37,9 @@ impl Envelope {
             token: headers.and_then(|h| string_header(h, "token")),
             previous_attempts: headers
                 .and_then(|h| int_header(h, ATTEMPT_HEADER))
+                .unwrap_or(0),
+            retries: headers
+                .and_then(|h| int_header(h, RETRIES_HEADER))
                 .unwrap_or(0),
             traceparent: headers
                 .and_then(|h| string_header(h, "traceparent"))

@@ -18,8 +18,11 @@ pub mod config;
 pub mod consume;
 pub mod decode;
 pub mod http;
+pub mod idempotency;
 pub mod media;
 pub mod outcome;
+pub mod pacing;
+pub mod parked;
 pub mod pipeline;
 pub mod session;
 pub mod telemetry;
@@ -143,6 +146,7 @@ async fn serve_connection(
         &config.broker,
         names,
         consuming.pipeline.instances.keys().map(String::as_str),
+        &topology::retry_tiers(&config.retry.broker_delays_ms),
     )
     .await?;
     let _ = declare_channel.close(200, "declared".into()).await;

@@ -35,6 +35,32 @@ enum Command {
     TokenHash,
     /// Validate the config and print what this worker would host.
     CheckConfig,
+    /// Inspect the parking queue, or move parked commands back for another try.
+    Parked {
+        #[command(subcommand)]
+        action: ParkedAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ParkedAction {
+    /// List parked commands (id, instance, final status); they stay parked.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move parked commands back to their instance queue, retries reset.
+    Replay {
+        /// Idempotency ids to move back.
+        #[arg(required_unless_present = "all")]
+        ids: Vec<String>,
+        /// Move every parked command back.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
 }
 
 /// Exit code for a bad config, as sysexits' EX_USAGE.
@@ -71,6 +97,7 @@ fn main() -> ExitCode {
                 check_config(&config);
                 Ok(())
             }
+            Command::Parked { action } => parked(&config, action).await,
             Command::TokenHash => unreachable!("handled before the runtime starts"),
         }
     });
@@ -92,6 +119,7 @@ async fn declare_topology(config: &Config) -> anyhow::Result<()> {
         &config.broker,
         &names,
         config.instances.keys().map(String::as_str),
+        &topology::retry_tiers(&config.retry.broker_delays_ms),
     )
     .await?;
     let _ = connection.close(200, "done".into()).await;
@@ -101,6 +129,40 @@ async fn declare_topology(config: &Config) -> anyhow::Result<()> {
         names.events_exchange(),
         config.instances.len()
     );
+    Ok(())
+}
+
+async fn parked(config: &Config, action: ParkedAction) -> anyhow::Result<()> {
+    let connection = broker::connect(&config.broker, "chat-delete-worker parked").await?;
+    let names = Names::new(&config.broker.namespace);
+    match action {
+        ParkedAction::List { limit, json } => {
+            let commands = chat_delete_worker::parked::list(&connection, &names, limit).await?;
+            for c in &commands {
+                if json {
+                    println!("{}", serde_json::to_string(c)?);
+                } else {
+                    println!(
+                        "{}\tinstance={}\tstatus={}\toutcome={}{}",
+                        c.idempotency_id.as_deref().unwrap_or("-"),
+                        c.instance.as_deref().unwrap_or("-"),
+                        c.status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+                        c.outcome.as_deref().unwrap_or("-"),
+                        c.dead_letter_reason.as_deref().map(|r| format!("\tdead_lettered={r}")).unwrap_or_default(),
+                    );
+                }
+            }
+            if !json {
+                eprintln!("{} parked command(s) in {}", commands.len(), names.parked_queue());
+            }
+        }
+        ParkedAction::Replay { ids, all } => {
+            let ids = if all { vec![] } else { ids };
+            let moved = chat_delete_worker::parked::replay(&connection, &names, &ids).await?;
+            println!("moved {moved} command(s) back");
+        }
+    }
+    let _ = connection.close(200, "done".into()).await;
     Ok(())
 }
 

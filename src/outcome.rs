@@ -9,7 +9,7 @@ use crate::command::ChatJid;
 use crate::topology::{FAILURE_TYPE, SUCCESS_TYPE};
 
 /// The outcome of one command, one variant per row of the contract.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub enum Outcome {
     MissingIdempotencyId,
     InstanceNotFound,

@@ -1,5 +1,5 @@
-//! The stages between a decoded delivery and its outcome: authenticate, validate, delete the
-//! chat on the instance's session, purge its media.
+//! The stages between a decoded delivery and its verdict: authenticate, check idempotency,
+//! validate, pace, delete the chat on the instance's session, purge its media, remember.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,13 +8,19 @@ use std::time::{Duration, Instant};
 use backon::{ExponentialBuilder, Retryable};
 
 use crate::auth::InstanceCredentials;
-use crate::command::{ChatJid, parse_body};
-use crate::config::{Config, InstanceKind};
+use crate::command::{ChatJid, DeleteRequest, parse_body};
+use crate::config::{Config, IdempotencyBackend, InstanceKind, RetryConfig, TokenHash};
 use crate::decode::Envelope;
-use crate::media::MediaStore;
+use crate::idempotency::{
+    Begin, EmbeddedStore, Fingerprint, IdempotencyStore, Lifetimes, RedisStore, Remembered,
+    StoreError,
+};
+use crate::media::{MediaError, MediaStore};
 use crate::outcome::Outcome;
+use crate::pacing::Pacer;
 use crate::session::{ChatSession, SessionError, SimulatedSession, WhatsappSession};
 use crate::telemetry;
+use crate::topology::retry_tiers;
 
 /// One hosted instance.
 pub struct Instance {
@@ -28,10 +34,10 @@ pub struct Instance {
 pub enum Source<'a> {
     Instance(&'a Instance),
     /// The unrouted queue: no worker hosts the routing key.
-    Unrouted { routing_key: &'a str },
+    Unrouted,
 }
 
-/// The outcome of one processing, with what the result event needs to say about it.
+/// An outcome with what the result event needs to say about it.
 #[derive(Debug)]
 pub struct Handled {
     pub outcome: Outcome,
@@ -40,32 +46,65 @@ pub struct Handled {
     pub attempts: u32,
 }
 
-/// In-process retries of transient failures, before the command is answered or sent back to
-/// the broker for a later try.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    pub attempts: usize,
-    pub min_delay: Duration,
-    pub max_delay: Duration,
+/// What to do with a delivery.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Publish this result, then ack; `park` keeps a copy of the command in the parking queue
+    /// (a final failure an operator may want to replay).
+    Answer {
+        handled: Handled,
+        replayed: bool,
+        park: bool,
+    },
+    /// No answer yet: send the command through the retry queue of `delay_ms`, carrying the
+    /// tries and broker retries so far.
+    RetryLater {
+        delay_ms: u64,
+        tries: u32,
+        retries: u32,
+    },
 }
 
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            attempts: 3,
-            min_delay: Duration::from_millis(100),
-            max_delay: Duration::from_secs(2),
+impl Verdict {
+    fn answer(outcome: Outcome, chat: Option<ChatJid>, attempts: u32) -> Self {
+        let park = outcome.status() >= 500;
+        Verdict::Answer {
+            handled: Handled {
+                outcome,
+                chat,
+                attempts,
+            },
+            replayed: false,
+            park,
         }
     }
 }
 
-impl RetryPolicy {
-    fn backoff(&self) -> ExponentialBuilder {
-        ExponentialBuilder::default()
-            .with_min_delay(self.min_delay)
-            .with_max_delay(self.max_delay)
-            .with_max_times(self.attempts.saturating_sub(1))
-            .with_jitter()
+/// Why the work of a claimed command stopped short.
+enum Failure {
+    Session(SessionError),
+    Media(MediaError),
+    Store(StoreError),
+}
+
+impl Failure {
+    fn is_retryable(&self) -> bool {
+        match self {
+            Failure::Session(e) => e.is_retryable(),
+            Failure::Media(e) => e.is_retryable(),
+            Failure::Store(e) => e.is_retryable(),
+        }
+    }
+
+    fn outcome(&self) -> Outcome {
+        match self {
+            Failure::Session(SessionError::NotConnected) => Outcome::NotConnected,
+            Failure::Session(e) => Outcome::DeleteChatFailed(e.reason()),
+            Failure::Media(e) => Outcome::DeleteMediaFailed(e.reason()),
+            Failure::Store(_) => {
+                Outcome::DeleteChatFailed("the idempotency store is unavailable".into())
+            }
+        }
     }
 }
 
@@ -73,12 +112,14 @@ impl RetryPolicy {
 pub struct Pipeline {
     pub instances: HashMap<String, Arc<Instance>>,
     pub media: MediaStore,
+    pub store: Box<dyn IdempotencyStore>,
+    pub pacer: Pacer,
     pub max_body_bytes: usize,
-    pub retry: RetryPolicy,
+    pub retry: RetryConfig,
 }
 
 impl Pipeline {
-    /// Opens every configured instance's session and the media store.
+    /// Opens every configured instance's session, the media store and the idempotency store.
     pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
         let mut instances = HashMap::new();
         let delete_timeout = Duration::from_millis(config.worker.delete_timeout_ms);
@@ -105,67 +146,209 @@ impl Pipeline {
             };
             instances.insert(name.clone(), Arc::new(instance));
         }
+        let lifetimes = Lifetimes {
+            lease: Duration::from_secs(config.idempotency.lease_secs),
+            keep: Duration::from_secs(config.idempotency.keep_secs),
+        };
+        let store: Box<dyn IdempotencyStore> = match config.idempotency.backend {
+            IdempotencyBackend::Embedded => {
+                Box::new(EmbeddedStore::open(&config.idempotency_path(), lifetimes)?)
+            }
+            IdempotencyBackend::Redis => Box::new(
+                RedisStore::connect(
+                    &config.idempotency.redis_url,
+                    &config.idempotency.key_prefix,
+                    lifetimes,
+                )
+                .await?,
+            ),
+        };
         Ok(Self {
             instances,
             media: MediaStore::from_config(&config.media)?,
+            store,
+            pacer: Pacer::new(config.pacing.deletes_per_minute),
             max_body_bytes: config.worker.max_body_bytes,
-            retry: RetryPolicy::default(),
+            retry: config.retry.clone(),
         })
     }
 
     /// Runs the contract's checks in order and does the work.
-    pub async fn handle(&self, source: Source<'_>, envelope: &Envelope, body: &[u8]) -> Handled {
-        let attempts = envelope.previous_attempts.saturating_add(1);
-        let answer = |outcome| Handled {
-            outcome,
-            chat: None,
-            attempts,
+    pub async fn handle(&self, source: Source<'_>, envelope: &Envelope, body: &[u8]) -> Verdict {
+        let first_try = envelope.previous_attempts.saturating_add(1);
+        let Some(id) = envelope.idempotency_id.as_deref() else {
+            return Verdict::answer(Outcome::MissingIdempotencyId, None, first_try);
         };
-        if envelope.idempotency_id.is_none() {
-            return answer(Outcome::MissingIdempotencyId);
-        }
         let instance = match source {
-            Source::Unrouted { .. } => return answer(Outcome::InstanceNotFound),
+            Source::Unrouted => return Verdict::answer(Outcome::InstanceNotFound, None, first_try),
             Source::Instance(instance) => instance,
         };
-        if instance
+        let Some(token) = instance
             .credentials
             .authenticate(envelope.token.as_deref())
-            .is_none()
-        {
-            return answer(Outcome::InvalidToken);
-        }
-        let request = match parse_body(body, self.max_body_bytes) {
+        else {
+            return Verdict::answer(Outcome::InvalidToken, None, first_try);
+        };
+        let parsed = parse_body(body, self.max_body_bytes);
+        let fingerprint = Fingerprint::new(&instance.name, &token, parsed.as_ref().map_err(|_| body));
+        let claim = match self.store.begin(id, &fingerprint).await {
+            Ok(Begin::Claimed {
+                claim,
+                chat_deleted,
+            }) => (claim, chat_deleted),
+            Ok(Begin::Replay(remembered)) => {
+                metrics::counter!(telemetry::REPLAYS).increment(1);
+                let chat = match &remembered.outcome {
+                    Outcome::Deleted { chat, .. } => Some(chat.clone()),
+                    _ => parsed.ok().map(|r| r.chat),
+                };
+                return Verdict::Answer {
+                    handled: Handled {
+                        outcome: remembered.outcome,
+                        chat,
+                        attempts: remembered.attempts,
+                    },
+                    replayed: true,
+                    park: false,
+                };
+            }
+            Ok(Begin::Conflict) => {
+                return Verdict::answer(Outcome::IdempotencyConflict, None, first_try);
+            }
+            // Another delivery of this id is at work: come back when it is done. Not a try.
+            Ok(Begin::Busy) => {
+                return Verdict::RetryLater {
+                    delay_ms: self.shortest_delay(),
+                    tries: envelope.previous_attempts,
+                    retries: envelope.retries,
+                };
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Idempotency store unavailable.");
+                return self.after_failure(envelope, None, Failure::Store(error), first_try);
+            }
+        };
+        let (claim, chat_deleted) = claim;
+        let request = match parsed {
             Ok(request) => request,
-            Err(outcome) => return answer(outcome),
+            Err(outcome) => {
+                return self.finish(id, &claim, outcome, None, first_try, envelope).await;
+            }
         };
-        let chat = request.chat;
-        let (result, tries) = self.delete_chat(instance, &chat, request.delete_media).await;
-        let attempts = envelope.previous_attempts.saturating_add(tries);
-        let outcome = match result {
-            Err(SessionError::NotConnected) => Outcome::NotConnected,
-            Err(err) => Outcome::DeleteChatFailed(err.reason()),
-            Ok(()) if request.delete_media => match self.purge_media(instance, &chat).await {
-                Ok(()) => Outcome::Deleted {
+        let (result, tries) = self.work(instance, &token, &request, id, &claim, chat_deleted).await;
+        let attempts = envelope.previous_attempts.saturating_add(tries.max(1));
+        let chat = request.chat.clone();
+        match result {
+            Ok(()) => {
+                let outcome = Outcome::Deleted {
                     chat: chat.clone(),
-                    delete_media: true,
-                },
-                Err(reason) => Outcome::DeleteMediaFailed(reason),
-            },
-            Ok(()) => Outcome::Deleted {
-                chat: chat.clone(),
-                delete_media: false,
-            },
-        };
-        Handled {
-            outcome,
-            chat: Some(chat),
-            attempts,
+                    delete_media: request.delete_media,
+                };
+                self.finish(id, &claim, outcome, Some(chat), attempts, envelope).await
+            }
+            Err(failure) => {
+                if let Err(error) = self.store.release(id, &claim).await {
+                    tracing::warn!(%error, "Could not release the claim; it expires by itself.");
+                }
+                self.after_failure(envelope, Some(chat), failure, attempts)
+            }
         }
     }
 
-    /// The session delete with in-process retries of transient errors; returns the last result
-    /// and how many tries it took.
+    /// Remembers a final 200/4xx result before it is published.
+    async fn finish(
+        &self,
+        id: &str,
+        claim: &str,
+        outcome: Outcome,
+        chat: Option<ChatJid>,
+        attempts: u32,
+        envelope: &Envelope,
+    ) -> Verdict {
+        let remembered = Remembered {
+            outcome: outcome.clone(),
+            attempts,
+        };
+        match self.store.remember(id, claim, &remembered).await {
+            Ok(()) => Verdict::answer(outcome, chat, attempts),
+            Err(error) => {
+                tracing::warn!(%error, "Could not remember the result.");
+                self.after_failure(envelope, chat, Failure::Store(error), attempts)
+            }
+        }
+    }
+
+    /// A transient failure goes back to the broker while retries are left; the rest is final.
+    fn after_failure(
+        &self,
+        envelope: &Envelope,
+        chat: Option<ChatJid>,
+        failure: Failure,
+        attempts: u32,
+    ) -> Verdict {
+        let retries = envelope.retries as usize;
+        if failure.is_retryable()
+            && let Some(&delay_ms) = self.retry.broker_delays_ms.get(retries)
+        {
+            return Verdict::RetryLater {
+                delay_ms,
+                tries: attempts,
+                retries: envelope.retries + 1,
+            };
+        }
+        Verdict::answer(failure.outcome(), chat, attempts)
+    }
+
+    fn shortest_delay(&self) -> u64 {
+        retry_tiers(&self.retry.broker_delays_ms)
+            .first()
+            .copied()
+            .unwrap_or(1_000)
+    }
+
+    /// Pace, delete the chat (unless a previous try did), purge the media when asked. Returns
+    /// the result and how many tries it took in this delivery.
+    async fn work(
+        &self,
+        instance: &Instance,
+        token: &TokenHash,
+        request: &DeleteRequest,
+        id: &str,
+        claim: &str,
+        chat_deleted: bool,
+    ) -> (Result<(), Failure>, u32) {
+        let mut tries = 0;
+        if !chat_deleted {
+            self.pacer.wait(token).await;
+            let (result, n) = self.delete_chat(instance, &request.chat, request.delete_media).await;
+            tries = n;
+            if let Err(error) = result {
+                return (Err(Failure::Session(error)), tries);
+            }
+            // A later try after a failed purge starts at the purge.
+            if let Err(error) = self.store.mark_chat_deleted(id, claim).await {
+                tracing::warn!(%error, "Could not record the chat delete; a retry repeats it.");
+            }
+        }
+        if request.delete_media {
+            let (result, n) = self.purge_media(instance, &request.chat).await;
+            tries = tries.max(n);
+            if let Err(error) = result {
+                return (Err(Failure::Media(error)), tries);
+            }
+        }
+        (Ok(()), tries)
+    }
+
+    fn backoff(&self) -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(self.retry.in_process_min_delay_ms))
+            .with_max_delay(Duration::from_millis(self.retry.in_process_max_delay_ms))
+            .with_max_times(self.retry.in_process_attempts.saturating_sub(1))
+            .with_jitter()
+    }
+
+    /// The session delete with in-process retries of transient errors.
     async fn delete_chat(
         &self,
         instance: &Instance,
@@ -178,11 +361,11 @@ impl Pipeline {
             tries += 1;
             instance.session.delete_chat(chat, delete_media)
         })
-        .retry(self.retry.backoff())
+        .retry(self.backoff())
         .when(SessionError::is_retryable)
-        .notify(|err, _| {
+        .notify(|error, _| {
             metrics::counter!(telemetry::RETRIES, "stage" => "session_delete").increment(1);
-            tracing::debug!(error = %err, "Retrying the chat delete.");
+            tracing::debug!(%error, "Retrying the chat delete.");
         })
         .await;
         metrics::histogram!(telemetry::STAGE_DURATION, "stage" => "session_delete")
@@ -190,17 +373,29 @@ impl Pipeline {
         (result, tries)
     }
 
-    async fn purge_media(&self, instance: &Instance, chat: &ChatJid) -> Result<(), String> {
+    /// The media purge with in-process retries; a later call resumes where this one stopped.
+    async fn purge_media(&self, instance: &Instance, chat: &ChatJid) -> (Result<(), MediaError>, u32) {
         let started = Instant::now();
-        let result = self.media.purge_chat(&instance.name, chat.as_str()).await;
+        let mut tries = 0u32;
+        let result = (|| {
+            tries += 1;
+            self.media.purge_chat(&instance.name, chat.as_str())
+        })
+        .retry(self.backoff())
+        .when(MediaError::is_retryable)
+        .notify(|error, _| {
+            metrics::counter!(telemetry::RETRIES, "stage" => "media_purge").increment(1);
+            tracing::debug!(%error, "Retrying the media purge.");
+        })
+        .await;
         metrics::histogram!(telemetry::STAGE_DURATION, "stage" => "media_purge")
             .record(started.elapsed().as_secs_f64());
         match result {
             Ok(report) => {
                 tracing::debug!(objects = report.objects, bytes = report.bytes, "Media purged.");
-                Ok(())
+                (Ok(()), tries)
             }
-            Err(err) => Err(err.reason()),
+            Err(error) => (Err(error), tries),
         }
     }
 }

@@ -12,6 +12,7 @@ pub const STAGE_DURATION: &str = "chat_delete_stage_duration_seconds";
 pub const IN_FLIGHT: &str = "chat_delete_in_flight";
 pub const RETRIES: &str = "chat_delete_retries_total";
 pub const PARKED: &str = "chat_delete_parked_total";
+pub const PACING_WAIT: &str = "chat_delete_pacing_wait_seconds";
 pub const REPLAYS: &str = "chat_delete_replays_total";
 pub const RESULTS_UNROUTABLE: &str = "chat_delete_results_unroutable_total";
 pub const INSTANCE_CONNECTED: &str = "chat_delete_instance_connected";
@@ -40,6 +41,11 @@ fn describe() {
     describe_gauge!(IN_FLIGHT, "Commands being processed right now.");
     describe_counter!(RETRIES, "Tries repeated after a transient failure, by stage.");
     describe_counter!(PARKED, "Commands moved to the parking queue.");
+    describe_histogram!(
+        PACING_WAIT,
+        Unit::Seconds,
+        "Time commands waited for their token's pacing budget."
+    );
     describe_counter!(REPLAYS, "Commands answered from a remembered result.");
     describe_counter!(
         RESULTS_UNROUTABLE,

@@ -6,9 +6,15 @@ use lapin::{Channel, ExchangeKind};
 
 use crate::config::{BrokerConfig, QueueType};
 
-/// Delay tiers of the retry queues: a command waiting for another try sits in the first tier
-/// that is at least as long as its backoff, then dead-letters back to the commands exchange.
-pub const RETRY_TIERS_MS: [u64; 4] = [5_000, 30_000, 120_000, 600_000];
+/// The distinct delays of the configured broker retries: one retry queue each. A command
+/// waiting for another try sits in its tier's queue until the queue's TTL dead-letters it back
+/// to the commands exchange.
+pub fn retry_tiers(broker_delays_ms: &[u64]) -> Vec<u64> {
+    let mut tiers = broker_delays_ms.to_vec();
+    tiers.sort_unstable();
+    tiers.dedup();
+    tiers
+}
 
 /// Every name the worker uses, derived from one namespace so tests and tenants can share a
 /// broker without touching each other.
@@ -100,6 +106,7 @@ pub async fn declare(
     cfg: &BrokerConfig,
     names: &Names,
     instances: impl IntoIterator<Item = &str>,
+    retry_tiers_ms: &[u64],
 ) -> Result<(), lapin::Error> {
     let durable = ExchangeDeclareOptions {
         durable: true,
@@ -162,7 +169,7 @@ pub async fn declare(
         )
         .await?;
 
-    for delay in RETRY_TIERS_MS {
+    for &delay in retry_tiers_ms {
         channel
             .exchange_declare(
                 names.retry_exchange(delay).into(),

@@ -18,6 +18,11 @@ fn config() -> String {
         r#"
 [worker]
 concurrency_per_instance = 4
+[retry]
+in_process_attempts = 2
+in_process_min_delay_ms = 5
+in_process_max_delay_ms = 10
+broker_delays_ms = [50, 50]
 [accounts.acme]
 token_sha256 = "{acme}"
 [accounts.other]

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::command::ChatJid;
@@ -12,12 +12,13 @@ use crate::config::{SimulatedConfig, SimulatedFailure};
 use super::{ChatSession, SessionError, SessionState};
 
 pub struct SimulatedSession {
-    connected: AtomicBool,
+    connected: bool,
     latency: Duration,
     failures_left: AtomicU32,
     failure: SimulatedFailure,
     deletes: AtomicU64,
     effects_log: Option<Mutex<std::fs::File>>,
+    connected_flag_file: Option<std::path::PathBuf>,
 }
 
 impl SimulatedSession {
@@ -36,12 +37,13 @@ impl SimulatedSession {
             None => None,
         };
         Ok(Self {
-            connected: AtomicBool::new(cfg.connected),
+            connected: cfg.connected,
             latency: Duration::from_millis(cfg.latency_ms),
             failures_left: AtomicU32::new(cfg.fail_first),
             failure: cfg.failure,
             deletes: AtomicU64::new(0),
             effects_log,
+            connected_flag_file: cfg.connected_flag_file.clone(),
         })
     }
 
@@ -50,8 +52,11 @@ impl SimulatedSession {
         self.deletes.load(Ordering::Relaxed)
     }
 
-    pub fn set_connected(&self, connected: bool) {
-        self.connected.store(connected, Ordering::Relaxed);
+    fn is_connected(&self) -> bool {
+        match &self.connected_flag_file {
+            Some(flag) => flag.exists(),
+            None => self.connected,
+        }
     }
 
     fn record(&self, chat: &ChatJid) -> Result<(), SessionError> {
@@ -71,7 +76,7 @@ impl SimulatedSession {
 #[async_trait::async_trait]
 impl ChatSession for SimulatedSession {
     fn state(&self) -> SessionState {
-        if self.connected.load(Ordering::Relaxed) {
+        if self.is_connected() {
             SessionState::Connected
         } else {
             SessionState::NotPaired
@@ -82,7 +87,7 @@ impl ChatSession for SimulatedSession {
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
-        if !self.connected.load(Ordering::Relaxed) {
+        if !self.is_connected() {
             return Err(SessionError::NotConnected);
         }
         let fail = self

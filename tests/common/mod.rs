@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chat_delete_worker::config::{Config, TokenHash};
-use chat_delete_worker::topology::{Names, RETRY_TIERS_MS};
+use chat_delete_worker::topology::{Names, retry_tiers};
 use futures_util::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -62,6 +62,8 @@ pub struct TestWorker {
     pub connection: Connection,
     pub events: Results,
     pub http_addr: Option<std::net::SocketAddr>,
+    pub retry_tiers: Vec<u64>,
+    pub instances: Vec<String>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -232,6 +234,8 @@ impl TestWorker {
 
     pub async fn start_with(config: Config, ns: String, dir: tempfile::TempDir) -> Self {
         let names = Names::new(&ns);
+        let retry_tiers = retry_tiers(&config.retry.broker_delays_ms);
+        let instances: Vec<String> = config.instances.keys().cloned().collect();
         let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
             .await
             .unwrap();
@@ -286,6 +290,8 @@ impl TestWorker {
             connection,
             events,
             http_addr,
+            retry_tiers,
+            instances,
             stop: Some(stop),
             task: Some(task),
         };
@@ -353,23 +359,18 @@ impl TestWorker {
         let ch = &self.channel;
         let n = &self.names;
         let mut queues = vec![n.unrouted_queue(), n.parked_queue()];
-        queues.extend(RETRY_TIERS_MS.iter().map(|d| n.retry_queue(*d)));
+        queues.extend(self.retry_tiers.iter().map(|d| n.retry_queue(*d)));
         let mut exchanges = vec![n.commands_exchange(), n.unrouted_exchange(), n.events_exchange()];
-        exchanges.extend(RETRY_TIERS_MS.iter().map(|d| n.retry_exchange(*d)));
+        exchanges.extend(self.retry_tiers.iter().map(|d| n.retry_exchange(*d)));
+        let instances: Vec<String> = self.instances.clone();
+        for i in instances {
+            let _ = ch.queue_delete(n.instance_queue(&i).into(), QueueDeleteOptions::default()).await;
+        }
         for q in queues {
             let _ = ch.queue_delete(q.into(), QueueDeleteOptions::default()).await;
         }
         for e in exchanges {
             let _ = ch.exchange_delete(e.into(), ExchangeDeleteOptions::default()).await;
-        }
-    }
-
-    pub async fn delete_instance_queues(&self, instances: &[&str]) {
-        for i in instances {
-            let _ = self
-                .channel
-                .queue_delete(self.names.instance_queue(i).into(), QueueDeleteOptions::default())
-                .await;
         }
     }
 }

@@ -1,0 +1,669 @@
+#!/usr/bin/env python3
+"""Orchestrates the benchmark of chat-delete-worker; started by `scripts/bench`.
+
+Everything runs on one broker in one go, each part in its own namespace, so every goal is a
+ratio measured in the same run:
+
+  ceiling   the bare lapin loop (bench/src/main.rs `ceiling`) on N preloaded commands
+  worker    the worker on N preloaded commands: one simulated instance, zero latency
+  replays   the same N commands (same ids, same bodies) again, after a restart
+  latency   publish -> result at a steady rate, against the running worker
+  aiopika   the Python peer (bench/peer_aiopika.py) on N preloaded commands
+  many      K instances x M commands: start -> ready (cold and with a backlog), throughput, RSS
+
+Drains are detected by counting (the ceiling and the peer count their acks, the worker's
+/metrics counts answered commands); every wait is a bounded poll. Child processes are killed
+and the namespaces deleted on any exit.
+"""
+
+import argparse
+import atexit
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TOKEN = "bench-token"
+TOKEN_SHA256 = hashlib.sha256(TOKEN.encode()).hexdigest()
+
+CHILDREN = []      # Popen objects still to kill
+NAMESPACES = []    # (ns, instance args) still to delete
+ARGS = None
+OUT = None
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+# --- processes ------------------------------------------------------------------------------
+
+def spawn(cmd, log_name, env=None):
+    path = os.path.join(OUT, log_name)
+    f = open(path, "ab")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, env=env, start_new_session=True)
+    proc.log_path = path
+    CHILDREN.append(proc)
+    return proc
+
+
+def stop(proc, timeout=30.0, sig=signal.SIGTERM):
+    """SIGTERM, wait (bounded), then SIGKILL; only the process we started (its own group)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log(f"pid {proc.pid} ignored SIGTERM for {timeout}s; killing it")
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
+    if proc in CHILDREN:
+        CHILDREN.remove(proc)
+    return proc.returncode
+
+
+def run_tool(args, timeout, log_name="tools.log"):
+    """Runs a cdw-bench subcommand (or any tool) to completion; returns its RESULT json if any."""
+    proc = spawn(args, log_name)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc, 5)
+        raise BenchError(f"{' '.join(args[:2])} did not finish in {timeout}s")
+    CHILDREN.remove(proc)
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(args[:2])} failed (exit {proc.returncode}); see {proc.log_path}")
+    return parse_result(out)
+
+
+def parse_result(out):
+    for line in out.decode(errors="replace").splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return None
+
+
+def bench_tool(*args):
+    return [os.path.join(ARGS.bin_dir, "cdw-bench"), args[0], "--url", ARGS.url, *args[1:]]
+
+
+def cleanup_all():
+    for proc in list(CHILDREN):
+        try:
+            stop(proc, 10)
+        except Exception as e:  # noqa: BLE001 - best effort on the way out
+            log(f"could not stop pid {proc.pid}: {e}")
+    for ns, inst_args in list(NAMESPACES):
+        try:
+            delete_namespace(ns, inst_args)
+        except Exception as e:  # noqa: BLE001
+            log(f"could not delete namespace {ns}: {e}")
+
+
+def on_signal(signum, _frame):
+    raise SystemExit(f"interrupted by signal {signum}")
+
+
+# --- /proc and the broker ---------------------------------------------------------------------
+
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_s(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def proc_status_kb(pid, key):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def box_busy_s():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return (sum(v[:8]) - idle) / CLK
+
+
+def broker_pid():
+    try:
+        out = subprocess.run(["pgrep", "-x", "beam.smp"], capture_output=True, text=True, timeout=5).stdout.split()
+        return int(out[0]) if out else None
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+
+
+class CpuWindow:
+    """CPU seconds of the broker, of one process and of the whole box over a window."""
+
+    def __init__(self, pid=None):
+        self.broker = broker_pid()
+        self.pid = pid
+        self.t0 = time.monotonic()
+        self.b0 = proc_cpu_s(self.broker) if self.broker else 0.0
+        self.p0 = proc_cpu_s(pid) if pid else 0.0
+        self.box0 = box_busy_s()
+
+    def close(self, own_cpu_s=None):
+        wall = time.monotonic() - self.t0
+        broker = (proc_cpu_s(self.broker) - self.b0) if self.broker else 0.0
+        own = own_cpu_s if own_cpu_s is not None else (proc_cpu_s(self.pid) - self.p0 if self.pid else 0.0)
+        box = box_busy_s() - self.box0
+        return {"wall_s": wall, "broker_cpu_s": broker, "proc_cpu_s": own, "box_cpu_s": box,
+                "other_cpu_s": max(0.0, box - broker - own)}
+
+
+def amqp_reachable():
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+# --- namespaces -------------------------------------------------------------------------------
+
+def new_ns(kind):
+    return f"bench{RUN_ID}{kind}"
+
+
+def delete_namespace(ns, inst_args):
+    run_tool(bench_tool("cleanup", "--ns", ns, *inst_args), timeout=600)
+    NAMESPACES[:] = [x for x in NAMESPACES if x[0] != ns]
+
+
+def instances_args(count, prefix=None, names=None):
+    if names:
+        return ["--instances", ",".join(names)]
+    return ["--instance-count", str(count), "--instance-prefix", prefix]
+
+
+def preload(ns, inst_args, per_instance, id_prefix):
+    r = run_tool(bench_tool("preload", "--ns", ns, *inst_args, "--per-instance", str(per_instance),
+                            "--token", TOKEN, "--id-prefix", id_prefix), timeout=900)
+    log(f"preloaded {r['n']} commands into {ns} at {r['rate']:.0f}/s")
+    return r
+
+
+# --- the worker -------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_config(ns, store, port, instances, prefetch, concurrency):
+    lines = [
+        "[broker]", f'url = "{ARGS.url}"', f'namespace = "{ns}"', f"prefetch = {prefetch}",
+        'queue_type = "quorum"',
+        "[worker]", f"concurrency_per_instance = {concurrency}",
+        "[http]", 'bind = "127.0.0.1"', f"port = {port}",
+        "[store]", f'path = "{store}"',
+    ]
+    extra = os.environ.get("BENCH_WORKER_EXTRA_TOML", "")
+    if extra:
+        lines.append(extra)
+    for name in instances:
+        lines += [f"[instances.{name}]", 'kind = "simulated"', f'token_sha256 = "{TOKEN_SHA256}"',
+                  f"[instances.{name}.simulated]", "latency_ms = 0"]
+    path = os.path.join(OUT, f"{ns}.toml")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+class Worker:
+    def __init__(self, ns, instances, prefetch, concurrency, store=None):
+        self.ns = ns
+        self.instances = instances
+        self.port = free_port()
+        self.store = store or os.path.join(OUT, f"{ns}-store")
+        os.makedirs(self.store, exist_ok=True)
+        self.config = worker_config(ns, self.store, self.port, instances, prefetch, concurrency)
+        self.proc = None
+
+    def binary(self):
+        return os.path.join(ARGS.bin_dir, "chat-delete-worker")
+
+    def check(self):
+        r = subprocess.run([self.binary(), "--config", self.config, "check-config"], capture_output=True,
+                           text=True, timeout=30)
+        if r.returncode != 0:
+            raise BenchError(f"worker rejects the bench config {self.config}: {r.stderr.strip()}")
+
+    def topology(self):
+        r = subprocess.run([self.binary(), "--config", self.config, "topology"], capture_output=True,
+                           text=True, timeout=600)
+        if r.returncode != 0:
+            raise BenchError(f"worker topology failed: {r.stderr.strip()[-2000:]}")
+
+    def start(self):
+        env = dict(os.environ, RUST_LOG=ARGS.worker_log)
+        self.proc = spawn([self.binary(), "--config", self.config, "run"], f"{self.ns}-worker.log", env=env)
+        self.started = time.monotonic()
+        return self.proc
+
+    def get(self, path, timeout=2.0):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as r:
+            return r.status, r.read().decode()
+
+    def wait_ready(self, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"worker exited ({self.proc.returncode}) before ready; see {self.proc.log_path}")
+            try:
+                status, _ = self.get("/readyz", 1.0)
+                if status == 200:
+                    return time.monotonic()
+            except OSError:
+                pass
+            time.sleep(0.01)
+        raise BenchError(f"worker not ready after {timeout}s; see {self.proc.log_path}")
+
+    def metrics(self):
+        return parse_prometheus(self.get("/metrics", 10.0)[1])
+
+    def wait_completed(self, n, timeout, interval):
+        """Polls /metrics until `n` commands are answered; returns the time it saw them."""
+        deadline = time.monotonic() + timeout
+        last = 0
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"worker exited ({self.proc.returncode}) mid-run; see {self.proc.log_path}")
+            try:
+                m = self.metrics()
+                last = total(m, "chat_delete_commands_completed_total")
+                if last >= n:
+                    return time.monotonic(), m
+            except OSError:
+                pass
+            time.sleep(interval)
+        raise BenchError(f"worker answered {last} of {n} commands in {timeout}s; see {self.proc.log_path}")
+
+    def rss_kb(self):
+        return proc_status_kb(self.proc.pid, "VmRSS:")
+
+    def hwm_kb(self):
+        return proc_status_kb(self.proc.pid, "VmHWM:")
+
+    def stop(self):
+        if self.proc is not None:
+            rc = stop(self.proc, 60)
+            if rc not in (0, None):
+                log(f"worker {self.ns} exited with {rc} on SIGTERM; see {self.proc.log_path}")
+            self.proc = None
+
+
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+
+
+def parse_prometheus(text):
+    samples = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = SAMPLE.match(line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+            try:
+                samples.append((m.group(1), labels, float(m.group(3))))
+            except ValueError:
+                pass
+    return samples
+
+
+def total(samples, name, **match):
+    return sum(v for n, l, v in samples if n == name and all(l.get(k) == x for k, x in match.items()))
+
+
+def histogram_quantile(samples, name, q):
+    """Prometheus-style quantile from cumulative buckets, linear inside the bucket."""
+    buckets = sorted(((float(l["le"]), v) for n, l, v in samples if n == f"{name}_bucket" and "le" in l),
+                     key=lambda b: b[0])
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    prev_le, prev_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return prev_le
+            if count == prev_count:
+                return le
+            return prev_le + (le - prev_le) * (rank - prev_count) / (count - prev_count)
+        prev_le, prev_count = le, count
+    return prev_le
+
+
+def drain_run(worker, n, ready_timeout, drain_timeout, poll):
+    """Starts the worker on a preloaded backlog; measures ready, drain, CPU and memory."""
+    worker.start()
+    cpu = CpuWindow(worker.proc.pid)
+    t_ready = worker.wait_ready(ready_timeout)
+    cpu_ready = proc_cpu_s(worker.proc.pid)
+    t_done, m = worker.wait_completed(n, drain_timeout, poll)
+    own = proc_cpu_s(worker.proc.pid) - cpu_ready
+    window = cpu.close(own_cpu_s=own)
+    secs = t_done - t_ready
+    p50 = histogram_quantile(m, "chat_delete_command_duration_seconds", 0.50)
+    p99 = histogram_quantile(m, "chat_delete_command_duration_seconds", 0.99)
+    res = {
+        "n": n, "secs": secs, "rate": n / secs, "ready_s": t_ready - worker.started,
+        "svc_p50_ms": p50 * 1000 if p50 is not None else None,
+        "svc_p99_ms": p99 * 1000 if p99 is not None else None,
+        "peak_rss_kb": worker.hwm_kb(), "rss_after_kb": worker.rss_kb(),
+        "cpu_us_per_cmd": own * 1e6 / n,
+        "completed": total(m, "chat_delete_commands_completed_total"),
+        "ok_200": total(m, "chat_delete_commands_completed_total", status="200"),
+        "replays": total(m, "chat_delete_replays_total"),
+        "cpu": window,
+    }
+    return res
+
+
+# --- the parts --------------------------------------------------------------------------------
+
+def part_ceiling(n, prefetch, label):
+    ns = new_ns("c")
+    inst = instances_args(1, names=["bench"])
+    NAMESPACES.append((ns, inst))
+    run_tool(bench_tool("declare", "--ns", ns, *inst, "--sink", "1"), timeout=120)
+    preload(ns, inst, n, "c")
+    proc = spawn(bench_tool("ceiling", "--ns", ns, "--instance", "bench", "--prefetch", str(prefetch),
+                            "--n", str(n), "--token", TOKEN, "--timeout-s", str(ARGS.drain_timeout)),
+                 "ceiling.log")
+    cpu = CpuWindow(proc.pid)
+    try:
+        out, _ = proc.communicate(timeout=ARGS.drain_timeout + 30)
+    except subprocess.TimeoutExpired:
+        stop(proc, 5)
+        raise BenchError("ceiling loop did not finish")
+    CHILDREN.remove(proc)
+    res = parse_result(out)
+    if proc.returncode != 0 or res is None:
+        raise BenchError(f"ceiling loop failed; see {proc.log_path}")
+    res["cpu"] = cpu.close(own_cpu_s=res["cpu_s"])
+    delete_namespace(ns, inst)
+    log(f"{label}: {res['rate']:.0f} cmd/s (prefetch {prefetch}, svc p50 {res['svc_p50_ms']:.1f} ms)")
+    return res
+
+
+def part_aiopika(n, prefetch):
+    ns = new_ns("p")
+    inst = instances_args(1, names=["bench"])
+    NAMESPACES.append((ns, inst))
+    run_tool(bench_tool("declare", "--ns", ns, *inst, "--sink", "1"), timeout=120)
+    preload(ns, inst, n, "p")
+    proc = spawn([sys.executable, os.path.join(HERE, "peer_aiopika.py"), "--url", ARGS.url, "--ns", ns,
+                  "--instance", "bench", "--prefetch", str(prefetch), "--n", str(n), "--token", TOKEN,
+                  "--timeout-s", str(ARGS.drain_timeout)], "aiopika.log")
+    cpu = CpuWindow(proc.pid)
+    try:
+        out, _ = proc.communicate(timeout=ARGS.drain_timeout + 30)
+    except subprocess.TimeoutExpired:
+        stop(proc, 5)
+        raise BenchError("aio-pika peer did not finish")
+    CHILDREN.remove(proc)
+    res = parse_result(out)
+    if proc.returncode != 0 or res is None:
+        raise BenchError(f"aio-pika peer failed; see {proc.log_path}")
+    res["cpu"] = cpu.close(own_cpu_s=res["cpu_s"])
+    delete_namespace(ns, inst)
+    log(f"aio-pika: {res['rate']:.0f} cmd/s (prefetch {prefetch})")
+    return res
+
+
+def part_worker(n, prefetch, concurrency, lat_seconds, lat_rate):
+    """The worker on N preloaded, the same N replayed after a restart, then steady-rate latency."""
+    ns = new_ns("w")
+    inst = instances_args(1, names=["bench"])
+    NAMESPACES.append((ns, inst))
+    w = Worker(ns, ["bench"], prefetch, concurrency)
+    w.check()
+    w.topology()
+    run_tool(bench_tool("sink", "--ns", ns), timeout=60)
+    preload(ns, inst, n, "w")
+    try:
+        first = drain_run(w, n, 60, ARGS.drain_timeout, 0.025)
+    finally:
+        w.stop()
+    log(f"worker: {first['rate']:.0f} cmd/s (prefetch {prefetch}, concurrency {concurrency})")
+    store_files = sorted(os.listdir(w.store))
+
+    replay = None
+    if not ARGS.skip_replays:
+        preload(ns, inst, n, "w")  # the very same ids and bodies
+        try:
+            replay = drain_run(w, n, 60, ARGS.drain_timeout, 0.025)
+        finally:
+            w.stop()
+        log(f"replays: {replay['rate']:.0f} cmd/s, {replay['replays']:.0f} answered from the store")
+
+    latency = None
+    if lat_seconds > 0:
+        w.start()
+        try:
+            w.wait_ready(60)
+            latency = run_tool(bench_tool("latency", "--ns", ns, "--instance", "bench", "--rate", str(lat_rate),
+                                          "--seconds", str(lat_seconds), "--token", TOKEN, "--id-prefix",
+                                          f"lat{RUN_ID}"), timeout=lat_seconds + 120, log_name="latency.log")
+        finally:
+            w.stop()
+        log(f"latency at {lat_rate}/s: p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms, "
+            f"p999 {latency['p999_ms']:.1f} ms")
+    delete_namespace(ns, inst)
+    return first, replay, latency, store_files
+
+
+def part_many(count, per_instance, prefetch, concurrency):
+    ns = new_ns("m")
+    names = [f"i{i:04d}" for i in range(count)]
+    inst = instances_args(count, prefix="i")
+    NAMESPACES.append((ns, inst))
+    w = Worker(ns, names, prefetch, concurrency)
+    w.check()
+    # Cold: nothing declared yet; the worker declares every queue, then consumes.
+    w.start()
+    try:
+        t_ready = w.wait_ready(ARGS.ready_timeout)
+        cold_ready = t_ready - w.started
+        # At rest: ready, nothing to do; RSS sampled over the next two seconds (the last one kept).
+        rest_kb = w.rss_kb()
+        while time.monotonic() < t_ready + 2.0:
+            time.sleep(0.1)
+            rest_kb = w.rss_kb()
+    finally:
+        w.stop()
+    log(f"many: {count} instances ready in {cold_ready:.2f}s cold, RSS at rest {rest_kb / 1024:.1f} MiB")
+    n = count * per_instance
+    preload(ns, inst, per_instance, "m")
+    try:
+        loaded = drain_run(w, n, ARGS.ready_timeout, ARGS.drain_timeout, 0.1)
+    finally:
+        w.stop()
+    log(f"many: {loaded['rate']:.0f} cmd/s, ready with backlog in {loaded['ready_s']:.2f}s, "
+        f"peak RSS {loaded['peak_rss_kb'] / 1024:.1f} MiB")
+    delete_namespace(ns, inst)
+    return {"count": count, "per_instance": per_instance, "cold_ready_s": cold_ready,
+            "rest_rss_kb": rest_kb, "loaded": loaded}
+
+
+# --- report -----------------------------------------------------------------------------------
+
+def fmt(v, spec="{:,.0f}", none="n/a"):
+    return none if v is None else spec.format(v)
+
+
+def report(r):
+    n = r["n"]
+    ceil = r["ceiling"]
+    ceil_rate = sum(c["rate"] for c in ceil) / len(ceil)
+    w = r["worker"]
+    py = r["aiopika"]
+    rep = r["replay"]
+    lat = r["latency"]
+    many = r["many"]
+    ratio_ceiling = w["rate"] / ceil_rate
+    ratio_py = w["rate"] / py["rate"] if py else None
+    replay_ok = rep is not None and rep["replays"] >= 0.99 * n
+    rows = []
+
+    def row(what, value, ratio="", note=""):
+        rows.append((what, value, ratio, note))
+
+    for i, c in enumerate(ceil):
+        row(f"ceiling (bare lapin loop) run {i + 1}, N={n:,}", f"{c['rate']:,.0f} cmd/s", "",
+            f"svc p50/p99 {c['svc_p50_ms']:.1f}/{c['svc_p99_ms']:.1f} ms; {c['cpu_us_per_cmd']:.0f} us CPU/cmd; "
+            f"broker {c['cpu']['broker_cpu_s'] / c['cpu']['wall_s'] * 100:.0f}% CPU; peak RSS {c['peak_rss_kb'] / 1024:.1f} MiB")
+    row("ceiling used for ratios (mean)", f"{ceil_rate:,.0f} cmd/s", "1.00x", f"quorum, prefetch {r['prefetch']}")
+    row(f"worker, 1 simulated instance, N={n:,}", f"{w['rate']:,.0f} cmd/s", f"{ratio_ceiling:.2f}x ceiling",
+        f"goal >= 0.90x; prefetch {r['prefetch']}, concurrency {r['concurrency']}")
+    row("  worker service time p50 / p99", f"{fmt(w['svc_p50_ms'], '{:.1f}')} / {fmt(w['svc_p99_ms'], '{:.1f}')} ms",
+        "", "receive -> ack, from /metrics histogram (interpolated in buckets)")
+    row("  worker peak RSS (VmHWM)", f"{w['peak_rss_kb'] / 1024:.1f} MiB", "",
+        f"{w['cpu_us_per_cmd']:.0f} us CPU/cmd; broker {w['cpu']['broker_cpu_s'] / w['cpu']['wall_s'] * 100:.0f}% CPU; "
+        f"other {w['cpu']['other_cpu_s']:.1f} CPU s")
+    if py:
+        row(f"aio-pika peer, N={py['n']:,}", f"{py['rate']:,.0f} cmd/s", f"worker = {ratio_py:.1f}x peer",
+            f"goal >= 5x; prefetch {py['prefetch']}; svc p50/p99 {py['svc_p50_ms']:.0f}/{py['svc_p99_ms']:.0f} ms; "
+            f"{py['cpu_us_per_cmd']:.0f} us CPU/cmd; peak RSS {py['peak_rss_kb'] / 1024:.1f} MiB")
+    if rep is None:
+        row("replays (same N ids again)", "skipped", "", "")
+    elif replay_ok:
+        row("replays (same N ids again)", f"{rep['rate']:,.0f} cmd/s", f"{rep['rate'] / ceil_rate:.2f}x ceiling",
+            f"{rep['replays']:,.0f} answered from the store; peak RSS {rep['peak_rss_kb'] / 1024:.1f} MiB")
+    else:
+        row("replays (same N ids again)", "n/a", "",
+            f"store not answering replays (replays counter {rep['replays']:,.0f}); re-run took {rep['rate']:,.0f} cmd/s")
+    if lat:
+        row(f"latency at steady {lat['offered_rate']:,.0f}/s, publish -> result",
+            f"p50 {lat['p50_ms']:.1f} / p99 {lat['p99_ms']:.1f} / p999 {lat['p999_ms']:.1f} ms", "",
+            f"{lat['received']:,} of {lat['n']:,} results; max {lat['max_ms']:.1f} ms; "
+            f"publisher held {lat['achieved_publish_rate']:,.0f}/s")
+    if many:
+        ld = many["loaded"]
+        tag = f"{many['count']:,} instances x {many['per_instance']}"
+        row(f"{tag}: start -> ready (cold declare)", f"{many['cold_ready_s']:.2f} s", "", "goal < 10 s")
+        row(f"{tag}: start -> ready (queues exist, backlog)", f"{ld['ready_s']:.2f} s", "", "")
+        row(f"{tag}: throughput", f"{ld['rate']:,.0f} cmd/s", f"{ld['rate'] / ceil_rate:.2f}x ceiling",
+            f"prefetch {r['many_prefetch']}, concurrency {r['many_concurrency']} per instance")
+        row(f"{tag}: RSS at rest / peak under load", f"{many['rest_rss_kb'] / 1024:.1f} / {ld['peak_rss_kb'] / 1024:.1f} MiB",
+            "", "goal < 100 MiB")
+
+    widths = [max(len(str(x[i])) for x in rows + [("what", "value", "ratio", "notes")]) for i in range(3)]
+    line = f"| {'what':<{widths[0]}} | {'value':<{widths[1]}} | {'ratio':<{widths[2]}} | notes"
+    print(line)
+    print(f"|{'-' * (widths[0] + 2)}|{'-' * (widths[1] + 2)}|{'-' * (widths[2] + 2)}|------")
+    for what, value, ratio, note in rows:
+        print(f"| {what:<{widths[0]}} | {value:<{widths[1]}} | {ratio:<{widths[2]}} | {note}")
+    print()
+    rss_1000 = (max(many["rest_rss_kb"], many["loaded"]["peak_rss_kb"]) / 1024) if many else None
+    ready_1000 = max(many["cold_ready_s"], many["loaded"]["ready_s"]) if many else None
+    print(f"ratio_to_ceiling={ratio_ceiling:.2f} ratio_to_aiopika={fmt(ratio_py, '{:.2f}')} "
+          f"rss_1000_mib={fmt(rss_1000, '{:.1f}')} ready_1000_s={fmt(ready_1000, '{:.2f}')}", flush=True)
+
+
+def main():
+    global ARGS, OUT, RUN_ID
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="20k commands, 200 instances x 50, 10 s of latency")
+    ap.add_argument("--bin-dir", required=True, help="folder with chat-delete-worker and cdw-bench")
+    ap.add_argument("--url", default=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"))
+    ap.add_argument("--n", type=int)
+    ap.add_argument("--prefetch", type=int, default=500)
+    ap.add_argument("--concurrency", type=int, help="worker concurrency_per_instance (default: = prefetch)")
+    ap.add_argument("--ceiling-runs", type=int, default=2, help="ceiling runs, before and after the worker")
+    ap.add_argument("--aiopika-prefetch", type=int, help="default: same as --prefetch")
+    ap.add_argument("--instances", type=int)
+    ap.add_argument("--per-instance", type=int)
+    ap.add_argument("--many-prefetch", type=int, default=64, help="default: the worker's default prefetch")
+    ap.add_argument("--many-concurrency", type=int, default=32, help="default: the worker's default")
+    ap.add_argument("--latency-seconds", type=float)
+    ap.add_argument("--latency-rate", type=float, default=1000)
+    ap.add_argument("--worker-log", default=os.environ.get("RUST_LOG", "info"), help="RUST_LOG of the worker")
+    ap.add_argument("--skip-aiopika", action="store_true")
+    ap.add_argument("--skip-many", action="store_true")
+    ap.add_argument("--skip-replays", action="store_true")
+    ap.add_argument("--ready-timeout", type=float, default=120)
+    ap.add_argument("--drain-timeout", type=float, default=600)
+    ap.add_argument("--out", help="folder for logs and raw results (default: a new temp folder)")
+    ARGS = ap.parse_args()
+    q = ARGS.quick
+    n = ARGS.n or (20_000 if q else 100_000)
+    count = ARGS.instances or (200 if q else 1000)
+    per = ARGS.per_instance or (50 if q else 100)
+    lat_s = ARGS.latency_seconds if ARGS.latency_seconds is not None else (10 if q else 30)
+    conc = ARGS.concurrency or ARGS.prefetch
+    py_prefetch = ARGS.aiopika_prefetch or ARGS.prefetch
+    RUN_ID = secrets.token_hex(3)
+    OUT = ARGS.out or tempfile.mkdtemp(prefix="cdw-bench-")
+    os.makedirs(OUT, exist_ok=True)
+    for tool in ("chat-delete-worker", "cdw-bench"):
+        if not os.access(os.path.join(ARGS.bin_dir, tool), os.X_OK):
+            raise BenchError(f"{tool} not built in {ARGS.bin_dir}")
+    if not amqp_reachable():
+        raise BenchError("RabbitMQ is not reachable on 127.0.0.1:5672 (scripts/services starts it)")
+    log(f"run {RUN_ID}: N={n:,}, prefetch {ARGS.prefetch}, {count} x {per} instances; logs in {OUT}")
+
+    r = {"n": n, "prefetch": ARGS.prefetch, "concurrency": conc, "many_prefetch": ARGS.many_prefetch,
+         "many_concurrency": ARGS.many_concurrency, "ceiling": [], "aiopika": None, "many": None}
+    runs = max(1, ARGS.ceiling_runs)
+    r["ceiling"].append(part_ceiling(n, ARGS.prefetch, "ceiling run 1"))
+    r["worker"], r["replay"], r["latency"], r["store_files"] = part_worker(n, ARGS.prefetch, conc, lat_s,
+                                                                         ARGS.latency_rate)
+    for i in range(1, runs):
+        r["ceiling"].append(part_ceiling(n, ARGS.prefetch, f"ceiling run {i + 1}"))
+    if not ARGS.skip_aiopika:
+        r["aiopika"] = part_aiopika(n, py_prefetch)
+    if not ARGS.skip_many:
+        r["many"] = part_many(count, per, ARGS.many_prefetch, ARGS.many_concurrency)
+    with open(os.path.join(OUT, "results.json"), "w") as f:
+        json.dump(r, f, indent=2)
+    log(f"raw results in {os.path.join(OUT, 'results.json')}")
+    report(r)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    atexit.register(cleanup_all)
+    try:
+        main()
+    except BenchError as e:
+        log(f"FAILED: {e}")
+        sys.exit(1)

@@ -1,0 +1,239 @@
+//! The idempotency store: what happened to each idempotency id, so a command's work is never
+//! repeated once its answer is out. Two real implementations: an embedded file (redb, the
+//! default, one worker) and Redis (several workers).
+//!
+//! A record holds the request's fingerprint, a lease (who is working on the id right now),
+//! whether the chat delete already happened (a retry resumes at the purge), and the final
+//! result once there is one to remember (200 and 4xx).
+
+mod embedded;
+mod redis_store;
+
+pub use embedded::EmbeddedStore;
+pub use redis_store::RedisStore;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::command::DeleteRequest;
+use crate::config::TokenHash;
+use crate::outcome::Outcome;
+
+/// instance + token hash + normalised body, hashed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint(pub String);
+
+impl Fingerprint {
+    /// The body part is the normalised request when the body is valid (so `+55 11 9...` and
+    /// `55119...` are the same request), else the raw bytes.
+    pub fn new(instance: &str, token: &TokenHash, body: Result<&DeleteRequest, &[u8]>) -> Self {
+        let mut h = Sha256::new();
+        h.update(instance.as_bytes());
+        h.update([0]);
+        h.update(token.0);
+        match body {
+            Ok(request) => {
+                h.update(b"chat\0");
+                h.update(request.chat.as_str().as_bytes());
+                h.update([u8::from(request.delete_media)]);
+            }
+            Err(raw) => {
+                h.update(b"raw\0");
+                h.update(raw);
+            }
+        }
+        Self(hex::encode(h.finalize()))
+    }
+}
+
+/// A result kept for replays.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remembered {
+    pub outcome: Outcome,
+    pub attempts: u32,
+}
+
+/// The answer to "may I work on this id?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begin {
+    /// Go ahead, holding the lease `claim`; `chat_deleted` means only the purge is left.
+    Claimed { claim: String, chat_deleted: bool },
+    /// Done before with the same request: answer with this, do nothing.
+    Replay(Remembered),
+    /// Used before with a different request.
+    Conflict,
+    /// Another delivery of the same id holds a live lease: try again later.
+    Busy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("embedded store: {0}")]
+    Embedded(String),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// A store that cannot be read or written now may work on the next try; a corrupt record
+    /// will not get better, but answering without the store would risk a second delete, so
+    /// that too waits for an operator (it ends parked after the retry budget).
+    pub fn is_retryable(&self) -> bool {
+        true
+    }
+}
+
+/// Timing of leases and remembered results.
+#[derive(Debug, Clone, Copy)]
+pub struct Lifetimes {
+    /// How long a claim stays exclusive without being finished (a crashed worker's claims
+    /// expire after this).
+    pub lease: Duration,
+    /// How long a record (and a remembered result) is kept.
+    pub keep: Duration,
+}
+
+#[async_trait::async_trait]
+pub trait IdempotencyStore: Send + Sync {
+    async fn begin(&self, id: &str, fingerprint: &Fingerprint) -> Result<Begin, StoreError>;
+    /// The chat delete of this id happened: a later try skips it.
+    async fn mark_chat_deleted(&self, id: &str, claim: &str) -> Result<(), StoreError>;
+    /// Keeps the final result and ends the claim.
+    async fn remember(&self, id: &str, claim: &str, result: &Remembered) -> Result<(), StoreError>;
+    /// Ends the claim without a result (5xx and 503 are not remembered).
+    async fn release(&self, id: &str, claim: &str) -> Result<(), StoreError>;
+    /// Whether the store answers (for `/readyz`).
+    async fn ping(&self) -> bool;
+}
+
+/// The stored state of one id (the embedded store's value; Redis keeps the same fields in a
+/// hash).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    fingerprint: Fingerprint,
+    expires_ms: u64,
+    lease_owner: Option<String>,
+    lease_until_ms: u64,
+    chat_deleted: bool,
+    result: Option<Remembered>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+fn new_claim(process: &str) -> String {
+    format!("{process}/{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Whether a stored lease still excludes others. `dead_process` tells whether the owner is
+/// known to be gone (the embedded store is owned by one process at a time).
+fn lease_is_live(record: &Record, now: u64, dead_owner: impl Fn(&str) -> bool) -> bool {
+    match &record.lease_owner {
+        Some(owner) => record.lease_until_ms > now && !dead_owner(owner),
+        None => false,
+    }
+}
+
+/// The begin decision on a record, and the record to write back (if any).
+fn decide_begin(
+    existing: Option<Record>,
+    fingerprint: &Fingerprint,
+    claim: &str,
+    now: u64,
+    lifetimes: Lifetimes,
+    dead_owner: impl Fn(&str) -> bool,
+) -> (Begin, Option<Record>) {
+    let lease_until_ms = now + lifetimes.lease.as_millis() as u64;
+    let expires_ms = now + lifetimes.keep.as_millis() as u64;
+    let existing = existing.filter(|r| r.expires_ms > now);
+    let Some(mut record) = existing else {
+        let record = Record {
+            fingerprint: fingerprint.clone(),
+            expires_ms,
+            lease_owner: Some(claim.to_owned()),
+            lease_until_ms,
+            chat_deleted: false,
+            result: None,
+        };
+        let begin = Begin::Claimed {
+            claim: claim.to_owned(),
+            chat_deleted: false,
+        };
+        return (begin, Some(record));
+    };
+    if &record.fingerprint != fingerprint {
+        return (Begin::Conflict, None);
+    }
+    if let Some(result) = &record.result {
+        return (Begin::Replay(result.clone()), None);
+    }
+    if lease_is_live(&record, now, dead_owner) {
+        return (Begin::Busy, None);
+    }
+    record.lease_owner = Some(claim.to_owned());
+    record.lease_until_ms = lease_until_ms;
+    record.expires_ms = record.expires_ms.max(lease_until_ms);
+    let begin = Begin::Claimed {
+        claim: claim.to_owned(),
+        chat_deleted: record.chat_deleted,
+    };
+    (begin, Some(record))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::normalise_number;
+
+    const L: Lifetimes = Lifetimes {
+        lease: Duration::from_secs(10),
+        keep: Duration::from_secs(100),
+    };
+
+    fn fp(s: &str) -> Fingerprint {
+        Fingerprint(s.into())
+    }
+
+    #[test]
+    fn begin_decisions() {
+        let never = |_: &str| false;
+        let (b, rec) = decide_begin(None, &fp("a"), "c1", 1_000, L, never);
+        assert_eq!(b, Begin::Claimed { claim: "c1".into(), chat_deleted: false });
+        let mut rec = rec.unwrap();
+        assert_eq!(decide_begin(Some(rec.clone()), &fp("b"), "c2", 2_000, L, never).0, Begin::Conflict);
+        assert_eq!(decide_begin(Some(rec.clone()), &fp("a"), "c2", 2_000, L, never).0, Begin::Busy);
+        // A lease past its time, or of a dead owner, can be taken over, keeping the progress.
+        rec.chat_deleted = true;
+        let (b, _) = decide_begin(Some(rec.clone()), &fp("a"), "c2", 20_000, L, never);
+        assert_eq!(b, Begin::Claimed { claim: "c2".into(), chat_deleted: true });
+        let (b, _) = decide_begin(Some(rec.clone()), &fp("a"), "c2", 2_000, L, |_| true);
+        assert!(matches!(b, Begin::Claimed { .. }));
+        let done = Remembered { outcome: Outcome::InvalidNumber, attempts: 1 };
+        rec.result = Some(done.clone());
+        assert_eq!(decide_begin(Some(rec.clone()), &fp("a"), "c3", 2_000, L, never).0, Begin::Replay(done));
+        // Forgotten after the keep time.
+        let (b, _) = decide_begin(Some(rec), &fp("b"), "c4", 200_000, L, never);
+        assert!(matches!(b, Begin::Claimed { chat_deleted: false, .. }));
+    }
+
+    #[test]
+    fn fingerprints_use_the_normalised_body() {
+        let token = TokenHash::of(b"t");
+        let a = crate::command::DeleteRequest { chat: normalise_number("+55 11 99999-9999").unwrap(), delete_media: false };
+        let b = crate::command::DeleteRequest { chat: normalise_number("5511999999999").unwrap(), delete_media: false };
+        let c = crate::command::DeleteRequest { delete_media: true, ..b.clone() };
+        assert_eq!(Fingerprint::new("i", &token, Ok(&a)), Fingerprint::new("i", &token, Ok(&b)));
+        assert_ne!(Fingerprint::new("i", &token, Ok(&b)), Fingerprint::new("i", &token, Ok(&c)));
+        assert_ne!(Fingerprint::new("i", &token, Ok(&b)), Fingerprint::new("j", &token, Ok(&b)));
+        assert_ne!(Fingerprint::new("i", &token, Ok(&b)), Fingerprint::new("i", &TokenHash::of(b"u"), Ok(&b)));
+        assert_ne!(Fingerprint::new("i", &token, Err(b"x")), Fingerprint::new("i", &token, Err(b"y")));
+    }
+}

@@ -1,0 +1,132 @@
+//! The parking queue: commands whose retries ran out (after their final result was
+//! published) or that hit the broker's delivery limit. Listed and moved back on request.
+
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection};
+
+use crate::broker::{BrokerError, Publisher};
+use crate::consume::{ORIGINAL_ROUTING_KEY_HEADER, PARKED_OUTCOME_HEADER, PARKED_STATUS_HEADER};
+use crate::decode::{ATTEMPT_HEADER, RETRIES_HEADER};
+use crate::topology::Names;
+
+/// What `parked list` shows of one command (never its token).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ParkedCommand {
+    pub idempotency_id: Option<String>,
+    pub instance: Option<String>,
+    pub status: Option<i64>,
+    pub outcome: Option<String>,
+    /// Why the broker parked it, when it did (`delivery_limit`, `rejected`).
+    pub dead_letter_reason: Option<String>,
+}
+
+impl ParkedCommand {
+    fn of(props: &BasicProperties) -> Self {
+        let headers = props.headers().clone().unwrap_or_default();
+        let text = |key: &str| match headers.inner().get(key) {
+            Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
+            _ => None,
+        };
+        let death = first_death(&headers);
+        Self {
+            idempotency_id: props.message_id().as_ref().map(|s| s.as_str().to_owned()),
+            instance: text(ORIGINAL_ROUTING_KEY_HEADER)
+                .or_else(|| death.as_ref().and_then(|d| death_text(d, "routing-keys"))),
+            status: match headers.inner().get(PARKED_STATUS_HEADER) {
+                Some(AMQPValue::LongInt(v)) => Some(i64::from(*v)),
+                _ => None,
+            },
+            outcome: text(PARKED_OUTCOME_HEADER),
+            dead_letter_reason: death.as_ref().and_then(|d| death_text(d, "reason")),
+        }
+    }
+}
+
+fn first_death(headers: &FieldTable) -> Option<FieldTable> {
+    match headers.inner().get("x-death")? {
+        AMQPValue::FieldArray(deaths) => match deaths.as_slice().first()? {
+            AMQPValue::FieldTable(t) => Some(t.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn death_text(death: &FieldTable, key: &str) -> Option<String> {
+    match death.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::FieldArray(a) => match a.as_slice().first()? {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Reads every parked command (up to `limit`) without removing any: they are held unacked and
+/// handed back when the channel closes.
+pub async fn list(connection: &Connection, names: &Names, limit: usize) -> Result<Vec<ParkedCommand>, BrokerError> {
+    let channel = connection.create_channel().await?;
+    let mut out = vec![];
+    while out.len() < limit {
+        let Some(message) = channel
+            .basic_get(names.parked_queue().into(), BasicGetOptions::default())
+            .await?
+        else {
+            break;
+        };
+        out.push(ParkedCommand::of(&message.delivery.properties));
+    }
+    let _ = channel.close(200, "listed".into()).await;
+    Ok(out)
+}
+
+/// Moves parked commands back to the commands exchange for another try: those whose
+/// idempotency id is in `ids`, or all of them when `ids` is empty. Their retry count starts
+/// over. Returns how many were moved.
+pub async fn replay(connection: &Connection, names: &Names, ids: &[String]) -> Result<usize, BrokerError> {
+    let channel = connection.create_channel().await?;
+    let publisher = Publisher::open(connection, &names.events_exchange()).await?;
+    let mut moved = 0;
+    loop {
+        let Some(message) = channel
+            .basic_get(names.parked_queue().into(), BasicGetOptions::default())
+            .await?
+        else {
+            break;
+        };
+        let delivery = &message.delivery;
+        let parked = ParkedCommand::of(&delivery.properties);
+        let wanted = ids.is_empty()
+            || parked.idempotency_id.as_ref().is_some_and(|id| ids.contains(id));
+        // Not wanted, or nowhere to send it: left unacked, so it goes back when we close.
+        let (true, Some(instance)) = (wanted, parked.instance) else {
+            continue;
+        };
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        let mut kept = FieldTable::default();
+        for (key, value) in headers.inner() {
+            let ours = [
+                ATTEMPT_HEADER,
+                RETRIES_HEADER,
+                PARKED_STATUS_HEADER,
+                PARKED_OUTCOME_HEADER,
+                ORIGINAL_ROUTING_KEY_HEADER,
+            ];
+            if !ours.contains(&key.as_str()) && !key.as_str().starts_with("x-death") && !key.as_str().starts_with("x-first-death") && !key.as_str().starts_with("x-last-death") {
+                kept.insert(key.clone(), value.clone());
+            }
+        }
+        headers = kept;
+        let props = delivery.properties.clone().with_headers(headers);
+        publisher
+            .publish_confirmed(&names.commands_exchange(), &instance, &delivery.data, props)
+            .await?;
+        delivery.ack(BasicAckOptions::default()).await?;
+        moved += 1;
+    }
+    let _ = channel.close(200, "replayed".into()).await;
+    Ok(moved)
+}

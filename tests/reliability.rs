@@ -1,0 +1,239 @@
+//! Never twice, never lost: idempotency (both stores), retries, parking and replay from the
+//! parking queue, against the real RabbitMQ, Redis and disk.
+
+mod common;
+
+use chat_delete_worker::broker;
+use chat_delete_worker::config::BrokerConfig;
+use chat_delete_worker::parked;
+use common::*;
+use lapin::types::AMQPValue;
+
+const TOKEN: &str = "secret-tok-rel";
+const ACCOUNT: &str = "secret-tok-rel-account";
+
+#[derive(Clone, Copy, Debug)]
+enum Store {
+    Embedded,
+    Redis,
+}
+
+fn store_toml(store: Store) -> String {
+    match store {
+        Store::Embedded => String::new(),
+        Store::Redis => format!(
+            "[idempotency]\nbackend = \"redis\"\nkey_prefix = \"test:{}:\"\n",
+            uuid::Uuid::new_v4().simple()
+        ),
+    }
+}
+
+/// A worker with fast retries; `extra` adds instance settings (the `{dir}` placeholder is the
+/// test's data folder).
+fn config(store: Store, alpha_sim: &str) -> String {
+    format!(
+        r#"
+{store}
+[worker]
+concurrency_per_instance = 8
+[retry]
+in_process_attempts = 2
+in_process_min_delay_ms = 5
+in_process_max_delay_ms = 10
+broker_delays_ms = [50, 50, 50]
+[pacing]
+deletes_per_minute = "unlimited"
+[media]
+root = "{{dir}}/media"
+[accounts.acme]
+token_sha256 = "{account}"
+[instances.alpha]
+account = "acme"
+token_sha256 = "{token}"
+kind = "simulated"
+simulated = {{ effects_log = "{{dir}}/effects.log" {alpha_sim} }}
+[instances.beta]
+account = "acme"
+token_sha256 = "{token}"
+kind = "simulated"
+"#,
+        store = store_toml(store),
+        account = hash(ACCOUNT),
+        token = hash(TOKEN),
+    )
+}
+
+fn deletes(w: &TestWorker) -> usize {
+    std::fs::read_to_string(w.dir.path().join("effects.log"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+fn replayed(d: &Delivery) -> bool {
+    header(d, "replayed") == Some(&AMQPValue::Boolean(true))
+}
+
+const OK: &[u8] = br#"{"number": "5511999999999"}"#;
+
+async fn replays_remembered_results_and_rejects_changed_requests(store: Store) {
+    let w = TestWorker::start(&config(store, "")).await;
+    w.publish(Command::new("alpha", "id-1", TOKEN, OK)).await;
+    let first = w.events.by_id("id-1").await;
+    assert_eq!(status(&first), 200);
+    assert!(!replayed(&first));
+
+    // Same request, written differently: replayed, nothing done again.
+    w.publish(Command { correlation_id: Some("again"), ..Command::new("alpha", "id-1", TOKEN, br#"{"number": "+55 11 99999-9999"}"#) }).await;
+    let again = w.events.by_correlation("again").await;
+    assert!(replayed(&again));
+    assert_eq!(status(&again), 200);
+    assert_eq!(again.data, first.data);
+    assert_eq!(header_int(&again, "attempts"), header_int(&first, "attempts"));
+    assert_eq!(deletes(&w), 1);
+
+    // Different body, token or instance: 409, not remembered, nothing done.
+    for (corr, cmd) in [
+        ("other-body", Command::new("alpha", "id-1", TOKEN, br#"{"number": "5511999999998"}"#)),
+        ("other-media", Command::new("alpha", "id-1", TOKEN, br#"{"number": "5511999999999", "deleteMedia": true}"#)),
+        ("other-token", Command::new("alpha", "id-1", ACCOUNT, OK)),
+        ("other-instance", Command::new("beta", "id-1", TOKEN, OK)),
+    ] {
+        w.publish(Command { correlation_id: Some(corr), ..cmd }).await;
+        let d = w.events.by_correlation(corr).await;
+        assert_eq!(status(&d), 409, "{corr}");
+        assert_eq!(
+            body(&d),
+            serde_json::json!({"success": false, "error": {"message": "Idempotency id was already used with a different request"}})
+        );
+        assert!(!replayed(&d));
+        assert_matches_schema(&d);
+    }
+    assert_eq!(deletes(&w), 1);
+
+    // A 4xx is remembered too.
+    w.publish(Command::new("alpha", "id-bad", TOKEN, br#"{"number": "abc"}"#)).await;
+    assert_eq!(status(&w.events.by_id("id-bad").await), 400);
+    w.publish(Command { correlation_id: Some("bad-again"), ..Command::new("alpha", "id-bad", TOKEN, br#"{"number": "abc"}"#) }).await;
+    let d = w.events.by_correlation("bad-again").await;
+    assert_eq!(status(&d), 400);
+    assert!(replayed(&d));
+    w.publish(Command { correlation_id: Some("bad-fixed"), ..Command::new("alpha", "id-bad", TOKEN, OK) }).await;
+    assert_eq!(status(&w.events.by_correlation("bad-fixed").await), 409);
+    assert_eq!(deletes(&w), 1);
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn embedded_store_replays_and_conflicts() {
+    replays_remembered_results_and_rejects_changed_requests(Store::Embedded).await;
+}
+
+#[tokio::test]
+async fn redis_store_replays_and_conflicts() {
+    replays_remembered_results_and_rejects_changed_requests(Store::Redis).await;
+}
+
+async fn concurrent_duplicates_act_once(store: Store) {
+    let w = TestWorker::start(&config(store, ", latency_ms = 300")).await;
+    for corr in ["a", "b", "c"] {
+        w.publish(Command { correlation_id: Some(corr), ..Command::new("alpha", "dup-1", TOKEN, OK) }).await;
+    }
+    let all = w.events.wait_until("three results", |all| all.len() >= 3).await;
+    assert_eq!(deletes(&w), 1, "one delete for three concurrent deliveries");
+    assert!(all.iter().all(|d| status(d) == 200));
+    assert_eq!(all.iter().filter(|d| !replayed(d)).count(), 1);
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn embedded_store_lets_one_of_concurrent_duplicates_act() {
+    concurrent_duplicates_act_once(Store::Embedded).await;
+}
+
+#[tokio::test]
+async fn redis_store_lets_one_of_concurrent_duplicates_act() {
+    concurrent_duplicates_act_once(Store::Redis).await;
+}
+
+async fn failures_are_not_remembered_and_resume_at_the_purge(store: Store) {
+    let w = TestWorker::start(&config(store, "")).await;
+    // A regular file where the media root should be: every purge fails.
+    let media_root = w.dir.path().join("media");
+    std::fs::write(&media_root, b"not a folder").unwrap();
+    let with_media = br#"{"number": "5511999999999", "deleteMedia": true}"#;
+    w.publish(Command::new("alpha", "purge-1", TOKEN, with_media)).await;
+    let failed = w.events.by_id("purge-1").await;
+    assert_eq!(status(&failed), 500);
+    let message = body(&failed)["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message.starts_with("Failed to delete media: "), "{message}");
+    assert_matches_schema(&failed);
+    // One in-process try of the delete, then the purge's tries across 1 + 3 deliveries.
+    assert_eq!(header_int(&failed, "attempts"), Some(8));
+    assert_eq!(deletes(&w), 1);
+
+    // Storage back: the same id does the work again, starting at the purge.
+    std::fs::remove_file(&media_root).unwrap();
+    std::fs::create_dir_all(media_root.join("alpha/5511999999999@s.whatsapp.net")).unwrap();
+    std::fs::write(media_root.join("alpha/5511999999999@s.whatsapp.net/a.jpg"), b"x").unwrap();
+    w.publish(Command { correlation_id: Some("retry"), ..Command::new("alpha", "purge-1", TOKEN, with_media) }).await;
+    let ok = w.events.by_correlation("retry").await;
+    assert_eq!(status(&ok), 200);
+    assert!(!replayed(&ok));
+    assert_eq!(deletes(&w), 1, "the chat delete is not repeated");
+    assert!(!media_root.join("alpha/5511999999999@s.whatsapp.net").exists());
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn embedded_store_resumes_at_the_purge() {
+    failures_are_not_remembered_and_resume_at_the_purge(Store::Embedded).await;
+}
+
+#[tokio::test]
+async fn redis_store_resumes_at_the_purge() {
+    failures_are_not_remembered_and_resume_at_the_purge(Store::Redis).await;
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_to_one_delete_and_one_success() {
+    // 5 failures: 2 in process, then through the retry queue twice more, then success.
+    let w = TestWorker::start(&config(Store::Embedded, ", fail_first = 5, failure = \"server_error\"")).await;
+    w.publish(Command::new("alpha", "flaky-1", TOKEN, OK)).await;
+    let d = w.events.by_id("flaky-1").await;
+    assert_eq!(status(&d), 200);
+    assert_eq!(header_int(&d, "attempts"), Some(6));
+    assert_eq!(deletes(&w), 1);
+    assert_eq!(w.events.all().len(), 1, "one result only");
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_that_never_connects_is_parked_then_replayed_to_success() {
+    let flag = "connected_flag_file = \"{dir}/connected\"";
+    let w = TestWorker::start(&config(Store::Embedded, &format!(", {flag}"))).await;
+    w.publish(Command::new("alpha", "offline-1", TOKEN, OK)).await;
+    let d = w.events.by_id("offline-1").await;
+    assert_eq!(status(&d), 503);
+    assert_eq!(body(&d)["error"]["message"], "Instance is not connected to WhatsApp");
+    assert_eq!(header_int(&d, "attempts"), Some(8), "2 tries x (1 + 3 retries)");
+
+    let cfg = BrokerConfig { url: amqp_url(), ..Default::default() };
+    let connection = broker::connect(&cfg, "test").await.unwrap();
+    let listed = parked::list(&connection, &w.names, 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].idempotency_id.as_deref(), Some("offline-1"));
+    assert_eq!(listed[0].instance.as_deref(), Some("alpha"));
+    assert_eq!(listed[0].status, Some(503));
+    // Listing leaves it parked.
+    assert_eq!(parked::list(&connection, &w.names, 10).await.unwrap().len(), 1);
+
+    std::fs::write(w.dir.path().join("connected"), b"").unwrap();
+    assert_eq!(parked::replay(&connection, &w.names, &["offline-1".into()]).await.unwrap(), 1);
+    let all = w.events.wait_until("a second result", |all| all.len() >= 2).await;
+    let last = all.last().unwrap();
+    assert_eq!(status(last), 200);
+    assert_eq!(header_int(last, "attempts"), Some(1), "retries start over");
+    assert_eq!(deletes(&w), 1);
+    assert!(parked::list(&connection, &w.names, 10).await.unwrap().is_empty());
+    w.stop().await;
+}
