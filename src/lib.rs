@@ -97,7 +97,12 @@ pub async fn run(
     let mut delay = Duration::from_millis(250);
     let mut connections = 0u64;
     loop {
-        let served = serve_connection(&config, &consuming, &health, &stop, connections).await;
+        let mut consumed = false;
+        let served =
+            serve_connection(&config, &consuming, &health, &stop, connections, &mut consumed).await;
+        if consumed {
+            delay = Duration::from_millis(250);
+        }
         health.broker_connected.store(false, Ordering::SeqCst);
         health.consuming.store(false, Ordering::SeqCst);
         metrics::gauge!(telemetry::BROKER_CONNECTED).set(0.0);
@@ -114,7 +119,7 @@ pub async fn run(
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(30));
+                delay = (delay * 2).min(Duration::from_secs(5));
                 connections += 1;
                 metrics::counter!(telemetry::BROKER_RECONNECTS).increment(1);
             }
@@ -136,6 +141,7 @@ async fn serve_connection(
     health: &Health,
     stop: &CancellationToken,
     generation: u64,
+    consumed: &mut bool,
 ) -> Result<(), BrokerError> {
     let name = format!("{} ({generation})", config.worker.name);
     let connection = broker::connect(&config.broker, &name).await?;
@@ -199,6 +205,7 @@ async fn serve_connection(
         }
     }
     health.consuming.store(true, Ordering::SeqCst);
+    *consumed = true;
     tracing::info!(consumers = consumers.len(), "Consuming.");
 
     let requested = tokio::select! {
