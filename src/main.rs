@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use chat_delete_worker::config::{Config, TokenHash};
 use chat_delete_worker::topology::Names;
-use chat_delete_worker::{broker, telemetry, topology};
+use chat_delete_worker::{batch, broker, telemetry, topology};
 
 /// Consumes "delete entire chat" commands from RabbitMQ and publishes their results.
 #[derive(Parser)]
@@ -35,6 +35,51 @@ enum Command {
     TokenHash,
     /// Validate the config and print what this worker would host.
     CheckConfig,
+    /// Publish delete commands for one instance from a file or standard input (one number or
+    /// JID per line, CSV with a column, or JSON lines). Re-publishing a batch never deletes
+    /// twice: ids derive from instance, chat and batch name.
+    Publish {
+        /// The instance whose chats are deleted (the routing key).
+        #[arg(long, short)]
+        instance: String,
+        /// Batch name: names the results queue and seeds the idempotency ids.
+        #[arg(long, short)]
+        batch: String,
+        /// Input file; `-` or absent reads standard input.
+        file: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "auto")]
+        format: chat_delete_worker::batch::InputFormat,
+        /// CSV column holding the number (default `number`).
+        #[arg(long)]
+        column: Option<String>,
+        /// Also purge each chat's stored media (a JSON line's `deleteMedia` wins).
+        #[arg(long)]
+        delete_media: bool,
+        /// Environment variable holding the token (never pass a token as an argument).
+        #[arg(long, default_value = "CDW_TOKEN", conflicts_with = "token_file")]
+        token_env: String,
+        /// File holding the token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Follow the results after publishing, as `results` does.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Follow a batch's results: a live tally by status, then the failures; exits 1 if any
+    /// command failed.
+    Results {
+        #[arg(long, short)]
+        batch: String,
+        /// Stop once this many commands are answered.
+        #[arg(long)]
+        expect: Option<usize>,
+        /// Stop when no new result came for this many seconds.
+        #[arg(long, default_value_t = 10)]
+        idle_secs: u64,
+        /// Print the tally as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect the parking queue, or move parked commands back for another try.
     Parked {
         #[command(subcommand)]
@@ -98,6 +143,73 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Parked { action } => parked(&config, action).await,
+            Command::Publish {
+                instance,
+                batch,
+                file,
+                format,
+                column,
+                delete_media,
+                token_env,
+                token_file,
+                follow,
+            } => {
+                let token = match token_file {
+                    Some(path) => std::fs::read_to_string(&path)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?
+                        .trim()
+                        .to_owned(),
+                    None => std::env::var(&token_env).map_err(|_| {
+                        anyhow::anyhow!("set the token in ${token_env} (or use --token-file)")
+                    })?,
+                };
+                let input: Box<dyn std::io::BufRead> = match file.as_deref() {
+                    None => Box::new(std::io::stdin().lock()),
+                    Some(p) if p.as_os_str() == "-" => Box::new(std::io::stdin().lock()),
+                    Some(p) => Box::new(std::io::BufReader::new(std::fs::File::open(p)?)),
+                };
+                let targets =
+                    batch::read_targets(input, format, column.as_deref(), delete_media)?;
+                let connection = broker::connect(&config.broker, "chat-delete-worker publish").await?;
+                let names = Names::new(&config.broker.namespace);
+                let summary =
+                    batch::publish(&connection, &names, &instance, &batch, &token, &targets).await?;
+                eprintln!(
+                    "published {} command(s) for instance {} in batch {}; results go to {}",
+                    summary.published, summary.instance, summary.batch, summary.results_queue
+                );
+                if follow {
+                    let tally = batch::follow(&connection, &names, &batch, Some(targets.len()), std::time::Duration::from_secs(60), true).await?;
+                    print_tally(&tally, false)?;
+                    if tally.failed() {
+                        std::process::exit(1);
+                    }
+                }
+                Ok(())
+            }
+            Command::Results {
+                batch,
+                expect,
+                idle_secs,
+                json,
+            } => {
+                let connection = broker::connect(&config.broker, "chat-delete-worker results").await?;
+                let names = Names::new(&config.broker.namespace);
+                let tally = batch::follow(
+                    &connection,
+                    &names,
+                    &batch,
+                    expect,
+                    std::time::Duration::from_secs(idle_secs),
+                    !json,
+                )
+                .await?;
+                print_tally(&tally, json)?;
+                if tally.failed() {
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
             Command::TokenHash => unreachable!("handled before the runtime starts"),
         }
     });
@@ -163,6 +275,28 @@ async fn parked(config: &Config, action: ParkedAction) -> anyhow::Result<()> {
         }
     }
     let _ = connection.close(200, "done".into()).await;
+    Ok(())
+}
+
+fn print_tally(tally: &batch::Tally, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(tally)?);
+        return Ok(());
+    }
+    let statuses: Vec<String> = tally
+        .by_status
+        .iter()
+        .map(|(status, n)| format!("{status}: {n}"))
+        .collect();
+    println!(
+        "{} answered ({}), {} replayed",
+        tally.answered,
+        statuses.join(", "),
+        tally.replayed
+    );
+    for f in &tally.failures {
+        println!("FAILED {}\t{}\t{}", f.id, f.status, f.message);
+    }
     Ok(())
 }
 

@@ -1,0 +1,441 @@
+//! Bulk clean-up from the command line: `publish` a batch of chats for one instance, and follow
+//! its `results`. Every command of a batch asks for its answer on the batch's own durable
+//! results queue (`<ns>.results.<batch>`), and its idempotency id is derived from instance,
+//! chat and batch name, so publishing the same batch again never deletes twice: the worker
+//! replays the remembered answers.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Confirmation, Connection};
+use sha2::{Digest, Sha256};
+
+use crate::command::normalise_number;
+use crate::topology::Names;
+
+/// One chat to delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub number: String,
+    pub delete_media: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InputFormat {
+    /// JSON lines if the first line is an object, CSV if a column is named, else plain lines.
+    Auto,
+    /// One number or JID per line.
+    Lines,
+    /// CSV with a header row; the number is in `--column`.
+    Csv,
+    /// One JSON object per line: `{"number": "...", "deleteMedia": true}`.
+    Jsonl,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("line {line}: {message}")]
+    Input { line: usize, message: String },
+    #[error("reading input: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("batch names are 1 to 64 letters, digits, '-' or '_'")]
+    BatchName,
+    #[error("AMQP: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker did not confirm command {0}")]
+    NotConfirmed(String),
+}
+
+/// Reads the targets: blank lines and `#` comments are skipped.
+pub fn read_targets(
+    input: impl BufRead,
+    format: InputFormat,
+    column: Option<&str>,
+    delete_media: bool,
+) -> Result<Vec<Target>, BatchError> {
+    let mut lines = vec![];
+    for (i, line) in input.lines().enumerate() {
+        let line = line?;
+        let trimmed = line.trim();
+        if !trimmed.is_empty() && !trimmed.starts_with('#') {
+            lines.push((i + 1, trimmed.to_owned()));
+        }
+    }
+    let format = match format {
+        InputFormat::Auto if lines.first().is_some_and(|(_, l)| l.starts_with('{')) => {
+            InputFormat::Jsonl
+        }
+        InputFormat::Auto if column.is_some() => InputFormat::Csv,
+        InputFormat::Auto => InputFormat::Lines,
+        other => other,
+    };
+    match format {
+        InputFormat::Lines | InputFormat::Auto => Ok(lines
+            .into_iter()
+            .map(|(_, number)| Target {
+                number,
+                delete_media,
+            })
+            .collect()),
+        InputFormat::Jsonl => lines
+            .into_iter()
+            .map(|(line, text)| {
+                #[derive(serde::Deserialize)]
+                struct Row {
+                    number: String,
+                    #[serde(rename = "deleteMedia")]
+                    delete_media: Option<bool>,
+                }
+                let row: Row = serde_json::from_str(&text).map_err(|e| BatchError::Input {
+                    line,
+                    message: e.to_string(),
+                })?;
+                Ok(Target {
+                    number: row.number,
+                    delete_media: row.delete_media.unwrap_or(delete_media),
+                })
+            })
+            .collect(),
+        InputFormat::Csv => {
+            let mut rows = lines.into_iter();
+            let Some((line, header)) = rows.next() else {
+                return Ok(vec![]);
+            };
+            let wanted = column.unwrap_or("number");
+            let index = split_csv(&header)
+                .iter()
+                .position(|c| c == wanted)
+                .ok_or_else(|| BatchError::Input {
+                    line,
+                    message: format!("no column named {wanted:?}"),
+                })?;
+            rows.map(|(line, text)| {
+                let cells = split_csv(&text);
+                let number = cells.get(index).cloned().ok_or_else(|| BatchError::Input {
+                    line,
+                    message: format!("no value in column {wanted:?}"),
+                })?;
+                Ok(Target {
+                    number,
+                    delete_media,
+                })
+            })
+            .collect()
+        }
+    }
+}
+
+/// Splits one CSV line (quoted cells may hold commas; `""` is a quote).
+fn split_csv(line: &str) -> Vec<String> {
+    let mut cells = vec![];
+    let mut cell = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                cell.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => cells.push(std::mem::take(&mut cell).trim().to_owned()),
+            (c, _) => cell.push(c),
+        }
+    }
+    cells.push(cell.trim().to_owned());
+    cells
+}
+
+/// The idempotency id of one chat of a batch: the same instance, chat and batch always give
+/// the same id (numbers are normalised first, so `+55 11 9...` and `55119...` agree).
+pub fn batch_id(instance: &str, number: &str, batch: &str) -> String {
+    let chat = normalise_number(number)
+        .map(|j| j.to_string())
+        .unwrap_or_else(|| number.to_owned());
+    let digest = Sha256::digest(format!("{instance}\0{chat}\0{batch}"));
+    format!("{batch}-{}", &hex::encode(digest)[..24])
+}
+
+pub fn results_queue(names: &Names, batch: &str) -> Result<String, BatchError> {
+    if !crate::config::is_valid_instance_name(batch) {
+        return Err(BatchError::BatchName);
+    }
+    Ok(format!("{}.results.{batch}", names.namespace))
+}
+
+async fn declare_results_queue(channel: &lapin::Channel, queue: &str) -> Result<(), BatchError> {
+    let mut args = FieldTable::default();
+    // Forgotten a week after its last use.
+    args.insert(
+        ShortString::from("x-expires"),
+        AMQPValue::LongLongInt(7 * 24 * 3600 * 1000),
+    );
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await?;
+    Ok(())
+}
+
+/// Shows progress on a terminal, or a plain line every so often otherwise.
+pub struct Progress {
+    total: usize,
+    terminal: bool,
+    label: &'static str,
+}
+
+impl Progress {
+    pub fn new(total: usize, label: &'static str) -> Self {
+        Self {
+            total,
+            terminal: std::io::stderr().is_terminal(),
+            label,
+        }
+    }
+
+    pub fn update(&self, done: usize, extra: &str) {
+        if self.terminal {
+            let width = 30;
+            let filled = (done * width).checked_div(self.total).unwrap_or(width);
+            eprint!(
+                "\r[{}{}] {done}/{} {} {extra}   ",
+                "#".repeat(filled),
+                "-".repeat(width - filled),
+                self.total,
+                self.label
+            );
+            let _ = std::io::stderr().flush();
+        } else if done == self.total || done % 1000 == 0 {
+            eprintln!("{done}/{} {} {extra}", self.total, self.label);
+        }
+    }
+
+    pub fn finish(&self) {
+        if self.terminal {
+            eprintln!();
+        }
+    }
+}
+
+/// What `publish` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PublishSummary {
+    pub batch: String,
+    pub instance: String,
+    pub published: usize,
+    pub results_queue: String,
+}
+
+/// Publishes one command per target, with confirms (at most 1,000 unconfirmed at a time).
+pub async fn publish(
+    connection: &Connection,
+    names: &Names,
+    instance: &str,
+    batch: &str,
+    token: &str,
+    targets: &[Target],
+) -> Result<PublishSummary, BatchError> {
+    let queue = results_queue(names, batch)?;
+    let channel = connection.create_channel().await?;
+    declare_results_queue(&channel, &queue).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let progress = Progress::new(targets.len(), "published");
+    let mut pending = std::collections::VecDeque::new();
+    for (i, target) in targets.iter().enumerate() {
+        let id = batch_id(instance, &target.number, batch);
+        let mut headers = FieldTable::default();
+        headers.insert(ShortString::from("token"), AMQPValue::LongString(token.into()));
+        let props = BasicProperties::default()
+            .with_message_id(id.as_str().into())
+            .with_reply_to(queue.as_str().into())
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        let body = serde_json::json!({"number": target.number, "deleteMedia": target.delete_media});
+        let confirm = channel
+            .basic_publish(
+                names.commands_exchange().into(),
+                instance.into(),
+                BasicPublishOptions::default(),
+                body.to_string().as_bytes(),
+                props,
+            )
+            .await?;
+        pending.push_back((id, confirm));
+        if pending.len() >= 1000 {
+            let (id, confirm) = pending.pop_front().expect("not empty");
+            expect_ack(id, confirm.await?)?;
+        }
+        progress.update(i + 1, "");
+    }
+    for (id, confirm) in pending {
+        expect_ack(id, confirm.await?)?;
+    }
+    progress.finish();
+    let _ = channel.close(200, "published".into()).await;
+    Ok(PublishSummary {
+        batch: batch.to_owned(),
+        instance: instance.to_owned(),
+        published: targets.len(),
+        results_queue: queue,
+    })
+}
+
+fn expect_ack(id: String, confirmation: Confirmation) -> Result<(), BatchError> {
+    match confirmation {
+        Confirmation::Ack(_) => Ok(()),
+        _ => Err(BatchError::NotConfirmed(id)),
+    }
+}
+
+/// The tally of a batch's results.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Tally {
+    /// Commands answered (the latest answer per idempotency id counts).
+    pub answered: usize,
+    pub by_status: BTreeMap<u16, usize>,
+    pub replayed: usize,
+    /// id, status, error message of every command whose latest answer is not 200.
+    pub failures: Vec<Failure>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failure {
+    pub id: String,
+    pub status: u16,
+    pub message: String,
+}
+
+impl Tally {
+    pub fn failed(&self) -> bool {
+        !self.failures.is_empty()
+    }
+}
+
+/// Reads the batch's results until `expect` commands are answered and nothing more is waiting,
+/// or no new result came for `idle`. Results stay in the queue (nothing is acked), so following again shows them again.
+pub async fn follow(
+    connection: &Connection,
+    names: &Names,
+    batch: &str,
+    expect: Option<usize>,
+    idle: Duration,
+    show_progress: bool,
+) -> Result<Tally, BatchError> {
+    let queue = results_queue(names, batch)?;
+    let channel = connection.create_channel().await?;
+    declare_results_queue(&channel, &queue).await?;
+    channel.basic_qos(0, BasicQosOptions::default()).await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut latest: BTreeMap<String, (u16, bool, String)> = BTreeMap::new();
+    let progress = Progress::new(expect.unwrap_or(0), "answered");
+    loop {
+        // Once every command is answered, read on only while more is already there: an
+        // earlier run's answers may come first, and the latest answer per id counts.
+        let wait = if expect.is_some_and(|n| latest.len() >= n) {
+            idle.min(Duration::from_millis(300))
+        } else {
+            idle
+        };
+        let delivery = match tokio::time::timeout(wait, consumer.next()).await {
+            Ok(Some(Ok(delivery))) => delivery,
+            Ok(Some(Err(e))) => return Err(e.into()),
+            Ok(None) | Err(_) => break,
+        };
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let status = match headers.inner().get("status") {
+            Some(AMQPValue::LongInt(s)) => u16::try_from(*s).unwrap_or(0),
+            _ => 0,
+        };
+        let replayed = matches!(headers.inner().get("replayed"), Some(AMQPValue::Boolean(true)));
+        let message = serde_json::from_slice::<serde_json::Value>(&delivery.data)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        latest.insert(id, (status, replayed, message));
+        if show_progress {
+            let ok = latest.values().filter(|(s, ..)| *s == 200).count();
+            progress.update(latest.len(), &format!("({ok} ok, {} failed)", latest.len() - ok));
+        }
+    }
+    if show_progress {
+        progress.finish();
+    }
+    let _ = channel.close(200, "followed".into()).await;
+    let mut tally = Tally {
+        answered: latest.len(),
+        ..Default::default()
+    };
+    for (id, (status, replayed, message)) in latest {
+        *tally.by_status.entry(status).or_default() += 1;
+        tally.replayed += usize::from(replayed);
+        if status != 200 {
+            tally.failures.push(Failure {
+                id,
+                status,
+                message,
+            });
+        }
+    }
+    Ok(tally)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_lines_csv_and_json_lines() {
+        let lines = "# chats\n5511999999999\n\n+55 11 98888-7777\n";
+        let t = read_targets(lines.as_bytes(), InputFormat::Auto, None, true).unwrap();
+        assert_eq!(t.len(), 2);
+        assert!(t.iter().all(|t| t.delete_media));
+        let csv = "name,phone\n\"Doe, J\",5511999999999\nX,120363024567890123@g.us\n";
+        let t = read_targets(csv.as_bytes(), InputFormat::Auto, Some("phone"), false).unwrap();
+        assert_eq!(t[0].number, "5511999999999");
+        assert_eq!(t[1].number, "120363024567890123@g.us");
+        let err = read_targets(csv.as_bytes(), InputFormat::Csv, Some("nope"), false).unwrap_err();
+        assert!(err.to_string().starts_with("line 1"), "{err}");
+        let jsonl = "{\"number\": \"5511999999999\", \"deleteMedia\": true}\n{\"number\": \"1\"}\n";
+        let t = read_targets(jsonl.as_bytes(), InputFormat::Auto, None, false).unwrap();
+        assert!(t[0].delete_media && !t[1].delete_media);
+        assert!(read_targets("{bad".as_bytes(), InputFormat::Jsonl, None, false).is_err());
+    }
+
+    #[test]
+    fn batch_ids_are_deterministic_and_normalised() {
+        let a = batch_id("sales", "+55 11 99999-9999", "june");
+        assert_eq!(a, batch_id("sales", "5511999999999", "june"));
+        assert!(a.starts_with("june-"));
+        assert_ne!(a, batch_id("sales", "5511999999999", "july"));
+        assert_ne!(a, batch_id("support", "5511999999999", "june"));
+    }
+}
