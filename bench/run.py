@@ -225,6 +225,11 @@ def free_port():
         return s.getsockname()[1]
 
 
+# Pacing off and the embedded idempotency store on, when this build knows those settings.
+OPTIONAL_SECTIONS = ["[pacing]", 'deletes_per_minute = "unlimited"', "[idempotency]", 'backend = "embedded"']
+FEATURES = {"optional_sections": True}
+
+
 def worker_config(ns, store, port, instances, prefetch, concurrency):
     lines = [
         "[broker]", f'url = "{ARGS.url}"', f'namespace = "{ns}"', f"prefetch = {prefetch}",
@@ -233,6 +238,8 @@ def worker_config(ns, store, port, instances, prefetch, concurrency):
         "[http]", 'bind = "127.0.0.1"', f"port = {port}",
         "[store]", f'path = "{store}"',
     ]
+    if FEATURES["optional_sections"]:
+        lines += OPTIONAL_SECTIONS
     extra = os.environ.get("BENCH_WORKER_EXTRA_TOML", "")
     if extra:
         lines.append(extra)
@@ -252,6 +259,8 @@ class Worker:
         self.port = free_port()
         self.store = store or os.path.join(OUT, f"{ns}-store")
         os.makedirs(self.store, exist_ok=True)
+        self.prefetch = prefetch
+        self.concurrency = concurrency
         self.config = worker_config(ns, self.store, self.port, instances, prefetch, concurrency)
         self.proc = None
 
@@ -261,6 +270,13 @@ class Worker:
     def check(self):
         r = subprocess.run([self.binary(), "--config", self.config, "check-config"], capture_output=True,
                            text=True, timeout=30)
+        if r.returncode != 0 and FEATURES["optional_sections"] and "unknown field" in r.stderr:
+            # An older build without [pacing]/[idempotency]: run it without them, and say so.
+            log(f"this worker build rejects [pacing]/[idempotency] ({r.stderr.strip()}); running without them")
+            FEATURES["optional_sections"] = False
+            self.config = worker_config(self.ns, self.store, self.port, self.instances, self.prefetch,
+                                        self.concurrency)
+            return self.check()
         if r.returncode != 0:
             raise BenchError(f"worker rejects the bench config {self.config}: {r.stderr.strip()}")
 
@@ -369,13 +385,24 @@ def histogram_quantile(samples, name, q):
     return prev_le
 
 
-def drain_run(worker, n, ready_timeout, drain_timeout, poll):
-    """Starts the worker on a preloaded backlog; measures ready, drain, CPU and memory."""
+def drain_run(worker, n, ready_timeout, drain_timeout, poll, perf_name=None):
+    """Starts the worker on a preloaded backlog; measures ready, drain, CPU and memory.
+    With `--perf`, samples the worker with `perf record` (cpu-clock) during the drain."""
     worker.start()
     cpu = CpuWindow(worker.proc.pid)
     t_ready = worker.wait_ready(ready_timeout)
     cpu_ready = proc_cpu_s(worker.proc.pid)
-    t_done, m = worker.wait_completed(n, drain_timeout, poll)
+    perf = None
+    if ARGS.perf and perf_name:
+        data = os.path.join(OUT, f"{perf_name}.perf.data")
+        perf = spawn(["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(worker.proc.pid),
+                      "-o", data], f"{perf_name}.perf.log")
+    try:
+        t_done, m = worker.wait_completed(n, drain_timeout, poll)
+    finally:
+        if perf is not None:
+            stop(perf, 30, signal.SIGINT)
+            log(f"perf profile in {data} (perf report -i {data} --no-children)")
     own = proc_cpu_s(worker.proc.pid) - cpu_ready
     window = cpu.close(own_cpu_s=own)
     secs = t_done - t_ready
@@ -458,7 +485,7 @@ def part_worker(n, prefetch, concurrency, lat_seconds, lat_rate):
     run_tool(bench_tool("sink", "--ns", ns), timeout=60)
     preload(ns, inst, n, "w")
     try:
-        first = drain_run(w, n, 60, ARGS.drain_timeout, 0.025)
+        first = drain_run(w, n, 60, ARGS.drain_timeout, 0.025, perf_name="worker")
     finally:
         w.stop()
     log(f"worker: {first['rate']:.0f} cmd/s (prefetch {prefetch}, concurrency {concurrency})")
@@ -551,7 +578,8 @@ def report(r):
             f"broker {c['cpu']['broker_cpu_s'] / c['cpu']['wall_s'] * 100:.0f}% CPU; peak RSS {c['peak_rss_kb'] / 1024:.1f} MiB")
     row("ceiling used for ratios (mean)", f"{ceil_rate:,.0f} cmd/s", "1.00x", f"quorum, prefetch {r['prefetch']}")
     row(f"worker, 1 simulated instance, N={n:,}", f"{w['rate']:,.0f} cmd/s", f"{ratio_ceiling:.2f}x ceiling",
-        f"goal >= 0.90x; prefetch {r['prefetch']}, concurrency {r['concurrency']}")
+        f"goal >= 0.90x; prefetch {r['prefetch']}, concurrency {r['concurrency']}; {r['settings']}; "
+        f"store folder: {', '.join(r['store_files']) or 'empty'}")
     row("  worker service time p50 / p99", f"{fmt(w['svc_p50_ms'], '{:.1f}')} / {fmt(w['svc_p99_ms'], '{:.1f}')} ms",
         "", "receive -> ack, from /metrics histogram (interpolated in buckets)")
     row("  worker peak RSS (VmHWM)", f"{w['peak_rss_kb'] / 1024:.1f} MiB", "",
@@ -607,7 +635,9 @@ def main():
     ap.add_argument("--prefetch", type=int, default=500)
     ap.add_argument("--concurrency", type=int, help="worker concurrency_per_instance (default: = prefetch)")
     ap.add_argument("--ceiling-runs", type=int, default=2, help="ceiling runs, before and after the worker")
-    ap.add_argument("--aiopika-prefetch", type=int, help="default: same as --prefetch")
+    ap.add_argument("--aiopika-prefetch", type=int, default=100,
+                    help="prefetch of the Python peer (default 100: its best, as in the prior figure)")
+    ap.add_argument("--aiopika-n", type=int, help="commands for the Python peer (default: N, at most 50,000)")
     ap.add_argument("--instances", type=int)
     ap.add_argument("--per-instance", type=int)
     ap.add_argument("--many-prefetch", type=int, default=64, help="default: the worker's default prefetch")
@@ -615,6 +645,7 @@ def main():
     ap.add_argument("--latency-seconds", type=float)
     ap.add_argument("--latency-rate", type=float, default=1000)
     ap.add_argument("--worker-log", default=os.environ.get("RUST_LOG", "info"), help="RUST_LOG of the worker")
+    ap.add_argument("--perf", action="store_true", help="perf record the worker's first drain (in --out)")
     ap.add_argument("--skip-aiopika", action="store_true")
     ap.add_argument("--skip-many", action="store_true")
     ap.add_argument("--skip-replays", action="store_true")
@@ -628,7 +659,7 @@ def main():
     per = ARGS.per_instance or (50 if q else 100)
     lat_s = ARGS.latency_seconds if ARGS.latency_seconds is not None else (10 if q else 30)
     conc = ARGS.concurrency or ARGS.prefetch
-    py_prefetch = ARGS.aiopika_prefetch or ARGS.prefetch
+    py_prefetch = ARGS.aiopika_prefetch
     RUN_ID = secrets.token_hex(3)
     OUT = ARGS.out or tempfile.mkdtemp(prefix="cdw-bench-")
     os.makedirs(OUT, exist_ok=True)
@@ -648,9 +679,11 @@ def main():
     for i in range(1, runs):
         r["ceiling"].append(part_ceiling(n, ARGS.prefetch, f"ceiling run {i + 1}"))
     if not ARGS.skip_aiopika:
-        r["aiopika"] = part_aiopika(n, py_prefetch)
+        r["aiopika"] = part_aiopika(ARGS.aiopika_n or min(n, 50_000), py_prefetch)
     if not ARGS.skip_many:
         r["many"] = part_many(count, per, ARGS.many_prefetch, ARGS.many_concurrency)
+    r["settings"] = ("pacing unlimited, embedded idempotency store" if FEATURES["optional_sections"]
+                     else "this build has no [pacing]/[idempotency] settings")
     with open(os.path.join(OUT, "results.json"), "w") as f:
         json.dump(r, f, indent=2)
     log(f"raw results in {os.path.join(OUT, 'results.json')}")

@@ -62,7 +62,10 @@ fn parse_args() -> Args {
             other => panic!("unknown argument {other}"),
         }
     }
-    assert!(matches!(args.mode.as_str(), "crash" | "broker-restart"), "--mode crash|broker-restart");
+    assert!(
+        matches!(args.mode.as_str(), "crash" | "broker-restart"),
+        "--mode crash|broker-restart"
+    );
     if args.latency_ms == 0 {
         // Slow enough that the run spans the disruptions (a broker restart takes seconds).
         args.latency_ms = if args.mode == "crash" { 2 } else { 100 };
@@ -97,34 +100,65 @@ async fn main() {
     let channel = connection.create_channel().await.unwrap();
     let results_queue = format!("{ns}.harness.results");
     let mut qargs = FieldTable::default();
-    qargs.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    qargs.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     channel
-        .queue_declare(results_queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, qargs)
+        .queue_declare(
+            results_queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            qargs,
+        )
         .await
         .unwrap();
     channel
-        .queue_bind(results_queue.as_str().into(), names.events_exchange().into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+        .queue_bind(
+            results_queue.as_str().into(),
+            names.events_exchange().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap();
 
     // Preload every command, confirmed.
-    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     for i in 0..args.commands {
         let mut headers = FieldTable::default();
-        headers.insert(ShortString::from("token"), AMQPValue::LongString(token.into()));
+        headers.insert(
+            ShortString::from("token"),
+            AMQPValue::LongString(token.into()),
+        );
         let props = BasicProperties::default()
             .with_message_id(format!("h-{i}").into())
             .with_delivery_mode(2)
             .with_headers(headers);
         let body = format!(r#"{{"number": "{}"}}"#, chat_of(i));
         channel
-            .basic_publish(names.commands_exchange().into(), instances[i % instances.len()].as_str().into(), BasicPublishOptions::default(), body.as_bytes(), props)
+            .basic_publish(
+                names.commands_exchange().into(),
+                instances[i % instances.len()].as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                props,
+            )
             .await
             .unwrap();
     }
     channel.wait_for_confirms().await.unwrap();
     let _ = connection.close(200, "preloaded".into()).await;
-    eprintln!("harness: {} commands preloaded over {} instances ({})", args.commands, args.instances, args.mode);
+    eprintln!(
+        "harness: {} commands preloaded over {} instances ({})",
+        args.commands, args.instances, args.mode
+    );
 
     let log = dir.path().join("worker.log");
     let mut worker = spawn_worker(&args.worker, &config, &log);
@@ -147,7 +181,10 @@ async fn main() {
             }
         }
         disruptions += 1;
-        eprintln!("harness: disruption {disruptions} at {:.1}s", started.elapsed().as_secs_f64());
+        eprintln!(
+            "harness: disruption {disruptions} at {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
     }
 
     // Every command answered (bounded), then read everything back.
@@ -158,14 +195,21 @@ async fn main() {
 
     let mut by_id: HashMap<String, Vec<(i64, String)>> = HashMap::new();
     for (id, time_us, key) in &results {
-        by_id.entry(id.clone()).or_default().push((*time_us, key.clone()));
+        by_id
+            .entry(id.clone())
+            .or_default()
+            .push((*time_us, key.clone()));
     }
     let mut deletes: HashMap<String, Vec<i64>> = HashMap::new();
     for instance in &instances {
-        let text = std::fs::read_to_string(dir.path().join(format!("effects-{instance}.log"))).unwrap_or_default();
+        let text = std::fs::read_to_string(dir.path().join(format!("effects-{instance}.log")))
+            .unwrap_or_default();
         for line in text.lines() {
             let (time, chat) = line.split_once(' ').expect("time chat");
-            deletes.entry(chat.to_owned()).or_default().push(time.parse().expect("time"));
+            deletes
+                .entry(chat.to_owned())
+                .or_default()
+                .push(time.parse().expect("time"));
         }
     }
     let mut lost = 0;
@@ -183,7 +227,9 @@ async fn main() {
         let late = times.iter().filter(|t| **t > first_result).count();
         if distinct.len() > 1 || late > 0 {
             double_effects += 1;
-            eprintln!("harness: double effect on {id}: results {distinct:?}, {late} delete(s) after the first result");
+            eprintln!(
+                "harness: double effect on {id}: results {distinct:?}, {late} delete(s) after the first result"
+            );
         } else if times.len() > 1 {
             reexecuted += 1;
         }
@@ -197,8 +243,13 @@ async fn main() {
         args.disruptions * in_flight_limit
     );
     cleanup(&args.amqp, &names, &instances, &results_queue).await;
-    println!("lost={lost} double_effects={double_effects} reexecuted={reexecuted} kills={disruptions}");
-    let ok = lost == 0 && double_effects == 0 && drained && reexecuted <= args.disruptions * in_flight_limit;
+    println!(
+        "lost={lost} double_effects={double_effects} reexecuted={reexecuted} kills={disruptions}"
+    );
+    let ok = lost == 0
+        && double_effects == 0
+        && drained
+        && reexecuted <= args.disruptions * in_flight_limit;
     std::process::exit(if ok { 0 } else { 1 });
 }
 
@@ -240,7 +291,11 @@ broker_delays_ms = [200, 1000]
 }
 
 fn spawn_worker(bin: &Path, config: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
     Command::new(bin)
         .args(["--config", config.to_str().unwrap(), "run"])
         .env("RUST_LOG", "warn")
@@ -252,7 +307,12 @@ fn spawn_worker(bin: &Path, config: &Path, log: &Path) -> Child {
 }
 
 async fn rabbitmqctl(args: &[&str]) {
-    let status = Command::new("rabbitmqctl").args(args).stdout(Stdio::null()).status().await.expect("rabbitmqctl");
+    let status = Command::new("rabbitmqctl")
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .await
+        .expect("rabbitmqctl");
     assert!(status.success(), "rabbitmqctl {args:?} failed");
 }
 
@@ -278,29 +338,53 @@ async fn collect_results(url: &str, queue: &str, expected: usize) -> Vec<(String
     while answered.len() < expected && Instant::now() < deadline {
         let connection = connect(url).await;
         let channel = connection.create_channel().await.unwrap();
-        channel.basic_qos(1000, BasicQosOptions::default()).await.unwrap();
+        channel
+            .basic_qos(1000, BasicQosOptions::default())
+            .await
+            .unwrap();
         let mut consumer = channel
-            .basic_consume(queue.into(), "harness".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                queue.into(),
+                "harness".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .unwrap();
         while answered.len() < expected {
-            let next = match timeout(deadline.saturating_duration_since(Instant::now()), consumer.next()).await {
+            let next = match timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                consumer.next(),
+            )
+            .await
+            {
                 Ok(Some(Ok(d))) => d,
                 _ => break,
             };
             let headers = next.properties.headers().clone().unwrap_or_default();
-            let id = next.properties.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default();
+            let id = next
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
             let time = match headers.inner().get("cloudEvents_time") {
-                Some(AMQPValue::LongString(s)) => chrono::DateTime::parse_from_rfc3339(&String::from_utf8_lossy(s.as_bytes()))
-                    .map(|t| t.timestamp_micros())
-                    .unwrap_or(i64::MAX),
+                Some(AMQPValue::LongString(s)) => {
+                    chrono::DateTime::parse_from_rfc3339(&String::from_utf8_lossy(s.as_bytes()))
+                        .map(|t| t.timestamp_micros())
+                        .unwrap_or(i64::MAX)
+                }
                 _ => i64::MAX,
             };
             let status = match headers.inner().get("status") {
                 Some(AMQPValue::LongInt(s)) => *s,
                 _ => 0,
             };
-            results.push((id.clone(), time, format!("{status} {}", String::from_utf8_lossy(&next.data))));
+            results.push((
+                id.clone(),
+                time,
+                format!("{status} {}", String::from_utf8_lossy(&next.data)),
+            ));
             answered.insert(id);
             let _ = next.ack(BasicAckOptions::default()).await;
         }
@@ -310,7 +394,11 @@ async fn collect_results(url: &str, queue: &str, expected: usize) -> Vec<(String
 }
 
 /// Whether every instance queue is empty (bounded wait; parked commands do not count).
-async fn wait_drained(url: &str, names: &chat_delete_worker::topology::Names, instances: &[String]) -> bool {
+async fn wait_drained(
+    url: &str,
+    names: &chat_delete_worker::topology::Names,
+    instances: &[String],
+) -> bool {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let connection = connect(url).await;
@@ -318,7 +406,14 @@ async fn wait_drained(url: &str, names: &chat_delete_worker::topology::Names, in
         for instance in instances {
             let channel = connection.create_channel().await.unwrap();
             let q = channel
-                .queue_declare(names.instance_queue(instance).into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+                .queue_declare(
+                    names.instance_queue(instance).into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
                 .await
                 .unwrap();
             empty &= q.message_count() == 0;
@@ -331,19 +426,36 @@ async fn wait_drained(url: &str, names: &chat_delete_worker::topology::Names, in
     }
 }
 
-async fn cleanup(url: &str, names: &chat_delete_worker::topology::Names, instances: &[String], results: &str) {
+async fn cleanup(
+    url: &str,
+    names: &chat_delete_worker::topology::Names,
+    instances: &[String],
+    results: &str,
+) {
     let connection = connect(url).await;
     let channel = connection.create_channel().await.unwrap();
-    let mut queues = vec![names.unrouted_queue(), names.parked_queue(), results.to_owned()];
+    let mut queues = vec![
+        names.unrouted_queue(),
+        names.parked_queue(),
+        results.to_owned(),
+    ];
     queues.extend(instances.iter().map(|i| names.instance_queue(i)));
     queues.extend([200, 1000].iter().map(|d| names.retry_queue(*d)));
     for q in queues {
-        let _ = channel.queue_delete(q.into(), QueueDeleteOptions::default()).await;
+        let _ = channel
+            .queue_delete(q.into(), QueueDeleteOptions::default())
+            .await;
     }
-    let mut exchanges = vec![names.commands_exchange(), names.unrouted_exchange(), names.events_exchange()];
+    let mut exchanges = vec![
+        names.commands_exchange(),
+        names.unrouted_exchange(),
+        names.events_exchange(),
+    ];
     exchanges.extend([200, 1000].iter().map(|d| names.retry_exchange(*d)));
     for e in exchanges {
-        let _ = channel.exchange_delete(e.into(), ExchangeDeleteOptions::default()).await;
+        let _ = channel
+            .exchange_delete(e.into(), ExchangeDeleteOptions::default())
+            .await;
     }
     let _ = connection.close(200, "cleaned".into()).await;
 }

@@ -218,7 +218,7 @@ impl Progress {
                 self.label
             );
             let _ = std::io::stderr().flush();
-        } else if done == self.total || done % 1000 == 0 {
+        } else if done == self.total || done.is_multiple_of(1000) {
             eprintln!("{done}/{} {} {extra}", self.total, self.label);
         }
     }
@@ -259,7 +259,10 @@ pub async fn publish(
     for (i, target) in targets.iter().enumerate() {
         let id = batch_id(instance, &target.number, batch);
         let mut headers = FieldTable::default();
-        headers.insert(ShortString::from("token"), AMQPValue::LongString(token.into()));
+        headers.insert(
+            ShortString::from("token"),
+            AMQPValue::LongString(token.into()),
+        );
         let props = BasicProperties::default()
             .with_message_id(id.as_str().into())
             .with_reply_to(queue.as_str().into())
@@ -369,7 +372,10 @@ pub async fn follow(
             Some(AMQPValue::LongInt(s)) => u16::try_from(*s).unwrap_or(0),
             _ => 0,
         };
-        let replayed = matches!(headers.inner().get("replayed"), Some(AMQPValue::Boolean(true)));
+        let replayed = matches!(
+            headers.inner().get("replayed"),
+            Some(AMQPValue::Boolean(true))
+        );
         let message = serde_json::from_slice::<serde_json::Value>(&delivery.data)
             .ok()
             .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
@@ -383,7 +389,10 @@ pub async fn follow(
         latest.insert(id, (status, replayed, message));
         if show_progress {
             let ok = latest.values().filter(|(s, ..)| *s == 200).count();
-            progress.update(latest.len(), &format!("({ok} ok, {} failed)", latest.len() - ok));
+            progress.update(
+                latest.len(),
+                &format!("({ok} ok, {} failed)", latest.len() - ok),
+            );
         }
     }
     if show_progress {

@@ -94,7 +94,13 @@ impl Publisher {
         };
         let confirm = self
             .channel
-            .basic_publish(exchange.into(), routing_key.into(), mandatory, body, properties)
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                mandatory,
+                body,
+                properties,
+            )
             .await?
             .await?;
         match confirm {
@@ -107,22 +113,33 @@ impl Publisher {
     /// Publishes the event to the events exchange and, when asked, to `reply_to`, and returns
     /// once the broker has confirmed both. An unroutable event (nobody bound, reply queue gone)
     /// is confirmed too: it is counted and logged, not retried forever.
-    pub async fn publish(&self, event: &ResultEvent, reply_to: Option<&str>) -> Result<(), BrokerError> {
+    pub async fn publish(
+        &self,
+        event: &ResultEvent,
+        reply_to: Option<&str>,
+    ) -> Result<(), BrokerError> {
         let started = Instant::now();
-        let mut targets = vec![(self.events_exchange.as_str(), event.routing_key.as_str(), "events")];
+        let mut targets = vec![(
+            self.events_exchange.as_str(),
+            event.routing_key.as_str(),
+            "events",
+        )];
         if let Some(queue) = reply_to {
             targets.push(("", queue, "reply_to"));
         }
-        let sends = targets.into_iter().map(|(exchange, key, target)| async move {
-            let routed = self
-                .publish_confirmed(exchange, key, &event.body, event.properties.clone())
-                .await?;
-            if !routed {
-                metrics::counter!(telemetry::RESULTS_UNROUTABLE, "target" => target).increment(1);
-                tracing::debug!(target, routing_key = key, "Result event was unroutable.");
-            }
-            Ok::<(), BrokerError>(())
-        });
+        let sends = targets
+            .into_iter()
+            .map(|(exchange, key, target)| async move {
+                let routed = self
+                    .publish_confirmed(exchange, key, &event.body, event.properties.clone())
+                    .await?;
+                if !routed {
+                    metrics::counter!(telemetry::RESULTS_UNROUTABLE, "target" => target)
+                        .increment(1);
+                    tracing::debug!(target, routing_key = key, "Result event was unroutable.");
+                }
+                Ok::<(), BrokerError>(())
+            });
         try_join_all(sends).await?;
         metrics::histogram!(telemetry::STAGE_DURATION, "stage" => "publish_confirm")
             .record(started.elapsed().as_secs_f64());

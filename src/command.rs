@@ -152,9 +152,18 @@ mod tests {
 
     #[test]
     fn phone_numbers_become_pn_jids() {
-        assert_eq!(jid("5511999999999").unwrap(), "5511999999999@s.whatsapp.net");
-        assert_eq!(jid("+55 11 99999-9999").unwrap(), "5511999999999@s.whatsapp.net");
-        assert_eq!(jid("  5511999999999 ").unwrap(), "5511999999999@s.whatsapp.net");
+        assert_eq!(
+            jid("5511999999999").unwrap(),
+            "5511999999999@s.whatsapp.net"
+        );
+        assert_eq!(
+            jid("+55 11 99999-9999").unwrap(),
+            "5511999999999@s.whatsapp.net"
+        );
+        assert_eq!(
+            jid("  5511999999999 ").unwrap(),
+            "5511999999999@s.whatsapp.net"
+        );
     }
 
     #[test]
@@ -219,7 +228,10 @@ mod tests {
             (b"[]", Outcome::InvalidBody),
             (b"\"5511\"", Outcome::InvalidBody),
             (br#"{"number":5511999999999}"#, Outcome::InvalidBody),
-            (br#"{"number":"5511999999999","deleteMedia":"yes"}"#, Outcome::InvalidBody),
+            (
+                br#"{"number":"5511999999999","deleteMedia":"yes"}"#,
+                Outcome::InvalidBody,
+            ),
             (br#"{"number":"5511999999999"} x"#, Outcome::InvalidBody),
             (b"{}", Outcome::NumberRequired),
             (br#"{"number":null}"#, Outcome::NumberRequired),
@@ -228,7 +240,10 @@ mod tests {
         ] {
             assert_eq!(parse_body(body, max).unwrap_err(), want, "{body:?}");
         }
-        let big = format!(r#"{{"number":"5511999999999","pad":"{}"}}"#, "x".repeat(100));
+        let big = format!(
+            r#"{{"number":"5511999999999","pad":"{}"}}"#,
+            "x".repeat(100)
+        );
         assert_eq!(
             parse_body(big.as_bytes(), 64).unwrap_err(),
             Outcome::InvalidBody

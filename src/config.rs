@@ -230,7 +230,9 @@ impl<'de> Deserialize<'de> for PacingLimit {
             Raw::Number(0) => Err(serde::de::Error::custom("use \"unlimited\" instead of 0")),
             Raw::Number(n) => Ok(PacingLimit::PerMinute(n)),
             Raw::Text(t) if t == "unlimited" => Ok(PacingLimit::Unlimited),
-            Raw::Text(_) => Err(serde::de::Error::custom("expected a number or \"unlimited\"")),
+            Raw::Text(_) => Err(serde::de::Error::custom(
+                "expected a number or \"unlimited\"",
+            )),
         }
     }
 }
@@ -411,10 +413,12 @@ impl Config {
     }
 
     fn from_table(table: toml::Table) -> Result<Self, ConfigError> {
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| ConfigError::Invalid {
-                key: e.path().to_string(),
-                message: e.into_inner().message().to_owned(),
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                ConfigError::Invalid {
+                    key: e.path().to_string(),
+                    message: e.into_inner().message().to_owned(),
+                }
             })?;
         config.validate()?;
         Ok(config)
@@ -452,7 +456,10 @@ impl Config {
             }
         }
         if self.instances.is_empty() {
-            return Err(invalid("instances".into(), "at least one instance is required"));
+            return Err(invalid(
+                "instances".into(),
+                "at least one instance is required",
+            ));
         }
         if !is_valid_namespace(&self.broker.namespace) {
             return Err(invalid(
@@ -464,10 +471,16 @@ impl Config {
             return Err(invalid("broker.prefetch".into(), "must be at least 1"));
         }
         if self.retry.in_process_attempts == 0 {
-            return Err(invalid("retry.in_process_attempts".into(), "must be at least 1"));
+            return Err(invalid(
+                "retry.in_process_attempts".into(),
+                "must be at least 1",
+            ));
         }
         if self.retry.broker_delays_ms.iter().any(|d| *d < 10) {
-            return Err(invalid("retry.broker_delays_ms".into(), "delays are at least 10 ms"));
+            return Err(invalid(
+                "retry.broker_delays_ms".into(),
+                "delays are at least 10 ms",
+            ));
         }
         if self.worker.concurrency_per_instance == 0 {
             return Err(invalid(
@@ -487,7 +500,10 @@ impl Config {
 
     /// The session file of a `whatsapp` instance.
     pub fn session_store_path(&self, instance: &str) -> PathBuf {
-        let configured = self.instances.get(instance).and_then(|i| i.session_store.clone());
+        let configured = self
+            .instances
+            .get(instance)
+            .and_then(|i| i.session_store.clone());
         configured.unwrap_or_else(|| {
             self.store
                 .path
@@ -573,7 +589,10 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected_with_their_path() {
-        let err = Config::from_toml("[broker]\nurll = \"x\"\n[instances.a]\nkind=\"simulated\"\ntoken_sha256=\"00\"").unwrap_err();
+        let err = Config::from_toml(
+            "[broker]\nurll = \"x\"\n[instances.a]\nkind=\"simulated\"\ntoken_sha256=\"00\"",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("broker"), "{err}");
         assert!(err.to_string().contains("urll"), "{err}");
     }
@@ -606,9 +625,14 @@ mod tests {
         assert_eq!(config.broker.url, "amqp://u:p@h:1/%2f");
         assert_eq!(config.broker.prefetch, 7);
         assert_eq!(config.instances["demo"].simulated.latency_ms, 5);
-        let config = Config::load(None, env(&[("CDW__PACING__DELETES_PER_MINUTE", "unlimited")])).unwrap();
+        let config = Config::load(
+            None,
+            env(&[("CDW__PACING__DELETES_PER_MINUTE", "unlimited")]),
+        )
+        .unwrap();
         assert_eq!(config.pacing.deletes_per_minute, PacingLimit::Unlimited);
-        let config = Config::load(None, env(&[("CDW__RETRY__BROKER_DELAYS_MS", "[100, 200]")])).unwrap();
+        let config =
+            Config::load(None, env(&[("CDW__RETRY__BROKER_DELAYS_MS", "[100, 200]")])).unwrap();
         assert_eq!(config.retry.broker_delays_ms, vec![100, 200]);
         let err = Config::load(None, env(&[("CDW__BROKER__NOPE", "1")]))
             .unwrap_err()

@@ -73,8 +73,13 @@ async fn settle(delivery: &Delivery, settle: Settle) {
     match result {
         Ok(true) => {}
         // A channel from before a reconnect: the broker has requeued the delivery already.
-        Ok(false) => tracing::warn!(?settle, "Delivery could not be settled on a stale channel; it will come back."),
-        Err(error) => tracing::warn!(?settle, %error, "Settling the delivery failed; it will come back."),
+        Ok(false) => tracing::warn!(
+            ?settle,
+            "Delivery could not be settled on a stale channel; it will come back."
+        ),
+        Err(error) => {
+            tracing::warn!(?settle, %error, "Settling the delivery failed; it will come back.")
+        }
     }
 }
 
@@ -174,14 +179,29 @@ async fn process(
         attempt = envelope.previous_attempts + 1,
         traceparent = envelope.traceparent.as_deref().unwrap_or(""),
     );
-    let queue_kind = if instance.is_some() { "instance" } else { "unrouted" };
+    let queue_kind = if instance.is_some() {
+        "instance"
+    } else {
+        "unrouted"
+    };
     metrics::counter!(telemetry::COMMANDS_RECEIVED, "queue" => queue_kind).increment(1);
     let in_flight = metrics::gauge!(telemetry::IN_FLIGHT);
     in_flight.increment(1.0);
 
     let work = async {
-        let verdict = consuming.pipeline.handle(source, &envelope, &delivery.data).await;
-        let done = carry_out(consuming, publisher, &envelope, instance_name, &delivery, verdict).await;
+        let verdict = consuming
+            .pipeline
+            .handle(source, &envelope, &delivery.data)
+            .await;
+        let done = carry_out(
+            consuming,
+            publisher,
+            &envelope,
+            instance_name,
+            &delivery,
+            verdict,
+        )
+        .await;
         if let Err(error) = &done {
             tracing::warn!(%error, "Could not publish; the command goes back to the queue.");
             // The publishing channel may be gone: rebuild the connection rather than spin.
@@ -238,12 +258,21 @@ async fn carry_out(
             let label = handled.outcome.label();
             metrics::counter!(telemetry::COMMANDS_COMPLETED, "status" => status.to_string(), "outcome" => label)
                 .increment(1);
-            tracing::info!(status, outcome = label, attempts = handled.attempts, replayed, "Command answered.");
+            tracing::info!(
+                status,
+                outcome = label,
+                attempts = handled.attempts,
+                replayed,
+                "Command answered."
+            );
             if park {
                 let headers = vec![
                     (PARKED_STATUS_HEADER, AMQPValue::LongInt(i32::from(status))),
                     (PARKED_OUTCOME_HEADER, AMQPValue::LongString(label.into())),
-                    (ORIGINAL_ROUTING_KEY_HEADER, AMQPValue::LongString(instance_name.into())),
+                    (
+                        ORIGINAL_ROUTING_KEY_HEADER,
+                        AMQPValue::LongString(instance_name.into()),
+                    ),
                     (ATTEMPT_HEADER, AMQPValue::LongInt(handled.attempts as i32)),
                 ];
                 let props = with_headers(&delivery.properties, headers);
@@ -251,7 +280,11 @@ async fn carry_out(
                     .publish_confirmed("", &consuming.names.parked_queue(), &delivery.data, props)
                     .await?;
                 metrics::counter!(telemetry::PARKED).increment(1);
-                tracing::warn!(status, outcome = label, "Command parked after its final failure.");
+                tracing::warn!(
+                    status,
+                    outcome = label,
+                    "Command parked after its final failure."
+                );
             }
             Ok(())
         }
@@ -275,10 +308,17 @@ async fn carry_out(
                 )
                 .await?;
             if !routed {
-                return Err(BrokerError::Unroutable(consuming.names.retry_exchange(delay_ms)));
+                return Err(BrokerError::Unroutable(
+                    consuming.names.retry_exchange(delay_ms),
+                ));
             }
             metrics::counter!(telemetry::RETRIES, "stage" => "broker").increment(1);
-            tracing::info!(delay_ms, tries, retries, "Command will be tried again later.");
+            tracing::info!(
+                delay_ms,
+                tries,
+                retries,
+                "Command will be tried again later."
+            );
             Ok(())
         }
     }

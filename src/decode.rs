@@ -90,7 +90,10 @@ mod tests {
     #[test]
     fn reads_ids_token_and_attempts() {
         let mut h = FieldTable::default();
-        h.insert(ShortString::from("token"), AMQPValue::LongString("t".into()));
+        h.insert(
+            ShortString::from("token"),
+            AMQPValue::LongString("t".into()),
+        );
         h.insert(ShortString::from(ATTEMPT_HEADER), AMQPValue::LongInt(3));
         h.insert(
             ShortString::from("traceparent"),
@@ -112,7 +115,10 @@ mod tests {
     fn a_token_that_is_not_a_string_is_no_token() {
         let mut h = FieldTable::default();
         h.insert(ShortString::from("token"), AMQPValue::LongInt(5));
-        h.insert(ShortString::from("traceparent"), AMQPValue::LongString("junk".into()));
+        h.insert(
+            ShortString::from("traceparent"),
+            AMQPValue::LongString("junk".into()),
+        );
         let env = Envelope::from_properties(&BasicProperties::default().with_headers(h));
         assert_eq!(env.token, None);
         assert_eq!(env.traceparent, None);

@@ -99,8 +99,15 @@ pub async fn run(
     let mut connections = 0u64;
     loop {
         let mut consumed = false;
-        let served =
-            serve_connection(&config, &consuming, &health, &stop, connections, &mut consumed).await;
+        let served = serve_connection(
+            &config,
+            &consuming,
+            &health,
+            &stop,
+            connections,
+            &mut consumed,
+        )
+        .await;
         if consumed {
             delay = Duration::from_millis(250);
         }
@@ -226,7 +233,10 @@ async fn serve_connection(
     tracker.close();
     let grace = Duration::from_millis(config.worker.shutdown_grace_ms);
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(grace_ms = grace.as_millis() as u64, "In-flight commands did not finish in time; handing them back.");
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "In-flight commands did not finish in time; handing them back."
+        );
         hard_stop.cancel();
         tracker.wait().await;
     }

@@ -134,9 +134,7 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = runtime.block_on(async move {
         match cli.command.unwrap_or(Command::Run) {
-            Command::Run => {
-                chat_delete_worker::run(config, shutdown_signal(), |_| {}).await
-            }
+            Command::Run => chat_delete_worker::run(config, shutdown_signal(), |_| {}).await,
             Command::Topology => declare_topology(&config).await,
             Command::CheckConfig => {
                 check_config(&config);
@@ -168,18 +166,27 @@ fn main() -> ExitCode {
                     Some(p) if p.as_os_str() == "-" => Box::new(std::io::stdin().lock()),
                     Some(p) => Box::new(std::io::BufReader::new(std::fs::File::open(p)?)),
                 };
-                let targets =
-                    batch::read_targets(input, format, column.as_deref(), delete_media)?;
-                let connection = broker::connect(&config.broker, "chat-delete-worker publish").await?;
+                let targets = batch::read_targets(input, format, column.as_deref(), delete_media)?;
+                let connection =
+                    broker::connect(&config.broker, "chat-delete-worker publish").await?;
                 let names = Names::new(&config.broker.namespace);
                 let summary =
-                    batch::publish(&connection, &names, &instance, &batch, &token, &targets).await?;
+                    batch::publish(&connection, &names, &instance, &batch, &token, &targets)
+                        .await?;
                 eprintln!(
                     "published {} command(s) for instance {} in batch {}; results go to {}",
                     summary.published, summary.instance, summary.batch, summary.results_queue
                 );
                 if follow {
-                    let tally = batch::follow(&connection, &names, &batch, Some(targets.len()), std::time::Duration::from_secs(60), true).await?;
+                    let tally = batch::follow(
+                        &connection,
+                        &names,
+                        &batch,
+                        Some(targets.len()),
+                        std::time::Duration::from_secs(60),
+                        true,
+                    )
+                    .await?;
                     print_tally(&tally, false)?;
                     if tally.failed() {
                         std::process::exit(1);
@@ -193,7 +200,8 @@ fn main() -> ExitCode {
                 idle_secs,
                 json,
             } => {
-                let connection = broker::connect(&config.broker, "chat-delete-worker results").await?;
+                let connection =
+                    broker::connect(&config.broker, "chat-delete-worker results").await?;
                 let names = Names::new(&config.broker.namespace);
                 let tally = batch::follow(
                     &connection,
@@ -258,14 +266,23 @@ async fn parked(config: &Config, action: ParkedAction) -> anyhow::Result<()> {
                         "{}\tinstance={}\tstatus={}\toutcome={}{}",
                         c.idempotency_id.as_deref().unwrap_or("-"),
                         c.instance.as_deref().unwrap_or("-"),
-                        c.status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+                        c.status
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|| "-".into()),
                         c.outcome.as_deref().unwrap_or("-"),
-                        c.dead_letter_reason.as_deref().map(|r| format!("\tdead_lettered={r}")).unwrap_or_default(),
+                        c.dead_letter_reason
+                            .as_deref()
+                            .map(|r| format!("\tdead_lettered={r}"))
+                            .unwrap_or_default(),
                     );
                 }
             }
             if !json {
-                eprintln!("{} parked command(s) in {}", commands.len(), names.parked_queue());
+                eprintln!(
+                    "{} parked command(s) in {}",
+                    commands.len(),
+                    names.parked_queue()
+                );
             }
         }
         ParkedAction::Replay { ids, all } => {

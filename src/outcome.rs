@@ -183,11 +183,17 @@ pub fn render(outcome: &Outcome, ctx: &EventContext<'_>) -> ResultEvent {
     if let Some(id) = ctx.idempotency_id {
         put("idempotency_id", text(id));
     }
-    put("attempts", AMQPValue::LongInt(ctx.attempts.min(i32::MAX as u32) as i32));
+    put(
+        "attempts",
+        AMQPValue::LongInt(ctx.attempts.min(i32::MAX as u32) as i32),
+    );
     put("replayed", AMQPValue::Boolean(ctx.replayed));
     put("cloudEvents_specversion", text("1.0"));
     put("cloudEvents_id", text(event_id));
-    put("cloudEvents_source", text(&format!("/instances/{}", ctx.instance)));
+    put(
+        "cloudEvents_source",
+        text(&format!("/instances/{}", ctx.instance)),
+    );
     put("cloudEvents_type", text(event_type));
     if let Some(chat) = ctx.chat {
         put("cloudEvents_subject", text(chat.as_str()));
@@ -247,14 +253,19 @@ mod tests {
             r#"{"success":false,"error":{"message":"Instance is not connected to WhatsApp"}}"#
         );
         assert_eq!(
-            Outcome::DeleteChatFailed("timed out".into()).error_message().unwrap(),
+            Outcome::DeleteChatFailed("timed out".into())
+                .error_message()
+                .unwrap(),
             "Failed to delete chat: timed out"
         );
     }
 
     #[test]
     fn routing_keys_and_types() {
-        assert_eq!(Outcome::InvalidToken.routing_key("a"), "chat.delete_failed.a");
+        assert_eq!(
+            Outcome::InvalidToken.routing_key("a"),
+            "chat.delete_failed.a"
+        );
         let chat = normalise_number("5511999999999").unwrap();
         let ok = Outcome::Deleted {
             chat,

@@ -95,7 +95,11 @@ mod tests {
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
-        assert_eq!(started.load(Ordering::SeqCst), 6, "the burst is one minute's budget");
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            6,
+            "the burst is one minute's budget"
+        );
         // Another token has its own budget.
         pacer.wait(&other).await;
         assert_eq!(Instant::now(), start, "another token does not wait");
@@ -103,11 +107,18 @@ mod tests {
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
-        assert_eq!(started.load(Ordering::SeqCst), 9, "one every 10 s after the burst");
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            9,
+            "one every 10 s after the burst"
+        );
         for task in tasks {
             task.await.unwrap();
         }
-        assert_eq!(Instant::now().duration_since(start), Duration::from_secs(60));
+        assert_eq!(
+            Instant::now().duration_since(start),
+            Duration::from_secs(60)
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -25,7 +25,9 @@ impl ParkedCommand {
     fn of(props: &BasicProperties) -> Self {
         let headers = props.headers().clone().unwrap_or_default();
         let text = |key: &str| match headers.inner().get(key) {
-            Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            Some(AMQPValue::LongString(s)) => {
+                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
             Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
             _ => None,
         };
@@ -67,7 +69,11 @@ fn death_text(death: &FieldTable, key: &str) -> Option<String> {
 
 /// Reads every parked command (up to `limit`) without removing any: they are held unacked and
 /// handed back when the channel closes.
-pub async fn list(connection: &Connection, names: &Names, limit: usize) -> Result<Vec<ParkedCommand>, BrokerError> {
+pub async fn list(
+    connection: &Connection,
+    names: &Names,
+    limit: usize,
+) -> Result<Vec<ParkedCommand>, BrokerError> {
     let channel = connection.create_channel().await?;
     let mut out = vec![];
     while out.len() < limit {
@@ -86,7 +92,11 @@ pub async fn list(connection: &Connection, names: &Names, limit: usize) -> Resul
 /// Moves parked commands back to the commands exchange for another try: those whose
 /// idempotency id is in `ids`, or all of them when `ids` is empty. Their retry count starts
 /// over. Returns how many were moved.
-pub async fn replay(connection: &Connection, names: &Names, ids: &[String]) -> Result<usize, BrokerError> {
+pub async fn replay(
+    connection: &Connection,
+    names: &Names,
+    ids: &[String],
+) -> Result<usize, BrokerError> {
     let channel = connection.create_channel().await?;
     let publisher = Publisher::open(connection, &names.events_exchange()).await?;
     let mut moved = 0;
@@ -100,7 +110,10 @@ pub async fn replay(connection: &Connection, names: &Names, ids: &[String]) -> R
         let delivery = &message.delivery;
         let parked = ParkedCommand::of(&delivery.properties);
         let wanted = ids.is_empty()
-            || parked.idempotency_id.as_ref().is_some_and(|id| ids.contains(id));
+            || parked
+                .idempotency_id
+                .as_ref()
+                .is_some_and(|id| ids.contains(id));
         // Not wanted, or nowhere to send it: left unacked, so it goes back when we close.
         let (true, Some(instance)) = (wanted, parked.instance) else {
             continue;
@@ -115,7 +128,11 @@ pub async fn replay(connection: &Connection, names: &Names, ids: &[String]) -> R
                 PARKED_OUTCOME_HEADER,
                 ORIGINAL_ROUTING_KEY_HEADER,
             ];
-            if !ours.contains(&key.as_str()) && !key.as_str().starts_with("x-death") && !key.as_str().starts_with("x-first-death") && !key.as_str().starts_with("x-last-death") {
+            if !ours.contains(&key.as_str())
+                && !key.as_str().starts_with("x-death")
+                && !key.as_str().starts_with("x-first-death")
+                && !key.as_str().starts_with("x-last-death")
+            {
                 kept.insert(key.clone(), value.clone());
             }
         }

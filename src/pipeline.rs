@@ -183,14 +183,12 @@ impl Pipeline {
             Source::Unrouted => return Verdict::answer(Outcome::InstanceNotFound, None, first_try),
             Source::Instance(instance) => instance,
         };
-        let Some(token) = instance
-            .credentials
-            .authenticate(envelope.token.as_deref())
-        else {
+        let Some(token) = instance.credentials.authenticate(envelope.token.as_deref()) else {
             return Verdict::answer(Outcome::InvalidToken, None, first_try);
         };
         let parsed = parse_body(body, self.max_body_bytes);
-        let fingerprint = Fingerprint::new(&instance.name, &token, parsed.as_ref().map_err(|_| body));
+        let fingerprint =
+            Fingerprint::new(&instance.name, &token, parsed.as_ref().map_err(|_| body));
         let claim = match self.store.begin(id, &fingerprint).await {
             Ok(Begin::Claimed {
                 claim,
@@ -232,10 +230,14 @@ impl Pipeline {
         let request = match parsed {
             Ok(request) => request,
             Err(outcome) => {
-                return self.finish(id, &claim, outcome, None, first_try, envelope).await;
+                return self
+                    .finish(id, &claim, outcome, None, first_try, envelope)
+                    .await;
             }
         };
-        let (result, tries) = self.work(instance, &token, &request, id, &claim, chat_deleted).await;
+        let (result, tries) = self
+            .work(instance, &token, &request, id, &claim, chat_deleted)
+            .await;
         let attempts = envelope.previous_attempts.saturating_add(tries.max(1));
         let chat = request.chat.clone();
         match result {
@@ -244,7 +246,8 @@ impl Pipeline {
                     chat: chat.clone(),
                     delete_media: request.delete_media,
                 };
-                self.finish(id, &claim, outcome, Some(chat), attempts, envelope).await
+                self.finish(id, &claim, outcome, Some(chat), attempts, envelope)
+                    .await
             }
             Err(failure) => {
                 if let Err(error) = self.store.release(id, &claim).await {
@@ -320,7 +323,9 @@ impl Pipeline {
         let mut tries = 0;
         if !chat_deleted {
             self.pacer.wait(token).await;
-            let (result, n) = self.delete_chat(instance, &request.chat, request.delete_media).await;
+            let (result, n) = self
+                .delete_chat(instance, &request.chat, request.delete_media)
+                .await;
             tries = n;
             if let Err(error) = result {
                 return (Err(Failure::Session(error)), tries);
@@ -374,7 +379,11 @@ impl Pipeline {
     }
 
     /// The media purge with in-process retries; a later call resumes where this one stopped.
-    async fn purge_media(&self, instance: &Instance, chat: &ChatJid) -> (Result<(), MediaError>, u32) {
+    async fn purge_media(
+        &self,
+        instance: &Instance,
+        chat: &ChatJid,
+    ) -> (Result<(), MediaError>, u32) {
         let started = Instant::now();
         let mut tries = 0u32;
         let result = (|| {
@@ -392,7 +401,11 @@ impl Pipeline {
             .record(started.elapsed().as_secs_f64());
         match result {
             Ok(report) => {
-                tracing::debug!(objects = report.objects, bytes = report.bytes, "Media purged.");
+                tracing::debug!(
+                    objects = report.objects,
+                    bytes = report.bytes,
+                    "Media purged."
+                );
                 (Ok(()), tries)
             }
             Err(error) => (Err(error), tries),

@@ -23,7 +23,10 @@ pub const MEDIA_BYTES_DELETED: &str = "chat_delete_media_bytes_deleted_total";
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(COMMANDS_RECEIVED, "Command deliveries received, by queue kind.");
+    describe_counter!(
+        COMMANDS_RECEIVED,
+        "Command deliveries received, by queue kind."
+    );
     describe_counter!(
         COMMANDS_COMPLETED,
         "Commands answered with a published result, by HTTP status and outcome."
@@ -39,7 +42,10 @@ fn describe() {
         "Time spent per pipeline stage (session_delete, media_purge, publish_confirm)."
     );
     describe_gauge!(IN_FLIGHT, "Commands being processed right now.");
-    describe_counter!(RETRIES, "Tries repeated after a transient failure, by stage.");
+    describe_counter!(
+        RETRIES,
+        "Tries repeated after a transient failure, by stage."
+    );
     describe_counter!(PARKED, "Commands moved to the parking queue.");
     describe_histogram!(
         PACING_WAIT,
@@ -56,7 +62,10 @@ fn describe() {
         "1 when the instance's WhatsApp session is connected and logged in."
     );
     describe_gauge!(BROKER_CONNECTED, "1 while the broker connection is up.");
-    describe_counter!(BROKER_RECONNECTS, "Broker connections re-established after a loss.");
+    describe_counter!(
+        BROKER_RECONNECTS,
+        "Broker connections re-established after a loss."
+    );
     describe_counter!(MEDIA_OBJECTS_DELETED, "Media objects deleted by purges.");
     describe_counter!(
         MEDIA_BYTES_DELETED,
@@ -72,8 +81,8 @@ pub fn prometheus() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets(&[
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                    5.0, 10.0, 30.0, 60.0,
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0,
                 ])
                 .expect("static buckets are valid")
                 .build_recorder();
@@ -90,7 +99,11 @@ pub fn prometheus() -> PrometheusHandle {
 pub fn init_logs(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    // Logs go to standard error: standard output is for what commands print.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().flatten_event(true).init();
     } else {

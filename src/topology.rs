@@ -68,9 +68,9 @@ pub const SUCCESS_TYPE: &str = "chat.deleted";
 pub const FAILURE_TYPE: &str = "chat.delete_failed";
 
 fn tier_label(delay_ms: u64) -> String {
-    if delay_ms % 60_000 == 0 {
+    if delay_ms.is_multiple_of(60_000) {
         format!("{}m", delay_ms / 60_000)
-    } else if delay_ms % 1_000 == 0 {
+    } else if delay_ms.is_multiple_of(1_000) {
         format!("{}s", delay_ms / 1_000)
     } else {
         format!("{delay_ms}ms")
@@ -183,10 +183,7 @@ pub async fn declare(
             cfg,
             vec![
                 ("x-message-ttl", AMQPValue::LongLongInt(delay as i64)),
-                (
-                    "x-dead-letter-exchange",
-                    text(&names.commands_exchange()),
-                ),
+                ("x-dead-letter-exchange", text(&names.commands_exchange())),
             ],
         );
         channel

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use lapin::options::{QueueDeclareOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
 
@@ -62,80 +62,174 @@ async fn every_outcome_row_has_its_exact_status_and_body() {
     let ok = br#"{"number": "5511999999999"}"#;
     let cases: Vec<(Command, i64, serde_json::Value)> = vec![
         (
-            Command { id: None, correlation_id: Some("no-id"), ..Command::new("alpha", "", ALPHA, ok) },
+            Command {
+                id: None,
+                correlation_id: Some("no-id"),
+                ..Command::new("alpha", "", ALPHA, ok)
+            },
             400,
             error("Idempotency id is required"),
         ),
-        (Command::new("nobody-hosts-this", "r404", ALPHA, ok), 404, error("Instance not found")),
         (
-            Command { token: None, ..Command::new("nobody-hosts-this", "r404-no-token", "", ok) },
+            Command::new("nobody-hosts-this", "r404", ALPHA, ok),
             404,
             error("Instance not found"),
         ),
-        (Command { token: None, ..Command::new("alpha", "r401-missing", "", ok) }, 401, error("Invalid token")),
         (
-            Command { token: Some(AMQPValue::LongInt(7)), ..Command::new("alpha", "r401-type", "", ok) },
+            Command {
+                token: None,
+                ..Command::new("nobody-hosts-this", "r404-no-token", "", ok)
+            },
+            404,
+            error("Instance not found"),
+        ),
+        (
+            Command {
+                token: None,
+                ..Command::new("alpha", "r401-missing", "", ok)
+            },
             401,
             error("Invalid token"),
         ),
-        (Command::new("alpha", "r401-unknown", "secret-tok-nope", ok), 401, error("Invalid token")),
-        (Command::new("alpha", "r401-other-instance", BETA, ok), 401, error("Invalid token")),
-        (Command::new("alpha", "r401-other-account", OTHER_ACCOUNT, ok), 401, error("Invalid token")),
-        (Command::new("alpha", "r400-json", ALPHA, b"{not json"), 400, error("Invalid request body")),
-        (Command::new("alpha", "r400-empty", ALPHA, b""), 400, error("Invalid request body")),
-        (Command::new("alpha", "r400-array", ALPHA, b"[1]"), 400, error("Invalid request body")),
+        (
+            Command {
+                token: Some(AMQPValue::LongInt(7)),
+                ..Command::new("alpha", "r401-type", "", ok)
+            },
+            401,
+            error("Invalid token"),
+        ),
+        (
+            Command::new("alpha", "r401-unknown", "secret-tok-nope", ok),
+            401,
+            error("Invalid token"),
+        ),
+        (
+            Command::new("alpha", "r401-other-instance", BETA, ok),
+            401,
+            error("Invalid token"),
+        ),
+        (
+            Command::new("alpha", "r401-other-account", OTHER_ACCOUNT, ok),
+            401,
+            error("Invalid token"),
+        ),
+        (
+            Command::new("alpha", "r400-json", ALPHA, b"{not json"),
+            400,
+            error("Invalid request body"),
+        ),
+        (
+            Command::new("alpha", "r400-empty", ALPHA, b""),
+            400,
+            error("Invalid request body"),
+        ),
+        (
+            Command::new("alpha", "r400-array", ALPHA, b"[1]"),
+            400,
+            error("Invalid request body"),
+        ),
         (
             Command::new("alpha", "r400-type", ALPHA, br#"{"number": 5511999999999}"#),
             400,
             error("Invalid request body"),
         ),
         (
-            Command::new("alpha", "r400-media", ALPHA, br#"{"number": "5511999999999", "deleteMedia": "yes"}"#),
+            Command::new(
+                "alpha",
+                "r400-media",
+                ALPHA,
+                br#"{"number": "5511999999999", "deleteMedia": "yes"}"#,
+            ),
             400,
             error("Invalid request body"),
         ),
-        (Command::new("alpha", "r400-missing", ALPHA, br#"{"deleteMedia": true}"#), 400, error("Number is required")),
-        (Command::new("alpha", "r400-blank", ALPHA, br#"{"number": "  "}"#), 400, error("Number is required")),
         (
-            Command::new("alpha", "r400-letters", ALPHA, br#"{"number": "abc@s.whatsapp.net"}"#),
+            Command::new("alpha", "r400-missing", ALPHA, br#"{"deleteMedia": true}"#),
+            400,
+            error("Number is required"),
+        ),
+        (
+            Command::new("alpha", "r400-blank", ALPHA, br#"{"number": "  "}"#),
+            400,
+            error("Number is required"),
+        ),
+        (
+            Command::new(
+                "alpha",
+                "r400-letters",
+                ALPHA,
+                br#"{"number": "abc@s.whatsapp.net"}"#,
+            ),
             400,
             error("Invalid number"),
         ),
         (
-            Command::new("alpha", "r400-traversal", ALPHA, br#"{"number": "../../etc@lid"}"#),
+            Command::new(
+                "alpha",
+                "r400-traversal",
+                ALPHA,
+                br#"{"number": "../../etc@lid"}"#,
+            ),
             400,
             error("Invalid number"),
         ),
-        (Command::new("down", "r503", ALPHA, ok), 503, error("Instance is not connected to WhatsApp")),
+        (
+            Command::new("down", "r503", ALPHA, ok),
+            503,
+            error("Instance is not connected to WhatsApp"),
+        ),
         (
             Command::new("refused", "r500", ALPHA, ok),
             500,
             error("Failed to delete chat: simulated rejection"),
         ),
         (
-            Command::new("alpha", "r200", ALPHA, br#"{"number": "+55 11 99999-9999"}"#),
+            Command::new(
+                "alpha",
+                "r200",
+                ALPHA,
+                br#"{"number": "+55 11 99999-9999"}"#,
+            ),
             200,
             json!({"success": true, "message": "Chat deleted successfully", "chat_jid": "5511999999999@s.whatsapp.net", "delete_media": false}),
         ),
         (
-            Command::new("alpha", "r200-account-token", ACME, br#"{"number": "120363024567890123@G.US", "unknown": 1}"#),
+            Command::new(
+                "alpha",
+                "r200-account-token",
+                ACME,
+                br#"{"number": "120363024567890123@G.US", "unknown": 1}"#,
+            ),
             200,
             json!({"success": true, "message": "Chat deleted successfully", "chat_jid": "120363024567890123@g.us", "delete_media": false}),
         ),
         (
-            Command::new("alpha", "r200-media", ALPHA, br#"{"number": "123456789012345@lid", "deleteMedia": true}"#),
+            Command::new(
+                "alpha",
+                "r200-media",
+                ALPHA,
+                br#"{"number": "123456789012345@lid", "deleteMedia": true}"#,
+            ),
             200,
             json!({"success": true, "message": "Chat deleted successfully (including media)", "chat_jid": "123456789012345@lid", "delete_media": true}),
         ),
     ];
     let mut expected = vec![];
     for (cmd, status, body) in cases {
-        let key = cmd.id.map(str::to_owned).unwrap_or_else(|| cmd.correlation_id.unwrap().to_owned());
+        let key = cmd
+            .id
+            .map(str::to_owned)
+            .unwrap_or_else(|| cmd.correlation_id.unwrap().to_owned());
         w.publish(cmd).await;
         expected.push((key, status, body));
     }
     for (key, want_status, want_body) in expected {
-        let d = if key == "no-id" { w.events.by_correlation(&key).await } else { w.events.by_id(&key).await };
+        let d = if key == "no-id" {
+            w.events.by_correlation(&key).await
+        } else {
+            w.events.by_id(&key).await
+        };
         assert_eq!(status(&d), want_status, "{key}");
         assert_eq!(body(&d), want_body, "{key}");
         assert_matches_schema(&d);
@@ -148,7 +242,14 @@ async fn result_properties_headers_and_routing_follow_the_contract() {
     let w = TestWorker::start(&config()).await;
     let reply = w
         .channel
-        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     let replies = Results::consume(&w.channel, reply.name().as_str()).await;
@@ -157,17 +258,26 @@ async fn result_properties_headers_and_routing_follow_the_contract() {
         correlation_id: Some("corr-1"),
         reply_to: Some(reply.name().as_str()),
         extra_headers: vec![("traceparent", AMQPValue::LongString(traceparent.into()))],
-        ..Command::new("alpha", "ok-1", ALPHA, br#"{"number": "5511999999999", "deleteMedia": true}"#)
+        ..Command::new(
+            "alpha",
+            "ok-1",
+            ALPHA,
+            br#"{"number": "5511999999999", "deleteMedia": true}"#,
+        )
     })
     .await;
-    w.publish(Command::new("alpha", "bad-1", ALPHA, br#"{"number": "x"}"#)).await;
+    w.publish(Command::new("alpha", "bad-1", ALPHA, br#"{"number": "x"}"#))
+        .await;
 
     let event = w.events.by_id("ok-1").await;
     let reply = replies.by_id("ok-1").await;
     for d in [&event, &reply] {
         let p = &d.properties;
         assert_eq!(p.correlation_id().as_ref().unwrap().as_str(), "corr-1");
-        assert_eq!(p.content_type().as_ref().unwrap().as_str(), "application/json");
+        assert_eq!(
+            p.content_type().as_ref().unwrap().as_str(),
+            "application/json"
+        );
         assert_eq!(p.kind().as_ref().unwrap().as_str(), "chat.deleted");
         assert_eq!(p.app_id().as_ref().unwrap().as_str(), "chat-delete-worker");
         assert_eq!(*p.delivery_mode(), Some(2));
@@ -180,9 +290,15 @@ async fn result_properties_headers_and_routing_follow_the_contract() {
         assert_eq!(header(d, "replayed"), Some(&AMQPValue::Boolean(false)));
         assert_eq!(header_str(d, "cloudEvents_specversion").unwrap(), "1.0");
         assert_eq!(header_str(d, "cloudEvents_id").unwrap(), "ok-1");
-        assert_eq!(header_str(d, "cloudEvents_source").unwrap(), "/instances/alpha");
+        assert_eq!(
+            header_str(d, "cloudEvents_source").unwrap(),
+            "/instances/alpha"
+        );
         assert_eq!(header_str(d, "cloudEvents_type").unwrap(), "chat.deleted");
-        assert_eq!(header_str(d, "cloudEvents_subject").unwrap(), "5511999999999@s.whatsapp.net");
+        assert_eq!(
+            header_str(d, "cloudEvents_subject").unwrap(),
+            "5511999999999@s.whatsapp.net"
+        );
         let time = header_str(d, "cloudEvents_time").unwrap();
         chrono::DateTime::parse_from_rfc3339(&time).expect("RFC 3339 time");
         assert_eq!(header_str(d, "traceparent").unwrap(), traceparent);
@@ -194,8 +310,14 @@ async fn result_properties_headers_and_routing_follow_the_contract() {
 
     let failed = w.events.by_id("bad-1").await;
     assert_eq!(failed.routing_key.as_str(), "chat.delete_failed.alpha");
-    assert_eq!(failed.properties.kind().as_ref().unwrap().as_str(), "chat.delete_failed");
-    assert_eq!(header_str(&failed, "cloudEvents_type").unwrap(), "chat.delete_failed");
+    assert_eq!(
+        failed.properties.kind().as_ref().unwrap().as_str(),
+        "chat.delete_failed"
+    );
+    assert_eq!(
+        header_str(&failed, "cloudEvents_type").unwrap(),
+        "chat.delete_failed"
+    );
     // Without a correlation id, the idempotency id stands in.
     assert_eq!(correlation_id(&failed), Some("bad-1"));
     // The chat is not known for an invalid number.
@@ -206,15 +328,25 @@ async fn result_properties_headers_and_routing_follow_the_contract() {
 #[tokio::test]
 async fn unknown_instances_are_answered_through_the_alternate_exchange() {
     let w = TestWorker::start(&config()).await;
-    w.publish(Command::new("ghost", "ghost-1", "anything", br#"{"number": "5511999999999"}"#)).await;
+    w.publish(Command::new(
+        "ghost",
+        "ghost-1",
+        "anything",
+        br#"{"number": "5511999999999"}"#,
+    ))
+    .await;
     // A routing key that is not a valid instance name is not echoed into routing keys.
     let long = "x".repeat(250);
-    w.publish(Command::new(&long, "ghost-2", "anything", b"{}")).await;
+    w.publish(Command::new(&long, "ghost-2", "anything", b"{}"))
+        .await;
     let d = w.events.by_id("ghost-1").await;
     assert_eq!(status(&d), 404);
     assert_eq!(d.routing_key.as_str(), "chat.delete_failed.ghost");
     assert_eq!(header_str(&d, "instance").unwrap(), "ghost");
-    assert_eq!(header_str(&d, "cloudEvents_source").unwrap(), "/instances/ghost");
+    assert_eq!(
+        header_str(&d, "cloudEvents_source").unwrap(),
+        "/instances/ghost"
+    );
     let d = w.events.by_id("ghost-2").await;
     assert_eq!(status(&d), 404);
     assert_eq!(d.routing_key.as_str(), "chat.delete_failed._invalid");
@@ -240,18 +372,36 @@ kind = "simulated"
     );
     let w = TestWorker::start(&slow).await;
     for i in 0..3 {
-        w.publish(Command::new("slow", &format!("slow-{i}"), ALPHA, br#"{"number": "5511999999999"}"#)).await;
+        w.publish(Command::new(
+            "slow",
+            &format!("slow-{i}"),
+            ALPHA,
+            br#"{"number": "5511999999999"}"#,
+        ))
+        .await;
     }
     for i in 0..20 {
-        w.publish(Command::new("fast", &format!("fast-{i}"), ALPHA, br#"{"number": "5511999999999"}"#)).await;
+        w.publish(Command::new(
+            "fast",
+            &format!("fast-{i}"),
+            ALPHA,
+            br#"{"number": "5511999999999"}"#,
+        ))
+        .await;
     }
     let all = w
         .events
         .wait_until("all fast results", |all| {
-            (0..20).all(|i| all.iter().any(|d| message_id(d) == Some(format!("fast-{i}").as_str())))
+            (0..20).all(|i| {
+                all.iter()
+                    .any(|d| message_id(d) == Some(format!("fast-{i}").as_str()))
+            })
         })
         .await;
-    assert!(all.iter().all(|d| !message_id(d).unwrap().starts_with("slow")));
+    assert!(
+        all.iter()
+            .all(|d| !message_id(d).unwrap().starts_with("slow"))
+    );
     w.stop().await;
 }
 
@@ -262,10 +412,19 @@ async fn no_token_appears_in_results_or_logs() {
     for (i, token) in tokens.iter().enumerate() {
         for instance in ["alpha", "down", "ghost"] {
             let id = format!("tok-{i}-{instance}");
-            w.publish(Command::new(instance, &id, token, br#"{"number": "5511999999999", "deleteMedia": true}"#)).await;
+            w.publish(Command::new(
+                instance,
+                &id,
+                token,
+                br#"{"number": "5511999999999", "deleteMedia": true}"#,
+            ))
+            .await;
         }
     }
-    let all = w.events.wait_until("15 results", |all| all.len() >= 15).await;
+    let all = w
+        .events
+        .wait_until("15 results", |all| all.len() >= 15)
+        .await;
     for d in &all {
         let props = format!("{:?}", d.properties);
         for token in tokens {

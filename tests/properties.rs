@@ -8,11 +8,20 @@ use proptest::prelude::*;
 const MAX: usize = 64 * 1024;
 
 fn assert_safe_jid(jid: &str) {
-    assert!(!jid.contains('/') && !jid.contains('\\') && !jid.contains(".."), "{jid}");
-    assert!(!jid.contains('\0') && !jid.chars().any(char::is_whitespace), "{jid}");
+    assert!(
+        !jid.contains('/') && !jid.contains('\\') && !jid.contains(".."),
+        "{jid}"
+    );
+    assert!(
+        !jid.contains('\0') && !jid.chars().any(char::is_whitespace),
+        "{jid}"
+    );
     let (user, server) = jid.split_once('@').expect("one @");
     assert!(["s.whatsapp.net", "lid", "g.us"].contains(&server), "{jid}");
-    assert!(!user.is_empty() && user.bytes().all(|b| b.is_ascii_digit() || b == b'-'), "{jid}");
+    assert!(
+        !user.is_empty() && user.bytes().all(|b| b.is_ascii_digit() || b == b'-'),
+        "{jid}"
+    );
 }
 
 proptest! {

@@ -83,22 +83,49 @@ async fn replays_remembered_results_and_rejects_changed_requests(store: Store) {
     assert!(!replayed(&first));
 
     // Same request, written differently: replayed, nothing done again.
-    w.publish(Command { correlation_id: Some("again"), ..Command::new("alpha", "id-1", TOKEN, br#"{"number": "+55 11 99999-9999"}"#) }).await;
+    w.publish(Command {
+        correlation_id: Some("again"),
+        ..Command::new(
+            "alpha",
+            "id-1",
+            TOKEN,
+            br#"{"number": "+55 11 99999-9999"}"#,
+        )
+    })
+    .await;
     let again = w.events.by_correlation("again").await;
     assert!(replayed(&again));
     assert_eq!(status(&again), 200);
     assert_eq!(again.data, first.data);
-    assert_eq!(header_int(&again, "attempts"), header_int(&first, "attempts"));
+    assert_eq!(
+        header_int(&again, "attempts"),
+        header_int(&first, "attempts")
+    );
     assert_eq!(deletes(&w), 1);
 
     // Different body, token or instance: 409, not remembered, nothing done.
     for (corr, cmd) in [
-        ("other-body", Command::new("alpha", "id-1", TOKEN, br#"{"number": "5511999999998"}"#)),
-        ("other-media", Command::new("alpha", "id-1", TOKEN, br#"{"number": "5511999999999", "deleteMedia": true}"#)),
+        (
+            "other-body",
+            Command::new("alpha", "id-1", TOKEN, br#"{"number": "5511999999998"}"#),
+        ),
+        (
+            "other-media",
+            Command::new(
+                "alpha",
+                "id-1",
+                TOKEN,
+                br#"{"number": "5511999999999", "deleteMedia": true}"#,
+            ),
+        ),
         ("other-token", Command::new("alpha", "id-1", ACCOUNT, OK)),
         ("other-instance", Command::new("beta", "id-1", TOKEN, OK)),
     ] {
-        w.publish(Command { correlation_id: Some(corr), ..cmd }).await;
+        w.publish(Command {
+            correlation_id: Some(corr),
+            ..cmd
+        })
+        .await;
         let d = w.events.by_correlation(corr).await;
         assert_eq!(status(&d), 409, "{corr}");
         assert_eq!(
@@ -111,13 +138,27 @@ async fn replays_remembered_results_and_rejects_changed_requests(store: Store) {
     assert_eq!(deletes(&w), 1);
 
     // A 4xx is remembered too.
-    w.publish(Command::new("alpha", "id-bad", TOKEN, br#"{"number": "abc"}"#)).await;
+    w.publish(Command::new(
+        "alpha",
+        "id-bad",
+        TOKEN,
+        br#"{"number": "abc"}"#,
+    ))
+    .await;
     assert_eq!(status(&w.events.by_id("id-bad").await), 400);
-    w.publish(Command { correlation_id: Some("bad-again"), ..Command::new("alpha", "id-bad", TOKEN, br#"{"number": "abc"}"#) }).await;
+    w.publish(Command {
+        correlation_id: Some("bad-again"),
+        ..Command::new("alpha", "id-bad", TOKEN, br#"{"number": "abc"}"#)
+    })
+    .await;
     let d = w.events.by_correlation("bad-again").await;
     assert_eq!(status(&d), 400);
     assert!(replayed(&d));
-    w.publish(Command { correlation_id: Some("bad-fixed"), ..Command::new("alpha", "id-bad", TOKEN, OK) }).await;
+    w.publish(Command {
+        correlation_id: Some("bad-fixed"),
+        ..Command::new("alpha", "id-bad", TOKEN, OK)
+    })
+    .await;
     assert_eq!(status(&w.events.by_correlation("bad-fixed").await), 409);
     assert_eq!(deletes(&w), 1);
     w.stop().await;
@@ -136,9 +177,16 @@ async fn redis_store_replays_and_conflicts() {
 async fn concurrent_duplicates_act_once(store: Store) {
     let w = TestWorker::start(&config(store, ", latency_ms = 300")).await;
     for corr in ["a", "b", "c"] {
-        w.publish(Command { correlation_id: Some(corr), ..Command::new("alpha", "dup-1", TOKEN, OK) }).await;
+        w.publish(Command {
+            correlation_id: Some(corr),
+            ..Command::new("alpha", "dup-1", TOKEN, OK)
+        })
+        .await;
     }
-    let all = w.events.wait_until("three results", |all| all.len() >= 3).await;
+    let all = w
+        .events
+        .wait_until("three results", |all| all.len() >= 3)
+        .await;
     assert_eq!(deletes(&w), 1, "one delete for three concurrent deliveries");
     assert!(all.iter().all(|d| status(d) == 200));
     assert_eq!(all.iter().filter(|d| !replayed(d)).count(), 1);
@@ -161,10 +209,14 @@ async fn failures_are_not_remembered_and_resume_at_the_purge(store: Store) {
     let media_root = w.dir.path().join("media");
     std::fs::write(&media_root, b"not a folder").unwrap();
     let with_media = br#"{"number": "5511999999999", "deleteMedia": true}"#;
-    w.publish(Command::new("alpha", "purge-1", TOKEN, with_media)).await;
+    w.publish(Command::new("alpha", "purge-1", TOKEN, with_media))
+        .await;
     let failed = w.events.by_id("purge-1").await;
     assert_eq!(status(&failed), 500);
-    let message = body(&failed)["error"]["message"].as_str().unwrap().to_owned();
+    let message = body(&failed)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(message.starts_with("Failed to delete media: "), "{message}");
     assert_matches_schema(&failed);
     // One in-process try of the delete, then the purge's tries across 1 + 3 deliveries.
@@ -174,13 +226,25 @@ async fn failures_are_not_remembered_and_resume_at_the_purge(store: Store) {
     // Storage back: the same id does the work again, starting at the purge.
     std::fs::remove_file(&media_root).unwrap();
     std::fs::create_dir_all(media_root.join("alpha/5511999999999@s.whatsapp.net")).unwrap();
-    std::fs::write(media_root.join("alpha/5511999999999@s.whatsapp.net/a.jpg"), b"x").unwrap();
-    w.publish(Command { correlation_id: Some("retry"), ..Command::new("alpha", "purge-1", TOKEN, with_media) }).await;
+    std::fs::write(
+        media_root.join("alpha/5511999999999@s.whatsapp.net/a.jpg"),
+        b"x",
+    )
+    .unwrap();
+    w.publish(Command {
+        correlation_id: Some("retry"),
+        ..Command::new("alpha", "purge-1", TOKEN, with_media)
+    })
+    .await;
     let ok = w.events.by_correlation("retry").await;
     assert_eq!(status(&ok), 200);
     assert!(!replayed(&ok));
     assert_eq!(deletes(&w), 1, "the chat delete is not repeated");
-    assert!(!media_root.join("alpha/5511999999999@s.whatsapp.net").exists());
+    assert!(
+        !media_root
+            .join("alpha/5511999999999@s.whatsapp.net")
+            .exists()
+    );
     w.stop().await;
 }
 
@@ -197,7 +261,11 @@ async fn redis_store_resumes_at_the_purge() {
 #[tokio::test]
 async fn transient_failures_are_retried_to_one_delete_and_one_success() {
     // 5 failures: 2 in process, then through the retry queue twice more, then success.
-    let w = TestWorker::start(&config(Store::Embedded, ", fail_first = 5, failure = \"server_error\"")).await;
+    let w = TestWorker::start(&config(
+        Store::Embedded,
+        ", fail_first = 5, failure = \"server_error\"",
+    ))
+    .await;
     w.publish(Command::new("alpha", "flaky-1", TOKEN, OK)).await;
     let d = w.events.by_id("flaky-1").await;
     assert_eq!(status(&d), 200);
@@ -211,13 +279,24 @@ async fn transient_failures_are_retried_to_one_delete_and_one_success() {
 async fn a_session_that_never_connects_is_parked_then_replayed_to_success() {
     let flag = "connected_flag_file = \"{dir}/connected\"";
     let w = TestWorker::start(&config(Store::Embedded, &format!(", {flag}"))).await;
-    w.publish(Command::new("alpha", "offline-1", TOKEN, OK)).await;
+    w.publish(Command::new("alpha", "offline-1", TOKEN, OK))
+        .await;
     let d = w.events.by_id("offline-1").await;
     assert_eq!(status(&d), 503);
-    assert_eq!(body(&d)["error"]["message"], "Instance is not connected to WhatsApp");
-    assert_eq!(header_int(&d, "attempts"), Some(8), "2 tries x (1 + 3 retries)");
+    assert_eq!(
+        body(&d)["error"]["message"],
+        "Instance is not connected to WhatsApp"
+    );
+    assert_eq!(
+        header_int(&d, "attempts"),
+        Some(8),
+        "2 tries x (1 + 3 retries)"
+    );
 
-    let cfg = BrokerConfig { url: amqp_url(), ..Default::default() };
+    let cfg = BrokerConfig {
+        url: amqp_url(),
+        ..Default::default()
+    };
     let connection = broker::connect(&cfg, "test").await.unwrap();
     let listed = parked::list(&connection, &w.names, 10).await.unwrap();
     assert_eq!(listed.len(), 1);
@@ -225,15 +304,31 @@ async fn a_session_that_never_connects_is_parked_then_replayed_to_success() {
     assert_eq!(listed[0].instance.as_deref(), Some("alpha"));
     assert_eq!(listed[0].status, Some(503));
     // Listing leaves it parked.
-    assert_eq!(parked::list(&connection, &w.names, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        parked::list(&connection, &w.names, 10).await.unwrap().len(),
+        1
+    );
 
     std::fs::write(w.dir.path().join("connected"), b"").unwrap();
-    assert_eq!(parked::replay(&connection, &w.names, &["offline-1".into()]).await.unwrap(), 1);
-    let all = w.events.wait_until("a second result", |all| all.len() >= 2).await;
+    assert_eq!(
+        parked::replay(&connection, &w.names, &["offline-1".into()])
+            .await
+            .unwrap(),
+        1
+    );
+    let all = w
+        .events
+        .wait_until("a second result", |all| all.len() >= 2)
+        .await;
     let last = all.last().unwrap();
     assert_eq!(status(last), 200);
     assert_eq!(header_int(last, "attempts"), Some(1), "retries start over");
     assert_eq!(deletes(&w), 1);
-    assert!(parked::list(&connection, &w.names, 10).await.unwrap().is_empty());
+    assert!(
+        parked::list(&connection, &w.names, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     w.stop().await;
 }

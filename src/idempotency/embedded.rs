@@ -23,10 +23,22 @@ const MAX_BATCH: usize = 1024;
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 enum Op {
-    Begin { fingerprint: Fingerprint, reply: oneshot::Sender<Result<Begin, StoreError>> },
-    MarkChatDeleted { reply: oneshot::Sender<Result<Begin, StoreError>> },
-    Remember { claim: String, result: Remembered, reply: oneshot::Sender<Result<Begin, StoreError>> },
-    Release { claim: String, reply: oneshot::Sender<Result<Begin, StoreError>> },
+    Begin {
+        fingerprint: Fingerprint,
+        reply: oneshot::Sender<Result<Begin, StoreError>>,
+    },
+    MarkChatDeleted {
+        reply: oneshot::Sender<Result<Begin, StoreError>>,
+    },
+    Remember {
+        claim: String,
+        result: Remembered,
+        reply: oneshot::Sender<Result<Begin, StoreError>>,
+    },
+    Release {
+        claim: String,
+        reply: oneshot::Sender<Result<Begin, StoreError>>,
+    },
 }
 
 pub struct EmbeddedStore {
@@ -61,7 +73,11 @@ impl EmbeddedStore {
         Ok(Self { ops, db })
     }
 
-    async fn call(&self, id: &str, op: impl FnOnce(oneshot::Sender<Result<Begin, StoreError>>) -> Op) -> Result<Begin, StoreError> {
+    async fn call(
+        &self,
+        id: &str,
+        op: impl FnOnce(oneshot::Sender<Result<Begin, StoreError>>) -> Op,
+    ) -> Result<Begin, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.ops
             .send((id.to_owned(), op(reply)))
@@ -74,32 +90,50 @@ impl EmbeddedStore {
 impl IdempotencyStore for EmbeddedStore {
     async fn begin(&self, id: &str, fingerprint: &Fingerprint) -> Result<Begin, StoreError> {
         let fingerprint = fingerprint.clone();
-        self.call(id, |reply| Op::Begin { fingerprint, reply }).await
+        self.call(id, |reply| Op::Begin { fingerprint, reply })
+            .await
     }
 
     async fn mark_chat_deleted(&self, id: &str, _claim: &str) -> Result<(), StoreError> {
-        self.call(id, |reply| Op::MarkChatDeleted { reply }).await.map(drop)
+        self.call(id, |reply| Op::MarkChatDeleted { reply })
+            .await
+            .map(drop)
     }
 
     async fn remember(&self, id: &str, claim: &str, result: &Remembered) -> Result<(), StoreError> {
         let (claim, result) = (claim.to_owned(), result.clone());
-        self.call(id, |reply| Op::Remember { claim, result, reply }).await.map(drop)
+        self.call(id, |reply| Op::Remember {
+            claim,
+            result,
+            reply,
+        })
+        .await
+        .map(drop)
     }
 
     async fn release(&self, id: &str, claim: &str) -> Result<(), StoreError> {
         let claim = claim.to_owned();
-        self.call(id, |reply| Op::Release { claim, reply }).await.map(drop)
+        self.call(id, |reply| Op::Release { claim, reply })
+            .await
+            .map(drop)
     }
 
     async fn ping(&self) -> bool {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.begin_read().is_ok()).await.unwrap_or(false)
+        tokio::task::spawn_blocking(move || db.begin_read().is_ok())
+            .await
+            .unwrap_or(false)
     }
 }
 
 type Reply = oneshot::Sender<Result<Begin, StoreError>>;
 
-fn writer(db: Arc<Database>, mut rx: mpsc::UnboundedReceiver<(String, Op)>, process: String, lifetimes: Lifetimes) {
+fn writer(
+    db: Arc<Database>,
+    mut rx: mpsc::UnboundedReceiver<(String, Op)>,
+    process: String,
+    lifetimes: Lifetimes,
+) {
     let mut last_sweep = Instant::now();
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
@@ -158,7 +192,8 @@ fn apply_batch(
             let (reply, answer, write) = match op {
                 Op::Begin { fingerprint, reply } => {
                     let claim = new_claim(process);
-                    let (begin, write) = decide_begin(existing, &fingerprint, &claim, now, lifetimes, dead_owner);
+                    let (begin, write) =
+                        decide_begin(existing, &fingerprint, &claim, now, lifetimes, dead_owner);
                     (reply, Ok(begin), write)
                 }
                 Op::MarkChatDeleted { reply } => {
@@ -168,7 +203,11 @@ fn apply_batch(
                     });
                     (reply, Ok(Begin::Busy), write)
                 }
-                Op::Remember { claim, result, reply } => {
+                Op::Remember {
+                    claim,
+                    result,
+                    reply,
+                } => {
                     let write = existing.map(|mut r| {
                         if r.lease_owner.as_deref() == Some(claim.as_str()) {
                             r.lease_owner = None;
@@ -191,12 +230,18 @@ fn apply_batch(
             };
             if let Some(record) = write {
                 let bytes = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
-                records.insert(id.as_str(), bytes.as_slice()).map_err(|e| e.to_string())?;
+                records
+                    .insert(id.as_str(), bytes.as_slice())
+                    .map_err(|e| e.to_string())?;
                 if old_expiry != Some(record.expires_ms) {
                     if let Some(old) = old_expiry {
-                        expiry.remove((old, id.as_str())).map_err(|e| e.to_string())?;
+                        expiry
+                            .remove((old, id.as_str()))
+                            .map_err(|e| e.to_string())?;
                     }
-                    expiry.insert((record.expires_ms, id.as_str()), ()).map_err(|e| e.to_string())?;
+                    expiry
+                        .insert((record.expires_ms, id.as_str()), ())
+                        .map_err(|e| e.to_string())?;
                 }
             }
             replies.push((reply, answer));
@@ -206,10 +251,16 @@ fn apply_batch(
                 .range(..(now, ""))
                 .map_err(|e| e.to_string())?
                 .take(10_000)
-                .filter_map(|entry| entry.ok().map(|(k, _)| (k.value().0, k.value().1.to_owned())))
+                .filter_map(|entry| {
+                    entry
+                        .ok()
+                        .map(|(k, _)| (k.value().0, k.value().1.to_owned()))
+                })
                 .collect();
             for (at, id) in expired {
-                expiry.remove((at, id.as_str())).map_err(|e| e.to_string())?;
+                expiry
+                    .remove((at, id.as_str()))
+                    .map_err(|e| e.to_string())?;
                 records.remove(id.as_str()).map_err(|e| e.to_string())?;
             }
         }

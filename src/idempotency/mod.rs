@@ -206,34 +206,88 @@ mod tests {
     fn begin_decisions() {
         let never = |_: &str| false;
         let (b, rec) = decide_begin(None, &fp("a"), "c1", 1_000, L, never);
-        assert_eq!(b, Begin::Claimed { claim: "c1".into(), chat_deleted: false });
+        assert_eq!(
+            b,
+            Begin::Claimed {
+                claim: "c1".into(),
+                chat_deleted: false
+            }
+        );
         let mut rec = rec.unwrap();
-        assert_eq!(decide_begin(Some(rec.clone()), &fp("b"), "c2", 2_000, L, never).0, Begin::Conflict);
-        assert_eq!(decide_begin(Some(rec.clone()), &fp("a"), "c2", 2_000, L, never).0, Begin::Busy);
+        assert_eq!(
+            decide_begin(Some(rec.clone()), &fp("b"), "c2", 2_000, L, never).0,
+            Begin::Conflict
+        );
+        assert_eq!(
+            decide_begin(Some(rec.clone()), &fp("a"), "c2", 2_000, L, never).0,
+            Begin::Busy
+        );
         // A lease past its time, or of a dead owner, can be taken over, keeping the progress.
         rec.chat_deleted = true;
         let (b, _) = decide_begin(Some(rec.clone()), &fp("a"), "c2", 20_000, L, never);
-        assert_eq!(b, Begin::Claimed { claim: "c2".into(), chat_deleted: true });
+        assert_eq!(
+            b,
+            Begin::Claimed {
+                claim: "c2".into(),
+                chat_deleted: true
+            }
+        );
         let (b, _) = decide_begin(Some(rec.clone()), &fp("a"), "c2", 2_000, L, |_| true);
         assert!(matches!(b, Begin::Claimed { .. }));
-        let done = Remembered { outcome: Outcome::InvalidNumber, attempts: 1 };
+        let done = Remembered {
+            outcome: Outcome::InvalidNumber,
+            attempts: 1,
+        };
         rec.result = Some(done.clone());
-        assert_eq!(decide_begin(Some(rec.clone()), &fp("a"), "c3", 2_000, L, never).0, Begin::Replay(done));
+        assert_eq!(
+            decide_begin(Some(rec.clone()), &fp("a"), "c3", 2_000, L, never).0,
+            Begin::Replay(done)
+        );
         // Forgotten after the keep time.
         let (b, _) = decide_begin(Some(rec), &fp("b"), "c4", 200_000, L, never);
-        assert!(matches!(b, Begin::Claimed { chat_deleted: false, .. }));
+        assert!(matches!(
+            b,
+            Begin::Claimed {
+                chat_deleted: false,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn fingerprints_use_the_normalised_body() {
         let token = TokenHash::of(b"t");
-        let a = crate::command::DeleteRequest { chat: normalise_number("+55 11 99999-9999").unwrap(), delete_media: false };
-        let b = crate::command::DeleteRequest { chat: normalise_number("5511999999999").unwrap(), delete_media: false };
-        let c = crate::command::DeleteRequest { delete_media: true, ..b.clone() };
-        assert_eq!(Fingerprint::new("i", &token, Ok(&a)), Fingerprint::new("i", &token, Ok(&b)));
-        assert_ne!(Fingerprint::new("i", &token, Ok(&b)), Fingerprint::new("i", &token, Ok(&c)));
-        assert_ne!(Fingerprint::new("i", &token, Ok(&b)), Fingerprint::new("j", &token, Ok(&b)));
-        assert_ne!(Fingerprint::new("i", &token, Ok(&b)), Fingerprint::new("i", &TokenHash::of(b"u"), Ok(&b)));
-        assert_ne!(Fingerprint::new("i", &token, Err(b"x")), Fingerprint::new("i", &token, Err(b"y")));
+        let a = crate::command::DeleteRequest {
+            chat: normalise_number("+55 11 99999-9999").unwrap(),
+            delete_media: false,
+        };
+        let b = crate::command::DeleteRequest {
+            chat: normalise_number("5511999999999").unwrap(),
+            delete_media: false,
+        };
+        let c = crate::command::DeleteRequest {
+            delete_media: true,
+            ..b.clone()
+        };
+        assert_eq!(
+            Fingerprint::new("i", &token, Ok(&a)),
+            Fingerprint::new("i", &token, Ok(&b))
+        );
+        assert_ne!(
+            Fingerprint::new("i", &token, Ok(&b)),
+            Fingerprint::new("i", &token, Ok(&c))
+        );
+        assert_ne!(
+            Fingerprint::new("i", &token, Ok(&b)),
+            Fingerprint::new("j", &token, Ok(&b))
+        );
+        assert_ne!(
+            Fingerprint::new("i", &token, Ok(&b)),
+            Fingerprint::new("i", &TokenHash::of(b"u"), Ok(&b))
+        );
+        assert_ne!(
+            Fingerprint::new("i", &token, Err(b"x")),
+            Fingerprint::new("i", &token, Err(b"y"))
+        );
     }
 }

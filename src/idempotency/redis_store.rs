@@ -60,11 +60,18 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    pub async fn connect(url: &str, prefix: &str, lifetimes: Lifetimes) -> Result<Self, StoreError> {
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        lifetimes: Lifetimes,
+    ) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)?;
-        let connection = tokio::time::timeout(Duration::from_secs(10), ConnectionManager::new(client))
-            .await
-            .map_err(|_| redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
+        let connection =
+            tokio::time::timeout(Duration::from_secs(10), ConnectionManager::new(client))
+                .await
+                .map_err(|_| {
+                    redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+                })??;
         Ok(Self {
             connection,
             prefix: prefix.to_owned(),
@@ -103,8 +110,11 @@ impl IdempotencyStore for RedisStore {
             Some("conflict") => Ok(Begin::Conflict),
             Some("busy") => Ok(Begin::Busy),
             Some("replay") => {
-                let json = reply.get(1).ok_or_else(|| StoreError::Corrupt("replay without result".into()))?;
-                let result = serde_json::from_str(json).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let json = reply
+                    .get(1)
+                    .ok_or_else(|| StoreError::Corrupt("replay without result".into()))?;
+                let result =
+                    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 Ok(Begin::Replay(result))
             }
             other => Err(StoreError::Corrupt(format!("unexpected reply {other:?}"))),
@@ -112,7 +122,11 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn mark_chat_deleted(&self, id: &str, _claim: &str) -> Result<(), StoreError> {
-        let _: i64 = self.mark.key(self.key(id)).invoke_async(&mut self.connection.clone()).await?;
+        let _: i64 = self
+            .mark
+            .key(self.key(id))
+            .invoke_async(&mut self.connection.clone())
+            .await?;
         Ok(())
     }
 
@@ -130,12 +144,19 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn release(&self, id: &str, claim: &str) -> Result<(), StoreError> {
-        let _: i64 = self.release.key(self.key(id)).arg(claim).invoke_async(&mut self.connection.clone()).await?;
+        let _: i64 = self
+            .release
+            .key(self.key(id))
+            .arg(claim)
+            .invoke_async(&mut self.connection.clone())
+            .await?;
         Ok(())
     }
 
     async fn ping(&self) -> bool {
-        let pong: Result<String, _> = redis::cmd("PING").query_async(&mut self.connection.clone()).await;
+        let pong: Result<String, _> = redis::cmd("PING")
+            .query_async(&mut self.connection.clone())
+            .await;
         pong.is_ok()
     }
 }

@@ -101,9 +101,7 @@ impl ChatSession for SimulatedSession {
                 SimulatedFailure::ServerError => {
                     SessionError::Server("simulated server error".into())
                 }
-                SimulatedFailure::Rejected => {
-                    SessionError::Rejected("simulated rejection".into())
-                }
+                SimulatedFailure::Rejected => SessionError::Rejected("simulated rejection".into()),
             });
         }
         self.record(chat)
@@ -127,8 +125,14 @@ mod tests {
         })
         .unwrap();
         let chat = normalise_number("5511999999999").unwrap();
-        assert_eq!(session.delete_chat(&chat, false).await, Err(SessionError::Timeout));
-        assert_eq!(session.delete_chat(&chat, false).await, Err(SessionError::Timeout));
+        assert_eq!(
+            session.delete_chat(&chat, false).await,
+            Err(SessionError::Timeout)
+        );
+        assert_eq!(
+            session.delete_chat(&chat, false).await,
+            Err(SessionError::Timeout)
+        );
         assert_eq!(session.delete_chat(&chat, false).await, Ok(()));
         assert_eq!(session.deletes(), 1);
         let text = std::fs::read_to_string(log).unwrap();

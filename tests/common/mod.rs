@@ -120,7 +120,11 @@ impl Results {
     }
 
     /// Waits until `pred` holds for the collected deliveries.
-    pub async fn wait_until(&self, what: &str, pred: impl Fn(&[Delivery]) -> bool) -> Vec<Delivery> {
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        pred: impl Fn(&[Delivery]) -> bool,
+    ) -> Vec<Delivery> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let notified = self.arrived.notified();
@@ -131,7 +135,10 @@ impl Results {
                 }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                panic!("timed out waiting for {what}; got {} deliveries", self.all().len());
+                panic!(
+                    "timed out waiting for {what}; got {} deliveries",
+                    self.all().len()
+                );
             }
         }
     }
@@ -139,7 +146,9 @@ impl Results {
     /// The result whose `message_id` is `id`.
     pub async fn by_id(&self, id: &str) -> Delivery {
         let all = self
-            .wait_until(&format!("result {id}"), |all| all.iter().any(|d| message_id(d) == Some(id)))
+            .wait_until(&format!("result {id}"), |all| {
+                all.iter().any(|d| message_id(d) == Some(id))
+            })
             .await;
         all.into_iter().find(|d| message_id(d) == Some(id)).unwrap()
     }
@@ -150,7 +159,9 @@ impl Results {
                 all.iter().any(|d| correlation_id(d) == Some(correlation))
             })
             .await;
-        all.into_iter().find(|d| correlation_id(d) == Some(correlation)).unwrap()
+        all.into_iter()
+            .find(|d| correlation_id(d) == Some(correlation))
+            .unwrap()
     }
 }
 
@@ -245,7 +256,10 @@ impl TestWorker {
             .exchange_declare(
                 names.events_exchange().into(),
                 lapin::ExchangeKind::Topic,
-                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await
@@ -253,7 +267,11 @@ impl TestWorker {
         let events_queue = channel
             .queue_declare(
                 "".into(),
-                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await
@@ -309,7 +327,10 @@ impl TestWorker {
             {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "worker never became ready");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "worker never became ready"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -322,7 +343,9 @@ impl TestWorker {
         for (k, v) in cmd.extra_headers {
             headers.insert(ShortString::from(k), v);
         }
-        let mut props = BasicProperties::default().with_headers(headers).with_delivery_mode(2);
+        let mut props = BasicProperties::default()
+            .with_headers(headers)
+            .with_delivery_mode(2);
         if let Some(id) = cmd.id {
             props = props.with_message_id(id.into());
         }
@@ -360,17 +383,27 @@ impl TestWorker {
         let n = &self.names;
         let mut queues = vec![n.unrouted_queue(), n.parked_queue()];
         queues.extend(self.retry_tiers.iter().map(|d| n.retry_queue(*d)));
-        let mut exchanges = vec![n.commands_exchange(), n.unrouted_exchange(), n.events_exchange()];
+        let mut exchanges = vec![
+            n.commands_exchange(),
+            n.unrouted_exchange(),
+            n.events_exchange(),
+        ];
         exchanges.extend(self.retry_tiers.iter().map(|d| n.retry_exchange(*d)));
         let instances: Vec<String> = self.instances.clone();
         for i in instances {
-            let _ = ch.queue_delete(n.instance_queue(&i).into(), QueueDeleteOptions::default()).await;
+            let _ = ch
+                .queue_delete(n.instance_queue(&i).into(), QueueDeleteOptions::default())
+                .await;
         }
         for q in queues {
-            let _ = ch.queue_delete(q.into(), QueueDeleteOptions::default()).await;
+            let _ = ch
+                .queue_delete(q.into(), QueueDeleteOptions::default())
+                .await;
         }
         for e in exchanges {
-            let _ = ch.exchange_delete(e.into(), ExchangeDeleteOptions::default()).await;
+            let _ = ch
+                .exchange_delete(e.into(), ExchangeDeleteOptions::default())
+                .await;
         }
     }
 }
@@ -380,7 +413,9 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await?;
     let mut out = String::new();
     stream.read_to_string(&mut out).await?;
@@ -403,8 +438,14 @@ pub fn assert_matches_schema(d: &Delivery) {
         "result-error.schema.json"
     };
     let validator = schema(name);
-    let errors: Vec<String> = validator.iter_errors(&value).map(|e| e.to_string()).collect();
-    assert!(errors.is_empty(), "{value} does not match {name}: {errors:?}");
+    let errors: Vec<String> = validator
+        .iter_errors(&value)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{value} does not match {name}: {errors:?}"
+    );
 }
 
 pub type Headers = HashMap<String, AMQPValue>;
