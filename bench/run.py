@@ -39,6 +39,7 @@ TOKEN_SHA256 = hashlib.sha256(TOKEN.encode()).hexdigest()
 
 CHILDREN = []      # Popen objects still to kill
 NAMESPACES = []    # (ns, instance args) still to delete
+RUN_COUNT = {}     # drains per namespace, to name the saved /metrics
 ARGS = None
 OUT = None
 
@@ -311,24 +312,8 @@ class Worker:
         raise BenchError(f"worker not ready after {timeout}s; see {self.proc.log_path}")
 
     def metrics(self):
-        return parse_prometheus(self.get("/metrics", 10.0)[1])
-
-    def wait_completed(self, n, timeout, interval):
-        """Polls /metrics until `n` commands are answered; returns the time it saw them."""
-        deadline = time.monotonic() + timeout
-        last = 0
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"worker exited ({self.proc.returncode}) mid-run; see {self.proc.log_path}")
-            try:
-                m = self.metrics()
-                last = total(m, "chat_delete_commands_completed_total")
-                if last >= n:
-                    return time.monotonic(), m
-            except OSError:
-                pass
-            time.sleep(interval)
-        raise BenchError(f"worker answered {last} of {n} commands in {timeout}s; see {self.proc.log_path}")
+        self.last_metrics = self.get("/metrics", 10.0)[1]
+        return parse_prometheus(self.last_metrics)
 
     def rss_kb(self):
         return proc_status_kb(self.proc.pid, "VmRSS:")
@@ -387,33 +372,74 @@ def histogram_quantile(samples, name, q):
 
 def drain_run(worker, n, ready_timeout, drain_timeout, poll, perf_name=None):
     """Starts the worker on a preloaded backlog; measures ready, drain, CPU and memory.
-    With `--perf`, samples the worker with `perf record` (cpu-clock) during the drain."""
+
+    /metrics is polled from the start (the HTTP port is up before the broker connection), so
+    the drain is timed from the first answered command to the last, even when the worker starts
+    answering before it reports ready (many queues with a backlog). With `--perf`, the worker
+    is sampled with `perf record` (cpu-clock) during the drain."""
     worker.start()
-    cpu = CpuWindow(worker.proc.pid)
-    t_ready = worker.wait_ready(ready_timeout)
-    cpu_ready = proc_cpu_s(worker.proc.pid)
+    pid = worker.proc.pid
+    t_ready = t_first = t_done = None
+    c_first = 0
+    cpu = cpu_first = None
     perf = None
-    if ARGS.perf and perf_name:
-        data = os.path.join(OUT, f"{perf_name}.perf.data")
-        perf = spawn(["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(worker.proc.pid),
-                      "-o", data], f"{perf_name}.perf.log")
+    m = []
+    deadline = worker.started + ready_timeout + drain_timeout
     try:
-        t_done, m = worker.wait_completed(n, drain_timeout, poll)
+        while t_done is None:
+            now = time.monotonic()
+            if now > deadline:
+                raise BenchError(f"worker answered {total(m, 'chat_delete_commands_completed_total'):.0f} of {n} "
+                                 f"commands in time; see {worker.proc.log_path}")
+            if t_ready is None and now > worker.started + ready_timeout:
+                raise BenchError(f"worker not ready after {ready_timeout}s; see {worker.proc.log_path}")
+            if worker.proc.poll() is not None:
+                raise BenchError(f"worker exited ({worker.proc.returncode}); see {worker.proc.log_path}")
+            if t_ready is None:
+                try:
+                    if worker.get("/readyz", 1.0)[0] == 200:
+                        t_ready = time.monotonic()
+                except OSError:
+                    pass
+            try:
+                m = worker.metrics()
+            except OSError:
+                m = []
+            c = total(m, "chat_delete_commands_completed_total")
+            seen = time.monotonic()
+            if c > 0 and t_first is None:
+                t_first, c_first = seen, c
+                cpu, cpu_first = CpuWindow(pid), proc_cpu_s(pid)
+                if ARGS.perf and perf_name:
+                    data = os.path.join(OUT, f"{perf_name}.perf.data")
+                    perf = spawn(["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(pid),
+                                  "-o", data], f"{perf_name}.perf.log")
+            if c >= n:
+                t_done = seen
+                break
+            time.sleep(poll if t_first is not None else 0.01)
     finally:
         if perf is not None:
             stop(perf, 30, signal.SIGINT)
             log(f"perf profile in {data} (perf report -i {data} --no-children)")
-    own = proc_cpu_s(worker.proc.pid) - cpu_ready
+    if t_ready is None:
+        t_ready = worker.wait_ready(ready_timeout)
+    RUN_COUNT[worker.ns] = RUN_COUNT.get(worker.ns, 0) + 1
+    with open(os.path.join(OUT, f"{worker.ns}-run{RUN_COUNT[worker.ns]}.metrics"), "w") as f:
+        f.write(worker.last_metrics)
+    own = proc_cpu_s(pid) - cpu_first
     window = cpu.close(own_cpu_s=own)
-    secs = t_done - t_ready
+    secs = max(t_done - t_first, 1e-3)
+    done_n = n - c_first
     p50 = histogram_quantile(m, "chat_delete_command_duration_seconds", 0.50)
     p99 = histogram_quantile(m, "chat_delete_command_duration_seconds", 0.99)
     res = {
-        "n": n, "secs": secs, "rate": n / secs, "ready_s": t_ready - worker.started,
+        "n": n, "secs": secs, "rate": done_n / secs, "ready_s": t_ready - worker.started,
+        "first_answer_s": t_first - worker.started,
         "svc_p50_ms": p50 * 1000 if p50 is not None else None,
         "svc_p99_ms": p99 * 1000 if p99 is not None else None,
         "peak_rss_kb": worker.hwm_kb(), "rss_after_kb": worker.rss_kb(),
-        "cpu_us_per_cmd": own * 1e6 / n,
+        "cpu_us_per_cmd": own * 1e6 / done_n,
         "completed": total(m, "chat_delete_commands_completed_total"),
         "ok_200": total(m, "chat_delete_commands_completed_total", status="200"),
         "replays": total(m, "chat_delete_replays_total"),

@@ -269,6 +269,8 @@ pub struct InstanceConfig {
     pub kind: InstanceKind,
     /// `whatsapp` only: the SQLite session file; default `<store.path>/sessions/<instance>.db`.
     pub session_store: Option<PathBuf>,
+    /// `whatsapp` only: another WebSocket endpoint than WhatsApp's (a mock server).
+    pub transport_url: Option<String>,
     /// `simulated` only: how the scripted session behaves.
     #[serde(default)]
     pub simulated: SimulatedConfig,

@@ -7,15 +7,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
-/// What `/readyz` reports.
+use crate::pipeline::Pipeline;
+
+/// What `/readyz` reports, and the admin requests the worker listens for.
 #[derive(Debug, Default)]
 pub struct Health {
     pub broker_connected: AtomicBool,
     pub consuming: AtomicBool,
+    /// `POST /admin/reload`: pick up sessions paired since the start.
+    pub reload: tokio::sync::Notify,
 }
 
 impl Health {
@@ -28,6 +32,16 @@ impl Health {
 struct AppState {
     metrics: PrometheusHandle,
     health: Arc<Health>,
+    pipeline: Arc<Pipeline>,
+}
+
+/// One line of `GET /instances`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct InstanceView {
+    pub name: String,
+    pub state: String,
+    pub paired_as: Option<String>,
+    pub changed_at: Option<String>,
 }
 
 /// Binds the port and serves until `stop`; returns the bound address (port 0 picks one).
@@ -36,6 +50,7 @@ pub async fn serve(
     port: u16,
     metrics: PrometheusHandle,
     health: Arc<Health>,
+    pipeline: Arc<Pipeline>,
     stop: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind((bind, port)).await?;
@@ -47,7 +62,13 @@ pub async fn serve(
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(AppState { metrics, health });
+        .route("/instances", get(instances))
+        .route("/admin/reload", post(reload))
+        .with_state(AppState {
+            metrics,
+            health,
+            pipeline,
+        });
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -57,6 +78,30 @@ pub async fn serve(
         }
     });
     Ok(addr)
+}
+
+async fn instances(State(s): State<AppState>) -> axum::Json<Vec<InstanceView>> {
+    let mut views: Vec<InstanceView> = s
+        .pipeline
+        .instances
+        .values()
+        .map(|i| {
+            let details = i.session.details();
+            InstanceView {
+                name: i.name.clone(),
+                state: i.session.state().label().to_owned(),
+                paired_as: details.as_ref().and_then(|d| d.paired_as.clone()),
+                changed_at: details.map(|d| d.changed_at.to_rfc3339()),
+            }
+        })
+        .collect();
+    views.sort_by(|a, b| a.name.cmp(&b.name));
+    axum::Json(views)
+}
+
+async fn reload(State(s): State<AppState>) -> (StatusCode, &'static str) {
+    s.health.reload.notify_one();
+    (StatusCode::ACCEPTED, "reloading sessions\n")
 }
 
 async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {

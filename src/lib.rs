@@ -23,6 +23,7 @@ pub mod idempotency;
 pub mod media;
 pub mod outcome;
 pub mod pacing;
+pub mod pairing;
 pub mod parked;
 pub mod pipeline;
 pub mod session;
@@ -77,6 +78,7 @@ pub async fn run(
             config.http.port,
             metrics,
             health.clone(),
+            pipeline.clone(),
             stop.clone(),
         )
         .await?;
@@ -87,6 +89,11 @@ pub async fn run(
     };
     on_started(Started { http_addr });
     tokio::spawn(report_instance_states(pipeline.clone(), stop.clone()));
+    tokio::spawn(reload_on_request(
+        pipeline.clone(),
+        health.clone(),
+        stop.clone(),
+    ));
 
     let consuming = Arc::new(Consuming {
         pipeline: pipeline.clone(),
@@ -254,7 +261,7 @@ async fn shutdown_sessions(pipeline: &Pipeline) {
     }
 }
 
-/// Keeps the per-instance connection gauge current.
+/// Keeps the per-instance state gauges current.
 async fn report_instance_states(pipeline: Arc<Pipeline>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -263,9 +270,40 @@ async fn report_instance_states(pipeline: Arc<Pipeline>, stop: CancellationToken
             _ = tick.tick() => {}
         }
         for instance in pipeline.instances.values() {
-            let connected = instance.session.state() == session::SessionState::Connected;
+            let current = instance.session.state();
+            let connected = current == session::SessionState::Connected;
             metrics::gauge!(telemetry::INSTANCE_CONNECTED, "instance" => instance.name.clone())
                 .set(if connected { 1.0 } else { 0.0 });
+            for state in session::SessionState::ALL {
+                metrics::gauge!(
+                    telemetry::INSTANCE_STATE,
+                    "instance" => instance.name.clone(),
+                    "state" => state.label()
+                )
+                .set(if state == current { 1.0 } else { 0.0 });
+            }
+        }
+    }
+}
+
+/// On SIGHUP or `POST /admin/reload`, sessions paired meanwhile are opened and connected.
+async fn reload_on_request(pipeline: Arc<Pipeline>, health: Arc<Health>, stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup()).ok();
+    loop {
+        let hup = async {
+            match hangup.as_mut() {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = hup => tracing::info!("SIGHUP received; reloading sessions."),
+            _ = health.reload.notified() => tracing::info!("Reload requested; reloading sessions."),
+        }
+        for instance in pipeline.instances.values() {
+            instance.session.reload().await;
         }
     }
 }

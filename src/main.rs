@@ -6,9 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use chat_delete_worker::config::{Config, TokenHash};
+use chat_delete_worker::config::{Config, InstanceKind, TokenHash};
+use chat_delete_worker::session::{self, SessionOptions};
 use chat_delete_worker::topology::Names;
-use chat_delete_worker::{batch, broker, telemetry, topology};
+use chat_delete_worker::{batch, broker, http, pairing, telemetry, topology};
 
 /// Consumes "delete entire chat" commands from RabbitMQ and publishes their results.
 #[derive(Parser)]
@@ -80,6 +81,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Link a `whatsapp` instance to a phone: shows a QR code to scan (or, with --phone, a
+    /// pairing code to type) and ends when the session is saved. Then reload a running worker
+    /// (SIGHUP or `POST /admin/reload`).
+    Pair {
+        instance: String,
+        /// Phone number (digits, with country code) to link with a pairing code instead of a QR.
+        #[arg(long)]
+        phone: Option<String>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout_secs: u64,
+    },
+    /// List the configured instances with their state, paired number and last change (from
+    /// the running worker when it answers on its HTTP port, else from the session files).
+    Instances {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Log a `whatsapp` instance out (when WhatsApp can be reached) and remove its session file.
+    /// Stop the worker hosting it first.
+    Unpair { instance: String },
     /// Inspect the parking queue, or move parked commands back for another try.
     Parked {
         #[command(subcommand)]
@@ -141,6 +163,35 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Parked { action } => parked(&config, action).await,
+            Command::Pair {
+                instance,
+                phone,
+                timeout_secs,
+            } => {
+                let options = whatsapp_options(&config, &instance)?;
+                let number = pairing::pair(
+                    &options,
+                    phone.as_deref(),
+                    &mut std::io::stdout(),
+                    std::time::Duration::from_secs(timeout_secs),
+                )
+                .await?;
+                println!(
+                    "Instance {instance} is paired as {number}; its session is saved in {}.\nReload a running worker: kill -HUP <pid>, or POST /admin/reload on its HTTP port.",
+                    options.store_path.display()
+                );
+                Ok(())
+            }
+            Command::Unpair { instance } => {
+                let options = whatsapp_options(&config, &instance)?;
+                if session::whatsapp::unpair(&options).await? {
+                    println!("Instance {instance} is unpaired; its session file is removed.");
+                } else {
+                    println!("Instance {instance} has no session file.");
+                }
+                Ok(())
+            }
+            Command::Instances { json } => list_instances(&config, json).await,
             Command::Publish {
                 instance,
                 batch,
@@ -293,6 +344,104 @@ async fn parked(config: &Config, action: ParkedAction) -> anyhow::Result<()> {
     }
     let _ = connection.close(200, "done".into()).await;
     Ok(())
+}
+
+fn whatsapp_options(config: &Config, instance: &str) -> anyhow::Result<SessionOptions> {
+    let cfg = config
+        .instances
+        .get(instance)
+        .ok_or_else(|| anyhow::anyhow!("no instance {instance:?} in the config"))?;
+    anyhow::ensure!(
+        cfg.kind == InstanceKind::Whatsapp,
+        "instance {instance} is {:?}, not a whatsapp instance",
+        cfg.kind
+    );
+    Ok(SessionOptions {
+        store_path: config.session_store_path(instance),
+        delete_timeout: std::time::Duration::from_millis(config.worker.delete_timeout_ms),
+        shutdown_deadline: std::time::Duration::from_millis(config.worker.shutdown_grace_ms),
+        transport_url: cfg.transport_url.clone(),
+    })
+}
+
+/// Asks the running worker; falls back to reading the session files.
+async fn list_instances(config: &Config, json: bool) -> anyhow::Result<()> {
+    let views = match worker_instances(config.http.port).await {
+        Some(views) => views,
+        None => {
+            let mut views = vec![];
+            for (name, cfg) in &config.instances {
+                let (state, paired_as, changed_at) = match cfg.kind {
+                    InstanceKind::Simulated => ("simulated".to_owned(), None, None),
+                    InstanceKind::Whatsapp => {
+                        let options = whatsapp_options(config, name)?;
+                        let changed = std::fs::metadata(&options.store_path)
+                            .and_then(|m| m.modified())
+                            .ok()
+                            .map(|t| chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339());
+                        match session::whatsapp::inspect(&options).await {
+                            Ok(Some(number)) => ("paired".to_owned(), Some(number), changed),
+                            Ok(None) => ("not_paired".to_owned(), None, changed),
+                            Err(session::whatsapp::OpenError::Busy(_)) => {
+                                ("in_use".to_owned(), None, changed)
+                            }
+                            Err(e) => (format!("error: {e}"), None, changed),
+                        }
+                    }
+                };
+                views.push(http::InstanceView {
+                    name: name.clone(),
+                    state,
+                    paired_as,
+                    changed_at,
+                });
+            }
+            eprintln!(
+                "(no worker answered on port {}; read from the session files)",
+                config.http.port
+            );
+            views
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&views)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<12} {:<18} LAST CHANGE",
+        "INSTANCE", "STATE", "PAIRED AS"
+    );
+    for v in views {
+        println!(
+            "{:<24} {:<12} {:<18} {}",
+            v.name,
+            v.state,
+            v.paired_as.as_deref().unwrap_or("-"),
+            v.changed_at.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(())
+}
+
+/// `GET /instances` of a worker on this host, if one answers.
+async fn worker_instances(port: u16) -> Option<Vec<http::InstanceView>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    stream
+        .write_all(b"GET /instances HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then_some(())?;
+    serde_json::from_str(body).ok()
 }
 
 fn print_tally(tally: &batch::Tally, json: bool) -> anyhow::Result<()> {

@@ -18,7 +18,9 @@ use crate::idempotency::{
 use crate::media::{MediaError, MediaStore};
 use crate::outcome::Outcome;
 use crate::pacing::Pacer;
-use crate::session::{ChatSession, SessionError, SimulatedSession, WhatsappSession};
+use crate::session::{
+    ChatSession, SessionError, SessionOptions, SimulatedSession, WhatsappSession,
+};
 use crate::telemetry;
 use crate::topology::retry_tiers;
 
@@ -127,8 +129,13 @@ impl Pipeline {
             let session: Arc<dyn ChatSession> = match cfg.kind {
                 InstanceKind::Simulated => Arc::new(SimulatedSession::new(&cfg.simulated)?),
                 InstanceKind::Whatsapp => {
-                    let path = config.session_store_path(name);
-                    Arc::new(WhatsappSession::open(name, &path, delete_timeout).await?)
+                    let options = SessionOptions {
+                        store_path: config.session_store_path(name),
+                        delete_timeout,
+                        shutdown_deadline: Duration::from_millis(config.worker.shutdown_grace_ms),
+                        transport_url: cfg.transport_url.clone(),
+                    };
+                    Arc::new(WhatsappSession::start(name, options).await)
                 }
             };
             let account_token = cfg

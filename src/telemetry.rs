@@ -16,6 +16,7 @@ pub const PACING_WAIT: &str = "chat_delete_pacing_wait_seconds";
 pub const REPLAYS: &str = "chat_delete_replays_total";
 pub const RESULTS_UNROUTABLE: &str = "chat_delete_results_unroutable_total";
 pub const INSTANCE_CONNECTED: &str = "chat_delete_instance_connected";
+pub const INSTANCE_STATE: &str = "chat_delete_instance_state";
 pub const BROKER_CONNECTED: &str = "chat_delete_broker_connected";
 pub const BROKER_RECONNECTS: &str = "chat_delete_broker_reconnects_total";
 pub const MEDIA_OBJECTS_DELETED: &str = "chat_delete_media_objects_deleted_total";
@@ -60,6 +61,10 @@ fn describe() {
     describe_gauge!(
         INSTANCE_CONNECTED,
         "1 when the instance's WhatsApp session is connected and logged in."
+    );
+    describe_gauge!(
+        INSTANCE_STATE,
+        "1 for the instance's current session state (not_paired, connecting, connected, logged_out, banned, replaced, stopped)."
     );
     describe_gauge!(BROKER_CONNECTED, "1 while the broker connection is up.");
     describe_counter!(

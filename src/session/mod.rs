@@ -1,10 +1,10 @@
 //! The `ChatSession` boundary: one WhatsApp connection per instance, real or simulated.
 
 mod simulated;
-mod whatsapp;
+pub mod whatsapp;
 
 pub use simulated::SimulatedSession;
-pub use whatsapp::WhatsappSession;
+pub use whatsapp::{SessionOptions, SessionStatus, WhatsappSession};
 
 use crate::command::ChatJid;
 
@@ -38,23 +38,41 @@ impl SessionError {
 }
 
 /// Connection state of an instance, as the pipeline and the health endpoint see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SessionState {
     /// Never paired: run `chat-delete-worker pair <instance>`.
     NotPaired,
     Connecting,
     Connected,
+    /// WhatsApp unlinked the device: parked until it is paired again.
     LoggedOut,
+    /// Temporarily banned by WhatsApp: parked.
+    Banned,
+    /// Another client took the session over: parked.
+    Replaced,
     Stopped,
 }
 
 impl SessionState {
+    pub const ALL: [SessionState; 7] = [
+        SessionState::NotPaired,
+        SessionState::Connecting,
+        SessionState::Connected,
+        SessionState::LoggedOut,
+        SessionState::Banned,
+        SessionState::Replaced,
+        SessionState::Stopped,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             SessionState::NotPaired => "not_paired",
             SessionState::Connecting => "connecting",
             SessionState::Connected => "connected",
             SessionState::LoggedOut => "logged_out",
+            SessionState::Banned => "banned",
+            SessionState::Replaced => "replaced",
             SessionState::Stopped => "stopped",
         }
     }
@@ -67,6 +85,14 @@ pub trait ChatSession: Send + Sync {
     /// Deletes the chat from the instance's chat list (all linked devices, through app state).
     async fn delete_chat(&self, chat: &ChatJid, delete_media: bool) -> Result<(), SessionError>;
 
+    /// Picks up a session paired since the start (or since it was parked).
+    async fn reload(&self) {}
+
     /// Stops the session, flushing what it must keep.
     async fn shutdown(&self) {}
+
+    /// Paired number and last change, for sessions that have them.
+    fn details(&self) -> Option<SessionStatus> {
+        None
+    }
 }

@@ -1,115 +1,154 @@
 //! The real session: a linked device through whatsapp-rust, one SQLite session file per
-//! instance. A session that was never paired is opened but not connected (it answers
-//! "not connected" until `pair` links it).
+//! instance, owned by one actor task. The actor holds an exclusive lock on the session file
+//! while its client is open, so two clients (a worker and `pair`, or two workers) never share
+//! one file. A session that was never paired is not connected: it answers "not connected"
+//! until `pair` links it and the worker is told to reload.
 
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, oneshot, watch};
+use whatsapp_rust::pair_code::PairCodeOptions;
 use whatsapp_rust::prelude::{Bot, BotHandle, Client, Event, EventKind};
 use whatsapp_rust::store::SqliteStore;
+use whatsapp_rust::transport::TokioWebSocketTransportFactory;
 use whatsapp_rust::{AppStateError, ErrorChainExt, Jid, message_range};
 
 use crate::command::{ChatJid, JidServer};
 
 use super::{ChatSession, SessionError, SessionState};
 
-pub struct WhatsappSession {
-    client: Arc<Client>,
-    handle: Mutex<Option<BotHandle>>,
-    state: Arc<Mutex<SessionState>>,
-    /// One delete in flight per instance: app-state patches are serialised by the crate anyway,
-    /// and a queue of them behind a dead socket should not all time out together.
-    delete_lock: tokio::sync::Mutex<()>,
-    delete_timeout: Duration,
+/// What an instance's session looks like from outside.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SessionStatus {
+    pub state: SessionState,
+    /// The phone number the device is linked to, once paired.
+    pub paired_as: Option<String>,
+    pub changed_at: DateTime<Utc>,
+}
+
+/// How to reach one session.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub store_path: PathBuf,
+    /// Our bound on one delete (the crate's own IQ timeout is 75 s).
+    pub delete_timeout: Duration,
+    /// Time given to a client to flush and disconnect before it is aborted.
+    pub shutdown_deadline: Duration,
+    /// Another WhatsApp endpoint (a mock server in tests); `None` for the real one.
+    pub transport_url: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("cannot create the session folder: {0}")]
     Folder(std::io::Error),
+    #[error("session file {0} is in use by another process (a running worker or `pair`)")]
+    Busy(PathBuf),
     #[error("cannot open the session store: {0}")]
     Store(String),
     #[error("cannot build the WhatsApp client: {0}")]
     Build(String),
 }
 
-impl WhatsappSession {
-    /// Opens (or creates) the session file; connects only when it holds a paired device.
-    pub async fn open(
-        instance: &str,
-        store_path: &Path,
-        delete_timeout: Duration,
-    ) -> Result<Self, OpenError> {
+/// An exclusive hold on a session file, released on drop (and by the OS if we die).
+pub struct SessionLock(#[allow(dead_code)] File);
+
+impl SessionLock {
+    pub fn acquire(store_path: &Path) -> Result<Self, OpenError> {
         if let Some(dir) = store_path.parent() {
             std::fs::create_dir_all(dir).map_err(OpenError::Folder)?;
         }
-        let url = store_path.to_string_lossy();
-        let store = SqliteStore::new(&url)
-            .await
-            .map_err(|e| OpenError::Store(e.to_string()))?;
-        let state = Arc::new(Mutex::new(SessionState::Connecting));
-        let events_state = state.clone();
-        let name = instance.to_owned();
-        let bot = Bot::builder()
-            .with_backend(store)
-            .skip_history_sync()
-            .on_event_for(
-                &[
-                    EventKind::Connected,
-                    EventKind::Disconnected,
-                    EventKind::LoggedOut,
-                    EventKind::StreamReplaced,
-                ],
-                move |event, _client| {
-                    let state = events_state.clone();
-                    let name = name.clone();
-                    async move { apply_event(&name, &state, &event) }
-                },
-            )
-            .build()
-            .await
-            .map_err(|e| OpenError::Build(e.to_string()))?;
-        let client = bot.client();
-        let handle = if client.pn().is_some() {
-            Some(bot.spawn())
-        } else {
-            tracing::warn!(
-                instance,
-                "WhatsApp instance is not paired; it answers 503 until `chat-delete-worker pair {instance}` links it"
-            );
-            *state.lock().unwrap_or_else(|e| e.into_inner()) = SessionState::NotPaired;
-            None
-        };
-        Ok(Self {
-            client,
-            handle: Mutex::new(handle),
-            state,
-            delete_lock: tokio::sync::Mutex::new(()),
-            delete_timeout,
-        })
-    }
-
-    /// Whether the session file holds a paired device.
-    pub fn is_paired(&self) -> bool {
-        self.client.pn().is_some()
+        let mut lock_path = store_path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let file = File::create(PathBuf::from(lock_path)).map_err(OpenError::Folder)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Self(file)),
+            Err(_) => Err(OpenError::Busy(store_path.to_owned())),
+        }
     }
 }
 
-fn apply_event(instance: &str, state: &Mutex<SessionState>, event: &Event) {
-    let next = match event {
+/// Builds (but does not start) a client over the session file. `on_event` receives the
+/// connection and pairing events.
+pub async fn build_bot(
+    options: &SessionOptions,
+    extra_events: &[EventKind],
+    pair_phone: Option<&str>,
+    on_event: impl Fn(Arc<Event>) + Send + Sync + 'static,
+) -> Result<Bot, OpenError> {
+    let url = options.store_path.to_string_lossy();
+    let store = SqliteStore::new(&url)
+        .await
+        .map_err(|e| OpenError::Store(e.to_string()))?;
+    let mut kinds = vec![
+        EventKind::Connected,
+        EventKind::Disconnected,
+        EventKind::LoggedOut,
+        EventKind::StreamReplaced,
+        EventKind::TemporaryBan,
+        EventKind::PairSuccess,
+    ];
+    kinds.extend_from_slice(extra_events);
+    let on_event = Arc::new(on_event);
+    let mut builder = Bot::builder()
+        .with_backend(store)
+        .skip_history_sync()
+        .on_event_for(&kinds, move |event, _client| {
+            on_event(event);
+            async {}
+        });
+    if let Some(phone) = pair_phone {
+        builder = builder.with_pair_code(PairCodeOptions {
+            phone_number: phone.to_owned(),
+            ..Default::default()
+        });
+    }
+    if let Some(url) = &options.transport_url {
+        builder = builder
+            .with_transport_factory(TokioWebSocketTransportFactory::new().with_url(url.clone()))
+            .with_version((2, 3000, 0));
+    }
+    builder
+        .build()
+        .await
+        .map_err(|e| OpenError::Build(e.to_string()))
+}
+
+/// The number a client is linked to, `+<digits>`.
+pub fn paired_as(client: &Client) -> Option<String> {
+    client.pn().map(|jid| format!("+{}", jid.user))
+}
+
+/// The state an event moves a session to, if any.
+pub fn next_state(event: &Event) -> Option<SessionState> {
+    Some(match event {
         Event::Connected(_) => SessionState::Connected,
-        Event::Disconnected(_) => SessionState::Connecting,
-        Event::LoggedOut(_) | Event::StreamReplaced(_) => {
-            tracing::error!(
-                instance,
-                "WhatsApp logged this device out; pair it again with `chat-delete-worker pair {instance}`"
-            );
-            SessionState::LoggedOut
-        }
-        _ => return,
-    };
-    *state.lock().unwrap_or_else(|e| e.into_inner()) = next;
+        Event::Disconnected(_) | Event::PairSuccess(_) => SessionState::Connecting,
+        Event::LoggedOut(_) => SessionState::LoggedOut,
+        Event::StreamReplaced(_) => SessionState::Replaced,
+        Event::TemporaryBan(_) => SessionState::Banned,
+        _ => return None,
+    })
+}
+
+/// The one line an operator needs when an instance is parked.
+fn operator_hint(instance: &str, state: SessionState) -> Option<String> {
+    Some(match state {
+        SessionState::LoggedOut => format!(
+            "WhatsApp logged instance {instance} out; it answers 503 until it is linked again: `chat-delete-worker unpair {instance}`, then `chat-delete-worker pair {instance}`, then reload the worker (SIGHUP)"
+        ),
+        SessionState::Replaced => format!(
+            "Another client took over instance {instance}'s session (stream replaced); make sure only one worker hosts it, then reload the worker (SIGHUP)"
+        ),
+        SessionState::Banned => format!(
+            "WhatsApp temporarily banned instance {instance}; it answers 503 until the ban ends and the worker is reloaded (SIGHUP)"
+        ),
+        _ => return None,
+    })
 }
 
 /// The crate's JID for a validated chat, device-free by construction.
@@ -158,39 +197,295 @@ fn short(text: &str) -> String {
     text.chars().take(160).collect()
 }
 
+/// Deletes a chat through the client's app-state action, within our own timeout.
+pub async fn delete_on_client(
+    client: &Client,
+    chat: &ChatJid,
+    delete_media: bool,
+    timeout: Duration,
+) -> Result<(), SessionError> {
+    let jid = to_jid(chat);
+    // "now" as the last message time, as WhatsApp Web and whatsmeow send when no better is known.
+    let range = message_range(Utc::now().timestamp(), None, vec![]);
+    let actions = client.chat_actions();
+    let call = actions.delete_chat(&jid, delete_media, Some(range));
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(classify(&err)),
+        Err(_) => Err(SessionError::Timeout),
+    }
+}
+
+enum Msg {
+    Delete {
+        chat: ChatJid,
+        delete_media: bool,
+        reply: oneshot::Sender<Result<(), SessionError>>,
+    },
+    Event(Arc<Event>),
+    Reload(oneshot::Sender<()>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A running client and the lock on its file.
+struct Running {
+    client: Arc<Client>,
+    handle: BotHandle,
+    _lock: SessionLock,
+}
+
+/// The handle the pipeline holds; the actor owns the client.
+pub struct WhatsappSession {
+    mailbox: mpsc::Sender<Msg>,
+    status: watch::Receiver<SessionStatus>,
+}
+
+impl WhatsappSession {
+    /// Starts the instance's actor; it opens the session and connects only when it is paired.
+    pub async fn start(instance: &str, options: SessionOptions) -> Self {
+        let (mailbox, inbox) = mpsc::channel(256);
+        let (status_tx, status) = watch::channel(SessionStatus {
+            state: SessionState::NotPaired,
+            paired_as: None,
+            changed_at: Utc::now(),
+        });
+        let mut actor = Actor {
+            instance: instance.to_owned(),
+            options,
+            mailbox: mailbox.clone(),
+            status: status_tx,
+            running: None,
+        };
+        actor.open().await;
+        tokio::spawn(actor.run(inbox));
+        Self { mailbox, status }
+    }
+
+    pub fn status(&self) -> SessionStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Feeds an event as if the client had emitted it (tests drive transitions this way).
+    pub async fn inject_event(&self, event: Event) {
+        let _ = self.mailbox.send(Msg::Event(Arc::new(event))).await;
+    }
+
+    async fn ask(&self, msg: impl FnOnce(oneshot::Sender<()>) -> Msg) {
+        let (reply, done) = oneshot::channel();
+        if self.mailbox.send(msg(reply)).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl ChatSession for WhatsappSession {
     fn state(&self) -> SessionState {
-        let state = *self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state == SessionState::Connected
-            && !(self.client.is_connected() && self.client.is_logged_in())
-        {
-            return SessionState::Connecting;
-        }
-        state
+        self.status.borrow().state
     }
 
     async fn delete_chat(&self, chat: &ChatJid, delete_media: bool) -> Result<(), SessionError> {
-        let _one_at_a_time = self.delete_lock.lock().await;
-        let jid = to_jid(chat);
-        // "now" as the last message time, as WhatsApp Web and whatsmeow send when no better is known.
-        let range = message_range(chrono::Utc::now().timestamp(), None, vec![]);
-        let actions = self.client.chat_actions();
-        let call = actions.delete_chat(&jid, delete_media, Some(range));
-        match tokio::time::timeout(self.delete_timeout, call).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => Err(classify(&err)),
-            Err(_) => Err(SessionError::Timeout),
+        let (reply, answer) = oneshot::channel();
+        let msg = Msg::Delete {
+            chat: chat.clone(),
+            delete_media,
+            reply,
+        };
+        if self.mailbox.send(msg).await.is_err() {
+            return Err(SessionError::NotConnected);
         }
+        answer.await.unwrap_or(Err(SessionError::NotConnected))
+    }
+
+    async fn reload(&self) {
+        self.ask(Msg::Reload).await;
     }
 
     async fn shutdown(&self) {
-        let handle = self.handle.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(handle) = handle {
-            handle.shutdown().await;
-        }
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = SessionState::Stopped;
+        self.ask(Msg::Shutdown).await;
     }
+
+    fn details(&self) -> Option<SessionStatus> {
+        Some(self.status())
+    }
+}
+
+struct Actor {
+    instance: String,
+    options: SessionOptions,
+    mailbox: mpsc::Sender<Msg>,
+    status: watch::Sender<SessionStatus>,
+    running: Option<Running>,
+}
+
+impl Actor {
+    fn set(&self, state: SessionState, paired_as: Option<String>) {
+        self.status.send_if_modified(|s| {
+            let changed = s.state != state || s.paired_as != paired_as;
+            if changed {
+                *s = SessionStatus {
+                    state,
+                    paired_as,
+                    changed_at: Utc::now(),
+                };
+            }
+            changed
+        });
+    }
+
+    /// Opens the session file; starts the client when it holds a paired device.
+    async fn open(&mut self) {
+        if self.running.is_some() {
+            return;
+        }
+        let lock = match SessionLock::acquire(&self.options.store_path) {
+            Ok(lock) => lock,
+            Err(error) => {
+                tracing::warn!(instance = %self.instance, %error, "WhatsApp session not opened.");
+                return;
+            }
+        };
+        let mailbox = self.mailbox.clone();
+        let bot = build_bot(&self.options, &[], None, move |event| {
+            // Events arrive on the crate's tasks; the actor applies them in order.
+            let _ = mailbox.try_send(Msg::Event(event));
+        })
+        .await;
+        let bot = match bot {
+            Ok(bot) => bot,
+            Err(error) => {
+                tracing::error!(instance = %self.instance, %error, "WhatsApp session could not be opened.");
+                return;
+            }
+        };
+        let client = bot.client();
+        let Some(number) = paired_as(&client) else {
+            tracing::warn!(
+                instance = %self.instance,
+                "WhatsApp instance is not paired; it answers 503 until `chat-delete-worker pair {}` links it and the worker is reloaded (SIGHUP)",
+                self.instance
+            );
+            self.set(SessionState::NotPaired, None);
+            return;
+        };
+        self.set(SessionState::Connecting, Some(number));
+        self.running = Some(Running {
+            client,
+            handle: bot.spawn(),
+            _lock: lock,
+        });
+    }
+
+    /// Disconnects (flushing the session) within the deadline, then aborts.
+    async fn stop_client(&mut self) {
+        if let Some(running) = self.running.take() {
+            // Dropping the handle when the deadline passes aborts the client.
+            let stopped =
+                tokio::time::timeout(self.options.shutdown_deadline, running.handle.shutdown())
+                    .await;
+            if stopped.is_err() {
+                tracing::warn!(instance = %self.instance, "WhatsApp client did not stop in time; aborted.");
+            }
+        }
+    }
+
+    async fn run(mut self, mut inbox: mpsc::Receiver<Msg>) {
+        while let Some(msg) = inbox.recv().await {
+            match msg {
+                Msg::Delete {
+                    chat,
+                    delete_media,
+                    reply,
+                } => {
+                    let result = match &self.running {
+                        Some(running) => {
+                            delete_on_client(
+                                &running.client,
+                                &chat,
+                                delete_media,
+                                self.options.delete_timeout,
+                            )
+                            .await
+                        }
+                        None => Err(SessionError::NotConnected),
+                    };
+                    let _ = reply.send(result);
+                }
+                Msg::Event(event) => {
+                    let Some(state) = next_state(&event) else {
+                        continue;
+                    };
+                    let paired = self.status.borrow().paired_as.clone();
+                    self.set(state, paired);
+                    if let Some(hint) = operator_hint(&self.instance, state) {
+                        // Parked: no reconnect storm; an operator decides what happens next.
+                        tracing::error!(instance = %self.instance, "{hint}");
+                        self.stop_client().await;
+                    }
+                }
+                Msg::Reload(done) => {
+                    if self.running.is_none() {
+                        self.open().await;
+                    }
+                    let _ = done.send(());
+                }
+                Msg::Shutdown(done) => {
+                    self.stop_client().await;
+                    let paired = self.status.borrow().paired_as.clone();
+                    self.set(SessionState::Stopped, paired);
+                    let _ = done.send(());
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The session file's own view, for CLI commands run beside (not inside) the worker.
+pub async fn inspect(options: &SessionOptions) -> Result<Option<String>, OpenError> {
+    if !options.store_path.exists() {
+        return Ok(None);
+    }
+    let _lock = SessionLock::acquire(&options.store_path)?;
+    let bot = build_bot(options, &[], None, |_| {}).await?;
+    Ok(paired_as(&bot.client()))
+}
+
+/// Unlinks the device (best effort: WhatsApp is told when it can be reached) and removes the
+/// session file.
+pub async fn unpair(options: &SessionOptions) -> Result<bool, OpenError> {
+    if !options.store_path.exists() {
+        return Ok(false);
+    }
+    let lock = SessionLock::acquire(&options.store_path)?;
+    let bot = build_bot(options, &[], None, |_| {}).await?;
+    let client = bot.client();
+    if client.pn().is_some() {
+        let handle = bot.spawn();
+        if client
+            .wait_for_connected(Duration::from_secs(15))
+            .await
+            .is_ok()
+        {
+            client.logout().await;
+        } else {
+            tracing::warn!(
+                "WhatsApp not reachable: the device stays in the phone's Linked Devices list until removed there."
+            );
+        }
+        // Dropping the handle when the deadline passes aborts the client.
+        let _ = tokio::time::timeout(options.shutdown_deadline, handle.shutdown()).await;
+    } else {
+        drop(bot);
+    }
+    drop(client);
+    for suffix in ["", "-wal", "-shm"] {
+        let mut path = options.store_path.as_os_str().to_owned();
+        path.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(path));
+    }
+    drop(lock);
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -213,26 +508,18 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_never_paired_session_is_not_connected_and_answers_not_connected() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sessions").join("fresh.db");
-        let session = WhatsappSession::open("fresh", &path, Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert!(path.exists(), "the session store is created");
-        assert!(!session.is_paired());
-        assert_eq!(session.state(), SessionState::NotPaired);
-        let chat = normalise_number("5511999999999").unwrap();
+    #[test]
+    fn errors_are_classified() {
+        let no_key = AppStateError::InvalidRequest("no app state sync key available".into());
+        assert_eq!(classify(&no_key), SessionError::NotConnected);
+        let bad = AppStateError::InvalidRequest("mute in the past".into());
+        assert!(matches!(classify(&bad), SessionError::Rejected(_)));
+        let rejected = AppStateError::Internal(anyhow::anyhow!("patch rejected by server"));
+        assert!(matches!(classify(&rejected), SessionError::Rejected(_)));
+        let other = AppStateError::Internal(anyhow::anyhow!("socket hiccup"));
         assert_eq!(
-            session.delete_chat(&chat, false).await,
-            Err(SessionError::NotConnected)
+            classify(&other),
+            SessionError::Server("socket hiccup".into())
         );
-        session.shutdown().await;
-        // Reopening the same file reads the same (unpaired) device back.
-        let again = WhatsappSession::open("fresh", &path, Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert!(!again.is_paired());
     }
 }
