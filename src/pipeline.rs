@@ -343,9 +343,8 @@ impl Pipeline {
             }
         }
         if request.delete_media {
-            let (result, n) = self.purge_media(instance, &request.chat).await;
-            tries = tries.max(n);
-            if let Err(error) = result {
+            tries = tries.max(1);
+            if let Err(error) = self.purge_media(instance, &request.chat).await {
                 return (Err(Failure::Media(error)), tries);
             }
         }
@@ -385,37 +384,19 @@ impl Pipeline {
         (result, tries)
     }
 
-    /// The media purge with in-process retries; a later call resumes where this one stopped.
-    async fn purge_media(
-        &self,
-        instance: &Instance,
-        chat: &ChatJid,
-    ) -> (Result<(), MediaError>, u32) {
+    /// The media purge; the media store retries failed batches itself, and a later call
+    /// resumes where this one stopped.
+    async fn purge_media(&self, instance: &Instance, chat: &ChatJid) -> Result<(), MediaError> {
         let started = Instant::now();
-        let mut tries = 0u32;
-        let result = (|| {
-            tries += 1;
-            self.media.purge_chat(&instance.name, chat.as_str())
-        })
-        .retry(self.backoff())
-        .when(MediaError::is_retryable)
-        .notify(|error, _| {
-            metrics::counter!(telemetry::RETRIES, "stage" => "media_purge").increment(1);
-            tracing::debug!(%error, "Retrying the media purge.");
-        })
-        .await;
+        let result = self.media.purge_chat(&instance.name, chat.as_str()).await;
         metrics::histogram!(telemetry::STAGE_DURATION, "stage" => "media_purge")
             .record(started.elapsed().as_secs_f64());
-        match result {
-            Ok(report) => {
-                tracing::debug!(
-                    objects = report.objects,
-                    bytes = report.bytes,
-                    "Media purged."
-                );
-                (Ok(()), tries)
-            }
-            Err(error) => (Err(error), tries),
-        }
+        let report = result?;
+        tracing::debug!(
+            objects = report.objects,
+            bytes = report.bytes,
+            "Media purged."
+        );
+        Ok(())
     }
 }
