@@ -19,6 +19,12 @@ pub enum BrokerError {
     Amqp(#[from] lapin::Error),
     #[error("the broker refused the result event (nack)")]
     Nacked,
+    /// The broker refused a declaration: usually a queue or exchange that exists with other
+    /// arguments (another version or config of the worker). Retrying will not change that.
+    #[error(
+        "the broker refused the topology (does a queue or exchange exist with other arguments?): {0}"
+    )]
+    Topology(lapin::Error),
     #[error("no queue is bound to {0}")]
     Unroutable(String),
     #[error("the broker connection was lost")]
@@ -26,9 +32,9 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
-    /// Everything but a bad TLS file can succeed on another try (after a reconnect).
+    /// Everything but a bad TLS file or a refused topology can succeed on another try.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, BrokerError::TlsFile(..))
+        !matches!(self, BrokerError::TlsFile(..) | BrokerError::Topology(_))
     }
 }
 

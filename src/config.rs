@@ -643,6 +643,13 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_configs_are_valid() {
+        let compose = Config::from_toml(include_str!("../deploy/config.toml")).unwrap();
+        assert_eq!(compose.idempotency.backend, IdempotencyBackend::Redis);
+        Config::from_toml(include_str!("../config.example.toml")).unwrap();
+    }
+
+    #[test]
     fn instance_names_follow_the_contract() {
         for ok in ["a", "demo", "Sales_BR-1", &"x".repeat(64)] {
             assert!(is_valid_instance_name(ok), "{ok}");

@@ -169,7 +169,14 @@ async fn serve_connection(
         consuming.pipeline.instances.keys().map(String::as_str),
         &topology::retry_tiers(&config.retry.broker_delays_ms),
     )
-    .await?;
+    .await
+    .map_err(|e| {
+        if e.is_amqp_soft_error() {
+            BrokerError::Topology(e)
+        } else {
+            BrokerError::Amqp(e)
+        }
+    })?;
     let _ = declare_channel.close(200, "declared".into()).await;
     let publisher = Publisher::open(&connection, &names.events_exchange()).await?;
     health.broker_connected.store(true, Ordering::SeqCst);

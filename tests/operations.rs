@@ -414,3 +414,41 @@ async fn bulk_cleanup_from_a_csv_file_to_a_tally_never_deletes_twice() {
         .unwrap();
     cleanup(&connection, &ns).await;
 }
+
+#[tokio::test]
+async fn a_conflicting_topology_stops_the_worker_with_a_clear_error() {
+    let ns = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    // The instance queue already exists as a classic queue: a quorum declaration must fail.
+    channel
+        .queue_declare(
+            format!("{ns}.delete.alpha").into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = chat_delete_worker::config::Config::from_toml(&format!(
+        "[broker]\nurl = \"{}\"\nnamespace = \"{ns}\"\n[http]\nenabled = false\n[store]\npath = \"{}\"\n[instances.alpha]\nkind = \"simulated\"\ntoken_sha256 = \"{}\"\n",
+        amqp_url(),
+        dir.path().display(),
+        hash(TOKEN)
+    ))
+    .unwrap();
+    let result = tokio::time::timeout(
+        WAIT,
+        chat_delete_worker::run(config, std::future::pending(), |_| {}),
+    )
+    .await
+    .expect("the worker gives up instead of retrying forever");
+    let error = result.unwrap_err().to_string();
+    assert!(error.contains("refused the topology"), "{error}");
+    cleanup(&connection, &ns).await;
+}
