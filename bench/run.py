@@ -475,6 +475,29 @@ def part_ceiling(n, prefetch, label):
     return res
 
 
+def part_ceiling_latency(prefetch, seconds, rate):
+    """The same steady-rate probe against the bare loop: what the broker alone adds."""
+    ns = new_ns("l")
+    inst = instances_args(1, names=["bench"])
+    NAMESPACES.append((ns, inst))
+    run_tool(bench_tool("declare", "--ns", ns, *inst, "--sink", "1"), timeout=120)
+    n = int(round(rate * seconds))
+    loop = spawn(bench_tool("ceiling", "--ns", ns, "--instance", "bench", "--prefetch", str(prefetch),
+                            "--n", str(n), "--token", TOKEN, "--timeout-s", str(int(seconds) + 120)),
+                 "ceiling-latency.log")
+    try:
+        res = run_tool(bench_tool("latency", "--ns", ns, "--instance", "bench", "--rate", str(rate),
+                                  "--seconds", str(seconds), "--token", TOKEN, "--id-prefix", f"lat{RUN_ID}"),
+                       timeout=seconds + 120, log_name="latency.log")
+        loop.communicate(timeout=60)
+    finally:
+        stop(loop, 10)
+    delete_namespace(ns, inst)
+    log(f"latency of the bare loop at {rate}/s: p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, "
+        f"p999 {res['p999_ms']:.1f} ms")
+    return res
+
+
 def part_aiopika(n, prefetch):
     ns = new_ns("p")
     inst = instances_args(1, names=["bench"])
@@ -628,6 +651,10 @@ def report(r):
             f"p50 {lat['p50_ms']:.1f} / p99 {lat['p99_ms']:.1f} / p999 {lat['p999_ms']:.1f} ms", "",
             f"{lat['received']:,} of {lat['n']:,} results; max {lat['max_ms']:.1f} ms; "
             f"publisher held {lat['achieved_publish_rate']:,.0f}/s")
+    cl = r.get("ceiling_latency")
+    if cl:
+        row(f"  same probe against the bare loop", f"p50 {cl['p50_ms']:.1f} / p99 {cl['p99_ms']:.1f} / p999 {cl['p999_ms']:.1f} ms",
+            "", f"{cl['received']:,} of {cl['n']:,} results; max {cl['max_ms']:.1f} ms")
     if many:
         ld = many["loaded"]
         tag = f"{many['count']:,} instances x {many['per_instance']}"
@@ -704,6 +731,7 @@ def main():
                                                                          ARGS.latency_rate)
     for i in range(1, runs):
         r["ceiling"].append(part_ceiling(n, ARGS.prefetch, f"ceiling run {i + 1}"))
+    r["ceiling_latency"] = part_ceiling_latency(ARGS.prefetch, lat_s, ARGS.latency_rate) if lat_s > 0 else None
     if not ARGS.skip_aiopika:
         r["aiopika"] = part_aiopika(ARGS.aiopika_n or min(n, 50_000), py_prefetch)
     if not ARGS.skip_many:

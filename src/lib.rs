@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod batch;
 pub mod broker;
+pub mod cli;
 pub mod command;
 pub mod config;
 pub mod consume;

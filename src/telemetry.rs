@@ -102,13 +102,25 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
+/// `RUST_LOG`, else `default`; lapin's dumps of returned messages are always left out: they
+/// print a message whole, headers included (a retried command's token among them), and we
+/// count unroutable results ourselves.
+pub fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::EnvFilter;
+    EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(default))
+        .add_directive(
+            "lapin::returned_messages=error"
+                .parse()
+                .expect("static directive"),
+        )
+}
+
 /// Human-readable logs by default, JSON lines with `json = true`. `RUST_LOG` filters.
 pub fn init_logs(json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Logs go to standard error: standard output is for what commands print.
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(log_filter("info"))
         .with_target(false)
         .with_writer(std::io::stderr);
     if json {

@@ -219,7 +219,7 @@ async fn sigterm_under_load_finishes_in_flight_work_and_loses_nothing() {
 
     let log = std::fs::File::create(dir.path().join("worker.log")).unwrap();
     let mut worker = tokio::process::Command::new(BIN)
-        .args(["--config", config.to_str().unwrap(), "run"])
+        .args(["--config", config.to_str().unwrap(), "--log-json", "run"])
         .stderr(log)
         .kill_on_drop(true)
         .spawn()
@@ -285,6 +285,22 @@ async fn sigterm_under_load_finishes_in_flight_work_and_loses_nothing() {
     let first_log = std::fs::read_to_string(dir.path().join("worker.log")).unwrap();
     assert!(first_log.contains("SIGTERM received"), "{first_log}");
     assert!(first_log.contains("Worker stopped."), "{first_log}");
+    // JSON lines; every line about a command names its id, instance and attempt.
+    let answered: Vec<serde_json::Value> = first_log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON log line"))
+        .filter(|l| l["message"] == "Command answered.")
+        .collect();
+    assert!(!answered.is_empty() && answered.len() >= answered_at_stop);
+    for line in answered {
+        let span = &line["span"];
+        assert!(
+            span["idempotency_id"].as_str().unwrap().starts_with("s-"),
+            "{line}"
+        );
+        assert_eq!(span["instance"], "alpha");
+        assert_eq!(span["attempt"], 1);
+    }
     cleanup(&connection, &ns).await;
 }
 

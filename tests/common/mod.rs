@@ -31,7 +31,7 @@ pub fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
         let buffer = Arc::new(Mutex::new(Vec::new()));
         let writer = buffer.clone();
         let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("trace")
+            .with_env_filter(chat_delete_worker::telemetry::log_filter("trace"))
             .with_ansi(false)
             .with_writer(move || LogWriter(writer.clone()))
             .finish();
