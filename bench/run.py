@@ -54,10 +54,13 @@ class BenchError(Exception):
 
 # --- processes ------------------------------------------------------------------------------
 
-def spawn(cmd, log_name, env=None):
+def spawn(cmd, log_name, env=None, stdout_to_log=False):
+    """Starts a child in its own process group; stderr (and stdout for long-lived children whose
+    output nobody reads) goes to a log file in the output folder."""
     path = os.path.join(OUT, log_name)
     f = open(path, "ab")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, env=env, start_new_session=True)
+    out = f if stdout_to_log else subprocess.PIPE
+    proc = subprocess.Popen(cmd, stdout=out, stderr=f, env=env, start_new_session=True)
     proc.log_path = path
     CHILDREN.append(proc)
     return proc
@@ -160,7 +163,7 @@ def box_busy_s():
 
 def broker_pid():
     try:
-        out = subprocess.run(["pgrep", "-x", "beam.smp"], capture_output=True, text=True, timeout=5).stdout.split()
+        out = subprocess.run(["pgrep", "-o", "-x", "beam.smp"], capture_output=True, text=True, timeout=5).stdout.split()
         return int(out[0]) if out else None
     except (OSError, subprocess.TimeoutExpired, ValueError):
         return None
@@ -201,7 +204,7 @@ def new_ns(kind):
 
 
 def delete_namespace(ns, inst_args):
-    run_tool(bench_tool("cleanup", "--ns", ns, *inst_args), timeout=600)
+    run_tool(bench_tool("cleanup", "--ns", ns, *inst_args), timeout=300)
     NAMESPACES[:] = [x for x in NAMESPACES if x[0] != ns]
 
 
@@ -289,7 +292,8 @@ class Worker:
 
     def start(self):
         env = dict(os.environ, RUST_LOG=ARGS.worker_log)
-        self.proc = spawn([self.binary(), "--config", self.config, "run"], f"{self.ns}-worker.log", env=env)
+        self.proc = spawn([self.binary(), "--config", self.config, "run"], f"{self.ns}-worker.log", env=env,
+                          stdout_to_log=True)
         self.started = time.monotonic()
         return self.proc
 
@@ -413,7 +417,7 @@ def drain_run(worker, n, ready_timeout, drain_timeout, poll, perf_name=None):
                 if ARGS.perf and perf_name:
                     data = os.path.join(OUT, f"{perf_name}.perf.data")
                     perf = spawn(["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(pid),
-                                  "-o", data], f"{perf_name}.perf.log")
+                                  "-o", data], f"{perf_name}.perf.log", stdout_to_log=True)
             if c >= n:
                 t_done = seen
                 break
@@ -489,8 +493,8 @@ def part_ceiling_latency(prefetch, seconds, rate):
         res = run_tool(bench_tool("latency", "--ns", ns, "--instance", "bench", "--rate", str(rate),
                                   "--seconds", str(seconds), "--token", TOKEN, "--id-prefix", f"lat{RUN_ID}"),
                        timeout=seconds + 120, log_name="latency.log")
-        loop.communicate(timeout=60)
     finally:
+        # Only the probe's figures matter here; the loop has answered everything it was sent.
         stop(loop, 10)
     delete_namespace(ns, inst)
     log(f"latency of the bare loop at {rate}/s: p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, "
@@ -563,6 +567,32 @@ def part_worker(n, prefetch, concurrency, lat_seconds, lat_rate):
             f"p999 {latency['p999_ms']:.1f} ms")
     delete_namespace(ns, inst)
     return first, replay, latency, store_files
+
+
+def broker_open_files_limit():
+    pid = broker_pid()
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    return int(line.split()[3])
+    except (OSError, TypeError, ValueError, IndexError):
+        pass
+    return None
+
+
+def many_blocker(count):
+    """RabbitMQ 3.10 reserves about three file handles per quorum queue in its file handle
+    cache; past ~90% of the open-files limit it stops accepting connections (new sockets wait
+    in file_handle_cache:obtain) until queues are deleted. Refuse to wedge a shared broker."""
+    limit = broker_open_files_limit()
+    if limit is None or ARGS.force_many:
+        return None
+    needed = int(count * 3.2) + 250
+    if needed > 0.9 * limit:
+        return (f"broker open-files limit {limit} is too low for {count} quorum queues (needs ~{needed}); "
+                f"start RabbitMQ with a higher `ulimit -n` (e.g. 65536), or pass --force-many")
+    return None
 
 
 def part_many(count, per_instance, prefetch, concurrency):
@@ -655,6 +685,8 @@ def report(r):
     if cl:
         row(f"  same probe against the bare loop", f"p50 {cl['p50_ms']:.1f} / p99 {cl['p99_ms']:.1f} / p999 {cl['p999_ms']:.1f} ms",
             "", f"{cl['received']:,} of {cl['n']:,} results; max {cl['max_ms']:.1f} ms")
+    if not many and r.get("many_skipped"):
+        row(f"{ARGS.instances or ('200' if ARGS.quick else '1000')} instances", "n/a", "", r["many_skipped"])
     if many:
         ld = many["loaded"]
         tag = f"{many['count']:,} instances x {many['per_instance']}"
@@ -702,6 +734,8 @@ def main():
     ap.add_argument("--skip-aiopika", action="store_true")
     ap.add_argument("--skip-many", action="store_true")
     ap.add_argument("--skip-replays", action="store_true")
+    ap.add_argument("--force-many", action="store_true", help="run the many-instances part even when the "
+                    "broker's open-files limit looks too low for that many quorum queues")
     ap.add_argument("--ready-timeout", type=float, default=120)
     ap.add_argument("--drain-timeout", type=float, default=600)
     ap.add_argument("--out", help="folder for logs and raw results (default: a new temp folder)")
@@ -734,7 +768,10 @@ def main():
     r["ceiling_latency"] = part_ceiling_latency(ARGS.prefetch, lat_s, ARGS.latency_rate) if lat_s > 0 else None
     if not ARGS.skip_aiopika:
         r["aiopika"] = part_aiopika(ARGS.aiopika_n or min(n, 50_000), py_prefetch)
-    if not ARGS.skip_many:
+    r["many_skipped"] = "skipped (--skip-many)" if ARGS.skip_many else many_blocker(count)
+    if r["many_skipped"]:
+        log(f"many instances: {r['many_skipped']}")
+    else:
         r["many"] = part_many(count, per, ARGS.many_prefetch, ARGS.many_concurrency)
     r["settings"] = ("pacing unlimited, embedded idempotency store" if FEATURES["optional_sections"]
                      else "this build has no [pacing]/[idempotency] settings")

@@ -285,13 +285,13 @@ pub fn main() -> ExitCode {
 
 async fn declare_topology(config: &Config) -> anyhow::Result<()> {
     let connection = broker::connect(&config.broker, "chat-delete-worker topology").await?;
-    let channel = connection.create_channel().await?;
     let names = Names::new(&config.broker.namespace);
+    let instances: Vec<&str> = config.instances.keys().map(String::as_str).collect();
     topology::declare(
-        &channel,
+        &connection,
         &config.broker,
         &names,
-        config.instances.keys().map(String::as_str),
+        &instances,
         &topology::retry_tiers(&config.retry.broker_delays_ms),
     )
     .await?;

@@ -256,7 +256,7 @@ async fn carry_out(
                 .await?;
             let status = handled.outcome.status();
             let label = handled.outcome.label();
-            metrics::counter!(telemetry::COMMANDS_COMPLETED, "status" => status.to_string(), "outcome" => label)
+            metrics::counter!(telemetry::COMMANDS_COMPLETED, "status" => handled.outcome.status_label(), "outcome" => label)
                 .increment(1);
             tracing::info!(
                 status,

@@ -162,12 +162,17 @@ async fn serve_connection(
     let name = format!("{} ({generation})", config.worker.name);
     let connection = broker::connect(&config.broker, &name).await?;
     let names = &consuming.names;
-    let declare_channel = connection.create_channel().await?;
+    let instance_names: Vec<&str> = consuming
+        .pipeline
+        .instances
+        .keys()
+        .map(String::as_str)
+        .collect();
     topology::declare(
-        &declare_channel,
+        &connection,
         &config.broker,
         names,
-        consuming.pipeline.instances.keys().map(String::as_str),
+        &instance_names,
         &topology::retry_tiers(&config.retry.broker_delays_ms),
     )
     .await
@@ -178,7 +183,6 @@ async fn serve_connection(
             BrokerError::Amqp(e)
         }
     })?;
-    let _ = declare_channel.close(200, "declared".into()).await;
     let publisher = Publisher::open(&connection, &names.events_exchange()).await?;
     health.broker_connected.store(true, Ordering::SeqCst);
     metrics::gauge!(telemetry::BROKER_CONNECTED).set(1.0);
@@ -205,9 +209,9 @@ async fn serve_connection(
         .map(|i| (names.instance_queue(&i.name), Some(i.clone())))
         .collect();
     queues.push((names.unrouted_queue(), None));
-    let mut consumers = Vec::with_capacity(queues.len());
-    for (queue, instance) in queues {
-        let started = consume::start(
+    // Started a few at a time: each is a channel and two round trips.
+    let starts = queues.into_iter().map(|(queue, instance)| {
+        consume::start(
             &connection,
             consuming.clone(),
             publisher.clone(),
@@ -218,15 +222,18 @@ async fn serve_connection(
             hard_stop.clone(),
             lost.clone(),
         )
+    });
+    let started: Vec<_> = futures_util::stream::iter(starts)
+        .buffer_unordered(16)
+        .collect()
         .await;
-        match started {
-            Ok(consumer) => consumers.push(consumer),
-            Err(error) => {
-                stop_consuming.cancel();
-                return Err(error.into());
-            }
+    let consumers = match started.into_iter().collect::<Result<Vec<_>, _>>() {
+        Ok(consumers) => consumers,
+        Err(error) => {
+            stop_consuming.cancel();
+            return Err(error.into());
         }
-    }
+    };
     health.consuming.store(true, Ordering::SeqCst);
     *consumed = true;
     tracing::info!(consumers = consumers.len(), "Consuming.");

@@ -41,6 +41,19 @@ impl Outcome {
         }
     }
 
+    /// The status as a metric label (no allocation on the hot path).
+    pub fn status_label(&self) -> &'static str {
+        match self.status() {
+            200 => "200",
+            400 => "400",
+            401 => "401",
+            404 => "404",
+            409 => "409",
+            500 => "500",
+            _ => "503",
+        }
+    }
+
     pub fn is_success(&self) -> bool {
         matches!(self, Outcome::Deleted { .. })
     }

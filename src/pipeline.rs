@@ -337,8 +337,11 @@ impl Pipeline {
             if let Err(error) = result {
                 return (Err(Failure::Session(error)), tries);
             }
-            // A later try after a failed purge starts at the purge.
-            if let Err(error) = self.store.mark_chat_deleted(id, claim).await {
+            // A later try after a failed purge starts at the purge (without a purge, the
+            // remembered result comes next and says it all).
+            if request.delete_media
+                && let Err(error) = self.store.mark_chat_deleted(id, claim).await
+            {
                 tracing::warn!(%error, "Could not record the chat delete; a retry repeats it.");
             }
         }

@@ -122,6 +122,7 @@ pub fn init_logs(json: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(log_filter("info"))
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().flatten_event(true).init();

@@ -102,10 +102,23 @@ fn queue_args(cfg: &BrokerConfig, extra: Vec<(&str, AMQPValue)>) -> FieldTable {
 /// Declares everything the hosted instances need. Declaring again with the same arguments is a
 /// no-op, so every worker does it at start.
 pub async fn declare(
+    connection: &lapin::Connection,
+    cfg: &BrokerConfig,
+    names: &Names,
+    instances: &[&str],
+    retry_tiers_ms: &[u64],
+) -> Result<(), lapin::Error> {
+    let channel = connection.create_channel().await?;
+    declare_shared(&channel, cfg, names, retry_tiers_ms).await?;
+    let _ = channel.close(200, "declared".into()).await;
+    declare_instance_queues(connection, cfg, names, instances).await
+}
+
+/// The exchanges and queues every worker of a namespace shares.
+async fn declare_shared(
     channel: &Channel,
     cfg: &BrokerConfig,
     names: &Names,
-    instances: impl IntoIterator<Item = &str>,
     retry_tiers_ms: &[u64],
 ) -> Result<(), lapin::Error> {
     let durable = ExchangeDeclareOptions {
@@ -200,26 +213,49 @@ pub async fn declare(
             .await?;
     }
 
-    for instance in instances {
-        let mut extra = vec![("x-single-active-consumer", AMQPValue::Boolean(true))];
-        extra.extend(dead_letter_args(cfg, names));
-        channel
-            .queue_declare(
-                names.instance_queue(instance).into(),
-                queue_durable,
-                queue_args(cfg, extra),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                names.instance_queue(instance).into(),
-                names.commands_exchange().into(),
-                instance.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-    }
+    Ok(())
+}
+
+/// Declares and binds the instance queues, spread over a few channels at once (a worker with
+/// a thousand instances would otherwise wait a round trip per step, one after another).
+pub async fn declare_instance_queues(
+    connection: &lapin::Connection,
+    cfg: &BrokerConfig,
+    names: &Names,
+    instances: &[&str],
+) -> Result<(), lapin::Error> {
+    const CHANNELS: usize = 8;
+    let chunk = instances.len().div_ceil(CHANNELS).max(1);
+    let declares = instances.chunks(chunk).map(|part| async move {
+        let channel = connection.create_channel().await?;
+        for instance in part {
+            let mut extra = vec![("x-single-active-consumer", AMQPValue::Boolean(true))];
+            extra.extend(dead_letter_args(cfg, names));
+            let durable = QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            channel
+                .queue_declare(
+                    names.instance_queue(instance).into(),
+                    durable,
+                    queue_args(cfg, extra),
+                )
+                .await?;
+            channel
+                .queue_bind(
+                    names.instance_queue(instance).into(),
+                    names.commands_exchange().into(),
+                    (*instance).into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        let _ = channel.close(200, "declared".into()).await;
+        Ok::<(), lapin::Error>(())
+    });
+    futures_util::future::try_join_all(declares).await?;
     Ok(())
 }
 

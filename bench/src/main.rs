@@ -86,7 +86,16 @@ fn table(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
 
 async fn connect(url: &str, name: &str) -> Res<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Ok(Connection::connect(url, props).await?)
+    // A broker that accepts TCP but never answers the handshake must not hang the bench.
+    match tokio::time::timeout(Duration::from_secs(20), Connection::connect(url, props)).await {
+        Ok(conn) => Ok(conn?),
+        Err(_) => Err(format!("{name}: the broker did not complete the AMQP handshake within 20 s").into()),
+    }
+}
+
+/// Closes the connection politely, but never waits more than 5 s for the broker's answer.
+async fn close(conn: &Connection) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "done".into())).await;
 }
 
 fn durable_exchange() -> ExchangeDeclareOptions {
@@ -200,7 +209,7 @@ async fn declare(a: &Args) -> Res<()> {
     if a.str("sink", "0") == "1" {
         declare_sink(&ch, &ns).await?;
     }
-    let _ = conn.close(200, "done".into()).await;
+    close(&conn).await;
     Ok(())
 }
 
@@ -231,7 +240,7 @@ async fn sink(a: &Args) -> Res<()> {
     let conn = connect(&a.url(), "cdw-bench sink").await?;
     let ch = conn.create_channel().await?;
     declare_sink(&ch, &ns).await?;
-    let _ = conn.close(200, "done".into()).await;
+    close(&conn).await;
     Ok(())
 }
 
@@ -288,7 +297,7 @@ async fn preload(a: &Args) -> Res<()> {
         .map_err(|_| "preload: confirms did not all arrive within 120 s")??;
     let secs = started.elapsed().as_secs_f64();
     let nacked = nacked.load(Ordering::Relaxed);
-    let _ = conn.close(200, "done".into()).await;
+    close(&conn).await;
     println!(
         "RESULT {}",
         json!({"what": "preload", "n": total, "secs": secs, "rate": total as f64 / secs, "nacked": nacked})
@@ -463,7 +472,6 @@ async fn ceiling(a: &Args) -> Res<()> {
     let secs = (last - first).as_secs_f64();
     let mut svc = std::mem::take(&mut *st.svc_us.lock().unwrap());
     svc.sort_unstable();
-    let _ = conn.close(200, "done".into()).await;
     println!(
         "RESULT {}",
         json!({
@@ -476,6 +484,7 @@ async fn ceiling(a: &Args) -> Res<()> {
             "peak_rss_kb": self_status_kb("VmHWM:"),
         })
     );
+    close(&conn).await;
     Ok(())
 }
 
@@ -573,7 +582,6 @@ async fn latency(a: &Args) -> Res<()> {
     let got = received.load(Ordering::Acquire);
     let mut lat = std::mem::take(&mut *lat_us.lock().unwrap());
     lat.sort_unstable();
-    let _ = conn.close(200, "done".into()).await;
     let ms = |p: f64| percentile(&lat, p) as f64 / 1000.0;
     println!(
         "RESULT {}",
@@ -583,6 +591,7 @@ async fn latency(a: &Args) -> Res<()> {
             "p50_ms": ms(50.0), "p99_ms": ms(99.0), "p999_ms": ms(99.9), "max_ms": ms(100.0),
         })
     );
+    close(&conn).await;
     if got < n {
         return Err(format!("latency: only {got} of {n} results arrived").into());
     }
@@ -633,7 +642,7 @@ async fn cleanup(a: &Args) -> Res<()> {
             ch = conn.create_channel().await?;
         }
     }
-    let _ = conn.close(200, "done".into()).await;
+    close(&conn).await;
     let failed = failed.load(Ordering::Relaxed);
     if failed > 0 {
         eprintln!("cleanup: {failed} queue deletes failed in {ns}");
@@ -665,4 +674,6 @@ async fn main() {
         eprintln!("cdw-bench {cmd}: {e}");
         std::process::exit(1);
     }
+    // Do not wait for lapin's background threads on the way out.
+    std::process::exit(0);
 }

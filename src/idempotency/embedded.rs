@@ -21,6 +21,7 @@ const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("expiry");
 /// Most operations committed together.
 const MAX_BATCH: usize = 1024;
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 enum Op {
     Begin {
@@ -56,7 +57,13 @@ impl EmbeddedStore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
-        let db = Arc::new(Database::create(path).map_err(err)?);
+        // redb's default cache (1 GiB) would grow with the number of ids; records are small.
+        let db = Arc::new(
+            Database::builder()
+                .set_cache_size(CACHE_BYTES)
+                .create(path)
+                .map_err(err)?,
+        );
         {
             let txn = db.begin_write().map_err(err)?;
             txn.open_table(RECORDS).map_err(err)?;
@@ -194,7 +201,13 @@ fn apply_batch(
                     let claim = new_claim(process);
                     let (begin, write) =
                         decide_begin(existing, &fingerprint, &claim, now, lifetimes, dead_owner);
-                    (reply, Ok(begin), write)
+                    // A claim need not be durable: after a crash the dead process's claims are
+                    // void anyway, so its answer does not wait for the commit.
+                    let _ = reply.send(Ok(begin));
+                    if let Some(record) = write {
+                        put(&mut records, &mut expiry, &id, old_expiry, &record)?;
+                    }
+                    continue;
                 }
                 Op::MarkChatDeleted { reply } => {
                     let write = existing.map(|mut r| {
@@ -229,20 +242,7 @@ fn apply_batch(
                 }
             };
             if let Some(record) = write {
-                let bytes = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
-                records
-                    .insert(id.as_str(), bytes.as_slice())
-                    .map_err(|e| e.to_string())?;
-                if old_expiry != Some(record.expires_ms) {
-                    if let Some(old) = old_expiry {
-                        expiry
-                            .remove((old, id.as_str()))
-                            .map_err(|e| e.to_string())?;
-                    }
-                    expiry
-                        .insert((record.expires_ms, id.as_str()), ())
-                        .map_err(|e| e.to_string())?;
-                }
+                put(&mut records, &mut expiry, &id, old_expiry, &record)?;
             }
             replies.push((reply, answer));
         }
@@ -266,6 +266,32 @@ fn apply_batch(
         }
     }
     txn.commit().map_err(|e| e.to_string())
+}
+
+type Records<'t> = redb::Table<'t, &'static str, &'static [u8]>;
+type Expiry<'t> = redb::Table<'t, (u64, &'static str), ()>;
+
+/// Writes a record and keeps the expiry index in step.
+fn put(
+    records: &mut Records<'_>,
+    expiry: &mut Expiry<'_>,
+    id: &str,
+    old_expiry: Option<u64>,
+    record: &Record,
+) -> Result<(), String> {
+    let bytes = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+    records
+        .insert(id, bytes.as_slice())
+        .map_err(|e| e.to_string())?;
+    if old_expiry != Some(record.expires_ms) {
+        if let Some(old) = old_expiry {
+            expiry.remove((old, id)).map_err(|e| e.to_string())?;
+        }
+        expiry
+            .insert((record.expires_ms, id), ())
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 fn reply_of(op: Op) -> Reply {

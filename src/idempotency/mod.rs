@@ -129,8 +129,11 @@ fn now_ms() -> u64 {
         .unwrap_or_default()
 }
 
+/// A claim name unique to this process and call (no random bytes needed on the hot path).
 fn new_claim(process: &str) -> String {
-    format!("{process}/{}", uuid::Uuid::new_v4().simple())
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{process}/{n}")
 }
 
 /// Whether a stored lease still excludes others. `dead_process` tells whether the owner is
