@@ -22,12 +22,6 @@ pub struct Health {
     pub reload: tokio::sync::Notify,
 }
 
-impl Health {
-    pub fn is_ready(&self) -> bool {
-        self.broker_connected.load(Ordering::SeqCst) && self.consuming.load(Ordering::SeqCst)
-    }
-}
-
 #[derive(Clone)]
 struct AppState {
     metrics: PrometheusHandle,
@@ -107,13 +101,14 @@ async fn reload(State(s): State<AppState>) -> (StatusCode, &'static str) {
 async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
     let broker = s.health.broker_connected.load(Ordering::SeqCst);
     let consuming = s.health.consuming.load(Ordering::SeqCst);
-    let status = if s.health.is_ready() {
+    let store = s.pipeline.store.ping().await;
+    let status = if broker && consuming && store {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (
         status,
-        format!("broker_connected={broker} consuming={consuming}\n"),
+        format!("broker_connected={broker} consuming={consuming} store_reachable={store}\n"),
     )
 }

@@ -106,7 +106,10 @@ async fn metrics_and_health_reflect_known_traffic() {
     );
     let ready = http_get(addr, "/readyz").await.unwrap();
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
-    assert!(ready.contains("broker_connected=true"));
+    assert!(
+        ready.contains("broker_connected=true consuming=true store_reachable=true"),
+        "{ready}"
+    );
     w.stop().await;
 }
 

@@ -22,6 +22,7 @@ const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("expiry");
 const MAX_BATCH: usize = 1024;
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
+const EXPIRY_SLACK_MS: u64 = 60_000;
 
 enum Op {
     Begin {
@@ -226,7 +227,12 @@ fn apply_batch(
                             r.lease_owner = None;
                         }
                         r.result = Some(result);
-                        r.expires_ms = now + lifetimes.keep.as_millis() as u64;
+                        // Kept from the claim's time on; the expiry index is only rewritten
+                        // when that is more than a minute short (a command retried for long).
+                        let keep_until = now + lifetimes.keep.as_millis() as u64;
+                        if r.expires_ms + EXPIRY_SLACK_MS < keep_until {
+                            r.expires_ms = keep_until;
+                        }
                         r
                     });
                     (reply, Ok(Begin::Busy), write)
