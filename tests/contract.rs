@@ -4,8 +4,7 @@
 mod common;
 
 use common::*;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::AMQPValue;
 use serde_json::json;
 
 const ALPHA: &str = "secret-tok-alpha";
@@ -240,23 +239,11 @@ async fn every_outcome_row_has_its_exact_status_and_body() {
 #[tokio::test]
 async fn result_properties_headers_and_routing_follow_the_contract() {
     let w = TestWorker::start(&config()).await;
-    let reply = w
-        .channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let replies = Results::consume(&w.channel, reply.name().as_str()).await;
+    let (reply, replies) = private_queue(&w.channel, None).await;
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     w.publish(Command {
         correlation_id: Some("corr-1"),
-        reply_to: Some(reply.name().as_str()),
+        reply_to: Some(reply.as_str()),
         extra_headers: vec![("traceparent", AMQPValue::LongString(traceparent.into()))],
         ..Command::new(
             "alpha",

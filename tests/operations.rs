@@ -159,28 +159,7 @@ async fn events_listener(ns: &str) -> (Connection, Results) {
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
-    let q = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            q.name().clone(),
-            format!("{ns}.events").into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let results = Results::consume(&channel, q.name().as_str()).await;
+    let (_, results) = private_queue(&channel, Some(&format!("{ns}.events"))).await;
     (connection, results)
 }
 

@@ -84,6 +84,34 @@ pub struct Results {
     arrived: Arc<Notify>,
 }
 
+/// An exclusive queue of the test's own, consumed into a `Results`; bound with `#` to
+/// `bind_to` when given. Returns its name too (for `reply_to`).
+pub async fn private_queue(channel: &Channel, bind_to: Option<&str>) -> (String, Results) {
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    let queue = channel
+        .queue_declare("".into(), options, FieldTable::default())
+        .await
+        .unwrap();
+    if let Some(exchange) = bind_to {
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                exchange.into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let results = Results::consume(channel, queue.name().as_str()).await;
+    (queue.name().to_string(), results)
+}
+
 impl Results {
     /// Consumes `queue` into this collection.
     pub async fn consume(channel: &Channel, queue: &str) -> Self {
@@ -264,29 +292,7 @@ impl TestWorker {
             )
             .await
             .unwrap();
-        let events_queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        channel
-            .queue_bind(
-                events_queue.name().clone(),
-                names.events_exchange().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let events = Results::consume(&channel, events_queue.name().as_str()).await;
+        let (_, events) = private_queue(&channel, Some(&names.events_exchange())).await;
 
         let (stop, stopped) = oneshot::channel::<()>();
         let (addr_tx, addr_rx) = oneshot::channel();
