@@ -298,11 +298,12 @@ async fn carry_out(
                 (RETRIES_HEADER, AMQPValue::LongInt(retries as i32)),
             ];
             let props = with_headers(&delivery.properties, headers);
-            // The retry exchange is a fanout: the routing key survives the dead-lettering back.
+            // The retry exchange is a fanout: the routing key (the instance, whatever the
+            // command was first sent with) survives the dead-lettering back.
             let routed = publisher
                 .publish_confirmed(
                     &consuming.names.retry_exchange(delay_ms),
-                    delivery.routing_key.as_str(),
+                    instance_name,
                     &delivery.data,
                     props,
                 )
