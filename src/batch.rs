@@ -18,6 +18,7 @@ use lapin::{BasicProperties, Confirmation, Connection};
 use sha2::{Digest, Sha256};
 
 use crate::command::normalise_number;
+use crate::decode::int_header;
 use crate::topology::Names;
 
 /// One chat to delete.
@@ -368,10 +369,9 @@ pub async fn follow(
             Ok(None) | Err(_) => break,
         };
         let headers = delivery.properties.headers().clone().unwrap_or_default();
-        let status = match headers.inner().get("status") {
-            Some(AMQPValue::LongInt(s)) => u16::try_from(*s).unwrap_or(0),
-            _ => 0,
-        };
+        let status = int_header(&headers, "status")
+            .and_then(|s| u16::try_from(s).ok())
+            .unwrap_or(0);
         let replayed = matches!(
             headers.inner().get("replayed"),
             Some(AMQPValue::Boolean(true))

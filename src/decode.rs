@@ -49,7 +49,8 @@ impl Envelope {
     }
 }
 
-fn string_header(headers: &FieldTable, key: &str) -> Option<Vec<u8>> {
+/// A header's value when it is a string (long or short), as bytes.
+pub fn string_header(headers: &FieldTable, key: &str) -> Option<Vec<u8>> {
     match headers.inner().get(key)? {
         AMQPValue::LongString(s) => Some(s.as_bytes().to_vec()),
         AMQPValue::ShortString(s) => Some(s.as_str().as_bytes().to_vec()),
@@ -57,7 +58,8 @@ fn string_header(headers: &FieldTable, key: &str) -> Option<Vec<u8>> {
     }
 }
 
-fn int_header(headers: &FieldTable, key: &str) -> Option<u32> {
+/// A header's value when it is a non-negative integer of any AMQP width.
+pub fn int_header(headers: &FieldTable, key: &str) -> Option<u32> {
     let value = match headers.inner().get(key)? {
         AMQPValue::ShortShortInt(v) => i64::from(*v),
         AMQPValue::ShortShortUInt(v) => i64::from(*v),

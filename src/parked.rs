@@ -7,7 +7,7 @@ use lapin::{BasicProperties, Connection};
 
 use crate::broker::{BrokerError, Publisher};
 use crate::consume::{ORIGINAL_ROUTING_KEY_HEADER, PARKED_OUTCOME_HEADER, PARKED_STATUS_HEADER};
-use crate::decode::{ATTEMPT_HEADER, RETRIES_HEADER};
+use crate::decode::{ATTEMPT_HEADER, RETRIES_HEADER, int_header, string_header};
 use crate::topology::Names;
 
 /// What `parked list` shows of one command (never its token).
@@ -24,22 +24,15 @@ pub struct ParkedCommand {
 impl ParkedCommand {
     fn of(props: &BasicProperties) -> Self {
         let headers = props.headers().clone().unwrap_or_default();
-        let text = |key: &str| match headers.inner().get(key) {
-            Some(AMQPValue::LongString(s)) => {
-                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-            }
-            Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
-            _ => None,
+        let text = |key: &str| {
+            string_header(&headers, key).map(|b| String::from_utf8_lossy(&b).into_owned())
         };
         let death = first_death(&headers);
         Self {
             idempotency_id: props.message_id().as_ref().map(|s| s.as_str().to_owned()),
             instance: text(ORIGINAL_ROUTING_KEY_HEADER)
                 .or_else(|| death.as_ref().and_then(|d| death_text(d, "routing-keys"))),
-            status: match headers.inner().get(PARKED_STATUS_HEADER) {
-                Some(AMQPValue::LongInt(v)) => Some(i64::from(*v)),
-                _ => None,
-            },
+            status: int_header(&headers, PARKED_STATUS_HEADER).map(i64::from),
             outcome: text(PARKED_OUTCOME_HEADER),
             dead_letter_reason: death.as_ref().and_then(|d| death_text(d, "reason")),
         }
