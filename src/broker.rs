@@ -67,10 +67,10 @@ pub async fn connect(cfg: &BrokerConfig, connection_name: &str) -> Result<Connec
 }
 
 /// A confirm-mode channel for result events.
-#[derive(Clone)]
 pub struct Publisher {
     channel: Channel,
     events_exchange: String,
+    publish_confirm: metrics::Histogram,
 }
 
 impl Publisher {
@@ -82,6 +82,7 @@ impl Publisher {
         Ok(Self {
             channel,
             events_exchange: events_exchange.to_owned(),
+            publish_confirm: telemetry::stage_duration("publish_confirm"),
         })
     }
 
@@ -147,8 +148,7 @@ impl Publisher {
                 Ok::<(), BrokerError>(())
             });
         try_join_all(sends).await?;
-        metrics::histogram!(telemetry::STAGE_DURATION, "stage" => "publish_confirm")
-            .record(started.elapsed().as_secs_f64());
+        self.publish_confirm.record(started.elapsed().as_secs_f64());
         Ok(())
     }
 }

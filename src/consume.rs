@@ -34,6 +34,7 @@ pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-original-routing-key";
 /// Settings shared by all consumers of one worker.
 pub struct Consuming {
     pub pipeline: Arc<Pipeline>,
+    pub metrics: telemetry::CommandMetrics,
     pub names: Names,
     pub app_id: String,
     pub prefetch: u16,
@@ -94,7 +95,7 @@ pub struct RunningConsumer {
 pub async fn start(
     connection: &Connection,
     consuming: Arc<Consuming>,
-    publisher: Publisher,
+    publisher: Arc<Publisher>,
     queue: String,
     instance: Option<Arc<Instance>>,
     tracker: TaskTracker,
@@ -179,14 +180,12 @@ async fn process(
         attempt = envelope.previous_attempts + 1,
         traceparent = envelope.traceparent.as_deref().unwrap_or(""),
     );
-    let queue_kind = if instance.is_some() {
-        "instance"
-    } else {
-        "unrouted"
-    };
-    metrics::counter!(telemetry::COMMANDS_RECEIVED, "queue" => queue_kind).increment(1);
-    let in_flight = metrics::gauge!(telemetry::IN_FLIGHT);
-    in_flight.increment(1.0);
+    let metrics = &consuming.metrics;
+    match instance {
+        Some(_) => metrics.received_instance.increment(1),
+        None => metrics.received_unrouted.increment(1),
+    }
+    metrics.in_flight.increment(1.0);
 
     let work = async {
         let verdict = consuming
@@ -219,8 +218,8 @@ async fn process(
             settle(&delivery, Settle::Requeue).await;
         }
     }
-    in_flight.decrement(1.0);
-    metrics::histogram!(telemetry::COMMAND_DURATION).record(started.elapsed().as_secs_f64());
+    metrics.in_flight.decrement(1.0);
+    metrics.duration.record(started.elapsed().as_secs_f64());
 }
 
 /// Publishes what the verdict asks for: the result (and the parked copy), or the command into
@@ -258,13 +257,25 @@ async fn carry_out(
             let label = handled.outcome.label();
             metrics::counter!(telemetry::COMMANDS_COMPLETED, "status" => handled.outcome.status_label(), "outcome" => label)
                 .increment(1);
-            tracing::info!(
-                status,
-                outcome = label,
-                attempts = handled.attempts,
-                replayed,
-                "Command answered."
-            );
+            // A bulk run answers thousands a second: successes are logged at debug (the
+            // metrics count them), everything else at info.
+            if status < 300 {
+                tracing::debug!(
+                    status,
+                    outcome = label,
+                    attempts = handled.attempts,
+                    replayed,
+                    "Command answered."
+                );
+            } else {
+                tracing::info!(
+                    status,
+                    outcome = label,
+                    attempts = handled.attempts,
+                    replayed,
+                    "Command answered."
+                );
+            }
             if park {
                 let headers = vec![
                     (PARKED_STATUS_HEADER, AMQPValue::LongInt(i32::from(status))),

@@ -98,6 +98,7 @@ pub async fn run(
 
     let consuming = Arc::new(Consuming {
         pipeline: pipeline.clone(),
+        metrics: telemetry::CommandMetrics::new(),
         names: Names::new(&config.broker.namespace),
         app_id: config.worker.name.clone(),
         prefetch: config.broker.prefetch,
@@ -183,7 +184,7 @@ async fn serve_connection(
             BrokerError::Amqp(e)
         }
     })?;
-    let publisher = Publisher::open(&connection, &names.events_exchange()).await?;
+    let publisher = Arc::new(Publisher::open(&connection, &names.events_exchange()).await?);
     health.broker_connected.store(true, Ordering::SeqCst);
     metrics::gauge!(telemetry::BROKER_CONNECTED).set(1.0);
 

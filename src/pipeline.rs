@@ -118,6 +118,7 @@ pub struct Pipeline {
     pub pacer: Pacer,
     pub max_body_bytes: usize,
     pub retry: RetryConfig,
+    session_delete_duration: metrics::Histogram,
 }
 
 impl Pipeline {
@@ -177,6 +178,7 @@ impl Pipeline {
             pacer: Pacer::new(config.pacing.deletes_per_minute),
             max_body_bytes: config.worker.max_body_bytes,
             retry: config.retry.clone(),
+            session_delete_duration: telemetry::stage_duration("session_delete"),
         })
     }
 
@@ -382,7 +384,7 @@ impl Pipeline {
             tracing::debug!(%error, "Retrying the chat delete.");
         })
         .await;
-        metrics::histogram!(telemetry::STAGE_DURATION, "stage" => "session_delete")
+        self.session_delete_duration
             .record(started.elapsed().as_secs_f64());
         (result, tries)
     }

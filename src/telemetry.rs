@@ -81,6 +81,34 @@ fn describe() {
     );
 }
 
+/// Handles of the metrics every command touches, looked up once: the macros hash the name and
+/// labels on every call.
+pub struct CommandMetrics {
+    pub received_instance: metrics::Counter,
+    pub received_unrouted: metrics::Counter,
+    pub in_flight: metrics::Gauge,
+    pub duration: metrics::Histogram,
+}
+
+impl CommandMetrics {
+    pub fn new() -> Self {
+        // Handles taken before the recorder exists would record nowhere.
+        prometheus();
+        Self {
+            received_instance: metrics::counter!(COMMANDS_RECEIVED, "queue" => "instance"),
+            received_unrouted: metrics::counter!(COMMANDS_RECEIVED, "queue" => "unrouted"),
+            in_flight: metrics::gauge!(IN_FLIGHT),
+            duration: metrics::histogram!(COMMAND_DURATION),
+        }
+    }
+}
+
+/// The histogram of one pipeline stage, for a caller that keeps the handle.
+pub fn stage_duration(stage: &'static str) -> metrics::Histogram {
+    prometheus();
+    metrics::histogram!(STAGE_DURATION, "stage" => stage)
+}
+
 /// Installs the process-wide recorder once; later calls return the same handle.
 pub fn prometheus() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

@@ -202,6 +202,8 @@ async fn sigterm_under_load_finishes_in_flight_work_and_loses_nothing() {
     let log = std::fs::File::create(dir.path().join("worker.log")).unwrap();
     let mut worker = tokio::process::Command::new(BIN)
         .args(["--config", config.to_str().unwrap(), "--log-json", "run"])
+        // Successes are logged at debug.
+        .env("RUST_LOG", "info,chat_delete_worker=debug")
         .stderr(log)
         .kill_on_drop(true)
         .spawn()
