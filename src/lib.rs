@@ -98,7 +98,7 @@ pub async fn run(
 
     let consuming = Arc::new(Consuming {
         pipeline: pipeline.clone(),
-        metrics: telemetry::CommandMetrics::new(),
+        metrics: telemetry::CommandMetrics::default(),
         names: Names::new(&config.broker.namespace),
         app_id: config.worker.name.clone(),
         prefetch: config.broker.prefetch,

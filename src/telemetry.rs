@@ -90,8 +90,8 @@ pub struct CommandMetrics {
     pub duration: metrics::Histogram,
 }
 
-impl CommandMetrics {
-    pub fn new() -> Self {
+impl Default for CommandMetrics {
+    fn default() -> Self {
         // Handles taken before the recorder exists would record nowhere.
         prometheus();
         Self {
