@@ -50,6 +50,11 @@ pub struct WorkerConfig {
     pub name: String,
     /// Commands of one instance processed at the same time (1 keeps strict per-instance order).
     pub concurrency_per_instance: usize,
+    /// Unacked deliveries of all instance queues together: with many instances each queue's
+    /// prefetch is lowered so that they fit (memory stays bounded whatever the instance count).
+    pub max_in_flight: u32,
+    /// Commands handled at once by all instances together (the rest wait, prefetched).
+    pub max_handling: usize,
     /// Largest command body accepted, in bytes; larger bodies get `Invalid request body`.
     pub max_body_bytes: usize,
     /// Our own bound on one WhatsApp delete call (the crate's IQ timeout is 75 s).
@@ -58,11 +63,24 @@ pub struct WorkerConfig {
     pub shutdown_grace_ms: u64,
 }
 
+impl Config {
+    /// The prefetch of each of `queues` consumers: `broker.prefetch`, lowered (to 1 at least)
+    /// so that all of them together hold at most `worker.max_in_flight` deliveries.
+    pub fn prefetch_per_queue(&self, queues: usize) -> u16 {
+        let share = self.worker.max_in_flight as usize / queues.max(1);
+        self.broker
+            .prefetch
+            .min(share.clamp(1, usize::from(u16::MAX)) as u16)
+    }
+}
+
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             name: "chat-delete-worker".into(),
             concurrency_per_instance: 32,
+            max_in_flight: 4096,
+            max_handling: 512,
             max_body_bytes: 64 * 1024,
             delete_timeout_ms: 30_000,
             shutdown_grace_ms: 10_000,
@@ -484,6 +502,12 @@ impl Config {
                 "delays are at least 10 ms",
             ));
         }
+        if self.worker.max_handling == 0 {
+            return Err(invalid("worker.max_handling".into(), "must be at least 1"));
+        }
+        if self.worker.max_in_flight == 0 {
+            return Err(invalid("worker.max_in_flight".into(), "must be at least 1"));
+        }
         if self.worker.concurrency_per_instance == 0 {
             return Err(invalid(
                 "worker.concurrency_per_instance".into(),
@@ -610,6 +634,14 @@ mod tests {
         );
         let err = Config::from_toml(&text).unwrap_err().to_string();
         assert!(err.contains("instances.a/b"), "{err}");
+    }
+
+    #[test]
+    fn many_queues_share_the_in_flight_budget() {
+        let config = Config::load(None, env(&[])).unwrap();
+        assert_eq!(config.prefetch_per_queue(2), 64, "the configured prefetch");
+        assert_eq!(config.prefetch_per_queue(1_001), 4, "4096 / 1001");
+        assert_eq!(config.prefetch_per_queue(10_000), 1, "never 0 (unlimited)");
     }
 
     #[test]

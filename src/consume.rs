@@ -39,6 +39,9 @@ pub struct Consuming {
     pub app_id: String,
     pub prefetch: u16,
     pub concurrency: usize,
+    /// Commands handled at once by all consumers together: each costs some kilobytes while
+    /// it runs, so with many instances this, not their sum, bounds memory.
+    pub handling: Arc<Semaphore>,
 }
 
 /// What happens to a delivery once its handling is over.
@@ -90,8 +93,21 @@ pub struct RunningConsumer {
     pub tag: String,
 }
 
+/// The signals of one connection's consumers.
+#[derive(Clone, Default)]
+pub struct Signals {
+    /// Every consumer is started: deliveries may be handled. Until then they wait in the
+    /// consumer's buffer (at most the prefetch), so starting many queues with a backlog does
+    /// not compete with handling their commands.
+    pub all_started: CancellationToken,
+    pub stop_consuming: CancellationToken,
+    /// The shutdown grace period is over: hand back what is still in flight.
+    pub hard_stop: CancellationToken,
+    /// The connection or a channel is gone: reconnect.
+    pub lost: CancellationToken,
+}
+
 /// Starts the consumer of one queue on its own channel.
-#[allow(clippy::too_many_arguments)]
 pub async fn start(
     connection: &Connection,
     consuming: Arc<Consuming>,
@@ -99,9 +115,7 @@ pub async fn start(
     queue: String,
     instance: Option<Arc<Instance>>,
     tracker: TaskTracker,
-    stop_consuming: CancellationToken,
-    hard_stop: CancellationToken,
-    lost: CancellationToken,
+    signals: Signals,
 ) -> Result<RunningConsumer, lapin::Error> {
     let channel = connection.create_channel().await?;
     // Re-applied on every (re)connection: lapin's recovery would not.
@@ -120,6 +134,16 @@ pub async fn start(
     let limit = Arc::new(Semaphore::new(consuming.concurrency));
     let loop_tracker = tracker.clone();
     tracker.spawn(async move {
+        let Signals {
+            all_started,
+            stop_consuming,
+            hard_stop,
+            lost,
+        } = signals;
+        tokio::select! {
+            _ = stop_consuming.cancelled() => return,
+            _ = all_started.cancelled() => {}
+        }
         loop {
             let next = tokio::select! {
                 _ = stop_consuming.cancelled() => break,
@@ -137,9 +161,17 @@ pub async fn start(
                     break;
                 }
             };
+            let acquire = async {
+                let own = limit.clone().acquire_owned().await;
+                let all = consuming.handling.clone().acquire_owned().await;
+                (
+                    own.expect("semaphore is never closed"),
+                    all.expect("semaphore is never closed"),
+                )
+            };
             let permit = tokio::select! {
                 _ = stop_consuming.cancelled() => break,
-                permit = limit.clone().acquire_owned() => permit.expect("semaphore is never closed"),
+                permits = acquire => permits,
             };
             let consuming = consuming.clone();
             let publisher = publisher.clone();
@@ -148,7 +180,15 @@ pub async fn start(
             let lost = lost.clone();
             loop_tracker.spawn(async move {
                 let _permit = permit;
-                process(&consuming, &publisher, instance.as_deref(), delivery, &hard_stop, &lost).await;
+                process(
+                    &consuming,
+                    &publisher,
+                    instance.as_deref(),
+                    delivery,
+                    &hard_stop,
+                    &lost,
+                )
+                .await;
             });
         }
     });

@@ -96,13 +96,25 @@ pub async fn run(
         stop.clone(),
     ));
 
+    // One consumer per instance, plus the unrouted queue's.
+    let queues = pipeline.instances.len() + 1;
+    let prefetch = config.prefetch_per_queue(queues);
+    if prefetch < config.broker.prefetch {
+        tracing::info!(
+            prefetch,
+            queues,
+            max_in_flight = config.worker.max_in_flight,
+            "Prefetch per queue lowered to fit worker.max_in_flight."
+        );
+    }
     let consuming = Arc::new(Consuming {
         pipeline: pipeline.clone(),
         metrics: telemetry::CommandMetrics::default(),
         names: Names::new(&config.broker.namespace),
         app_id: config.worker.name.clone(),
-        prefetch: config.broker.prefetch,
+        prefetch,
         concurrency: config.worker.concurrency_per_instance,
+        handling: Arc::new(tokio::sync::Semaphore::new(config.worker.max_handling)),
     });
     let mut delay = Duration::from_millis(250);
     let mut connections = 0u64;
@@ -201,8 +213,10 @@ async fn serve_connection(
     });
 
     let tracker = TaskTracker::new();
-    let stop_consuming = CancellationToken::new();
-    let hard_stop = CancellationToken::new();
+    let signals = consume::Signals {
+        lost: lost.clone(),
+        ..Default::default()
+    };
     let mut queues: Vec<(String, Option<Arc<pipeline::Instance>>)> = consuming
         .pipeline
         .instances
@@ -210,7 +224,7 @@ async fn serve_connection(
         .map(|i| (names.instance_queue(&i.name), Some(i.clone())))
         .collect();
     queues.push((names.unrouted_queue(), None));
-    // Started a few at a time: each is a channel and two round trips.
+    // Started many at a time: each is a channel and two round trips.
     let starts = queues.into_iter().map(|(queue, instance)| {
         consume::start(
             &connection,
@@ -219,22 +233,21 @@ async fn serve_connection(
             queue,
             instance,
             tracker.clone(),
-            stop_consuming.clone(),
-            hard_stop.clone(),
-            lost.clone(),
+            signals.clone(),
         )
     });
     let started: Vec<_> = futures_util::stream::iter(starts)
-        .buffer_unordered(16)
+        .buffer_unordered(64)
         .collect()
         .await;
     let consumers = match started.into_iter().collect::<Result<Vec<_>, _>>() {
         Ok(consumers) => consumers,
         Err(error) => {
-            stop_consuming.cancel();
+            signals.stop_consuming.cancel();
             return Err(error.into());
         }
     };
+    signals.all_started.cancel();
     health.consuming.store(true, Ordering::SeqCst);
     *consumed = true;
     tracing::info!(consumers = consumers.len(), "Consuming.");
@@ -244,7 +257,7 @@ async fn serve_connection(
         _ = lost.cancelled() => false,
     };
     health.consuming.store(false, Ordering::SeqCst);
-    stop_consuming.cancel();
+    signals.stop_consuming.cancel();
     if requested {
         for consumer in &consumers {
             let _ = consumer
@@ -260,7 +273,7 @@ async fn serve_connection(
             grace_ms = grace.as_millis() as u64,
             "In-flight commands did not finish in time; handing them back."
         );
-        hard_stop.cancel();
+        signals.hard_stop.cancel();
         tracker.wait().await;
     }
     let _ = connection.close(200, "worker stopping".into()).await;
