@@ -31,13 +31,10 @@ const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 const OLD_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("expiry");
 /// Most operations committed together.
 const MAX_BATCH: usize = 1024;
-/// Operations already waiting that make the writer pause before a commit, and the pause.
-const LINGER_SIBLINGS: usize = 4;
-const LINGER: Duration = Duration::from_micros(500);
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Records looked at per sweep, at least; more when more were written since the last one.
 const SWEEP_MIN: usize = 10_000;
-const CACHE_BYTES: usize = 16 * 1024 * 1024;
+const CACHE_BYTES: usize = 8 * 1024 * 1024;
 /// First byte of a record in the binary layout (a JSON record starts with `{`).
 const FORMAT: u8 = 1;
 
@@ -182,23 +179,13 @@ type Records<'t> = redb::Table<'t, &'static str, &'static [u8]>;
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::UnboundedReceiver<(String, Op)>) {
-        let take_waiting = |batch: &mut Vec<(String, Op)>, rx: &mut mpsc::UnboundedReceiver<_>| {
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(op) => batch.push(op),
                     Err(_) => break,
                 }
-            }
-        };
-        while let Some(first) = rx.blocking_recv() {
-            let mut batch = vec![first];
-            take_waiting(&mut batch, &mut rx);
-            // As PostgreSQL's commit_delay with commit_siblings: when others were already
-            // waiting (the worker is busy), a short pause lets more join this commit, so one
-            // fsync and one page write serve more commands. A lone operation never waits.
-            if batch.len() >= LINGER_SIBLINGS && batch.len() < MAX_BATCH {
-                std::thread::sleep(LINGER);
-                take_waiting(&mut batch, &mut rx);
             }
             let mut replies = Vec::with_capacity(batch.len());
             let committed = self.apply_batch(batch, &mut replies);
