@@ -63,17 +63,6 @@ pub struct WorkerConfig {
     pub shutdown_grace_ms: u64,
 }
 
-impl Config {
-    /// The prefetch of each of `queues` consumers: `broker.prefetch`, lowered (to 1 at least)
-    /// so that all of them together hold at most `worker.max_in_flight` deliveries.
-    pub fn prefetch_per_queue(&self, queues: usize) -> u16 {
-        let share = self.worker.max_in_flight as usize / queues.max(1);
-        self.broker
-            .prefetch
-            .min(share.clamp(1, usize::from(u16::MAX)) as u16)
-    }
-}
-
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
@@ -515,6 +504,15 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The prefetch of each of `queues` consumers: `broker.prefetch`, lowered (to 1 at least)
+    /// so that all of them together hold at most `worker.max_in_flight` deliveries.
+    pub fn prefetch_per_queue(&self, queues: usize) -> u16 {
+        let share = self.worker.max_in_flight as usize / queues.max(1);
+        self.broker
+            .prefetch
+            .min(share.clamp(1, usize::from(u16::MAX)) as u16)
     }
 
     pub fn idempotency_path(&self) -> PathBuf {

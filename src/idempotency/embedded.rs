@@ -211,15 +211,18 @@ impl Writer {
             let mut records = txn.open_table(RECORDS).map_err(|e| e.to_string())?;
             let now = now_ms();
             for (id, op) in batch {
-                let stored = match read(&records, &id)? {
-                    Some(Ok(record)) => Some(record),
-                    Some(Err(e)) => {
-                        replies.push((reply_of(op), Err(StoreError::Corrupt(e))));
-                        continue;
-                    }
-                    None => None,
+                // A claim in memory is newer than anything on disk: no need to read it.
+                let existing = match self.pending.get(&id) {
+                    Some(claimed) => Some(claimed.clone()),
+                    None => match read(&records, &id)? {
+                        Some(Ok(record)) => Some(record),
+                        Some(Err(e)) => {
+                            replies.push((reply_of(op), Err(StoreError::Corrupt(e))));
+                            continue;
+                        }
+                        None => None,
+                    },
                 };
-                let existing = self.pending.get(&id).cloned().or(stored);
                 let (reply, write) = match op {
                     Op::Begin { fingerprint, reply } => {
                         // Leases of another process are dead: only one process can have this
@@ -307,17 +310,13 @@ impl Writer {
     /// and a late `remember` still finds its record. Returns whether anything changed.
     fn sweep(&mut self, records: &mut Records<'_>, now: u64) -> Result<bool, String> {
         let mut changed = false;
-        let lapsed: Vec<String> = self
+        let lapsed: Vec<(String, Record)> = self
             .pending
-            .iter()
-            .filter(|(_, r)| r.lease_until_ms <= now)
-            .map(|(id, _)| id.clone())
+            .extract_if(|_, r| r.lease_until_ms <= now)
             .collect();
-        for id in lapsed {
-            if let Some(record) = self.pending.remove(&id) {
-                put(records, &id, &record)?;
-                changed = true;
-            }
+        for (id, record) in lapsed {
+            put(records, &id, &record)?;
+            changed = true;
         }
         // Walking twice as many records as were written since the last sweep keeps up with
         // any write rate.
