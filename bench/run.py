@@ -154,6 +154,24 @@ def proc_status_kb(pid, key):
     return 0
 
 
+def thread_cpu_s(pid):
+    """CPU seconds of each thread of a process, summed by thread name."""
+    out = {}
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    raw = f.read()
+            except OSError:
+                continue
+            name = raw[raw.index("(") + 1:raw.rindex(")")]
+            fields = raw.rsplit(")", 1)[1].split()
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK
+    except OSError:
+        pass
+    return out
+
+
 def box_busy_s():
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
@@ -414,9 +432,10 @@ def drain_run(worker, n, ready_timeout, drain_timeout, poll, perf_name=None):
             if c > 0 and t_first is None:
                 t_first, c_first = seen, c
                 cpu, cpu_first = CpuWindow(pid), proc_cpu_s(pid)
+                threads_first = thread_cpu_s(pid)
                 if ARGS.perf and perf_name:
                     data = os.path.join(OUT, f"{perf_name}.perf.data")
-                    perf = spawn(["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(pid),
+                    perf = spawn(["perf", "record", "-e", "cpu-clock", "-F", "499", "--call-graph", "dwarf,16384", "-p", str(pid),
                                   "-o", data], f"{perf_name}.perf.log", stdout_to_log=True)
             if c >= n:
                 t_done = seen
@@ -432,6 +451,7 @@ def drain_run(worker, n, ready_timeout, drain_timeout, poll, perf_name=None):
     with open(os.path.join(OUT, f"{worker.ns}-run{RUN_COUNT[worker.ns]}.metrics"), "w") as f:
         f.write(worker.last_metrics)
     own = proc_cpu_s(pid) - cpu_first
+    threads = {k: v - threads_first.get(k, 0.0) for k, v in thread_cpu_s(pid).items()}
     window = cpu.close(own_cpu_s=own)
     secs = max(t_done - t_first, 1e-3)
     done_n = n - c_first
@@ -448,6 +468,7 @@ def drain_run(worker, n, ready_timeout, drain_timeout, poll, perf_name=None):
         "ok_200": total(m, "chat_delete_commands_completed_total", status="200"),
         "replays": total(m, "chat_delete_replays_total"),
         "cpu": window,
+        "threads_us_per_cmd": {k: round(v * 1e6 / done_n, 1) for k, v in sorted(threads.items()) if v > 0},
     }
     return res
 
@@ -527,8 +548,9 @@ def part_aiopika(n, prefetch):
     return res
 
 
-def part_worker(n, prefetch, concurrency, lat_seconds, lat_rate):
-    """The worker on N preloaded, the same N replayed after a restart, then steady-rate latency."""
+def part_worker(n, prefetch, concurrency, lat_seconds, lat_rate, label="worker", more=True):
+    """The worker on N preloaded; with `more`, the same N replayed after a restart, then
+    steady-rate latency."""
     ns = new_ns("w")
     inst = instances_args(1, names=["bench"])
     NAMESPACES.append((ns, inst))
@@ -538,10 +560,15 @@ def part_worker(n, prefetch, concurrency, lat_seconds, lat_rate):
     run_tool(bench_tool("sink", "--ns", ns), timeout=60)
     preload(ns, inst, n, "w")
     try:
-        first = drain_run(w, n, 60, ARGS.drain_timeout, 0.025, perf_name="worker")
+        first = drain_run(w, n, 60, ARGS.drain_timeout, 0.025, perf_name="worker" if more else None)
     finally:
         w.stop()
-    log(f"worker: {first['rate']:.0f} cmd/s (prefetch {prefetch}, concurrency {concurrency})")
+    log(f"{label}: {first['rate']:.0f} cmd/s (prefetch {prefetch}, concurrency {concurrency}); "
+        f"{first['cpu_us_per_cmd']:.0f} us CPU/cmd by thread: {first['threads_us_per_cmd']}")
+    if not more:
+        delete_namespace(ns, inst)
+        return first
+
     store_files = sorted(os.listdir(w.store))
 
     replay = None
@@ -634,36 +661,51 @@ def fmt(v, spec="{:,.0f}", none="n/a"):
     return none if v is None else spec.format(v)
 
 
+def median(values):
+    v = sorted(values)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+
 def report(r):
     n = r["n"]
     ceil = r["ceiling"]
     ceil_rate = sum(c["rate"] for c in ceil) / len(ceil)
-    w = r["worker"]
+    workers = r["workers"]
+    ratios = [wk["rate"] / ((ceil[i]["rate"] + ceil[i + 1]["rate"]) / 2) for i, wk in enumerate(workers)]
+    ratio_ceiling = median(ratios)
+    # The drain nearest the median stands for the worker in the rows below.
+    w = workers[min(range(len(workers)), key=lambda i: abs(ratios[i] - ratio_ceiling))]
+    w_rate = median([wk["rate"] for wk in workers])
     py = r["aiopika"]
     rep = r["replay"]
     lat = r["latency"]
     many = r["many"]
-    ratio_ceiling = w["rate"] / ceil_rate
-    ratio_py = w["rate"] / py["rate"] if py else None
+    ratio_py = w_rate / py["rate"] if py else None
     replay_ok = rep is not None and rep["replays"] >= 0.99 * n
     rows = []
 
     def row(what, value, ratio="", note=""):
         rows.append((what, value, ratio, note))
 
-    for i, c in enumerate(ceil):
+    def ceiling_row(i):
+        c = ceil[i]
         row(f"ceiling (bare lapin loop) run {i + 1}, N={n:,}", f"{c['rate']:,.0f} cmd/s", "",
             f"svc p50/p99 {c['svc_p50_ms']:.1f}/{c['svc_p99_ms']:.1f} ms; {c['cpu_us_per_cmd']:.0f} us CPU/cmd; "
-            f"broker {c['cpu']['broker_cpu_s'] / c['cpu']['wall_s'] * 100:.0f}% CPU; peak RSS {c['peak_rss_kb'] / 1024:.1f} MiB")
-    row("ceiling used for ratios (mean)", f"{ceil_rate:,.0f} cmd/s", "1.00x", f"quorum, prefetch {r['prefetch']}")
-    row(f"worker, 1 simulated instance, N={n:,}", f"{w['rate']:,.0f} cmd/s", f"{ratio_ceiling:.2f}x ceiling",
-        f"goal >= 0.90x; prefetch {r['prefetch']}, concurrency {r['concurrency']}; {r['settings']}; "
+            f"broker {c['cpu']['broker_cpu_s'] / c['cpu']['wall_s'] * 100:.0f}% CPU")
+
+    ceiling_row(0)
+    for i, wk in enumerate(workers):
+        threads = ", ".join(f"{k} {v:.0f}" for k, v in wk["threads_us_per_cmd"].items())
+        row(f"worker run {i + 1}, 1 simulated instance, N={n:,}", f"{wk['rate']:,.0f} cmd/s",
+            f"{ratios[i]:.2f}x", f"vs the ceilings before and after; {wk['cpu_us_per_cmd']:.0f} us CPU/cmd "
+            f"({threads}); broker {wk['cpu']['broker_cpu_s'] / wk['cpu']['wall_s'] * 100:.0f}% CPU")
+        ceiling_row(i + 1)
+    row(f"worker vs ceiling, median of {len(workers)}", f"{w_rate:,.0f} cmd/s", f"{ratio_ceiling:.2f}x ceiling",
+        f"goal >= 0.90x; quorum, prefetch {r['prefetch']}, concurrency {r['concurrency']}; {r['settings']}; "
         f"store folder: {', '.join(r['store_files']) or 'empty'}")
     row("  worker service time p50 / p99", f"{fmt(w['svc_p50_ms'], '{:.1f}')} / {fmt(w['svc_p99_ms'], '{:.1f}')} ms",
         "", "receive -> ack, from /metrics histogram (interpolated in buckets)")
-    row("  worker peak RSS (VmHWM)", f"{w['peak_rss_kb'] / 1024:.1f} MiB", "",
-        f"{w['cpu_us_per_cmd']:.0f} us CPU/cmd; broker {w['cpu']['broker_cpu_s'] / w['cpu']['wall_s'] * 100:.0f}% CPU; "
-        f"other {w['cpu']['other_cpu_s']:.1f} CPU s")
+    row("  worker peak RSS (VmHWM)", f"{w['peak_rss_kb'] / 1024:.1f} MiB", "", "")
     if py:
         row(f"aio-pika peer, N={py['n']:,}", f"{py['rate']:,.0f} cmd/s", f"worker = {ratio_py:.1f}x peer",
             f"goal >= 5x; prefetch {py['prefetch']}; svc p50/p99 {py['svc_p50_ms']:.0f}/{py['svc_p99_ms']:.0f} ms; "
@@ -672,7 +714,7 @@ def report(r):
         row("replays (same N ids again)", "skipped", "", "")
     elif replay_ok:
         row("replays (same N ids again)", f"{rep['rate']:,.0f} cmd/s", f"{rep['rate'] / ceil_rate:.2f}x ceiling",
-            f"{rep['replays']:,.0f} answered from the store; peak RSS {rep['peak_rss_kb'] / 1024:.1f} MiB")
+            f"vs the mean ceiling ({ceil_rate:,.0f}); {rep['replays']:,.0f} answered from the store; peak RSS {rep['peak_rss_kb'] / 1024:.1f} MiB")
     else:
         row("replays (same N ids again)", "n/a", "",
             f"store not answering replays (replays counter {rep['replays']:,.0f}); re-run took {rep['rate']:,.0f} cmd/s")
@@ -719,7 +761,8 @@ def main():
     ap.add_argument("--n", type=int)
     ap.add_argument("--prefetch", type=int, default=500)
     ap.add_argument("--concurrency", type=int, help="worker concurrency_per_instance (default: = prefetch)")
-    ap.add_argument("--ceiling-runs", type=int, default=2, help="ceiling runs, before and after the worker")
+    ap.add_argument("--pairs", type=int, default=3, help="worker drains, each between two ceiling drains "
+                    "(the ratio reported is the median)")
     ap.add_argument("--aiopika-prefetch", type=int, default=100,
                     help="prefetch of the Python peer (default 100: its best, as in the prior figure)")
     ap.add_argument("--aiopika-n", type=int, help="commands for the Python peer (default: N, at most 50,000)")
@@ -758,13 +801,18 @@ def main():
     log(f"run {RUN_ID}: N={n:,}, prefetch {ARGS.prefetch}, {count} x {per} instances; logs in {OUT}")
 
     r = {"n": n, "prefetch": ARGS.prefetch, "concurrency": conc, "many_prefetch": ARGS.many_prefetch,
-         "many_concurrency": ARGS.many_concurrency, "ceiling": [], "aiopika": None, "many": None}
-    runs = max(1, ARGS.ceiling_runs)
+         "many_concurrency": ARGS.many_concurrency, "ceiling": [], "workers": [], "aiopika": None,
+         "many": None}
+    # The broker's pace drifts from one drain to the next, so ceiling and worker alternate, and
+    # each worker drain is set against the ceilings just before and after it.
     r["ceiling"].append(part_ceiling(n, ARGS.prefetch, "ceiling run 1"))
-    r["worker"], r["replay"], r["latency"], r["store_files"] = part_worker(n, ARGS.prefetch, conc, lat_s,
-                                                                         ARGS.latency_rate)
-    for i in range(1, runs):
-        r["ceiling"].append(part_ceiling(n, ARGS.prefetch, f"ceiling run {i + 1}"))
+    first, r["replay"], r["latency"], r["store_files"] = part_worker(n, ARGS.prefetch, conc, lat_s,
+                                                                     ARGS.latency_rate, "worker run 1")
+    r["workers"] = [first]
+    r["ceiling"].append(part_ceiling(n, ARGS.prefetch, "ceiling run 2"))
+    for i in range(1, max(1, ARGS.pairs)):
+        r["workers"].append(part_worker(n, ARGS.prefetch, conc, 0, 0, f"worker run {i + 1}", more=False))
+        r["ceiling"].append(part_ceiling(n, ARGS.prefetch, f"ceiling run {i + 2}"))
     r["ceiling_latency"] = part_ceiling_latency(ARGS.prefetch, lat_s, ARGS.latency_rate) if lat_s > 0 else None
     if not ARGS.skip_aiopika:
         r["aiopika"] = part_aiopika(ARGS.aiopika_n or min(n, 50_000), py_prefetch)

@@ -291,12 +291,11 @@ async fn carry_out(
             };
             let event = render(&handled.outcome, &ctx);
             publisher
-                .publish(&event, envelope.reply_to.as_deref())
+                .publish(event, envelope.reply_to.as_deref())
                 .await?;
             let status = handled.outcome.status();
             let label = handled.outcome.label();
-            metrics::counter!(telemetry::COMMANDS_COMPLETED, "status" => handled.outcome.status_label(), "outcome" => label)
-                .increment(1);
+            consuming.metrics.completed(&handled.outcome);
             // A bulk run answers thousands a second: successes are logged at debug (the
             // metrics count them), everything else at info.
             if status < 300 {
