@@ -5,7 +5,9 @@ Everything runs on one broker in one go, each part in its own namespace, so ever
 ratio measured in the same run:
 
   ceiling   the bare lapin loop (bench/src/main.rs `ceiling`) on N preloaded commands
-  worker    the worker on N preloaded commands: one simulated instance, zero latency
+  worker    the worker on N preloaded commands: one simulated instance, zero latency; after an
+            uncounted warm-up, worker and ceiling drains alternate (--pairs) and the median of
+            each worker drain's ratio to the ceilings around it is reported
   replays   the same N commands (same ids, same bodies) again, after a restart
   latency   publish -> result at a steady rate, against the running worker
   aiopika   the Python peer (bench/peer_aiopika.py) on N preloaded commands

@@ -12,7 +12,6 @@ use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 use crate::broker::{BrokerError, Publisher};
 use crate::config::is_valid_instance_name;
@@ -213,12 +212,11 @@ async fn process(
         }
         None => (Source::Unrouted, UNNAMED_INSTANCE),
     };
-    let span = tracing::info_span!(
-        "command",
-        idempotency_id = envelope.idempotency_id.as_deref().unwrap_or(""),
-        instance = instance_name,
-        attempt = envelope.previous_attempts + 1,
-        traceparent = envelope.traceparent.as_deref().unwrap_or(""),
+    let log = telemetry::CommandLog::new(
+        envelope.idempotency_id.as_deref().unwrap_or(""),
+        instance_name,
+        envelope.previous_attempts + 1,
+        envelope.traceparent.as_deref().unwrap_or(""),
     );
     let metrics = &consuming.metrics;
     match instance {
@@ -230,7 +228,7 @@ async fn process(
     let work = async {
         let verdict = consuming
             .pipeline
-            .handle(source, &envelope, &delivery.data)
+            .handle(source, &envelope, &delivery.data, &log)
             .await;
         let done = carry_out(
             consuming,
@@ -239,22 +237,23 @@ async fn process(
             instance_name,
             &delivery,
             verdict,
+            &log,
         )
         .await;
         if let Err(error) = &done {
-            tracing::warn!(%error, "Could not publish; the command goes back to the queue.");
+            log.in_span(
+                || tracing::warn!(%error, "Could not publish; the command goes back to the queue."),
+            );
             // The publishing channel may be gone: rebuild the connection rather than spin.
             lost.cancel();
         }
         settle(&delivery, settle_for(&done)).await;
-    }
-    .instrument(span.clone());
+    };
 
     tokio::select! {
         () = work => {}
         () = hard_stop.cancelled() => {
-            let _enter = span.enter();
-            tracing::warn!("Shutdown grace period over; handing the command back.");
+            log.in_span(|| tracing::warn!("Shutdown grace period over; handing the command back."));
             settle(&delivery, Settle::Requeue).await;
         }
     }
@@ -271,6 +270,7 @@ async fn carry_out(
     instance_name: &str,
     delivery: &Delivery,
     verdict: Verdict,
+    log: &telemetry::CommandLog<'_>,
 ) -> Result<(), BrokerError> {
     match verdict {
         Verdict::Answer {
@@ -298,22 +298,26 @@ async fn carry_out(
             consuming.metrics.completed(&handled.outcome);
             // A bulk run answers thousands a second: successes are logged at debug (the
             // metrics count them), everything else at info.
-            if status < 300 {
-                tracing::debug!(
-                    status,
-                    outcome = label,
-                    attempts = handled.attempts,
-                    replayed,
-                    "Command answered."
-                );
-            } else {
-                tracing::info!(
-                    status,
-                    outcome = label,
-                    attempts = handled.attempts,
-                    replayed,
-                    "Command answered."
-                );
+            if status >= 300 {
+                log.in_span(|| {
+                    tracing::info!(
+                        status,
+                        outcome = label,
+                        attempts = handled.attempts,
+                        replayed,
+                        "Command answered."
+                    )
+                });
+            } else if tracing::enabled!(tracing::Level::DEBUG) {
+                log.in_span(|| {
+                    tracing::debug!(
+                        status,
+                        outcome = label,
+                        attempts = handled.attempts,
+                        replayed,
+                        "Command answered."
+                    )
+                });
             }
             if park {
                 let headers = vec![
@@ -330,11 +334,13 @@ async fn carry_out(
                     .publish_confirmed("", &consuming.names.parked_queue(), &delivery.data, props)
                     .await?;
                 metrics::counter!(telemetry::PARKED).increment(1);
-                tracing::warn!(
-                    status,
-                    outcome = label,
-                    "Command parked after its final failure."
-                );
+                log.in_span(|| {
+                    tracing::warn!(
+                        status,
+                        outcome = label,
+                        "Command parked after its final failure."
+                    )
+                });
             }
             Ok(())
         }
@@ -364,12 +370,14 @@ async fn carry_out(
                 ));
             }
             metrics::counter!(telemetry::RETRIES, "stage" => "broker").increment(1);
-            tracing::info!(
-                delay_ms,
-                tries,
-                retries,
-                "Command will be tried again later."
-            );
+            log.in_span(|| {
+                tracing::info!(
+                    delay_ms,
+                    tries,
+                    retries,
+                    "Command will be tried again later."
+                )
+            });
             Ok(())
         }
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
+use tracing::Instrument;
 
 use crate::auth::InstanceCredentials;
 use crate::command::{ChatJid, DeleteRequest, parse_body};
@@ -21,7 +22,7 @@ use crate::pacing::Pacer;
 use crate::session::{
     ChatSession, SessionError, SessionOptions, SimulatedSession, WhatsappSession,
 };
-use crate::telemetry;
+use crate::telemetry::{self, CommandLog};
 use crate::topology::retry_tiers;
 
 /// One hosted instance.
@@ -80,6 +81,13 @@ impl Verdict {
             park,
         }
     }
+}
+
+/// An idempotency id and the claim on it this delivery holds.
+#[derive(Clone, Copy)]
+struct Held<'a> {
+    id: &'a str,
+    claim: &'a str,
 }
 
 /// Why the work of a claimed command stopped short.
@@ -183,7 +191,13 @@ impl Pipeline {
     }
 
     /// Runs the contract's checks in order and does the work.
-    pub async fn handle(&self, source: Source<'_>, envelope: &Envelope, body: &[u8]) -> Verdict {
+    pub async fn handle(
+        &self,
+        source: Source<'_>,
+        envelope: &Envelope,
+        body: &[u8],
+        log: &CommandLog<'_>,
+    ) -> Verdict {
         let first_try = envelope.previous_attempts.saturating_add(1);
         let Some(id) = envelope.idempotency_id.as_deref() else {
             return Verdict::answer(Outcome::MissingIdempotencyId, None, first_try);
@@ -231,21 +245,22 @@ impl Pipeline {
                 };
             }
             Err(error) => {
-                tracing::warn!(%error, "Idempotency store unavailable.");
+                log.in_span(|| tracing::warn!(%error, "Idempotency store unavailable."));
                 return self.after_failure(envelope, None, Failure::Store(error), first_try);
             }
         };
         let (claim, chat_deleted) = claim;
+        let held = Held { id, claim: &claim };
         let request = match parsed {
             Ok(request) => request,
             Err(outcome) => {
                 return self
-                    .finish(id, &claim, outcome, None, first_try, envelope)
+                    .finish(held, outcome, None, first_try, envelope, log)
                     .await;
             }
         };
         let (result, tries) = self
-            .work(instance, &token, &request, id, &claim, chat_deleted)
+            .work(instance, &token, &request, held, chat_deleted, log)
             .await;
         let attempts = envelope.previous_attempts.saturating_add(tries.max(1));
         let chat = request.chat.clone();
@@ -255,12 +270,14 @@ impl Pipeline {
                     chat: chat.clone(),
                     delete_media: request.delete_media,
                 };
-                self.finish(id, &claim, outcome, Some(chat), attempts, envelope)
+                self.finish(held, outcome, Some(chat), attempts, envelope, log)
                     .await
             }
             Err(failure) => {
                 if let Err(error) = self.store.release(id, &claim).await {
-                    tracing::warn!(%error, "Could not release the claim; it expires by itself.");
+                    log.in_span(|| {
+                        tracing::warn!(%error, "Could not release the claim; it expires by itself.")
+                    });
                 }
                 self.after_failure(envelope, Some(chat), failure, attempts)
             }
@@ -270,21 +287,21 @@ impl Pipeline {
     /// Remembers a final 200/4xx result before it is published.
     async fn finish(
         &self,
-        id: &str,
-        claim: &str,
+        held: Held<'_>,
         outcome: Outcome,
         chat: Option<ChatJid>,
         attempts: u32,
         envelope: &Envelope,
+        log: &CommandLog<'_>,
     ) -> Verdict {
         let remembered = Remembered {
             outcome: outcome.clone(),
             attempts,
         };
-        match self.store.remember(id, claim, &remembered).await {
+        match self.store.remember(held.id, held.claim, &remembered).await {
             Ok(()) => Verdict::answer(outcome, chat, attempts),
             Err(error) => {
-                tracing::warn!(%error, "Could not remember the result.");
+                log.in_span(|| tracing::warn!(%error, "Could not remember the result."));
                 self.after_failure(envelope, chat, Failure::Store(error), attempts)
             }
         }
@@ -325,15 +342,15 @@ impl Pipeline {
         instance: &Instance,
         token: &TokenHash,
         request: &DeleteRequest,
-        id: &str,
-        claim: &str,
+        held: Held<'_>,
         chat_deleted: bool,
+        log: &CommandLog<'_>,
     ) -> (Result<(), Failure>, u32) {
         let mut tries = 0;
         if !chat_deleted {
             self.pacer.wait(token).await;
             let (result, n) = self
-                .delete_chat(instance, &request.chat, request.delete_media)
+                .delete_chat(instance, &request.chat, request.delete_media, log)
                 .await;
             tries = n;
             if let Err(error) = result {
@@ -342,14 +359,18 @@ impl Pipeline {
             // A later try after a failed purge starts at the purge (without a purge, the
             // remembered result comes next and says it all).
             if request.delete_media
-                && let Err(error) = self.store.mark_chat_deleted(id, claim).await
+                && let Err(error) = self.store.mark_chat_deleted(held.id, held.claim).await
             {
-                tracing::warn!(%error, "Could not record the chat delete; a retry repeats it.");
+                log.in_span(|| {
+                    tracing::warn!(%error, "Could not record the chat delete; a retry repeats it.")
+                });
             }
         }
         if request.delete_media {
             tries = tries.max(1);
-            if let Err(error) = self.purge_media(instance, &request.chat).await {
+            // The purge logs what it did, so it runs in the command's span.
+            let purge = self.purge_media(instance, &request.chat);
+            if let Err(error) = purge.instrument(log.span().clone()).await {
                 return (Err(Failure::Media(error)), tries);
             }
         }
@@ -370,6 +391,7 @@ impl Pipeline {
         instance: &Instance,
         chat: &ChatJid,
         delete_media: bool,
+        log: &CommandLog<'_>,
     ) -> (Result<(), SessionError>, u32) {
         let started = Instant::now();
         let mut tries = 0u32;
@@ -381,7 +403,7 @@ impl Pipeline {
         .when(SessionError::is_retryable)
         .notify(|error, _| {
             metrics::counter!(telemetry::RETRIES, "stage" => "session_delete").increment(1);
-            tracing::debug!(%error, "Retrying the chat delete.");
+            log.in_span(|| tracing::debug!(%error, "Retrying the chat delete."));
         })
         .await;
         self.session_delete_duration
