@@ -297,7 +297,8 @@ async fn carry_out(
             let label = handled.outcome.label();
             consuming.metrics.completed(&handled.outcome);
             // A bulk run answers thousands a second: successes are logged at debug (the
-            // metrics count them), everything else at info.
+            // metrics count them), everything else at info. The level is checked first so
+            // that a success does not make the command's span for nothing.
             if status >= 300 {
                 log.in_span(|| {
                     tracing::info!(
