@@ -299,26 +299,23 @@ async fn carry_out(
             // A bulk run answers thousands a second: successes are logged at debug (the
             // metrics count them), everything else at info. The level is checked first so
             // that a success does not make the command's span for nothing.
+            macro_rules! answered {
+                ($level:ident) => {
+                    log.in_span(|| {
+                        tracing::$level!(
+                            status,
+                            outcome = label,
+                            attempts = handled.attempts,
+                            replayed,
+                            "Command answered."
+                        )
+                    })
+                };
+            }
             if status >= 300 {
-                log.in_span(|| {
-                    tracing::info!(
-                        status,
-                        outcome = label,
-                        attempts = handled.attempts,
-                        replayed,
-                        "Command answered."
-                    )
-                });
+                answered!(info);
             } else if tracing::enabled!(tracing::Level::DEBUG) {
-                log.in_span(|| {
-                    tracing::debug!(
-                        status,
-                        outcome = label,
-                        attempts = handled.attempts,
-                        replayed,
-                        "Command answered."
-                    )
-                });
+                answered!(debug);
             }
             if park {
                 let headers = vec![

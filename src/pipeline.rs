@@ -274,7 +274,7 @@ impl Pipeline {
                     .await
             }
             Err(failure) => {
-                if let Err(error) = self.store.release(id, &claim).await {
+                if let Err(error) = self.store.release(held.id, held.claim).await {
                     log.in_span(|| {
                         tracing::warn!(%error, "Could not release the claim; it expires by itself.")
                     });

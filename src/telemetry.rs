@@ -91,15 +91,15 @@ pub struct CommandMetrics {
     pub in_flight: metrics::Gauge,
     pub duration: metrics::Histogram,
     /// The answer to almost every command of a bulk run, kept to skip the label lookup.
-    completed_deleted: metrics::Counter,
+    completed_deleted: OnceLock<metrics::Counter>,
 }
 
 impl CommandMetrics {
     pub fn completed(&self, outcome: &Outcome) {
+        let counter = || metrics::counter!(COMMANDS_COMPLETED, "status" => outcome.status_label(), "outcome" => outcome.label());
         match outcome {
-            Outcome::Deleted { .. } => self.completed_deleted.increment(1),
-            _ => metrics::counter!(COMMANDS_COMPLETED, "status" => outcome.status_label(), "outcome" => outcome.label())
-                .increment(1),
+            Outcome::Deleted { .. } => self.completed_deleted.get_or_init(counter).increment(1),
+            _ => counter().increment(1),
         }
     }
 }
@@ -113,7 +113,7 @@ impl Default for CommandMetrics {
             received_unrouted: metrics::counter!(COMMANDS_RECEIVED, "queue" => "unrouted"),
             in_flight: metrics::gauge!(IN_FLIGHT),
             duration: metrics::histogram!(COMMAND_DURATION),
-            completed_deleted: metrics::counter!(COMMANDS_COMPLETED, "status" => "200", "outcome" => "deleted"),
+            completed_deleted: OnceLock::new(),
         }
     }
 }
@@ -122,10 +122,10 @@ impl Default for CommandMetrics {
 /// logged: making one for every command cost a few percent of a bulk run's CPU, and most
 /// commands log nothing at the default level.
 pub struct CommandLog<'a> {
-    pub idempotency_id: &'a str,
-    pub instance: &'a str,
-    pub attempt: u32,
-    pub traceparent: &'a str,
+    idempotency_id: &'a str,
+    instance: &'a str,
+    attempt: u32,
+    traceparent: &'a str,
     span: OnceLock<tracing::Span>,
 }
 
