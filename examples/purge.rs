@@ -7,7 +7,7 @@
 //! overrides the default concurrency. Stdout: the seconds; stderr: what was deleted.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use chat_delete_worker::media::{DiskConfig, MediaBackend, MediaConfig, MediaStore, S3Config};
 

@@ -1,6 +1,6 @@
 //! RabbitMQ: connecting (plain or TLS) and publishing result events with confirms.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};

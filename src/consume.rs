@@ -2,7 +2,7 @@
 //! its result published with a confirm, and only then is the delivery settled.
 
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
