@@ -85,7 +85,7 @@ async fn main() {
     let token = "harness-token";
     let hash = hex::encode(chat_delete_worker::config::TokenHash::of(token.as_bytes()).0);
     let config = write_config(dir.path(), &ns, &args, &hash);
-    let names = chat_delete_worker::topology::Names::new(&ns);
+    let names = chat_delete_worker::contract::Names::new(&ns);
     let instances: Vec<String> = (0..args.instances).map(|i| format!("inst{i}")).collect();
 
     // Declare the topology through the worker itself, plus a durable results queue.
@@ -396,7 +396,7 @@ async fn collect_results(url: &str, queue: &str, expected: usize) -> Vec<(String
 /// Whether every instance queue is empty (bounded wait; parked commands do not count).
 async fn wait_drained(
     url: &str,
-    names: &chat_delete_worker::topology::Names,
+    names: &chat_delete_worker::contract::Names,
     instances: &[String],
 ) -> bool {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -428,7 +428,7 @@ async fn wait_drained(
 
 async fn cleanup(
     url: &str,
-    names: &chat_delete_worker::topology::Names,
+    names: &chat_delete_worker::contract::Names,
     instances: &[String],
     results: &str,
 ) {

@@ -18,8 +18,10 @@ use lapin::{BasicProperties, Confirmation, Connection};
 use sha2::{Digest, Sha256};
 
 use crate::command::normalise_number;
-use crate::decode::int_header;
-use crate::topology::Names;
+use crate::contract::Names;
+use crate::contract::wire::{
+    REPLAYED_HEADER, STATUS_HEADER, TOKEN_HEADER, int_header, is_true_header,
+};
 
 /// One chat to delete.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,7 +170,7 @@ pub fn results_queue(names: &Names, batch: &str) -> Result<String, BatchError> {
     if !crate::config::is_valid_instance_name(batch) {
         return Err(BatchError::BatchName);
     }
-    Ok(format!("{}.results.{batch}", names.namespace))
+    Ok(names.results_queue(batch))
 }
 
 async fn declare_results_queue(channel: &lapin::Channel, queue: &str) -> Result<(), BatchError> {
@@ -261,7 +263,7 @@ pub async fn publish(
         let id = batch_id(instance, &target.number, batch);
         let mut headers = FieldTable::default();
         headers.insert(
-            ShortString::from("token"),
+            ShortString::from(TOKEN_HEADER),
             AMQPValue::LongString(token.into()),
         );
         let props = BasicProperties::default()
@@ -369,13 +371,10 @@ pub async fn follow(
             Ok(None) | Err(_) => break,
         };
         let headers = delivery.properties.headers().clone().unwrap_or_default();
-        let status = int_header(&headers, "status")
+        let status = int_header(&headers, STATUS_HEADER)
             .and_then(|s| u16::try_from(s).ok())
             .unwrap_or(0);
-        let replayed = matches!(
-            headers.inner().get("replayed"),
-            Some(AMQPValue::Boolean(true))
-        );
+        let replayed = is_true_header(&headers, REPLAYED_HEADER);
         let message = serde_json::from_slice::<serde_json::Value>(&delivery.data)
             .ok()
             .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))

@@ -7,7 +7,7 @@ use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
 use crate::config::BrokerConfig;
-use crate::outcome::ResultEvent;
+use crate::contract::ResultEvent;
 use crate::telemetry;
 
 #[derive(Debug, thiserror::Error)]

@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, InstanceKind, TokenHash};
+use crate::contract::Names;
 use crate::session::{self, SessionOptions};
-use crate::topology::Names;
 use crate::{batch, broker, http, pairing, telemetry, topology};
 
 /// Consumes "delete entire chat" commands from RabbitMQ and publishes their results.

@@ -7,7 +7,7 @@
 
 use serde::Deserialize;
 
-use crate::outcome::Outcome;
+use crate::contract::Outcome;
 
 /// What a valid body asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]

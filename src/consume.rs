@@ -7,28 +7,22 @@ use tokio::time::Instant;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{BrokerError, Publisher};
 use crate::config::is_valid_instance_name;
-use crate::decode::{ATTEMPT_HEADER, Envelope, RETRIES_HEADER};
-use crate::outcome::{EventContext, render};
+use crate::contract::wire::{
+    ATTEMPTS_SO_FAR_HEADER, ORIGINAL_ROUTING_KEY_HEADER, PARKED_OUTCOME_HEADER,
+    PARKED_STATUS_HEADER, RETRIES_HEADER, UNNAMED_INSTANCE, with_headers,
+};
+use crate::contract::{EventContext, Names, render};
+use crate::decode::Envelope;
 use crate::pipeline::{Instance, Pipeline, Source, Verdict};
 use crate::telemetry;
-use crate::topology::Names;
-
-/// The `instance` of a 404 answer whose routing key is not a valid instance name (it cannot be
-/// one: names start with a letter or digit).
-pub const UNNAMED_INSTANCE: &str = "_invalid";
-
-/// Headers of a parked command: the final status and outcome, and where it was going.
-pub const PARKED_STATUS_HEADER: &str = "x-parked-status";
-pub const PARKED_OUTCOME_HEADER: &str = "x-parked-outcome";
-pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-original-routing-key";
 
 /// Settings shared by all consumers of one worker.
 pub struct Consuming {
@@ -325,9 +319,15 @@ async fn carry_out(
                         ORIGINAL_ROUTING_KEY_HEADER,
                         AMQPValue::LongString(instance_name.into()),
                     ),
-                    (ATTEMPT_HEADER, AMQPValue::LongInt(handled.attempts as i32)),
+                    (
+                        ATTEMPTS_SO_FAR_HEADER,
+                        AMQPValue::LongInt(handled.attempts as i32),
+                    ),
                 ];
-                let props = with_headers(&delivery.properties, headers);
+                let props = delivery.properties.clone().with_headers(with_headers(
+                    delivery.properties.headers().as_ref(),
+                    headers,
+                ));
                 publisher
                     .publish_confirmed("", &consuming.names.parked_queue(), &delivery.data, props)
                     .await?;
@@ -348,10 +348,13 @@ async fn carry_out(
             retries,
         } => {
             let headers = vec![
-                (ATTEMPT_HEADER, AMQPValue::LongInt(tries as i32)),
+                (ATTEMPTS_SO_FAR_HEADER, AMQPValue::LongInt(tries as i32)),
                 (RETRIES_HEADER, AMQPValue::LongInt(retries as i32)),
             ];
-            let props = with_headers(&delivery.properties, headers);
+            let props = delivery.properties.clone().with_headers(with_headers(
+                delivery.properties.headers().as_ref(),
+                headers,
+            ));
             // The retry exchange is a fanout: the routing key (the instance, whatever the
             // command was first sent with) survives the dead-lettering back.
             let routed = publisher
@@ -379,13 +382,4 @@ async fn carry_out(
             Ok(())
         }
     }
-}
-
-/// The command's properties with some headers set (the token and everything else kept).
-fn with_headers(props: &BasicProperties, set: Vec<(&str, AMQPValue)>) -> BasicProperties {
-    let mut headers = props.headers().clone().unwrap_or_default();
-    for (key, value) in set {
-        headers.insert(ShortString::from(key), value);
-    }
-    props.clone().with_headers(headers)
 }

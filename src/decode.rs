@@ -1,12 +1,11 @@
 //! The first pipeline stage: what a delivery says, read from its properties and headers.
 
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable};
 
-/// Header carrying how many times the work was already tried (set by our retry path).
-pub const ATTEMPT_HEADER: &str = "x-chat-delete-attempts";
-/// Header carrying how many delayed redeliveries the command has had.
-pub const RETRIES_HEADER: &str = "x-chat-delete-retries";
+use crate::contract::wire::{
+    ATTEMPTS_SO_FAR_HEADER, RETRIES_HEADER, TOKEN_HEADER, TRACEPARENT_HEADER, int_header,
+    string_header,
+};
 
 /// A command's envelope; the body is validated later, after authentication.
 #[derive(Debug, Clone, Default)]
@@ -34,43 +33,19 @@ impl Envelope {
             idempotency_id: non_empty(props.message_id().as_ref()),
             correlation_id: non_empty(props.correlation_id().as_ref()),
             reply_to: non_empty(props.reply_to().as_ref()),
-            token: headers.and_then(|h| string_header(h, "token")),
+            token: headers.and_then(|h| string_header(h, TOKEN_HEADER)),
             previous_attempts: headers
-                .and_then(|h| int_header(h, ATTEMPT_HEADER))
+                .and_then(|h| int_header(h, ATTEMPTS_SO_FAR_HEADER))
                 .unwrap_or(0),
             retries: headers
                 .and_then(|h| int_header(h, RETRIES_HEADER))
                 .unwrap_or(0),
             traceparent: headers
-                .and_then(|h| string_header(h, "traceparent"))
+                .and_then(|h| string_header(h, TRACEPARENT_HEADER))
                 .and_then(|b| String::from_utf8(b).ok())
                 .filter(|tp| is_traceparent(tp)),
         }
     }
-}
-
-/// A header's value when it is a string (long or short), as bytes.
-pub fn string_header(headers: &FieldTable, key: &str) -> Option<Vec<u8>> {
-    match headers.inner().get(key)? {
-        AMQPValue::LongString(s) => Some(s.as_bytes().to_vec()),
-        AMQPValue::ShortString(s) => Some(s.as_str().as_bytes().to_vec()),
-        _ => None,
-    }
-}
-
-/// A header's value when it is a non-negative integer of any AMQP width.
-pub fn int_header(headers: &FieldTable, key: &str) -> Option<u32> {
-    let value = match headers.inner().get(key)? {
-        AMQPValue::ShortShortInt(v) => i64::from(*v),
-        AMQPValue::ShortShortUInt(v) => i64::from(*v),
-        AMQPValue::ShortInt(v) => i64::from(*v),
-        AMQPValue::ShortUInt(v) => i64::from(*v),
-        AMQPValue::LongInt(v) => i64::from(*v),
-        AMQPValue::LongUInt(v) => i64::from(*v),
-        AMQPValue::LongLongInt(v) => *v,
-        _ => return None,
-    };
-    u32::try_from(value).ok()
 }
 
 /// `00-<32 hex>-<16 hex>-<2 hex>`; anything else is dropped rather than echoed.
@@ -87,7 +62,7 @@ fn is_traceparent(tp: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lapin::types::ShortString;
+    use lapin::types::{AMQPValue, FieldTable, ShortString};
 
     #[test]
     fn reads_ids_token_and_attempts() {
@@ -96,7 +71,10 @@ mod tests {
             ShortString::from("token"),
             AMQPValue::LongString("t".into()),
         );
-        h.insert(ShortString::from(ATTEMPT_HEADER), AMQPValue::LongInt(3));
+        h.insert(
+            ShortString::from(ATTEMPTS_SO_FAR_HEADER),
+            AMQPValue::LongInt(3),
+        );
         h.insert(
             ShortString::from("traceparent"),
             AMQPValue::LongString("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),

@@ -18,11 +18,11 @@ pub mod cli;
 pub mod command;
 pub mod config;
 pub mod consume;
+pub mod contract;
 pub mod decode;
 pub mod http;
 pub mod idempotency;
 pub mod media;
-pub mod outcome;
 pub mod pacing;
 pub mod pairing;
 pub mod parked;
@@ -45,9 +45,9 @@ use tokio_util::task::TaskTracker;
 use crate::broker::{BrokerError, Publisher};
 use crate::config::Config;
 use crate::consume::Consuming;
+use crate::contract::Names;
 use crate::http::Health;
 use crate::pipeline::Pipeline;
-use crate::topology::Names;
 
 /// What a started worker tells its caller.
 #[derive(Debug, Clone, Default)]

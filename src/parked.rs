@@ -6,9 +6,11 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 
 use crate::broker::{BrokerError, Publisher};
-use crate::consume::{ORIGINAL_ROUTING_KEY_HEADER, PARKED_OUTCOME_HEADER, PARKED_STATUS_HEADER};
-use crate::decode::{ATTEMPT_HEADER, RETRIES_HEADER, int_header, string_header};
-use crate::topology::Names;
+use crate::contract::Names;
+use crate::contract::wire::{
+    ATTEMPTS_SO_FAR_HEADER, DEATH_HEADER_PREFIXES, ORIGINAL_ROUTING_KEY_HEADER,
+    PARKED_OUTCOME_HEADER, PARKED_STATUS_HEADER, RETRIES_HEADER, int_header, text_header,
+};
 
 /// What `parked list` shows of one command (never its token).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -24,9 +26,7 @@ pub struct ParkedCommand {
 impl ParkedCommand {
     fn of(props: &BasicProperties) -> Self {
         let headers = props.headers().clone().unwrap_or_default();
-        let text = |key: &str| {
-            string_header(&headers, key).map(|b| String::from_utf8_lossy(&b).into_owned())
-        };
+        let text = |key: &str| text_header(&headers, key);
         let death = first_death(&headers);
         Self {
             idempotency_id: props.message_id().as_ref().map(|s| s.as_str().to_owned()),
@@ -40,7 +40,7 @@ impl ParkedCommand {
 }
 
 fn first_death(headers: &FieldTable) -> Option<FieldTable> {
-    match headers.inner().get("x-death")? {
+    match headers.inner().get(DEATH_HEADER_PREFIXES[0])? {
         AMQPValue::FieldArray(deaths) => match deaths.as_slice().first()? {
             AMQPValue::FieldTable(t) => Some(t.clone()),
             _ => None,
@@ -115,17 +115,16 @@ pub async fn replay(
         let mut kept = FieldTable::default();
         for (key, value) in headers.inner() {
             let ours = [
-                ATTEMPT_HEADER,
+                ATTEMPTS_SO_FAR_HEADER,
                 RETRIES_HEADER,
                 PARKED_STATUS_HEADER,
                 PARKED_OUTCOME_HEADER,
                 ORIGINAL_ROUTING_KEY_HEADER,
             ];
-            if !ours.contains(&key.as_str())
-                && !key.as_str().starts_with("x-death")
-                && !key.as_str().starts_with("x-first-death")
-                && !key.as_str().starts_with("x-last-death")
-            {
+            let dead_lettering = DEATH_HEADER_PREFIXES
+                .iter()
+                .any(|prefix| key.as_str().starts_with(prefix));
+            if !ours.contains(&key.as_str()) && !dead_lettering {
                 kept.insert(key.clone(), value.clone());
             }
         }

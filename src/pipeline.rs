@@ -13,13 +13,13 @@ use tracing::Instrument;
 use crate::auth::InstanceCredentials;
 use crate::command::{ChatJid, DeleteRequest, parse_body};
 use crate::config::{Config, IdempotencyBackend, InstanceKind, RetryConfig, TokenHash};
+use crate::contract::Outcome;
 use crate::decode::Envelope;
 use crate::idempotency::{
     Begin, EmbeddedStore, Fingerprint, IdempotencyStore, Lifetimes, RedisStore, Remembered,
     StoreError,
 };
 use crate::media::{MediaError, MediaStore};
-use crate::outcome::Outcome;
 use crate::pacing::Pacer;
 use crate::session::{
     ChatSession, SessionError, SessionOptions, SimulatedSession, WhatsappSession,

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::outcome::Outcome;
+use crate::contract::Outcome;
 
 pub const COMMANDS_RECEIVED: &str = "chat_delete_commands_received_total";
 pub const COMMANDS_COMPLETED: &str = "chat_delete_commands_completed_total";

@@ -1,10 +1,11 @@
-//! Exchange and queue names, and their idempotent declaration.
+//! The worker's exchanges and queues, and their idempotent declaration.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, ExchangeKind};
 
 use crate::config::{BrokerConfig, QueueType};
+use crate::contract::Names;
 
 /// The distinct delays of the configured broker retries: one retry queue each. A command
 /// waiting for another try sits in its tier's queue until the queue's TTL dead-letters it back
@@ -14,67 +15,6 @@ pub fn retry_tiers(broker_delays_ms: &[u64]) -> Vec<u64> {
     tiers.sort_unstable();
     tiers.dedup();
     tiers
-}
-
-/// Every name the worker uses, derived from one namespace so tests and tenants can share a
-/// broker without touching each other.
-#[derive(Debug, Clone)]
-pub struct Names {
-    pub namespace: String,
-}
-
-impl Names {
-    pub fn new(namespace: &str) -> Self {
-        Self {
-            namespace: namespace.to_owned(),
-        }
-    }
-    /// Direct exchange; routing key = instance name.
-    pub fn commands_exchange(&self) -> String {
-        format!("{}.commands", self.namespace)
-    }
-    /// Fanout alternate exchange of the commands exchange.
-    pub fn unrouted_exchange(&self) -> String {
-        format!("{}.commands.unrouted", self.namespace)
-    }
-    /// Commands no instance queue took: answered with 404.
-    pub fn unrouted_queue(&self) -> String {
-        format!("{}.delete.unrouted", self.namespace)
-    }
-    pub fn instance_queue(&self, instance: &str) -> String {
-        format!("{}.delete.{instance}", self.namespace)
-    }
-    pub fn parked_queue(&self) -> String {
-        format!("{}.delete.parked", self.namespace)
-    }
-    /// Fanout exchange in front of one retry tier; routing keys pass through untouched, so the
-    /// dead-lettered message comes back with its instance routing key.
-    pub fn retry_exchange(&self, delay_ms: u64) -> String {
-        format!("{}.retry.{}", self.namespace, tier_label(delay_ms))
-    }
-    pub fn retry_queue(&self, delay_ms: u64) -> String {
-        format!("{}.delete.retry.{}", self.namespace, tier_label(delay_ms))
-    }
-    /// Topic exchange of result events.
-    pub fn events_exchange(&self) -> String {
-        format!("{}.events", self.namespace)
-    }
-}
-
-/// Event `type` of a success; also the routing-key prefix on the events exchange. Fixed by the
-/// contract, whatever the namespace.
-pub const SUCCESS_TYPE: &str = "chat.deleted";
-/// Event `type` of every error outcome.
-pub const FAILURE_TYPE: &str = "chat.delete_failed";
-
-fn tier_label(delay_ms: u64) -> String {
-    if delay_ms.is_multiple_of(60_000) {
-        format!("{}m", delay_ms / 60_000)
-    } else if delay_ms.is_multiple_of(1_000) {
-        format!("{}s", delay_ms / 1_000)
-    } else {
-        format!("{delay_ms}ms")
-    }
 }
 
 fn table(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
@@ -273,21 +213,4 @@ fn dead_letter_args<'a>(cfg: &BrokerConfig, names: &Names) -> Vec<(&'a str, AMQP
         ));
     }
     args
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_namespace_gives_the_documented_names() {
-        let n = Names::new("chat");
-        assert_eq!(n.commands_exchange(), "chat.commands");
-        assert_eq!(n.events_exchange(), "chat.events");
-        assert_eq!(n.unrouted_exchange(), "chat.commands.unrouted");
-        assert_eq!(n.instance_queue("demo"), "chat.delete.demo");
-        assert_eq!(n.parked_queue(), "chat.delete.parked");
-        assert_eq!(n.retry_queue(5_000), "chat.delete.retry.5s");
-        assert_eq!(n.retry_queue(120_000), "chat.delete.retry.2m");
-    }
 }

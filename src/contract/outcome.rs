@@ -5,8 +5,8 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde::Serialize;
 
-use crate::command::ChatJid;
 use super::wire::*;
+use crate::command::ChatJid;
 
 /// The outcome of one command, one variant per row of the contract.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -191,7 +191,10 @@ pub fn render(outcome: &Outcome, ctx: &EventContext<'_>) -> ResultEvent {
         headers.insert(ShortString::from(key), value);
     };
     let text = |s: &str| AMQPValue::LongString(s.into());
-    put(STATUS_HEADER, AMQPValue::LongInt(i32::from(outcome.status())));
+    put(
+        STATUS_HEADER,
+        AMQPValue::LongInt(i32::from(outcome.status())),
+    );
     put(INSTANCE_HEADER, text(ctx.instance));
     if let Some(id) = ctx.idempotency_id {
         put(IDEMPOTENCY_ID_HEADER, text(id));

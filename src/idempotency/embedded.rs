@@ -488,7 +488,7 @@ fn expires_of(bytes: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outcome::Outcome;
+    use crate::contract::Outcome;
 
     const L: Lifetimes = Lifetimes {
         lease: Duration::from_secs(60),

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::command::DeleteRequest;
 use crate::config::TokenHash;
-use crate::outcome::Outcome;
+use crate::contract::Outcome;
 
 /// instance + token hash + normalised body, hashed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chat_delete_worker::config::{Config, TokenHash};
-use chat_delete_worker::topology::{Names, retry_tiers};
+use chat_delete_worker::contract::Names;
+use chat_delete_worker::topology::retry_tiers;
 use futures_util::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
