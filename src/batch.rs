@@ -17,11 +17,11 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation, Connection};
 use sha2::{Digest, Sha256};
 
-use crate::command::normalise_number;
 use crate::contract::Names;
 use crate::contract::wire::{
     REPLAYED_HEADER, STATUS_HEADER, TOKEN_HEADER, int_header, is_true_header,
 };
+use crate::pipeline::request::normalise_number;
 
 /// One chat to delete.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,7 +20,7 @@ use crate::contract::wire::{
     PARKED_STATUS_HEADER, RETRIES_HEADER, UNNAMED_INSTANCE, with_headers,
 };
 use crate::contract::{EventContext, Names, render};
-use crate::decode::Envelope;
+use crate::pipeline::envelope::Envelope;
 use crate::pipeline::{Instance, Pipeline, Source, Verdict};
 use crate::telemetry;
 
@@ -199,7 +199,7 @@ async fn process(
     let started = Instant::now();
     let envelope = Envelope::from_properties(&delivery.properties);
     let (source, instance_name) = match instance {
-        Some(instance) => (Source::Instance(instance), instance.name.as_str()),
+        Some(instance) => (Source::Instance(instance), instance.name()),
         // Anything can be sent as a routing key; only a well-formed name is echoed back.
         None if is_valid_instance_name(delivery.routing_key.as_str()) => {
             (Source::Unrouted, delivery.routing_key.as_str())

@@ -77,13 +77,13 @@ pub async fn serve(
 async fn instances(State(s): State<AppState>) -> axum::Json<Vec<InstanceView>> {
     let mut views: Vec<InstanceView> = s
         .pipeline
-        .instances
-        .values()
+        .instances()
+        .iter()
         .map(|i| {
-            let details = i.session.details();
+            let details = i.session().details();
             InstanceView {
-                name: i.name.clone(),
-                state: i.session.state().label().to_owned(),
+                name: i.name().to_owned(),
+                state: i.session().state().label().to_owned(),
                 paired_as: details.as_ref().and_then(|d| d.paired_as.clone()),
                 changed_at: details.map(|d| d.changed_at.to_rfc3339()),
             }
@@ -101,7 +101,7 @@ async fn reload(State(s): State<AppState>) -> (StatusCode, &'static str) {
 async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
     let broker = s.health.broker_connected.load(Ordering::SeqCst);
     let consuming = s.health.consuming.load(Ordering::SeqCst);
-    let store = s.pipeline.store.ping().await;
+    let store = s.pipeline.store_reachable().await;
     let status = if broker && consuming && store {
         StatusCode::OK
     } else {

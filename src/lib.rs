@@ -11,19 +11,15 @@
 
 #![forbid(unsafe_code)]
 
-pub mod auth;
 pub mod batch;
 pub mod broker;
 pub mod cli;
-pub mod command;
 pub mod config;
 pub mod consume;
 pub mod contract;
-pub mod decode;
 pub mod http;
 pub mod idempotency;
 pub mod media;
-pub mod pacing;
 pub mod pairing;
 pub mod parked;
 pub mod pipeline;
@@ -97,7 +93,7 @@ pub async fn run(
     ));
 
     // One consumer per instance, plus the unrouted queue's.
-    let queues = pipeline.instances.len() + 1;
+    let queues = pipeline.instances().len() + 1;
     let prefetch = config.prefetch_per_queue(queues);
     if prefetch < config.broker.prefetch {
         tracing::info!(
@@ -177,9 +173,9 @@ async fn serve_connection(
     let names = &consuming.names;
     let instance_names: Vec<&str> = consuming
         .pipeline
-        .instances
-        .keys()
-        .map(String::as_str)
+        .instances()
+        .iter()
+        .map(|i| i.name())
         .collect();
     topology::declare(
         &connection,
@@ -219,9 +215,9 @@ async fn serve_connection(
     };
     let mut queues: Vec<(String, Option<Arc<pipeline::Instance>>)> = consuming
         .pipeline
-        .instances
-        .values()
-        .map(|i| (names.instance_queue(&i.name), Some(i.clone())))
+        .instances()
+        .iter()
+        .map(|i| (names.instance_queue(i.name()), Some(i.clone())))
         .collect();
     queues.push((names.unrouted_queue(), None));
     // Started many at a time: each is a channel and two round trips.
@@ -285,9 +281,7 @@ async fn serve_connection(
 }
 
 async fn shutdown_sessions(pipeline: &Pipeline) {
-    for instance in pipeline.instances.values() {
-        instance.session.shutdown().await;
-    }
+    pipeline.instances().shutdown().await;
 }
 
 /// Keeps the per-instance state gauges current.
@@ -298,15 +292,15 @@ async fn report_instance_states(pipeline: Arc<Pipeline>, stop: CancellationToken
             _ = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
-        for instance in pipeline.instances.values() {
-            let current = instance.session.state();
+        for instance in pipeline.instances().iter() {
+            let current = instance.session().state();
             let connected = current == session::SessionState::Connected;
-            metrics::gauge!(telemetry::INSTANCE_CONNECTED, "instance" => instance.name.clone())
+            metrics::gauge!(telemetry::INSTANCE_CONNECTED, "instance" => instance.name().to_owned())
                 .set(if connected { 1.0 } else { 0.0 });
             for state in session::SessionState::ALL {
                 metrics::gauge!(
                     telemetry::INSTANCE_STATE,
-                    "instance" => instance.name.clone(),
+                    "instance" => instance.name().to_owned(),
                     "state" => state.label()
                 )
                 .set(if state == current { 1.0 } else { 0.0 });
@@ -331,8 +325,8 @@ async fn reload_on_request(pipeline: Arc<Pipeline>, health: Arc<Health>, stop: C
             _ = hup => tracing::info!("SIGHUP received; reloading sessions."),
             _ = health.reload.notified() => tracing::info!("Reload requested; reloading sessions."),
         }
-        for instance in pipeline.instances.values() {
-            instance.session.reload().await;
+        for instance in pipeline.instances().iter() {
+            instance.session().reload().await;
         }
     }
 }

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use chat_delete_worker::command::normalise_number;
+use chat_delete_worker::pipeline::request::normalise_number;
 use chat_delete_worker::session::whatsapp::{self, SessionLock};
 use chat_delete_worker::session::{
     ChatSession, SessionError, SessionOptions, SessionState, WhatsappSession,

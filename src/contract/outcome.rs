@@ -6,7 +6,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde::Serialize;
 
 use super::wire::*;
-use crate::command::ChatJid;
+use crate::pipeline::request::ChatJid;
 
 /// The outcome of one command, one variant per row of the contract.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -243,7 +243,7 @@ pub fn render(outcome: &Outcome, ctx: &EventContext<'_>) -> ResultEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::normalise_number;
+    use crate::pipeline::request::normalise_number;
 
     #[test]
     fn bodies_are_the_documented_payloads() {

@@ -17,9 +17,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::command::DeleteRequest;
 use crate::config::TokenHash;
 use crate::contract::Outcome;
+use crate::pipeline::request::DeleteRequest;
 
 /// instance + token hash + normalised body, hashed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,7 +194,7 @@ fn decide_begin(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::normalise_number;
+    use crate::pipeline::request::normalise_number;
 
     const L: Lifetimes = Lifetimes {
         lease: Duration::from_secs(10),
@@ -260,15 +260,15 @@ mod tests {
     #[test]
     fn fingerprints_use_the_normalised_body() {
         let token = TokenHash::of(b"t");
-        let a = crate::command::DeleteRequest {
+        let a = crate::pipeline::request::DeleteRequest {
             chat: normalise_number("+55 11 99999-9999").unwrap(),
             delete_media: false,
         };
-        let b = crate::command::DeleteRequest {
+        let b = crate::pipeline::request::DeleteRequest {
             chat: normalise_number("5511999999999").unwrap(),
             delete_media: false,
         };
-        let c = crate::command::DeleteRequest {
+        let c = crate::pipeline::request::DeleteRequest {
             delete_media: true,
             ..b.clone()
         };

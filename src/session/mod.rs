@@ -6,7 +6,7 @@ pub mod whatsapp;
 pub use simulated::SimulatedSession;
 pub use whatsapp::{SessionOptions, SessionStatus, WhatsappSession};
 
-use crate::command::ChatJid;
+use crate::pipeline::request::ChatJid;
 
 /// Why a delete did not happen.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::command::ChatJid;
 use crate::config::{SimulatedConfig, SimulatedFailure};
+use crate::pipeline::request::ChatJid;
 
 use super::{ChatSession, SessionError, SessionState};
 
@@ -111,7 +111,7 @@ impl ChatSession for SimulatedSession {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::normalise_number;
+    use crate::pipeline::request::normalise_number;
 
     #[tokio::test]
     async fn fails_first_n_then_succeeds_and_logs_each_delete() {

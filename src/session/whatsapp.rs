@@ -17,7 +17,7 @@ use whatsapp_rust::store::SqliteStore;
 use whatsapp_rust::transport::TokioWebSocketTransportFactory;
 use whatsapp_rust::{AppStateError, ErrorChainExt, Jid, message_range};
 
-use crate::command::{ChatJid, JidServer};
+use crate::pipeline::request::{ChatJid, JidServer};
 
 use super::{ChatSession, SessionError, SessionState};
 
@@ -491,7 +491,7 @@ pub async fn unpair(options: &SessionOptions) -> Result<bool, OpenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::normalise_number;
+    use crate::pipeline::request::normalise_number;
 
     #[test]
     fn validated_chats_map_to_device_free_crate_jids() {

@@ -1,8 +1,14 @@
-//! The stages between a decoded delivery and its verdict: authenticate, check idempotency,
-//! validate, pace, delete the chat on the instance's session, purge its media, remember.
+//! The stages between a delivery and its verdict, in the contract's order: read the envelope
+//! ([`envelope`]), authenticate ([`auth`]), check idempotency, validate the body
+//! ([`request`]), pace ([`pacing`]), delete the chat on the instance's session, purge its
+//! media, remember. [`Pipeline::handle`] runs them; the hosted instances are in [`instances`].
 
-use std::collections::HashMap;
-use std::sync::Arc;
+pub mod auth;
+pub mod envelope;
+pub mod instances;
+pub mod pacing;
+pub mod request;
+
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -10,29 +16,21 @@ use tokio::time::Instant;
 use backon::{ExponentialBuilder, Retryable};
 use tracing::Instrument;
 
-use crate::auth::InstanceCredentials;
-use crate::command::{ChatJid, DeleteRequest, parse_body};
-use crate::config::{Config, IdempotencyBackend, InstanceKind, RetryConfig, TokenHash};
+use crate::config::{Config, IdempotencyBackend, RetryConfig, TokenHash};
 use crate::contract::Outcome;
-use crate::decode::Envelope;
 use crate::idempotency::{
     Begin, EmbeddedStore, Fingerprint, IdempotencyStore, Lifetimes, RedisStore, Remembered,
     StoreError,
 };
 use crate::media::{MediaError, MediaStore};
-use crate::pacing::Pacer;
-use crate::session::{
-    ChatSession, SessionError, SessionOptions, SimulatedSession, WhatsappSession,
-};
+use crate::session::SessionError;
 use crate::telemetry::{self, CommandLog};
 use crate::topology::retry_tiers;
 
-/// One hosted instance.
-pub struct Instance {
-    pub name: String,
-    pub credentials: InstanceCredentials,
-    pub session: Arc<dyn ChatSession>,
-}
+use envelope::Envelope;
+pub use instances::{Instance, Instances};
+use pacing::Pacer;
+use request::{ChatJid, DeleteRequest, parse_body};
 
 /// Where a delivery came from.
 #[derive(Clone, Copy)]
@@ -122,48 +120,19 @@ impl Failure {
 
 /// Everything the pipeline needs, shared by all consumers.
 pub struct Pipeline {
-    pub instances: HashMap<String, Arc<Instance>>,
-    pub media: MediaStore,
-    pub store: Box<dyn IdempotencyStore>,
-    pub pacer: Pacer,
-    pub max_body_bytes: usize,
-    pub retry: RetryConfig,
+    instances: Instances,
+    media: MediaStore,
+    store: Box<dyn IdempotencyStore>,
+    pacer: Pacer,
+    max_body_bytes: usize,
+    retry: RetryConfig,
     session_delete_duration: metrics::Histogram,
 }
 
 impl Pipeline {
     /// Opens every configured instance's session, the media store and the idempotency store.
     pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
-        let mut instances = HashMap::new();
-        let delete_timeout = Duration::from_millis(config.worker.delete_timeout_ms);
-        for (name, cfg) in &config.instances {
-            let session: Arc<dyn ChatSession> = match cfg.kind {
-                InstanceKind::Simulated => Arc::new(SimulatedSession::new(&cfg.simulated)?),
-                InstanceKind::Whatsapp => {
-                    let options = SessionOptions {
-                        store_path: config.session_store_path(name),
-                        delete_timeout,
-                        shutdown_deadline: Duration::from_millis(config.worker.shutdown_grace_ms),
-                        transport_url: cfg.transport_url.clone(),
-                    };
-                    Arc::new(WhatsappSession::start(name, options).await)
-                }
-            };
-            let account_token = cfg
-                .account
-                .as_ref()
-                .and_then(|a| config.accounts.get(a))
-                .map(|a| a.token_sha256);
-            let instance = Instance {
-                name: name.clone(),
-                credentials: InstanceCredentials {
-                    instance_token: cfg.token_sha256,
-                    account_token,
-                },
-                session,
-            };
-            instances.insert(name.clone(), Arc::new(instance));
-        }
+        let instances = Instances::from_config(config).await?;
         let lifetimes = Lifetimes {
             lease: Duration::from_secs(config.idempotency.lease_secs),
             keep: Duration::from_secs(config.idempotency.keep_secs),
@@ -192,6 +161,15 @@ impl Pipeline {
         })
     }
 
+    pub fn instances(&self) -> &Instances {
+        &self.instances
+    }
+
+    /// Whether the idempotency store answers (`/readyz`).
+    pub async fn store_reachable(&self) -> bool {
+        self.store.ping().await
+    }
+
     /// Runs the contract's checks in order and does the work.
     pub async fn handle(
         &self,
@@ -208,12 +186,12 @@ impl Pipeline {
             Source::Unrouted => return Verdict::answer(Outcome::InstanceNotFound, None, first_try),
             Source::Instance(instance) => instance,
         };
-        let Some(token) = instance.credentials.authenticate(envelope.token.as_deref()) else {
+        let Some(token) = instance.authenticate(envelope.token.as_deref()) else {
             return Verdict::answer(Outcome::InvalidToken, None, first_try);
         };
         let parsed = parse_body(body, self.max_body_bytes);
         let fingerprint =
-            Fingerprint::new(&instance.name, &token, parsed.as_ref().map_err(|_| body));
+            Fingerprint::new(instance.name(), &token, parsed.as_ref().map_err(|_| body));
         let claim = match self.store.begin(id, &fingerprint).await {
             Ok(Begin::Claimed {
                 claim,
@@ -399,7 +377,7 @@ impl Pipeline {
         let mut tries = 0u32;
         let result = (|| {
             tries += 1;
-            instance.session.delete_chat(chat, delete_media)
+            instance.session().delete_chat(chat, delete_media)
         })
         .retry(self.backoff())
         .when(SessionError::is_retryable)
@@ -417,7 +395,7 @@ impl Pipeline {
     /// resumes where this one stopped.
     async fn purge_media(&self, instance: &Instance, chat: &ChatJid) -> Result<(), MediaError> {
         let started = Instant::now();
-        let result = self.media.purge_chat(&instance.name, chat.as_str()).await;
+        let result = self.media.purge_chat(instance.name(), chat.as_str()).await;
         metrics::histogram!(telemetry::STAGE_DURATION, "stage" => "media_purge")
             .record(started.elapsed().as_secs_f64());
         let report = result?;

@@ -1,0 +1,104 @@
+//! The hosted instances: name → credentials and session, built from the config.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Config, InstanceKind, TokenHash};
+use crate::session::{ChatSession, SessionOptions, SimulatedSession, WhatsappSession};
+
+use super::auth::InstanceCredentials;
+
+/// One hosted instance.
+pub struct Instance {
+    name: String,
+    credentials: InstanceCredentials,
+    session: Arc<dyn ChatSession>,
+}
+
+impl Instance {
+    pub fn new(
+        name: &str,
+        credentials: InstanceCredentials,
+        session: Arc<dyn ChatSession>,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            credentials,
+            session,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn session(&self) -> &dyn ChatSession {
+        self.session.as_ref()
+    }
+
+    /// The hash of the presented token when it opens this instance.
+    pub fn authenticate(&self, token: Option<&[u8]>) -> Option<TokenHash> {
+        self.credentials.authenticate(token)
+    }
+}
+
+/// Every instance this worker hosts, by name.
+#[derive(Default)]
+pub struct Instances {
+    by_name: BTreeMap<String, Arc<Instance>>,
+}
+
+impl Instances {
+    /// Opens every configured instance's session (a `whatsapp` session connects only when it
+    /// is paired).
+    pub async fn from_config(config: &Config) -> std::io::Result<Self> {
+        let mut by_name = BTreeMap::new();
+        for (name, cfg) in &config.instances {
+            let session: Arc<dyn ChatSession> = match cfg.kind {
+                InstanceKind::Simulated => Arc::new(SimulatedSession::new(&cfg.simulated)?),
+                InstanceKind::Whatsapp => {
+                    let options = SessionOptions {
+                        store_path: config.session_store_path(name),
+                        delete_timeout: Duration::from_millis(config.worker.delete_timeout_ms),
+                        shutdown_deadline: Duration::from_millis(config.worker.shutdown_grace_ms),
+                        transport_url: cfg.transport_url.clone(),
+                    };
+                    Arc::new(WhatsappSession::start(name, options).await)
+                }
+            };
+            let account_token = cfg
+                .account
+                .as_ref()
+                .and_then(|a| config.accounts.get(a))
+                .map(|a| a.token_sha256);
+            let credentials = InstanceCredentials {
+                instance_token: cfg.token_sha256,
+                account_token,
+            };
+            let instance = Instance::new(name, credentials, session);
+            by_name.insert(name.clone(), Arc::new(instance));
+        }
+        Ok(Self { by_name })
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// In name order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Instance>> {
+        self.by_name.values()
+    }
+
+    /// Stops every session, flushing what they keep.
+    pub async fn shutdown(&self) {
+        for instance in self.iter() {
+            instance.session().shutdown().await;
+        }
+    }
+}
