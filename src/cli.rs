@@ -7,10 +7,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::bus::{self as broker, topology};
 use crate::config::{Config, InstanceKind, TokenHash};
 use crate::contract::Names;
 use crate::session::{self, SessionOptions};
-use crate::{batch, broker, http, pairing, telemetry, topology};
+use crate::{batch, http, pairing, telemetry};
 
 /// Consumes "delete entire chat" commands from RabbitMQ and publishes their results.
 #[derive(Parser)]

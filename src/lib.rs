@@ -12,10 +12,9 @@
 #![forbid(unsafe_code)]
 
 pub mod batch;
-pub mod broker;
+pub mod bus;
 pub mod cli;
 pub mod config;
-pub mod consume;
 pub mod contract;
 pub mod http;
 pub mod idempotency;
@@ -25,7 +24,6 @@ pub mod parked;
 pub mod pipeline;
 pub mod session;
 pub mod telemetry;
-pub mod topology;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -34,13 +32,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::BasicCancelOptions;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{BrokerError, Publisher};
+use crate::bus::consume::{self, Consuming, ConsumingOptions};
+use crate::bus::{BrokerError, Publisher, topology};
 use crate::config::Config;
-use crate::consume::Consuming;
 use crate::contract::Names;
 use crate::http::Health;
 use crate::pipeline::Pipeline;
@@ -103,15 +100,16 @@ pub async fn run(
             "Prefetch per queue lowered to fit worker.max_in_flight."
         );
     }
-    let consuming = Arc::new(Consuming {
-        pipeline: pipeline.clone(),
-        metrics: telemetry::CommandMetrics::default(),
-        names: Names::new(&config.broker.namespace),
-        app_id: config.worker.name.clone(),
-        prefetch,
-        concurrency: config.worker.concurrency_per_instance,
-        handling: Arc::new(tokio::sync::Semaphore::new(config.worker.max_handling)),
-    });
+    let consuming = Arc::new(Consuming::new(
+        pipeline.clone(),
+        Names::new(&config.broker.namespace),
+        ConsumingOptions {
+            app_id: config.worker.name.clone(),
+            prefetch,
+            concurrency: config.worker.concurrency_per_instance,
+            max_handling: config.worker.max_handling,
+        },
+    ));
     let mut delay = Duration::from_millis(250);
     let mut connections = 0u64;
     loop {
@@ -169,10 +167,10 @@ async fn serve_connection(
     consumed: &mut bool,
 ) -> Result<(), BrokerError> {
     let name = format!("{} ({generation})", config.worker.name);
-    let connection = broker::connect(&config.broker, &name).await?;
-    let names = &consuming.names;
+    let connection = bus::connect(&config.broker, &name).await?;
+    let names = consuming.names();
     let instance_names: Vec<&str> = consuming
-        .pipeline
+        .pipeline()
         .instances()
         .iter()
         .map(|i| i.name())
@@ -214,7 +212,7 @@ async fn serve_connection(
         ..Default::default()
     };
     let mut queues: Vec<(String, Option<Arc<pipeline::Instance>>)> = consuming
-        .pipeline
+        .pipeline()
         .instances()
         .iter()
         .map(|i| (names.instance_queue(i.name()), Some(i.clone())))
@@ -256,10 +254,7 @@ async fn serve_connection(
     signals.stop_consuming.cancel();
     if requested {
         for consumer in &consumers {
-            let _ = consumer
-                .channel
-                .basic_cancel(consumer.tag.as_str().into(), BasicCancelOptions::default())
-                .await;
+            consumer.cancel().await;
         }
     }
     tracker.close();

@@ -5,7 +5,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 
-use crate::broker::{BrokerError, Publisher};
+use crate::bus::{BrokerError, Publisher};
 use crate::contract::Names;
 use crate::contract::wire::{
     ATTEMPTS_SO_FAR_HEADER, DEATH_HEADER_PREFIXES, ORIGINAL_ROUTING_KEY_HEADER,

@@ -3,7 +3,7 @@
 
 mod common;
 
-use chat_delete_worker::broker;
+use chat_delete_worker::bus as broker;
 use chat_delete_worker::config::BrokerConfig;
 use chat_delete_worker::parked;
 use common::*;

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use backon::{ExponentialBuilder, Retryable};
 use tracing::Instrument;
 
+use crate::bus::topology::retry_tiers;
 use crate::config::{Config, IdempotencyBackend, RetryConfig, TokenHash};
 use crate::contract::Outcome;
 use crate::idempotency::{
@@ -25,7 +26,6 @@ use crate::idempotency::{
 use crate::media::{MediaError, MediaStore};
 use crate::session::SessionError;
 use crate::telemetry::{self, CommandLog};
-use crate::topology::retry_tiers;
 
 use envelope::Envelope;
 pub use instances::{Instance, Instances};

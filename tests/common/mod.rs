@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use chat_delete_worker::bus::topology::retry_tiers;
 use chat_delete_worker::config::{Config, TokenHash};
 use chat_delete_worker::contract::Names;
-use chat_delete_worker::topology::retry_tiers;
 use futures_util::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, ShortString};

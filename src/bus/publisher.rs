@@ -1,69 +1,13 @@
-//! RabbitMQ: connecting (plain or TLS) and publishing result events with confirms.
-
-use tokio::time::Instant;
+//! Publishing with confirms: result events (to the events exchange and `reply_to`) and the
+//! worker's own copies of commands (retry and parking).
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use tokio::time::Instant;
 
-use crate::config::BrokerConfig;
+use super::BrokerError;
 use crate::contract::ResultEvent;
 use crate::telemetry;
-
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
-    #[error("cannot read TLS file {0}: {1}")]
-    TlsFile(String, std::io::Error),
-    #[error("AMQP error: {0}")]
-    Amqp(#[from] lapin::Error),
-    #[error("the broker refused the result event (nack)")]
-    Nacked,
-    /// The broker refused a declaration: usually a queue or exchange that exists with other
-    /// arguments (another version or config of the worker). Retrying will not change that.
-    #[error(
-        "the broker refused the topology (does a queue or exchange exist with other arguments?): {0}"
-    )]
-    Topology(lapin::Error),
-    #[error("no queue is bound to {0}")]
-    Unroutable(String),
-    #[error("the broker connection was lost")]
-    ConnectionLost,
-}
-
-impl BrokerError {
-    /// Everything but a bad TLS file or a refused topology can succeed on another try.
-    pub fn is_retryable(&self) -> bool {
-        !matches!(self, BrokerError::TlsFile(..) | BrokerError::Topology(_))
-    }
-}
-
-/// Opens a connection; `amqps://` URLs use the configured CA and client identity.
-pub async fn connect(cfg: &BrokerConfig, connection_name: &str) -> Result<Connection, BrokerError> {
-    let props = ConnectionProperties::default().with_connection_name(connection_name.into());
-    if cfg.ca_file.is_none() && cfg.client_identity_file.is_none() {
-        return Ok(Connection::connect(&cfg.url, props).await?);
-    }
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| BrokerError::TlsFile(path.display().to_string(), e))
-    };
-    let cert_chain = match &cfg.ca_file {
-        Some(path) => Some(String::from_utf8_lossy(&read(path)?).into_owned()),
-        None => None,
-    };
-    let identity = match &cfg.client_identity_file {
-        Some(path) => Some(OwnedIdentity::PKCS12 {
-            der: read(path)?,
-            password: cfg.client_identity_password.clone().unwrap_or_default(),
-        }),
-        None => None,
-    };
-    let tls = OwnedTLSConfig {
-        identity,
-        cert_chain,
-    };
-    let runtime = lapin::runtime::default_runtime()?;
-    Ok(Connection::connect_with_config(&cfg.url, props, tls, runtime).await?)
-}
 
 /// A confirm-mode channel for result events.
 pub struct Publisher {

@@ -1,0 +1,211 @@
+//! Carrying out a verdict and settling the delivery: the result (and a parked copy) or a
+//! delayed retry is published with confirms, and only then is the delivery acked. One function,
+//! [`settle_for`], decides ack or requeue.
+
+use lapin::BasicProperties;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::AMQPValue;
+
+use super::{BrokerError, Publisher};
+use crate::contract::wire::{
+    ATTEMPTS_SO_FAR_HEADER, ORIGINAL_ROUTING_KEY_HEADER, PARKED_OUTCOME_HEADER,
+    PARKED_STATUS_HEADER, RETRIES_HEADER, with_headers,
+};
+use crate::contract::{EventContext, Names, render};
+use crate::pipeline::envelope::Envelope;
+use crate::pipeline::{Handled, Verdict};
+use crate::telemetry::{self, CommandLog, CommandMetrics};
+
+/// What happens to a delivery once its handling is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// The result is out: remove the command.
+    Ack,
+    /// Hand it back to the queue (the result could not be published, or we are stopping).
+    Requeue,
+}
+
+/// The one place that decides a delivery's fate: acked once everything its verdict asked for
+/// is confirmed, handed back otherwise.
+pub fn settle_for(published: &Result<(), BrokerError>) -> Settle {
+    match published {
+        Ok(()) => Settle::Ack,
+        Err(_) => Settle::Requeue,
+    }
+}
+
+pub async fn settle(delivery: &Delivery, settle: Settle) {
+    let result = match settle {
+        Settle::Ack => delivery.ack(BasicAckOptions::default()).await,
+        Settle::Requeue => {
+            delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    match result {
+        Ok(true) => {}
+        // A channel from before a reconnect: the broker has requeued the delivery already.
+        Ok(false) => tracing::warn!(
+            ?settle,
+            "Delivery could not be settled on a stale channel; it will come back."
+        ),
+        Err(error) => {
+            tracing::warn!(?settle, %error, "Settling the delivery failed; it will come back.")
+        }
+    }
+}
+
+/// What carrying out a verdict needs besides the verdict.
+pub struct Carrier<'a> {
+    pub publisher: &'a Publisher,
+    pub names: &'a Names,
+    pub metrics: &'a CommandMetrics,
+    pub app_id: &'a str,
+    pub envelope: &'a Envelope,
+    pub instance: &'a str,
+    pub delivery: &'a Delivery,
+    pub log: &'a CommandLog<'a>,
+}
+
+impl Carrier<'_> {
+    /// Publishes what the verdict asks for. Every publish is confirmed before the delivery is
+    /// acked.
+    pub async fn carry_out(&self, verdict: Verdict) -> Result<(), BrokerError> {
+        match verdict {
+            Verdict::Answer {
+                handled,
+                replayed,
+                park,
+            } => {
+                self.answer(&handled, replayed).await?;
+                if park {
+                    self.park(&handled).await?;
+                }
+                Ok(())
+            }
+            Verdict::RetryLater {
+                delay_ms,
+                tries,
+                retries,
+            } => self.retry_later(delay_ms, tries, retries).await,
+        }
+    }
+
+    /// Publishes the result event (to the events exchange and `reply_to`).
+    async fn answer(&self, handled: &Handled, replayed: bool) -> Result<(), BrokerError> {
+        let envelope = self.envelope;
+        let ctx = EventContext {
+            instance: self.instance,
+            idempotency_id: envelope.idempotency_id.as_deref(),
+            correlation_id: envelope.correlation_id.as_deref(),
+            chat: handled.chat.as_ref(),
+            attempts: handled.attempts,
+            replayed,
+            traceparent: envelope.traceparent.as_deref(),
+            app_id: self.app_id,
+            now: chrono::Utc::now(),
+        };
+        let event = render(&handled.outcome, &ctx);
+        self.publisher
+            .publish(event, envelope.reply_to.as_deref())
+            .await?;
+        self.metrics.completed(&handled.outcome);
+        let status = handled.outcome.status();
+        let answered = |level: tracing::Level| {
+            let outcome = handled.outcome.label();
+            let attempts = handled.attempts;
+            self.log.in_span(|| match level {
+                tracing::Level::DEBUG => {
+                    tracing::debug!(status, outcome, attempts, replayed, "Command answered.")
+                }
+                _ => tracing::info!(status, outcome, attempts, replayed, "Command answered."),
+            })
+        };
+        // A bulk run answers thousands a second: successes are logged at debug (the metrics
+        // count them), everything else at info. The level is checked first so that a success
+        // does not make the command's span for nothing.
+        if status >= 300 {
+            answered(tracing::Level::INFO);
+        } else if tracing::enabled!(tracing::Level::DEBUG) {
+            answered(tracing::Level::DEBUG);
+        }
+        Ok(())
+    }
+
+    /// Keeps a copy of the command in the parking queue, with its final status and outcome.
+    async fn park(&self, handled: &Handled) -> Result<(), BrokerError> {
+        let status = handled.outcome.status();
+        let label = handled.outcome.label();
+        let props = self.with_headers(vec![
+            (PARKED_STATUS_HEADER, AMQPValue::LongInt(i32::from(status))),
+            (PARKED_OUTCOME_HEADER, AMQPValue::LongString(label.into())),
+            (
+                ORIGINAL_ROUTING_KEY_HEADER,
+                AMQPValue::LongString(self.instance.into()),
+            ),
+            (
+                ATTEMPTS_SO_FAR_HEADER,
+                AMQPValue::LongInt(handled.attempts as i32),
+            ),
+        ]);
+        self.publisher
+            .publish_confirmed("", &self.names.parked_queue(), &self.delivery.data, props)
+            .await?;
+        metrics::counter!(telemetry::PARKED).increment(1);
+        self.log.in_span(|| {
+            tracing::warn!(
+                status,
+                outcome = label,
+                "Command parked after its final failure."
+            )
+        });
+        Ok(())
+    }
+
+    /// Sends the command through the retry queue of `delay_ms`, carrying its tries and broker
+    /// retries so far.
+    async fn retry_later(
+        &self,
+        delay_ms: u64,
+        tries: u32,
+        retries: u32,
+    ) -> Result<(), BrokerError> {
+        let props = self.with_headers(vec![
+            (ATTEMPTS_SO_FAR_HEADER, AMQPValue::LongInt(tries as i32)),
+            (RETRIES_HEADER, AMQPValue::LongInt(retries as i32)),
+        ]);
+        // The retry exchange is a fanout: the routing key (the instance, whatever the command
+        // was first sent with) survives the dead-lettering back.
+        let exchange = self.names.retry_exchange(delay_ms);
+        let routed = self
+            .publisher
+            .publish_confirmed(&exchange, self.instance, &self.delivery.data, props)
+            .await?;
+        if !routed {
+            return Err(BrokerError::Unroutable(exchange));
+        }
+        metrics::counter!(telemetry::RETRIES, "stage" => "broker").increment(1);
+        self.log.in_span(|| {
+            tracing::info!(
+                delay_ms,
+                tries,
+                retries,
+                "Command will be tried again later."
+            )
+        });
+        Ok(())
+    }
+
+    /// The command's properties with some headers set (the token and everything else kept).
+    fn with_headers(&self, set: Vec<(&str, AMQPValue)>) -> BasicProperties {
+        let props = &self.delivery.properties;
+        props
+            .clone()
+            .with_headers(with_headers(props.headers().as_ref(), set))
+    }
+}
