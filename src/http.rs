@@ -1,33 +1,53 @@
-//! `/metrics`, `/healthz` and `/readyz` on one HTTP port.
+//! One HTTP port: `/metrics`, `/healthz`, `/readyz`, `/instances` and `POST /admin/reload`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::Pipeline;
+use crate::telemetry;
 
-/// What `/readyz` reports, and the admin requests the worker listens for.
+/// The broker side of `/readyz`: connected, and consuming.
 #[derive(Debug, Default)]
-pub struct Health {
-    pub broker_connected: AtomicBool,
-    pub consuming: AtomicBool,
-    /// `POST /admin/reload`: pick up sessions paired since the start.
-    pub reload: tokio::sync::Notify,
+pub struct Readiness {
+    broker_connected: AtomicBool,
+    consuming: AtomicBool,
 }
 
-#[derive(Clone)]
-struct AppState {
-    metrics: PrometheusHandle,
-    health: Arc<Health>,
-    pipeline: Arc<Pipeline>,
+impl Readiness {
+    /// Also kept as the `broker_connected` gauge; a lost connection consumes nothing.
+    pub fn set_broker_connected(&self, connected: bool) {
+        self.broker_connected.store(connected, Ordering::SeqCst);
+        if !connected {
+            self.consuming.store(false, Ordering::SeqCst);
+        }
+        metrics::gauge!(telemetry::BROKER_CONNECTED).set(if connected { 1.0 } else { 0.0 });
+    }
+
+    pub fn set_consuming(&self, consuming: bool) {
+        self.consuming.store(consuming, Ordering::SeqCst);
+    }
 }
+
+/// What the endpoints read.
+#[derive(Clone)]
+pub struct State {
+    pub metrics: PrometheusHandle,
+    pub readiness: Arc<Readiness>,
+    pub pipeline: Arc<Pipeline>,
+    /// Notified by `POST /admin/reload`: pick up sessions paired since the start.
+    pub reload: Arc<Notify>,
+}
+
+type AppState = extract::State<State>;
 
 /// One line of `GET /instances`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -42,9 +62,7 @@ pub struct InstanceView {
 pub async fn serve(
     bind: &str,
     port: u16,
-    metrics: PrometheusHandle,
-    health: Arc<Health>,
-    pipeline: Arc<Pipeline>,
+    state: State,
     stop: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind((bind, port)).await?;
@@ -52,17 +70,13 @@ pub async fn serve(
     let app = Router::new()
         .route(
             "/metrics",
-            get(|State(s): State<AppState>| async move { s.metrics.render() }),
+            get(|extract::State(s): AppState| async move { s.metrics.render() }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/instances", get(instances))
         .route("/admin/reload", post(reload))
-        .with_state(AppState {
-            metrics,
-            health,
-            pipeline,
-        });
+        .with_state(state);
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -74,7 +88,7 @@ pub async fn serve(
     Ok(addr)
 }
 
-async fn instances(State(s): State<AppState>) -> axum::Json<Vec<InstanceView>> {
+async fn instances(extract::State(s): AppState) -> axum::Json<Vec<InstanceView>> {
     let mut views: Vec<InstanceView> = s
         .pipeline
         .instances()
@@ -93,14 +107,14 @@ async fn instances(State(s): State<AppState>) -> axum::Json<Vec<InstanceView>> {
     axum::Json(views)
 }
 
-async fn reload(State(s): State<AppState>) -> (StatusCode, &'static str) {
-    s.health.reload.notify_one();
+async fn reload(extract::State(s): AppState) -> (StatusCode, &'static str) {
+    s.reload.notify_one();
     (StatusCode::ACCEPTED, "reloading sessions\n")
 }
 
-async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
-    let broker = s.health.broker_connected.load(Ordering::SeqCst);
-    let consuming = s.health.consuming.load(Ordering::SeqCst);
+async fn readyz(extract::State(s): AppState) -> (StatusCode, String) {
+    let broker = s.readiness.broker_connected.load(Ordering::SeqCst);
+    let consuming = s.readiness.consuming.load(Ordering::SeqCst);
     let store = s.pipeline.store_reachable().await;
     let status = if broker && consuming && store {
         StatusCode::OK

@@ -9,6 +9,7 @@ pub mod instances;
 pub mod pacing;
 pub mod request;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -120,7 +121,7 @@ impl Failure {
 
 /// Everything the pipeline needs, shared by all consumers.
 pub struct Pipeline {
-    instances: Instances,
+    instances: Arc<Instances>,
     media: MediaStore,
     store: Box<dyn IdempotencyStore>,
     pacer: Pacer,
@@ -132,7 +133,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// Opens every configured instance's session, the media store and the idempotency store.
     pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
-        let instances = Instances::from_config(config).await?;
+        let instances = Arc::new(Instances::from_config(config).await?);
         let lifetimes = Lifetimes {
             lease: Duration::from_secs(config.idempotency.lease_secs),
             keep: Duration::from_secs(config.idempotency.keep_secs),
@@ -161,7 +162,7 @@ impl Pipeline {
         })
     }
 
-    pub fn instances(&self) -> &Instances {
+    pub fn instances(&self) -> &Arc<Instances> {
         &self.instances
     }
 

@@ -1,0 +1,133 @@
+//! The worker's life: [`run`] opens the pipeline, serves HTTP, then keeps one broker
+//! connection at a time ([`connection`]) until it is told to stop, reconnecting with backoff
+//! ([`reconnect`]) when one is lost.
+
+mod background;
+pub mod connection;
+pub mod reconnect;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::consume::{Consuming, ConsumingOptions};
+use crate::config::Config;
+use crate::contract::Names;
+use crate::http::{self, Readiness};
+use crate::pipeline::Pipeline;
+use crate::telemetry;
+use connection::Ended;
+use reconnect::Reconnect;
+
+/// What a started worker tells its caller.
+#[derive(Debug, Clone, Default)]
+pub struct Started {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, when enabled.
+    pub http_addr: Option<SocketAddr>,
+}
+
+/// Runs the worker until `shutdown` completes, reconnecting to the broker whenever the
+/// connection is lost. `on_started` is called once the HTTP port is bound (tests read it).
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_started: impl FnOnce(Started) + Send,
+) -> anyhow::Result<()> {
+    let metrics = telemetry::prometheus();
+    let pipeline = Arc::new(Pipeline::from_config(&config).await?);
+    let instances = pipeline.instances().clone();
+    let readiness = Arc::new(Readiness::default());
+    let reload = Arc::new(Notify::new());
+    let stop = CancellationToken::new();
+    let stopper = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stopper.cancel();
+    });
+
+    let http_addr = if config.http.enabled {
+        let state = http::State {
+            metrics,
+            readiness: readiness.clone(),
+            pipeline: pipeline.clone(),
+            reload: reload.clone(),
+        };
+        let addr = http::serve(&config.http.bind, config.http.port, state, stop.clone()).await?;
+        tracing::info!(%addr, "Serving /metrics, /healthz and /readyz.");
+        Some(addr)
+    } else {
+        None
+    };
+    on_started(Started { http_addr });
+    tokio::spawn(background::report_instance_states(
+        instances.clone(),
+        stop.clone(),
+    ));
+    tokio::spawn(background::reload_on_request(
+        instances.clone(),
+        reload,
+        stop.clone(),
+    ));
+
+    let consuming = Arc::new(Consuming::new(
+        pipeline.clone(),
+        Names::new(&config.broker.namespace),
+        consuming_options(&config, instances.len()),
+    ));
+    let mut reconnect = Reconnect::default();
+    let failed = loop {
+        let ended = connection::serve(
+            &config,
+            &consuming,
+            &readiness,
+            &stop,
+            reconnect.connections(),
+        )
+        .await;
+        readiness.set_broker_connected(false);
+        match ended {
+            Ended::Stopped => break None,
+            Ended::Lost { error, .. } if !error.is_retryable() => break Some(error),
+            Ended::Lost { consumed, error } => {
+                let delay = reconnect.delay_after(consumed);
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "Broker connection lost; reconnecting.");
+                if !reconnect.wait(delay, &stop).await {
+                    break None;
+                }
+                metrics::counter!(telemetry::BROKER_RECONNECTS).increment(1);
+            }
+        }
+    };
+    stop.cancel();
+    instances.shutdown().await;
+    match failed {
+        Some(error) => Err(error.into()),
+        None => {
+            tracing::info!("Worker stopped.");
+            Ok(())
+        }
+    }
+}
+
+/// One consumer per instance, plus the unrouted queue's; prefetch split to fit the budget.
+fn consuming_options(config: &Config, instances: usize) -> ConsumingOptions {
+    let queues = instances + 1;
+    let prefetch = config.prefetch_per_queue(queues);
+    if prefetch < config.broker.prefetch {
+        tracing::info!(
+            prefetch,
+            queues,
+            max_in_flight = config.worker.max_in_flight,
+            "Prefetch per queue lowered to fit worker.max_in_flight."
+        );
+    }
+    ConsumingOptions {
+        app_id: config.worker.name.clone(),
+        prefetch,
+        concurrency: config.worker.concurrency_per_instance,
+        max_handling: config.worker.max_handling,
+    }
+}
