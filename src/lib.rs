@@ -11,7 +11,6 @@
 
 #![forbid(unsafe_code)]
 
-pub mod batch;
 pub mod bus;
 pub mod cli;
 pub mod config;
@@ -19,8 +18,6 @@ pub mod contract;
 pub mod http;
 pub mod idempotency;
 pub mod media;
-pub mod pairing;
-pub mod parked;
 pub mod pipeline;
 pub mod session;
 pub mod telemetry;

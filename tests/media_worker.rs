@@ -16,7 +16,7 @@ mod common;
 /// parked command is replayed to success without deleting the chat a second time.
 #[tokio::test]
 async fn s3_outage_through_the_worker_is_answered_500_then_replayed_to_success() {
-    use chat_delete_worker::{bus as broker, config::BrokerConfig, parked};
+    use chat_delete_worker::{bus as broker, cli::parked, config::BrokerConfig};
     use common::{Command as Cmd, TestWorker, amqp_url, hash, header_int, status};
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -4,8 +4,8 @@
 mod common;
 
 use chat_delete_worker::bus as broker;
+use chat_delete_worker::cli::parked;
 use chat_delete_worker::config::BrokerConfig;
-use chat_delete_worker::parked;
 use common::*;
 use lapin::types::AMQPValue;
 

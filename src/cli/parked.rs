@@ -1,11 +1,14 @@
-//! The parking queue: commands whose retries ran out (after their final result was
-//! published) or that hit the broker's delivery limit. Listed and moved back on request.
+//! `parked list` and `parked replay`: the parking queue holds commands whose retries ran out
+//! (after their final result was published) or that hit the broker's delivery limit; they are
+//! listed and moved back on request.
 
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
+use std::process::ExitCode;
 
-use crate::bus::{BrokerError, Publisher};
+use crate::bus::{self, BrokerError, Publisher};
+use crate::config::Config;
 use crate::contract::Names;
 use crate::contract::wire::{
     ATTEMPTS_SO_FAR_HEADER, DEATH_HEADER_PREFIXES, ORIGINAL_ROUTING_KEY_HEADER,
@@ -138,4 +141,49 @@ pub async fn replay(
     }
     let _ = channel.close(200, "replayed".into()).await;
     Ok(moved)
+}
+
+/// `parked list`: one line (or JSON object) per parked command; they stay parked.
+pub async fn run_list(config: &Config, limit: usize, json: bool) -> anyhow::Result<ExitCode> {
+    let connection = bus::connect(&config.broker, "chat-delete-worker parked").await?;
+    let names = Names::new(&config.broker.namespace);
+    let commands = list(&connection, &names, limit).await?;
+    for c in &commands {
+        if json {
+            println!("{}", serde_json::to_string(c)?);
+        } else {
+            println!(
+                "{}\tinstance={}\tstatus={}\toutcome={}{}",
+                c.idempotency_id.as_deref().unwrap_or("-"),
+                c.instance.as_deref().unwrap_or("-"),
+                c.status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                c.outcome.as_deref().unwrap_or("-"),
+                c.dead_letter_reason
+                    .as_deref()
+                    .map(|r| format!("\tdead_lettered={r}"))
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    if !json {
+        eprintln!(
+            "{} parked command(s) in {}",
+            commands.len(),
+            names.parked_queue()
+        );
+    }
+    let _ = connection.close(200, "done".into()).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `parked replay`: moves the commands with these ids (all of them when `ids` is empty) back.
+pub async fn run_replay(config: &Config, ids: Vec<String>) -> anyhow::Result<ExitCode> {
+    let connection = bus::connect(&config.broker, "chat-delete-worker parked").await?;
+    let names = Names::new(&config.broker.namespace);
+    let moved = replay(&connection, &names, &ids).await?;
+    println!("moved {moved} command(s) back");
+    let _ = connection.close(200, "done".into()).await;
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,26 +1,21 @@
-//! Bulk clean-up from the command line: `publish` a batch of chats for one instance, and follow
-//! its `results`. Every command of a batch asks for its answer on the batch's own durable
-//! results queue (`<ns>.results.<batch>`), and its idempotency id is derived from instance,
-//! chat and batch name, so publishing the same batch again never deletes twice: the worker
-//! replays the remembered answers.
+//! `publish`: bulk clean-up of one instance's chats from a file. Every command of a batch asks
+//! for its answer on the batch's own durable results queue (`<ns>.results.<batch>`, read by
+//! `results`), and its idempotency id is derived from instance, chat and batch name, so
+//! publishing the same batch again never deletes twice: the worker replays the remembered
+//! answers.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
 
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation, Connection};
 use sha2::{Digest, Sha256};
 
+use crate::bus;
+use crate::config::Config;
 use crate::contract::Names;
-use crate::contract::wire::{
-    REPLAYED_HEADER, STATUS_HEADER, TOKEN_HEADER, int_header, is_true_header,
-};
+use crate::contract::wire::TOKEN_HEADER;
 use crate::pipeline::request::normalise_number;
 
 /// One chat to delete.
@@ -173,7 +168,10 @@ pub fn results_queue(names: &Names, batch: &str) -> Result<String, BatchError> {
     Ok(names.results_queue(batch))
 }
 
-async fn declare_results_queue(channel: &lapin::Channel, queue: &str) -> Result<(), BatchError> {
+pub(super) async fn declare_results_queue(
+    channel: &lapin::Channel,
+    queue: &str,
+) -> Result<(), BatchError> {
     let mut args = FieldTable::default();
     // Forgotten a week after its last use.
     args.insert(
@@ -309,111 +307,57 @@ fn expect_ack(id: String, confirmation: Confirmation) -> Result<(), BatchError> 
     }
 }
 
-/// The tally of a batch's results.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct Tally {
-    /// Commands answered (the latest answer per idempotency id counts).
-    pub answered: usize,
-    pub by_status: BTreeMap<u16, usize>,
-    pub replayed: usize,
-    /// id, status, error message of every command whose latest answer is not 200.
-    pub failures: Vec<Failure>,
+/// Where `publish` reads its targets.
+pub struct Input {
+    /// `None` or `-` reads standard input.
+    pub file: Option<PathBuf>,
+    pub format: InputFormat,
+    pub column: Option<String>,
+    pub delete_media: bool,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Failure {
-    pub id: String,
-    pub status: u16,
-    pub message: String,
-}
-
-impl Tally {
-    pub fn failed(&self) -> bool {
-        !self.failures.is_empty()
+/// The token from the environment variable `token_env`, or from `token_file` (never an
+/// argument: it would show in the process list).
+pub fn read_token(token_env: &str, token_file: Option<&Path>) -> anyhow::Result<String> {
+    match token_file {
+        Some(path) => Ok(std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?
+            .trim()
+            .to_owned()),
+        None => std::env::var(token_env)
+            .map_err(|_| anyhow::anyhow!("set the token in ${token_env} (or use --token-file)")),
     }
 }
 
-/// Reads the batch's results until `expect` commands are answered and nothing more is waiting,
-/// or no new result came for `idle`. Results stay in the queue (nothing is acked), so following again shows them again.
-pub async fn follow(
-    connection: &Connection,
-    names: &Names,
+/// `publish`: reads the targets and publishes them; returns how many were published.
+pub async fn run(
+    config: &Config,
+    instance: &str,
     batch: &str,
-    expect: Option<usize>,
-    idle: Duration,
-    show_progress: bool,
-) -> Result<Tally, BatchError> {
-    let queue = results_queue(names, batch)?;
-    let channel = connection.create_channel().await?;
-    declare_results_queue(&channel, &queue).await?;
-    channel.basic_qos(0, BasicQosOptions::default()).await?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let mut latest: BTreeMap<String, (u16, bool, String)> = BTreeMap::new();
-    let progress = Progress::new(expect.unwrap_or(0), "answered");
-    loop {
-        // Once every command is answered, read on only while more is already there: an
-        // earlier run's answers may come first, and the latest answer per id counts.
-        let wait = if expect.is_some_and(|n| latest.len() >= n) {
-            idle.min(Duration::from_millis(300))
-        } else {
-            idle
-        };
-        let delivery = match tokio::time::timeout(wait, consumer.next()).await {
-            Ok(Some(Ok(delivery))) => delivery,
-            Ok(Some(Err(e))) => return Err(e.into()),
-            Ok(None) | Err(_) => break,
-        };
-        let headers = delivery.properties.headers().clone().unwrap_or_default();
-        let status = int_header(&headers, STATUS_HEADER)
-            .and_then(|s| u16::try_from(s).ok())
-            .unwrap_or(0);
-        let replayed = is_true_header(&headers, REPLAYED_HEADER);
-        let message = serde_json::from_slice::<serde_json::Value>(&delivery.data)
-            .ok()
-            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-            .unwrap_or_default();
-        let id = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        latest.insert(id, (status, replayed, message));
-        if show_progress {
-            let ok = latest.values().filter(|(s, ..)| *s == 200).count();
-            progress.update(
-                latest.len(),
-                &format!("({ok} ok, {} failed)", latest.len() - ok),
-            );
+    token: &str,
+    input: Input,
+) -> anyhow::Result<usize> {
+    let reader: Box<dyn BufRead> = match input.file.as_deref() {
+        Some(p) if p.as_os_str() != "-" => {
+            Box::new(std::io::BufReader::new(std::fs::File::open(p)?))
         }
-    }
-    if show_progress {
-        progress.finish();
-    }
-    let _ = channel.close(200, "followed".into()).await;
-    let mut tally = Tally {
-        answered: latest.len(),
-        ..Default::default()
+        _ => Box::new(std::io::stdin().lock()),
     };
-    for (id, (status, replayed, message)) in latest {
-        *tally.by_status.entry(status).or_default() += 1;
-        tally.replayed += usize::from(replayed);
-        if status != 200 {
-            tally.failures.push(Failure {
-                id,
-                status,
-                message,
-            });
-        }
-    }
-    Ok(tally)
+    let targets = read_targets(
+        reader,
+        input.format,
+        input.column.as_deref(),
+        input.delete_media,
+    )?;
+    let connection = bus::connect(&config.broker, "chat-delete-worker publish").await?;
+    let names = Names::new(&config.broker.namespace);
+    let summary = publish(&connection, &names, instance, batch, token, &targets).await?;
+    let _ = connection.close(200, "published".into()).await;
+    eprintln!(
+        "published {} command(s) for instance {} in batch {}; results go to {}",
+        summary.published, summary.instance, summary.batch, summary.results_queue
+    );
+    Ok(summary.published)
 }
 
 #[cfg(test)]

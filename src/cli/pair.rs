@@ -1,15 +1,63 @@
-//! Linking a `whatsapp` instance to a phone: the `pair` subcommand. Shows the QR code in the
-//! terminal (refreshed as codes rotate), or an 8-character pairing code for `--phone`, and
-//! ends once the session is saved or pairing failed.
+//! `pair` and `unpair`: linking a `whatsapp` instance to a phone and back. `pair` shows the QR
+//! code in the terminal (refreshed as codes rotate), or an 8-character pairing code for
+//! `--phone`, and ends once the session is saved or pairing failed.
 
 use std::io::Write;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use whatsapp_rust::prelude::{Event, EventKind};
 
+use crate::config::{Config, InstanceKind};
 use crate::session::SessionOptions;
-use crate::session::whatsapp::{OpenError, SessionLock, build_bot, paired_as};
+use crate::session::whatsapp::{OpenError, SessionLock, build_bot, paired_as, unpair};
+
+/// The session settings of a configured `whatsapp` instance.
+pub fn whatsapp_options(config: &Config, instance: &str) -> anyhow::Result<SessionOptions> {
+    let cfg = config
+        .instances
+        .get(instance)
+        .ok_or_else(|| anyhow::anyhow!("no instance {instance:?} in the config"))?;
+    anyhow::ensure!(
+        cfg.kind == InstanceKind::Whatsapp,
+        "instance {instance} is {:?}, not a whatsapp instance",
+        cfg.kind
+    );
+    Ok(SessionOptions {
+        store_path: config.session_store_path(instance),
+        delete_timeout: Duration::from_millis(config.worker.delete_timeout_ms),
+        shutdown_deadline: Duration::from_millis(config.worker.shutdown_grace_ms),
+        transport_url: cfg.transport_url.clone(),
+    })
+}
+
+/// `pair <instance>`: links the instance and says how to make a running worker pick it up.
+pub async fn run_pair(
+    config: &Config,
+    instance: &str,
+    phone: Option<&str>,
+    limit: Duration,
+) -> anyhow::Result<ExitCode> {
+    let options = whatsapp_options(config, instance)?;
+    let number = pair(&options, phone, &mut std::io::stdout(), limit).await?;
+    println!(
+        "Instance {instance} is paired as {number}; its session is saved in {}.\nReload a running worker: kill -HUP <pid>, or POST /admin/reload on its HTTP port.",
+        options.store_path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `unpair <instance>`: logs the device out and removes the session file.
+pub async fn run_unpair(config: &Config, instance: &str) -> anyhow::Result<ExitCode> {
+    let options = whatsapp_options(config, instance)?;
+    if unpair(&options).await? {
+        println!("Instance {instance} is unpaired; its session file is removed.");
+    } else {
+        println!("Instance {instance} has no session file.");
+    }
+    Ok(ExitCode::SUCCESS)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PairError {

@@ -1,0 +1,61 @@
+//! `topology`, `check-config` and `token-hash`: setting a deployment up.
+
+use std::io::Read;
+use std::process::ExitCode;
+
+use crate::bus::{self, topology};
+use crate::config::{Config, TokenHash};
+use crate::contract::Names;
+
+/// Declares the exchanges and queues of the configured instances.
+pub async fn declare_topology(config: &Config) -> anyhow::Result<ExitCode> {
+    let connection = bus::connect(&config.broker, "chat-delete-worker topology").await?;
+    let names = Names::new(&config.broker.namespace);
+    let instances: Vec<&str> = config.instances.keys().map(String::as_str).collect();
+    topology::declare(
+        &connection,
+        &config.broker,
+        &names,
+        &instances,
+        &topology::retry_tiers(&config.retry.broker_delays_ms),
+    )
+    .await?;
+    let _ = connection.close(200, "done".into()).await;
+    println!(
+        "declared {} and {} with {} instance queue(s)",
+        names.commands_exchange(),
+        names.events_exchange(),
+        config.instances.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The config is valid once it loaded; prints what this worker would host.
+pub fn check_config(config: &Config) -> ExitCode {
+    let names = Names::new(&config.broker.namespace);
+    println!("config is valid");
+    println!("commands exchange: {}", names.commands_exchange());
+    println!("events exchange:   {}", names.events_exchange());
+    for (name, instance) in &config.instances {
+        println!(
+            "instance {name}: kind={:?} account={} queue={}",
+            instance.kind,
+            instance.account.as_deref().unwrap_or("-"),
+            names.instance_queue(name)
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// Prints the SHA-256 of the token read from standard input (a trailing newline is not part
+/// of it).
+pub fn token_hash() -> ExitCode {
+    let mut token = String::new();
+    if let Err(error) = std::io::stdin().read_to_string(&mut token) {
+        eprintln!("cannot read the token from standard input: {error}");
+        return ExitCode::FAILURE;
+    }
+    let token = token.trim_end_matches(['\r', '\n']);
+    println!("{}", hex::encode(TokenHash::of(token.as_bytes()).0));
+    ExitCode::SUCCESS
+}
