@@ -503,7 +503,10 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        Ok(())
+        self.media.validate().map_err(|e| ConfigError::Invalid {
+            key: format!("media.{}", e.key),
+            message: e.message,
+        })
     }
 
     /// The prefetch of each of `queues` consumers: `broker.prefetch`, lowered (to 1 at least)
@@ -632,6 +635,16 @@ mod tests {
         );
         let err = Config::from_toml(&text).unwrap_err().to_string();
         assert!(err.contains("instances.a/b"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_media_section_is_a_config_error_naming_its_key() {
+        let text = "[media]\nprefix_template = \"{instance}/\"\n[instances.a]\nkind = \"simulated\"\ntoken_sha256 = \"{}\"\n";
+        let err = Config::from_toml(&text.replace("{}", &"0".repeat(64))).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { key, .. } if key == "media.prefix_template"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -21,10 +21,8 @@ pub const INSTANCE_CONNECTED: &str = "chat_delete_instance_connected";
 pub const INSTANCE_STATE: &str = "chat_delete_instance_state";
 pub const BROKER_CONNECTED: &str = "chat_delete_broker_connected";
 pub const BROKER_RECONNECTS: &str = "chat_delete_broker_reconnects_total";
-// The media store counts what it deletes under these names.
-pub use crate::media::{
-    METRIC_BYTES_DELETED as MEDIA_BYTES_DELETED, METRIC_OBJECTS_DELETED as MEDIA_OBJECTS_DELETED,
-};
+pub const MEDIA_OBJECTS_DELETED: &str = "chat_delete_media_objects_deleted_total";
+pub const MEDIA_BYTES_DELETED: &str = "chat_delete_media_bytes_deleted_total";
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};

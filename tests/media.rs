@@ -294,110 +294,6 @@ fn tree(dir: &Path) -> BTreeSet<String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Config
-
-#[derive(serde::Deserialize)]
-struct Worker {
-    #[serde(default)]
-    media: MediaConfig,
-}
-
-#[test]
-fn config_defaults_and_s3_table() {
-    let empty: Worker = toml::from_str("").unwrap();
-    assert_eq!(empty.media.prefix_template, "{instance}/{chat_jid}/");
-    match &empty.media.backend {
-        MediaBackend::Disk(disk) => assert_eq!(disk.root, PathBuf::from("data/media")),
-        other => panic!("default backend should be disk, got {other:?}"),
-    }
-    MediaStore::from_config(&empty.media).unwrap();
-
-    let disk: Worker =
-        toml::from_str("[media.backend]\nkind = \"disk\"\nroot = \"/srv/media\"").unwrap();
-    match &disk.media.backend {
-        MediaBackend::Disk(disk) => assert_eq!(disk.root, PathBuf::from("/srv/media")),
-        other => panic!("expected disk, got {other:?}"),
-    }
-
-    let s3: Worker = toml::from_str(
-        r#"
-        [media]
-        concurrency = 8
-        [media.backend]
-        kind = "s3"
-        bucket = "media"
-        endpoint = "http://127.0.0.1:9000"
-        path_style = true
-        allow_http = true
-        access_key_id = "AKIDEXAMPLE"
-        secret_access_key = "very-secret-value"
-        key_prefix = "prod/media/"
-        [media.retry]
-        attempts = 5
-        "#,
-    )
-    .unwrap();
-    assert_eq!(s3.media.concurrency, 8);
-    assert_eq!(s3.media.retry.attempts, 5);
-    assert_eq!(s3.media.retry.base_delay_ms, 200);
-    let MediaBackend::S3(cfg) = &s3.media.backend else {
-        panic!("expected s3")
-    };
-    assert_eq!(cfg.region, "us-east-1");
-    assert_eq!(cfg.request_timeout_ms, 30_000);
-    let store = MediaStore::from_config(&s3.media).unwrap();
-    for debug in [format!("{:?}", s3.media), format!("{store:?}")] {
-        assert!(
-            !debug.contains("very-secret-value"),
-            "secret in Debug: {debug}"
-        );
-        assert!(!debug.contains("AKIDEXAMPLE"), "key id in Debug: {debug}");
-    }
-}
-
-#[test]
-fn config_rejects_unknown_fields_and_unsafe_templates() {
-    for text in [
-        "[media]\nbogus = 1",
-        "[media.backend]\nkind = \"disk\"\nroot = \"x\"\nbogus = 1",
-        "[media.backend]\nkind = \"s3\"\nbucket = \"b\"\nbogus = 1",
-        "[media.backend]\nkind = \"ftp\"",
-        "[media.retry]\nbogus = 1",
-    ] {
-        assert!(toml::from_str::<Worker>(text).is_err(), "accepted: {text}");
-    }
-    for template in [
-        "{instance}/",
-        "/{instance}/{chat_jid}/",
-        "media/../{chat_jid}/",
-        "./{chat_jid}",
-        "{instance}//{chat_jid}/",
-        "{instance}-{chat_jid}/",
-        "{unknown}/{chat_jid}/",
-        "a\\b/{chat_jid}/",
-        "",
-    ] {
-        let config = MediaConfig {
-            prefix_template: template.into(),
-            ..MediaConfig::default()
-        };
-        let err = MediaStore::from_config(&config).expect_err(template);
-        assert!(matches!(err, MediaError::Config(_)), "{template}: {err}");
-        assert!(!err.is_retryable());
-    }
-    let ok = MediaConfig {
-        prefix_template: "media/{instance}/chats/{chat_jid}".into(),
-        ..MediaConfig::default()
-    };
-    MediaStore::from_config(&ok).unwrap();
-    let zero = MediaConfig {
-        concurrency: 0,
-        ..MediaConfig::default()
-    };
-    assert!(MediaStore::from_config(&zero).is_err());
-}
-
-// ---------------------------------------------------------------------------------------------
 // Disk
 
 #[tokio::test]
@@ -481,8 +377,8 @@ async fn disk_many_files_all_gone_and_counted() {
         );
     }
     write(&tmp.path().join("inst/other@s.whatsapp.net/keep"), 1);
-    let objects_before = recorder.get(METRIC_OBJECTS_DELETED);
-    let bytes_before = recorder.get(METRIC_BYTES_DELETED);
+    let objects_before = recorder.get(chat_delete_worker::telemetry::MEDIA_OBJECTS_DELETED);
+    let bytes_before = recorder.get(chat_delete_worker::telemetry::MEDIA_BYTES_DELETED);
     let store = MediaStore::from_config(&disk_config(tmp.path())).unwrap();
 
     let report = store.purge_chat("inst", JID).await.unwrap();
@@ -496,8 +392,13 @@ async fn disk_many_files_all_gone_and_counted() {
     assert!(!chat.exists());
     assert!(tmp.path().join("inst/other@s.whatsapp.net/keep").exists());
     // Other tests add to the same global counters, never subtract.
-    assert!(recorder.get(METRIC_OBJECTS_DELETED) - objects_before >= 2_600);
-    assert!(recorder.get(METRIC_BYTES_DELETED) - bytes_before >= bytes);
+    assert!(
+        recorder.get(chat_delete_worker::telemetry::MEDIA_OBJECTS_DELETED) - objects_before
+            >= 2_600
+    );
+    assert!(
+        recorder.get(chat_delete_worker::telemetry::MEDIA_BYTES_DELETED) - bytes_before >= bytes
+    );
 }
 
 #[tokio::test]
