@@ -2,12 +2,7 @@
 //! started by `scripts/s3-server`). Its own test binary: the media tests install a metrics
 //! recorder of their own.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/s3-server")
-}
 
 mod common;
 
@@ -71,22 +66,7 @@ simulated = {{ effects_log = "{{dir}}/effects.log" }}
     );
 
     // The server comes back, with media for this chat and for a neighbour.
-    let started = Command::new(script())
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bucket",
-            &bucket,
-            "--watch-pid",
-            &std::process::id().to_string(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        started.status.success(),
-        "{}",
-        String::from_utf8_lossy(&started.stderr)
-    );
+    common::media::start_server_on(port, &[&bucket]);
     let put = |key: &str| {
         let ok = Command::new("curl")
             .args([

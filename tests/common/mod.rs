@@ -2,6 +2,8 @@
 //! listener for its result events.
 #![allow(dead_code)]
 
+pub mod media;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
