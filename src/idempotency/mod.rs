@@ -7,10 +7,10 @@
 //! result once there is one to remember (200 and 4xx).
 
 mod embedded;
-mod redis_store;
+mod redis;
 
+pub use self::redis::RedisStore;
 pub use embedded::EmbeddedStore;
-pub use redis_store::RedisStore;
 
 use std::time::Duration;
 
@@ -70,10 +70,15 @@ pub enum Begin {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// A read or a commit failed; every operation of a failed commit gets the same error.
     #[error("embedded store: {0}")]
-    Embedded(String),
+    Embedded(std::sync::Arc<redb::Error>),
+    #[error("embedded store: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("embedded store: the writer thread stopped")]
+    WriterStopped,
     #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(#[from] ::redis::RedisError),
     #[error("corrupt record: {0}")]
     Corrupt(String),
 }
@@ -292,5 +297,50 @@ mod tests {
             Fingerprint::new("i", &token, Err(b"x")),
             Fingerprint::new("i", &token, Err(b"y"))
         );
+    }
+
+    /// The remembered result's stored form, pinned for every outcome: both stores keep it for
+    /// a day (by default), so renaming a variant or a field must not turn the records written
+    /// by the previous version into corrupt ones.
+    #[test]
+    fn remembered_results_keep_their_stored_form() {
+        let chat = normalise_number("5511999999999").unwrap();
+        let golden = [
+            (Outcome::MissingIdempotencyId, r#""MissingIdempotencyId""#),
+            (Outcome::InstanceNotFound, r#""InstanceNotFound""#),
+            (Outcome::InvalidToken, r#""InvalidToken""#),
+            (Outcome::IdempotencyConflict, r#""IdempotencyConflict""#),
+            (Outcome::InvalidBody, r#""InvalidBody""#),
+            (Outcome::NumberRequired, r#""NumberRequired""#),
+            (Outcome::InvalidNumber, r#""InvalidNumber""#),
+            (Outcome::NotConnected, r#""NotConnected""#),
+            (
+                Outcome::DeleteChatFailed("timed out".into()),
+                r#"{"DeleteChatFailed":"timed out"}"#,
+            ),
+            (
+                Outcome::DeleteMediaFailed("disk".into()),
+                r#"{"DeleteMediaFailed":"disk"}"#,
+            ),
+            (
+                Outcome::Deleted {
+                    chat,
+                    delete_media: true,
+                },
+                r#"{"Deleted":{"chat":"5511999999999@s.whatsapp.net","delete_media":true}}"#,
+            ),
+        ];
+        for (outcome, json) in golden {
+            let stored = format!(r#"{{"outcome":{json},"attempts":2}}"#);
+            let remembered = Remembered {
+                outcome,
+                attempts: 2,
+            };
+            assert_eq!(serde_json::to_string(&remembered).unwrap(), stored);
+            assert_eq!(
+                serde_json::from_str::<Remembered>(&stored).unwrap(),
+                remembered
+            );
+        }
     }
 }
