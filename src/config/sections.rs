@@ -1,0 +1,322 @@
+//! The sections of the config file, one struct each; every field says what it is for.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Published as `app_id` on every result event.
+    pub name: String,
+    /// Commands of one instance processed at the same time (1 keeps strict per-instance order).
+    pub concurrency_per_instance: usize,
+    /// Unacked deliveries of all instance queues together: with many instances each queue's
+    /// prefetch is lowered so that they fit (memory stays bounded whatever the instance count).
+    pub max_in_flight: u32,
+    /// Commands handled at once by all instances together (the rest wait, prefetched).
+    pub max_handling: usize,
+    /// Largest command body accepted, in bytes; larger bodies get `Invalid request body`.
+    pub max_body_bytes: usize,
+    /// Our own bound on one WhatsApp delete call (the crate's IQ timeout is 75 s).
+    pub delete_timeout_ms: u64,
+    /// How long in-flight commands may take to finish on shutdown before they are handed back.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            name: "chat-delete-worker".into(),
+            concurrency_per_instance: 32,
+            max_in_flight: 4096,
+            max_handling: 512,
+            max_body_bytes: 64 * 1024,
+            delete_timeout_ms: 30_000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Quorum,
+    Classic,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// AMQP URL; `amqps://` for TLS. Credentials may come from `CDW__BROKER__URL`.
+    pub url: String,
+    /// First part of every exchange and queue name (`chat` gives `chat.commands`, `chat.events`...).
+    pub namespace: String,
+    /// Unacknowledged deliveries per instance queue.
+    pub prefetch: u16,
+    /// Queue type of the instance, unrouted and parking queues (quorum needs RabbitMQ 3.8+).
+    pub queue_type: QueueType,
+    /// Quorum queues only: deliveries of one message before it is dead-lettered to the parking
+    /// queue. Catches crash loops; set explicitly because RabbitMQ 4 defaults to 20 and 3.x to none.
+    pub delivery_limit: u32,
+    /// PEM file of the CA that signed the broker's certificate (for `amqps://`).
+    pub ca_file: Option<PathBuf>,
+    /// PKCS#12 client identity for mutual TLS, and its password.
+    pub client_identity_file: Option<PathBuf>,
+    pub client_identity_password: Option<String>,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            namespace: "chat".into(),
+            prefetch: 64,
+            queue_type: QueueType::Quorum,
+            delivery_limit: 20,
+            ca_file: None,
+            client_identity_file: None,
+            client_identity_password: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Serve `/metrics`, `/healthz` and `/readyz`.
+    pub enabled: bool,
+    pub bind: String,
+    /// 0 picks a free port (tests).
+    pub port: u16,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            bind: "0.0.0.0".into(),
+            port: 9090,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Folder for the worker's own files (idempotency store, WhatsApp sessions by default).
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("data"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdempotencyBackend {
+    /// A redb file under `store.path`: no server, one worker process per file.
+    Embedded,
+    /// Redis: shared by several workers.
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdempotencyConfig {
+    pub backend: IdempotencyBackend,
+    /// Embedded store file; default `<store.path>/idempotency.redb`.
+    pub path: Option<PathBuf>,
+    /// Redis URL (may carry credentials: prefer `CDW__IDEMPOTENCY__REDIS_URL`).
+    pub redis_url: String,
+    /// Prefix of the Redis keys.
+    pub key_prefix: String,
+    /// How long 200 and 4xx results are remembered and replayed.
+    pub keep_secs: u64,
+    /// How long a claim on an id excludes other deliveries of it when its worker vanished
+    /// (Redis; the embedded store knows its previous owner is gone).
+    pub lease_secs: u64,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            backend: IdempotencyBackend::Embedded,
+            path: None,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "chat-delete:idem:".into(),
+            keep_secs: 24 * 3600,
+            lease_secs: 120,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Tries of a transient failure inside one delivery (with exponential backoff and jitter).
+    pub in_process_attempts: usize,
+    pub in_process_min_delay_ms: u64,
+    pub in_process_max_delay_ms: u64,
+    /// Then, one delayed redelivery through the broker per entry, waiting that long; when they
+    /// are spent the final 503/500 is published and the command parked. The default adds up
+    /// to about 5 minutes.
+    pub broker_delays_ms: Vec<u64>,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            in_process_attempts: 3,
+            in_process_min_delay_ms: 100,
+            in_process_max_delay_ms: 2_000,
+            broker_delays_ms: vec![5_000, 30_000, 120_000, 120_000],
+        }
+    }
+}
+
+/// Deletes per minute per token, or `"unlimited"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PacingLimit {
+    PerMinute(u32),
+    Unlimited,
+}
+
+impl<'de> Deserialize<'de> for PacingLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u32),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(0) => Err(serde::de::Error::custom("use \"unlimited\" instead of 0")),
+            Raw::Number(n) => Ok(PacingLimit::PerMinute(n)),
+            Raw::Text(t) if t == "unlimited" => Ok(PacingLimit::Unlimited),
+            Raw::Text(_) => Err(serde::de::Error::custom(
+                "expected a number or \"unlimited\"",
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PacingConfig {
+    /// Deletes each token may start per minute (per worker process).
+    pub deletes_per_minute: PacingLimit,
+}
+
+impl Default for PacingConfig {
+    fn default() -> Self {
+        Self {
+            deletes_per_minute: PacingLimit::PerMinute(100),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    /// SHA-256 (hex) of the account's token; `chat-delete-worker token-hash` prints it.
+    pub token_sha256: TokenHash,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceConfig {
+    /// The account that owns the instance: its TokenAccount is accepted too.
+    pub account: Option<String>,
+    /// SHA-256 (hex) of the instance's own token (TokenInstance).
+    pub token_sha256: TokenHash,
+    pub kind: InstanceKind,
+    /// `whatsapp` only: the SQLite session file; default `<store.path>/sessions/<instance>.db`.
+    pub session_store: Option<PathBuf>,
+    /// `whatsapp` only: another WebSocket endpoint than WhatsApp's (a mock server).
+    pub transport_url: Option<String>,
+    /// `simulated` only: how the scripted session behaves.
+    #[serde(default)]
+    pub simulated: SimulatedConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceKind {
+    /// A real linked device through whatsapp-rust.
+    Whatsapp,
+    /// A scripted in-process session: no phone, no WhatsApp. For trying the worker, tests and
+    /// benchmarks.
+    Simulated,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SimulatedFailure {
+    NotConnected,
+    Timeout,
+    ServerError,
+    Rejected,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimulatedConfig {
+    /// Whether the simulated session is connected and logged in.
+    pub connected: bool,
+    /// Time each delete takes.
+    pub latency_ms: u64,
+    /// The first N deletes fail with `failure`.
+    pub fail_first: u32,
+    pub failure: SimulatedFailure,
+    /// Appends one line per delete performed (time, chat) to this file, flushed to disk.
+    pub effects_log: Option<PathBuf>,
+    /// When set, the session is connected exactly while this file exists (lets tests and
+    /// harnesses connect an instance while the worker runs).
+    pub connected_flag_file: Option<PathBuf>,
+}
+
+impl Default for SimulatedConfig {
+    fn default() -> Self {
+        Self {
+            connected: true,
+            latency_ms: 0,
+            fail_first: 0,
+            failure: SimulatedFailure::NotConnected,
+            effects_log: None,
+            connected_flag_file: None,
+        }
+    }
+}
+
+/// A SHA-256 digest of a token, parsed from 64 hex characters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TokenHash(pub [u8; 32]);
+
+impl TokenHash {
+    pub fn of(token: &[u8]) -> Self {
+        Self(Sha256::digest(token).into())
+    }
+}
+
+impl std::fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenHash({})", hex::encode(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut out).map_err(|_| {
+            serde::de::Error::custom("expected the SHA-256 of the token as 64 hex characters")
+        })?;
+        Ok(Self(out))
+    }
+}
