@@ -4,9 +4,35 @@ mod simulated;
 pub mod whatsapp;
 
 pub use simulated::SimulatedSession;
-pub use whatsapp::{SessionOptions, SessionStatus, WhatsappSession};
+pub use whatsapp::WhatsappSession;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
 
 use crate::pipeline::request::ChatJid;
+
+/// What an instance's session looks like from outside.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SessionStatus {
+    pub state: SessionState,
+    /// The phone number the device is linked to, once paired.
+    pub paired_as: Option<String>,
+    pub changed_at: DateTime<Utc>,
+}
+
+/// How to reach one session.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub store_path: PathBuf,
+    /// Our bound on one delete (the crate's own IQ timeout is 75 s).
+    pub delete_timeout: Duration,
+    /// Time given to a client to flush and disconnect before it is aborted.
+    pub shutdown_deadline: Duration,
+    /// Another WhatsApp endpoint (a mock server in tests); `None` for the real one.
+    pub transport_url: Option<String>,
+}
 
 /// Why a delete did not happen.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,46 +1,21 @@
-//! The real session: a linked device through whatsapp-rust, one SQLite session file per
-//! instance, owned by one actor task. The actor holds an exclusive lock on the session file
-//! while its client is open, so two clients (a worker and `pair`, or two workers) never share
-//! one file. A session that was never paired is not connected: it answers "not connected"
-//! until `pair` links it and the worker is told to reload.
+//! Everything about one whatsapp-rust client that is not the actor: opening the session file
+//! (with its lock), building the client, reading its state from events, deleting a chat, and
+//! the CLI's inspect and unpair.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, oneshot, watch};
+use chrono::Utc;
 use whatsapp_rust::pair_code::PairCodeOptions;
-use whatsapp_rust::prelude::{Bot, BotHandle, Client, Event, EventKind};
+use whatsapp_rust::prelude::{Bot, Client, Event, EventKind};
 use whatsapp_rust::store::SqliteStore;
 use whatsapp_rust::transport::TokioWebSocketTransportFactory;
 use whatsapp_rust::{AppStateError, ErrorChainExt, Jid, message_range};
 
 use crate::pipeline::request::{ChatJid, JidServer};
-
-use super::{ChatSession, SessionError, SessionState};
-
-/// What an instance's session looks like from outside.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct SessionStatus {
-    pub state: SessionState,
-    /// The phone number the device is linked to, once paired.
-    pub paired_as: Option<String>,
-    pub changed_at: DateTime<Utc>,
-}
-
-/// How to reach one session.
-#[derive(Debug, Clone)]
-pub struct SessionOptions {
-    pub store_path: PathBuf,
-    /// Our bound on one delete (the crate's own IQ timeout is 75 s).
-    pub delete_timeout: Duration,
-    /// Time given to a client to flush and disconnect before it is aborted.
-    pub shutdown_deadline: Duration,
-    /// Another WhatsApp endpoint (a mock server in tests); `None` for the real one.
-    pub transport_url: Option<String>,
-}
+use crate::session::{SessionError, SessionOptions, SessionState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -136,7 +111,7 @@ pub fn next_state(event: &Event) -> Option<SessionState> {
 }
 
 /// The one line an operator needs when an instance is parked.
-fn operator_hint(instance: &str, state: SessionState) -> Option<String> {
+pub(super) fn operator_hint(instance: &str, state: SessionState) -> Option<String> {
     Some(match state {
         SessionState::LoggedOut => format!(
             "WhatsApp logged instance {instance} out; it answers 503 until it is linked again: `chat-delete-worker unpair {instance}`, then `chat-delete-worker pair {instance}`, then reload the worker (SIGHUP)"
@@ -213,231 +188,6 @@ pub async fn delete_on_client(
         Ok(Ok(())) => Ok(()),
         Ok(Err(err)) => Err(classify(&err)),
         Err(_) => Err(SessionError::Timeout),
-    }
-}
-
-enum Msg {
-    Delete {
-        chat: ChatJid,
-        delete_media: bool,
-        reply: oneshot::Sender<Result<(), SessionError>>,
-    },
-    Event(Arc<Event>),
-    Reload(oneshot::Sender<()>),
-    Shutdown(oneshot::Sender<()>),
-}
-
-/// A running client and the lock on its file.
-struct Running {
-    client: Arc<Client>,
-    handle: BotHandle,
-    _lock: SessionLock,
-}
-
-/// The handle the pipeline holds; the actor owns the client.
-pub struct WhatsappSession {
-    mailbox: mpsc::Sender<Msg>,
-    status: watch::Receiver<SessionStatus>,
-}
-
-impl WhatsappSession {
-    /// Starts the instance's actor; it opens the session and connects only when it is paired.
-    pub async fn start(instance: &str, options: SessionOptions) -> Self {
-        let (mailbox, inbox) = mpsc::channel(256);
-        let (status_tx, status) = watch::channel(SessionStatus {
-            state: SessionState::NotPaired,
-            paired_as: None,
-            changed_at: Utc::now(),
-        });
-        let mut actor = Actor {
-            instance: instance.to_owned(),
-            options,
-            mailbox: mailbox.clone(),
-            status: status_tx,
-            running: None,
-        };
-        actor.open().await;
-        tokio::spawn(actor.run(inbox));
-        Self { mailbox, status }
-    }
-
-    pub fn status(&self) -> SessionStatus {
-        self.status.borrow().clone()
-    }
-
-    /// Feeds an event as if the client had emitted it (tests drive transitions this way).
-    pub async fn inject_event(&self, event: Event) {
-        let _ = self.mailbox.send(Msg::Event(Arc::new(event))).await;
-    }
-
-    async fn ask(&self, msg: impl FnOnce(oneshot::Sender<()>) -> Msg) {
-        let (reply, done) = oneshot::channel();
-        if self.mailbox.send(msg(reply)).await.is_ok() {
-            let _ = done.await;
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl ChatSession for WhatsappSession {
-    fn state(&self) -> SessionState {
-        self.status.borrow().state
-    }
-
-    async fn delete_chat(&self, chat: &ChatJid, delete_media: bool) -> Result<(), SessionError> {
-        let (reply, answer) = oneshot::channel();
-        let msg = Msg::Delete {
-            chat: chat.clone(),
-            delete_media,
-            reply,
-        };
-        if self.mailbox.send(msg).await.is_err() {
-            return Err(SessionError::NotConnected);
-        }
-        answer.await.unwrap_or(Err(SessionError::NotConnected))
-    }
-
-    async fn reload(&self) {
-        self.ask(Msg::Reload).await;
-    }
-
-    async fn shutdown(&self) {
-        self.ask(Msg::Shutdown).await;
-    }
-
-    fn details(&self) -> Option<SessionStatus> {
-        Some(self.status())
-    }
-}
-
-struct Actor {
-    instance: String,
-    options: SessionOptions,
-    mailbox: mpsc::Sender<Msg>,
-    status: watch::Sender<SessionStatus>,
-    running: Option<Running>,
-}
-
-impl Actor {
-    fn set(&self, state: SessionState, paired_as: Option<String>) {
-        self.status.send_if_modified(|s| {
-            let changed = s.state != state || s.paired_as != paired_as;
-            if changed {
-                *s = SessionStatus {
-                    state,
-                    paired_as,
-                    changed_at: Utc::now(),
-                };
-            }
-            changed
-        });
-    }
-
-    /// Opens the session file; starts the client when it holds a paired device.
-    async fn open(&mut self) {
-        if self.running.is_some() {
-            return;
-        }
-        let lock = match SessionLock::acquire(&self.options.store_path) {
-            Ok(lock) => lock,
-            Err(error) => {
-                tracing::warn!(instance = %self.instance, %error, "WhatsApp session not opened.");
-                return;
-            }
-        };
-        let mailbox = self.mailbox.clone();
-        let bot = build_bot(&self.options, &[], None, move |event| {
-            // Events arrive on the crate's tasks; the actor applies them in order.
-            let _ = mailbox.try_send(Msg::Event(event));
-        })
-        .await;
-        let bot = match bot {
-            Ok(bot) => bot,
-            Err(error) => {
-                tracing::error!(instance = %self.instance, %error, "WhatsApp session could not be opened.");
-                return;
-            }
-        };
-        let client = bot.client();
-        let Some(number) = paired_as(&client) else {
-            tracing::warn!(
-                instance = %self.instance,
-                "WhatsApp instance is not paired; it answers 503 until `chat-delete-worker pair {}` links it and the worker is reloaded (SIGHUP)",
-                self.instance
-            );
-            self.set(SessionState::NotPaired, None);
-            return;
-        };
-        self.set(SessionState::Connecting, Some(number));
-        self.running = Some(Running {
-            client,
-            handle: bot.spawn(),
-            _lock: lock,
-        });
-    }
-
-    /// Disconnects (flushing the session) within the deadline, then aborts.
-    async fn stop_client(&mut self) {
-        if let Some(running) = self.running.take() {
-            // Dropping the handle when the deadline passes aborts the client.
-            let stopped =
-                tokio::time::timeout(self.options.shutdown_deadline, running.handle.shutdown())
-                    .await;
-            if stopped.is_err() {
-                tracing::warn!(instance = %self.instance, "WhatsApp client did not stop in time; aborted.");
-            }
-        }
-    }
-
-    async fn run(mut self, mut inbox: mpsc::Receiver<Msg>) {
-        while let Some(msg) = inbox.recv().await {
-            match msg {
-                Msg::Delete {
-                    chat,
-                    delete_media,
-                    reply,
-                } => {
-                    let result = match &self.running {
-                        Some(running) => {
-                            delete_on_client(
-                                &running.client,
-                                &chat,
-                                delete_media,
-                                self.options.delete_timeout,
-                            )
-                            .await
-                        }
-                        None => Err(SessionError::NotConnected),
-                    };
-                    let _ = reply.send(result);
-                }
-                Msg::Event(event) => {
-                    let Some(state) = next_state(&event) else {
-                        continue;
-                    };
-                    let paired = self.status.borrow().paired_as.clone();
-                    self.set(state, paired);
-                    if let Some(hint) = operator_hint(&self.instance, state) {
-                        // Parked: no reconnect storm; an operator decides what happens next.
-                        tracing::error!(instance = %self.instance, "{hint}");
-                        self.stop_client().await;
-                    }
-                }
-                Msg::Reload(done) => {
-                    if self.running.is_none() {
-                        self.open().await;
-                    }
-                    let _ = done.send(());
-                }
-                Msg::Shutdown(done) => {
-                    self.stop_client().await;
-                    let paired = self.status.borrow().paired_as.clone();
-                    self.set(SessionState::Stopped, paired);
-                    let _ = done.send(());
-                    break;
-                }
-            }
-        }
     }
 }
 
