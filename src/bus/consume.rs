@@ -114,7 +114,7 @@ pub async fn start(
         .basic_qos(consuming.prefetch, BasicQosOptions::default())
         .await?;
     let tag = format!("{}-{}", consuming.app_id, uuid::Uuid::new_v4());
-    let mut consumer = channel
+    let consumer = channel
         .basic_consume(
             queue.as_str().into(),
             tag.as_str().into(),
@@ -122,68 +122,87 @@ pub async fn start(
             FieldTable::default(),
         )
         .await?;
-    let limit = Arc::new(Semaphore::new(consuming.concurrency));
-    let loop_tracker = tracker.clone();
-    tracker.spawn(async move {
-        let Signals {
-            all_started,
-            stop_consuming,
-            hard_stop,
-            lost,
-        } = signals;
-        tokio::select! {
-            _ = stop_consuming.cancelled() => return,
-            _ = all_started.cancelled() => {}
-        }
-        loop {
-            let next = tokio::select! {
-                _ = stop_consuming.cancelled() => break,
-                next = consumer.next() => next,
-            };
-            let delivery = match next {
-                Some(Ok(delivery)) => delivery,
-                Some(Err(error)) => {
-                    tracing::warn!(%error, queue, "Consumer failed.");
-                    lost.cancel();
-                    break;
-                }
-                None => {
-                    lost.cancel();
-                    break;
-                }
-            };
-            let acquire = async {
-                let own = limit.clone().acquire_owned().await;
-                let all = consuming.handling.clone().acquire_owned().await;
-                (
-                    own.expect("semaphore is never closed"),
-                    all.expect("semaphore is never closed"),
-                )
-            };
-            let permit = tokio::select! {
-                _ = stop_consuming.cancelled() => break,
-                permits = acquire => permits,
-            };
-            let consuming = consuming.clone();
-            let publisher = publisher.clone();
-            let instance = instance.clone();
-            let hard_stop = hard_stop.clone();
-            let lost = lost.clone();
-            loop_tracker.spawn(async move {
-                let _permit = permit;
-                process(
-                    &consuming,
-                    &publisher,
-                    instance.as_deref(),
-                    delivery,
-                    &hard_stop,
-                    &lost,
-                )
-                .await;
-            });
-        }
-    });
+    tracker.spawn(consume_loop(
+        consumer,
+        consuming,
+        publisher,
+        queue,
+        instance,
+        tracker.clone(),
+        signals,
+    ));
     Ok(RunningConsumer { channel, tag })
+}
+
+/// Takes the queue's deliveries once every consumer is started, and hands each to its own
+/// task within the queue's and the worker's bounds on commands handled at once.
+async fn consume_loop(
+    mut consumer: lapin::Consumer,
+    consuming: Arc<Consuming>,
+    publisher: Arc<Publisher>,
+    queue: String,
+    instance: Option<Arc<Instance>>,
+    tracker: TaskTracker,
+    signals: Signals,
+) {
+    let Signals {
+        all_started,
+        stop_consuming,
+        hard_stop,
+        lost,
+    } = signals;
+    tokio::select! {
+        _ = stop_consuming.cancelled() => return,
+        _ = all_started.cancelled() => {}
+    }
+    let limit = Arc::new(Semaphore::new(consuming.concurrency));
+    loop {
+        let next = tokio::select! {
+            _ = stop_consuming.cancelled() => break,
+            next = consumer.next() => next,
+        };
+        let delivery = match next {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(error)) => {
+                tracing::warn!(%error, queue, "Consumer failed.");
+                lost.cancel();
+                break;
+            }
+            None => {
+                lost.cancel();
+                break;
+            }
+        };
+        let acquire = async {
+            let own = limit.clone().acquire_owned().await;
+            let all = consuming.handling.clone().acquire_owned().await;
+            (
+                own.expect("semaphore is never closed"),
+                all.expect("semaphore is never closed"),
+            )
+        };
+        let permit = tokio::select! {
+            _ = stop_consuming.cancelled() => break,
+            permits = acquire => permits,
+        };
+        let consuming = consuming.clone();
+        let publisher = publisher.clone();
+        let instance = instance.clone();
+        let hard_stop = hard_stop.clone();
+        let lost = lost.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            process(
+                &consuming,
+                &publisher,
+                instance.as_deref(),
+                delivery,
+                &hard_stop,
+                &lost,
+            )
+            .await;
+        });
+    }
 }
 
 async fn process(

@@ -54,7 +54,8 @@ pub async fn declare(
     declare_instance_queues(connection, cfg, names, instances).await
 }
 
-/// The exchanges and queues every worker of a namespace shares.
+/// The exchanges and queues every worker of a namespace shares. Long, but a flat list of
+/// declarations in dependency order reads better than helpers that hide which is which.
 async fn declare_shared(
     channel: &Channel,
     cfg: &BrokerConfig,

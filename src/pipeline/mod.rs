@@ -193,27 +193,12 @@ impl Pipeline {
         let parsed = parse_body(body, self.max_body_bytes);
         let fingerprint =
             Fingerprint::new(instance.name(), &token, parsed.as_ref().map_err(|_| body));
-        let claim = match self.store.begin(id, &fingerprint).await {
+        let (claim, chat_deleted) = match self.store.begin(id, &fingerprint).await {
             Ok(Begin::Claimed {
                 claim,
                 chat_deleted,
             }) => (claim, chat_deleted),
-            Ok(Begin::Replay(remembered)) => {
-                metrics::counter!(telemetry::REPLAYS).increment(1);
-                let chat = match &remembered.outcome {
-                    Outcome::Deleted { chat, .. } => Some(chat.clone()),
-                    _ => parsed.ok().map(|r| r.chat),
-                };
-                return Verdict::Answer {
-                    handled: Handled {
-                        outcome: remembered.outcome,
-                        chat,
-                        attempts: remembered.attempts,
-                    },
-                    replayed: true,
-                    park: false,
-                };
-            }
+            Ok(Begin::Replay(remembered)) => return replay(remembered, parsed.ok()),
             Ok(Begin::Conflict) => {
                 return Verdict::answer(Outcome::IdempotencyConflict, None, first_try);
             }
@@ -230,7 +215,6 @@ impl Pipeline {
                 return self.after_failure(envelope, None, Failure::Store(error), first_try);
             }
         };
-        let (claim, chat_deleted) = claim;
         let held = Held { id, claim: &claim };
         let request = match parsed {
             Ok(request) => request,
@@ -406,5 +390,23 @@ impl Pipeline {
             "Media purged."
         );
         Ok(())
+    }
+}
+
+/// A remembered result, answered again as a replay.
+fn replay(remembered: Remembered, request: Option<DeleteRequest>) -> Verdict {
+    metrics::counter!(telemetry::REPLAYS).increment(1);
+    let chat = match &remembered.outcome {
+        Outcome::Deleted { chat, .. } => Some(chat.clone()),
+        _ => request.map(|r| r.chat),
+    };
+    Verdict::Answer {
+        handled: Handled {
+            outcome: remembered.outcome,
+            chat,
+            attempts: remembered.attempts,
+        },
+        replayed: true,
+        park: false,
     }
 }

@@ -68,28 +68,8 @@ pub async fn serve(
     let signals = Signals::default();
     watch_for_loss(&connection, signals.lost.clone());
     let tracker = TaskTracker::new();
-    let mut queues: Vec<(String, Option<Arc<Instance>>)> = instances
-        .iter()
-        .map(|i| (names.instance_queue(i.name()), Some(i.clone())))
-        .collect();
-    queues.push((names.unrouted_queue(), None));
-    // Started many at a time: each is a channel and two round trips.
-    let starts = queues.into_iter().map(|(queue, instance)| {
-        consume::start(
-            &connection,
-            consuming.clone(),
-            publisher.clone(),
-            queue,
-            instance,
-            tracker.clone(),
-            signals.clone(),
-        )
-    });
-    let started: Vec<_> = futures_util::stream::iter(starts)
-        .buffer_unordered(64)
-        .collect()
-        .await;
-    let consumers = match started.into_iter().collect::<Result<Vec<_>, _>>() {
+    let started = start_consumers(&connection, consuming, publisher, &tracker, &signals).await;
+    let consumers = match started {
         Ok(consumers) => consumers,
         Err(error) => {
             signals.stop_consuming.cancel();
@@ -121,6 +101,42 @@ pub async fn serve(
             error: BrokerError::ConnectionLost,
         }
     }
+}
+
+/// A consumer for every instance queue and the unrouted queue, started many at a time (each
+/// is a channel and two round trips).
+async fn start_consumers(
+    connection: &lapin::Connection,
+    consuming: &Arc<Consuming>,
+    publisher: Arc<Publisher>,
+    tracker: &TaskTracker,
+    signals: &Signals,
+) -> Result<Vec<consume::RunningConsumer>, lapin::Error> {
+    let names = consuming.names();
+    let mut queues: Vec<(String, Option<Arc<Instance>>)> = consuming
+        .pipeline()
+        .instances()
+        .iter()
+        .map(|i| (names.instance_queue(i.name()), Some(i.clone())))
+        .collect();
+    queues.push((names.unrouted_queue(), None));
+    let starts = queues.into_iter().map(|(queue, instance)| {
+        consume::start(
+            connection,
+            consuming.clone(),
+            publisher.clone(),
+            queue,
+            instance,
+            tracker.clone(),
+            signals.clone(),
+        )
+    });
+    futures_util::stream::iter(starts)
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
 }
 
 /// Cancels `lost` when the connection reports an error.

@@ -195,30 +195,7 @@ impl Writer {
             }
             Op::Write { change, reply } => (change, reply),
         };
-        let write = match change {
-            Change::MarkChatDeleted => existing.map(|mut r| {
-                r.chat_deleted = true;
-                r
-            }),
-            Change::Remember { claim, result } => existing.map(|mut r| {
-                if r.lease_owner.as_deref() == Some(claim.as_str()) {
-                    r.lease_owner = None;
-                }
-                r.result = Some(result);
-                // Kept for the keep time from now (a command retried for long is kept longer
-                // than its first claim said).
-                r.expires_ms = r
-                    .expires_ms
-                    .max(now + self.lifetimes.keep.as_millis() as u64);
-                r
-            }),
-            Change::Release { claim } => existing.and_then(|mut r| {
-                (r.lease_owner.as_deref() == Some(claim.as_str())).then(|| {
-                    r.lease_owner = None;
-                    r
-                })
-            }),
-        };
+        let write = self.changed(existing, change, now);
         replies.push((reply, Ok(())));
         let Some(record) = write else {
             return Ok(false);
@@ -232,6 +209,31 @@ impl Writer {
             self.pending.remove(&id);
         }
         Ok(true)
+    }
+
+    /// The record after `change`, when there is one to write: a remembered result is kept for
+    /// the keep time from now (a command retried for long is kept longer than its first claim
+    /// said); a release only ends this claim.
+    fn changed(&self, existing: Option<Record>, change: Change, now: u64) -> Option<Record> {
+        let mut record = existing?;
+        match change {
+            Change::MarkChatDeleted => record.chat_deleted = true,
+            Change::Remember { claim, result } => {
+                if record.lease_owner.as_deref() == Some(claim.as_str()) {
+                    record.lease_owner = None;
+                }
+                record.result = Some(result);
+                let keep_until = now + self.lifetimes.keep.as_millis() as u64;
+                record.expires_ms = record.expires_ms.max(keep_until);
+            }
+            Change::Release { claim } => {
+                if record.lease_owner.as_deref() != Some(claim.as_str()) {
+                    return None;
+                }
+                record.lease_owner = None;
+            }
+        }
+        Some(record)
     }
 
     /// Forgets expired records, walking on from where the last sweep stopped, and writes out
