@@ -98,16 +98,23 @@ pub struct Signals {
     pub lost: CancellationToken,
 }
 
+/// One queue's consumer: what it reads, where its results go, and the connection's signals.
+pub struct QueueConsumer {
+    pub consuming: Arc<Consuming>,
+    pub publisher: Arc<Publisher>,
+    pub queue: String,
+    /// `None` for the unrouted queue.
+    pub instance: Option<Arc<Instance>>,
+    pub tracker: TaskTracker,
+    pub signals: Signals,
+}
+
 /// Starts the consumer of one queue on its own channel.
 pub async fn start(
     connection: &Connection,
-    consuming: Arc<Consuming>,
-    publisher: Arc<Publisher>,
-    queue: String,
-    instance: Option<Arc<Instance>>,
-    tracker: TaskTracker,
-    signals: Signals,
+    queue: QueueConsumer,
 ) -> Result<RunningConsumer, lapin::Error> {
+    let consuming = &queue.consuming;
     let channel = connection.create_channel().await?;
     // Re-applied on every (re)connection: lapin's recovery would not.
     channel
@@ -116,35 +123,27 @@ pub async fn start(
     let tag = format!("{}-{}", consuming.app_id, uuid::Uuid::new_v4());
     let consumer = channel
         .basic_consume(
-            queue.as_str().into(),
+            queue.queue.as_str().into(),
             tag.as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await?;
-    tracker.spawn(consume_loop(
-        consumer,
-        consuming,
-        publisher,
-        queue,
-        instance,
-        tracker.clone(),
-        signals,
-    ));
+    queue.tracker.clone().spawn(consume_loop(consumer, queue));
     Ok(RunningConsumer { channel, tag })
 }
 
 /// Takes the queue's deliveries once every consumer is started, and hands each to its own
 /// task within the queue's and the worker's bounds on commands handled at once.
-async fn consume_loop(
-    mut consumer: lapin::Consumer,
-    consuming: Arc<Consuming>,
-    publisher: Arc<Publisher>,
-    queue: String,
-    instance: Option<Arc<Instance>>,
-    tracker: TaskTracker,
-    signals: Signals,
-) {
+async fn consume_loop(mut consumer: lapin::Consumer, queue: QueueConsumer) {
+    let QueueConsumer {
+        consuming,
+        publisher,
+        queue,
+        instance,
+        tracker,
+        signals,
+    } = queue;
     let Signals {
         all_started,
         stop_consuming,

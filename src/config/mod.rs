@@ -165,31 +165,23 @@ impl Config {
                 "1 to 64 letters, digits, '.', '-' or '_'",
             ));
         }
-        if self.broker.prefetch == 0 {
-            return Err(invalid("broker.prefetch".into(), "must be at least 1"));
-        }
-        if self.retry.in_process_attempts == 0 {
-            return Err(invalid(
-                "retry.in_process_attempts".into(),
-                "must be at least 1",
-            ));
+        let counts = [
+            ("broker.prefetch", usize::from(self.broker.prefetch)),
+            ("retry.in_process_attempts", self.retry.in_process_attempts),
+            ("worker.max_handling", self.worker.max_handling),
+            ("worker.max_in_flight", self.worker.max_in_flight as usize),
+            (
+                "worker.concurrency_per_instance",
+                self.worker.concurrency_per_instance,
+            ),
+        ];
+        if let Some((key, _)) = counts.iter().find(|(_, n)| *n == 0) {
+            return Err(invalid((*key).into(), "must be at least 1"));
         }
         if self.retry.broker_delays_ms.iter().any(|d| *d < 10) {
             return Err(invalid(
                 "retry.broker_delays_ms".into(),
                 "delays are at least 10 ms",
-            ));
-        }
-        if self.worker.max_handling == 0 {
-            return Err(invalid("worker.max_handling".into(), "must be at least 1"));
-        }
-        if self.worker.max_in_flight == 0 {
-            return Err(invalid("worker.max_in_flight".into(), "must be at least 1"));
-        }
-        if self.worker.concurrency_per_instance == 0 {
-            return Err(invalid(
-                "worker.concurrency_per_instance".into(),
-                "must be at least 1",
             ));
         }
         self.media.validate().map_err(|e| ConfigError::Invalid {

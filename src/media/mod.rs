@@ -222,17 +222,8 @@ mod tests {
         ] {
             assert!(toml::from_str::<Worker>(text).is_err(), "accepted: {text}");
         }
-        for template in [
-            "{instance}/",
-            "/{instance}/{chat_jid}/",
-            "media/../{chat_jid}/",
-            "./{chat_jid}",
-            "{instance}//{chat_jid}/",
-            "{instance}-{chat_jid}/",
-            "{unknown}/{chat_jid}/",
-            "a\\b/{chat_jid}/",
-            "",
-        ] {
+        // Every refused template is listed in prefix.rs; here, that the store refuses them too.
+        for template in ["{instance}/", "media/../{chat_jid}/", ""] {
             let config = MediaConfig {
                 prefix_template: template.into(),
                 ..MediaConfig::default()

@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::consume::{self, Consuming, Signals};
+use crate::bus::consume::{self, Consuming, QueueConsumer, Signals};
 use crate::bus::{self, BrokerError, Publisher, topology};
 use crate::config::Config;
 use crate::http::Readiness;
@@ -121,15 +121,15 @@ async fn start_consumers(
         .collect();
     queues.push((names.unrouted_queue(), None));
     let starts = queues.into_iter().map(|(queue, instance)| {
-        consume::start(
-            connection,
-            consuming.clone(),
-            publisher.clone(),
+        let queue = QueueConsumer {
+            consuming: consuming.clone(),
+            publisher: publisher.clone(),
             queue,
             instance,
-            tracker.clone(),
-            signals.clone(),
-        )
+            tracker: tracker.clone(),
+            signals: signals.clone(),
+        };
+        consume::start(connection, queue)
     });
     futures_util::stream::iter(starts)
         .buffer_unordered(64)
