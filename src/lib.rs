@@ -3,11 +3,37 @@
 //! that matches the documented HTTP payloads.
 //!
 //! # Layout
-//! - `config`: the typed configuration (TOML + `CDW__*` environment overrides).
-//! - `topology`: exchange and queue names, and their declaration.
-//! - `decode` → `auth` → `command` → `session` → `media`: the pipeline stages, driven by
-//!   `pipeline`; `outcome` turns the result into the event; `consume` settles deliveries.
-//! - `broker`: the RabbitMQ connection and confirmed publishing; `http`: health and metrics.
+//!
+//! One command's path, top to bottom:
+//!
+//! - [`worker`]: the process's life. [`run`] serves HTTP, then keeps one broker connection at a
+//!   time ([`worker::connection`]), reconnecting with backoff ([`worker::reconnect`]).
+//! - [`bus`]: RabbitMQ. [`bus::connect()`], [`bus::topology`] (the exchanges and queues),
+//!   [`bus::consume`] (a consumer per queue), [`bus::settle`] (carry out a verdict, then ack or
+//!   requeue: the one place that decides), [`bus::publisher`] (confirmed publishing).
+//! - [`pipeline`]: the stages in the contract's order, run by [`pipeline::Pipeline::handle`]:
+//!   [`pipeline::envelope`] (properties and headers), [`pipeline::auth`] (tokens),
+//!   [`idempotency`] (claim, replay, remember), [`pipeline::request`] (the body, number → JID),
+//!   [`pipeline::pacing`] (per-token budget), [`session`] (the delete on the instance's
+//!   WhatsApp connection), [`media`] (the purge). [`pipeline::instances`] holds the hosted
+//!   instances.
+//! - [`contract`]: every outcome row and the one function that renders a result event
+//!   ([`contract::outcome`]), and every name on the wire: headers, event types, exchanges and
+//!   queues ([`contract::wire`]).
+//!
+//! Around it:
+//!
+//! - [`idempotency`]: the store trait and its two implementations, embedded (redb,
+//!   `idempotency::embedded`: front end, writer thread, record codec) and Redis.
+//! - [`session`]: the `ChatSession` trait; a scripted simulated session, and the real one
+//!   through whatsapp-rust ([`session::whatsapp`]: an actor per instance, and
+//!   [`session::whatsapp::client`] for the client itself).
+//! - [`media`]: the purge on disk or S3, with its config, errors, prefix template and retry.
+//! - [`config`]: one typed struct from TOML and `CDW__*` environment overrides.
+//! - [`telemetry`]: every metric name and description, the per-command log span, log setup;
+//!   [`http`]: `/metrics`, `/healthz`, `/readyz`, `/instances`, `/admin/reload`.
+//! - [`cli`]: every subcommand (run, topology, check-config, token-hash, publish, results,
+//!   parked, pair, unpair, instances), each returning its exit code.
 
 #![forbid(unsafe_code)]
 

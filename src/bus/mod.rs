@@ -1,4 +1,4 @@
-//! RabbitMQ: connecting ([`connect`]), declaring the topology ([`topology`]), publishing with
+//! RabbitMQ: connecting ([`connect()`]), declaring the topology ([`topology`]), publishing with
 //! confirms ([`publisher`]), consuming ([`consume`]) and settling each delivery once its
 //! verdict is carried out ([`settle`]).
 

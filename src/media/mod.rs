@@ -1,11 +1,11 @@
 //! Media purge: removes every stored media object of one chat, on S3-compatible storage
-//! ([`s3`]) or on a local disk ([`disk`]), and nothing else.
+//! (`s3`) or on a local disk (`disk`), and nothing else.
 //!
-//! A chat's media lives under a prefix built from a template ([`prefix`], default
+//! A chat's media lives under a prefix built from a template (`prefix`, default
 //! `{instance}/{chat_jid}/`), below a disk root folder or below an optional key prefix in a
 //! bucket. The prefix is a list of whole path segments, so it always ends at a separator:
 //! `5511@s.whatsapp.net` never matches `551199@s.whatsapp.net`. Failed storage calls are
-//! retried ([`retry`]); a later purge resumes with whatever is left.
+//! retried (`retry`); a later purge resumes with whatever is left.
 
 mod config;
 mod disk;
