@@ -1,12 +1,19 @@
-//! Crash and broker-restart harness (run through `scripts/crash-harness` and
-//! `scripts/broker-restart-harness`).
+//! Crash, broker-restart, slow and store-fault harness (run through `scripts/crash-harness`
+//! and `scripts/broker-restart-harness`).
 //!
 //! Preloads thousands of commands, each for its own chat, over several simulated instances; runs
-//! the worker as a child process; disrupts it (SIGKILL and restart, or broker connections
-//! closed / the broker app restarted) at random moments; waits until every command is answered;
-//! then reads the simulated sessions' effect logs and the results and prints
+//! the worker as a child process; disrupts it at random moments; waits until every delivery is
+//! answered; then reads the simulated sessions' effect logs and the results and prints
 //! `lost=<n> double_effects=<n> reexecuted=<n> kills=<n>`. Exits non-zero unless lost and
-//! double_effects are 0 and the queues are drained.
+//! double_effects are 0 and the queues are drained. Modes:
+//!
+//! - `crash`: SIGKILL and restart the worker.
+//! - `broker-restart`: close the broker's connections, or restart the broker app.
+//! - `slow`: deletes take longer than the claim's lease, and a duplicate of every id is
+//!   published while the originals wait; the worker is SIGKILLed and restarted too.
+//! - `store-faults`: the Redis store (a private `redis-server` with an append-only file, at its
+//!   memory limit with `volatile-lru`, kept under pressure by keys with a TTL) is stopped and
+//!   restarted; duplicates as in `slow`.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -18,11 +25,20 @@ use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rand::Rng;
+use redis::AsyncCommands;
 use tokio::process::{Child, Command};
 use tokio::time::{Instant, sleep, timeout};
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Crash,
+    BrokerRestart,
+    Slow,
+    StoreFaults,
+}
+
 struct Args {
-    mode: String,
+    mode: Mode,
     commands: usize,
     instances: usize,
     disruptions: usize,
@@ -32,63 +48,204 @@ struct Args {
     amqp: String,
 }
 
+/// Claims last this long in `slow` mode, shorter than a delete.
+const SLOW_LEASE_SECS: u64 = 2;
+
 fn parse_args() -> Args {
-    let mut args = Args {
-        mode: "crash".into(),
-        commands: 4000,
-        instances: 4,
-        disruptions: 5,
-        concurrency: 8,
-        latency_ms: 0,
-        worker: PathBuf::from("target/debug/chat-delete-worker"),
-        amqp: std::env::var("AMQP_URL")
-            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-    };
+    let mut mode = Mode::Crash;
+    let mut quick = false;
+    let mut set: HashMap<String, String> = HashMap::new();
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
-            "--mode" => args.mode = value(),
-            "--commands" => args.commands = value().parse().expect("number"),
-            "--instances" => args.instances = value().parse().expect("number"),
-            "--disruptions" | "--kills" => args.disruptions = value().parse().expect("number"),
-            "--concurrency" => args.concurrency = value().parse().expect("number"),
-            "--latency-ms" => args.latency_ms = value().parse().expect("number"),
-            "--worker" => args.worker = PathBuf::from(value()),
-            "--quick" => {
-                args.commands = 1500;
-                args.disruptions = 3;
+            "--mode" => {
+                mode = match value().as_str() {
+                    "crash" => Mode::Crash,
+                    "broker-restart" => Mode::BrokerRestart,
+                    "slow" => Mode::Slow,
+                    "store-faults" => Mode::StoreFaults,
+                    other => panic!("--mode crash|broker-restart|slow|store-faults, not {other}"),
+                }
+            }
+            "--slow" => mode = Mode::Slow,
+            "--store-faults" => mode = Mode::StoreFaults,
+            "--quick" => quick = true,
+            "--commands" | "--instances" | "--disruptions" | "--kills" | "--concurrency"
+            | "--latency-ms" | "--worker" => {
+                set.insert(
+                    flag.trim_start_matches('-').replace("kills", "disruptions"),
+                    value(),
+                );
             }
             other => panic!("unknown argument {other}"),
         }
     }
-    assert!(
-        matches!(args.mode.as_str(), "crash" | "broker-restart"),
-        "--mode crash|broker-restart"
-    );
-    if args.latency_ms == 0 {
+    // (commands, disruptions, latency, concurrency) per mode, full and --quick.
+    let (commands, disruptions, latency_ms, concurrency) = match (mode, quick) {
+        (Mode::Crash, false) => (4000, 5, 2, 8),
+        (Mode::Crash, true) => (1500, 3, 2, 8),
         // Slow enough that the run spans the disruptions (a broker restart takes seconds).
-        args.latency_ms = if args.mode == "crash" { 2 } else { 100 };
+        (Mode::BrokerRestart, false) => (4000, 5, 100, 8),
+        (Mode::BrokerRestart, true) => (1500, 3, 100, 8),
+        (Mode::Slow, false) => (600, 4, 3_000, 16),
+        (Mode::Slow, true) => (160, 2, 3_000, 16),
+        (Mode::StoreFaults, false) => (4000, 4, 20, 8),
+        (Mode::StoreFaults, true) => (1200, 2, 20, 8),
+    };
+    let get =
+        |key: &str, default: usize| set.get(key).map_or(default, |v| v.parse().expect("number"));
+    Args {
+        mode,
+        commands: get("commands", commands),
+        instances: get("instances", 4),
+        disruptions: get("disruptions", disruptions),
+        concurrency: get("concurrency", concurrency),
+        latency_ms: get("latency-ms", latency_ms as usize) as u64,
+        worker: set.get("worker").map_or_else(
+            || PathBuf::from("target/debug/chat-delete-worker"),
+            PathBuf::from,
+        ),
+        amqp: std::env::var("AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
     }
-    args
+}
+
+impl Args {
+    /// Whether a duplicate of every id is published during the run.
+    fn duplicates(&self) -> bool {
+        matches!(self.mode, Mode::Slow | Mode::StoreFaults)
+    }
 }
 
 fn chat_of(i: usize) -> String {
     format!("55{:011}@s.whatsapp.net", 10_000_000_000u64 + i as u64)
 }
 
+const TOKEN: &str = "harness-token";
+
 #[tokio::main]
 async fn main() {
     let args = parse_args();
     let dir = tempfile::tempdir().expect("temp dir");
     let ns = format!("harness{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let token = "harness-token";
-    let hash = hex::encode(chat_delete_worker::config::TokenHash::of(token.as_bytes()).0);
-    let config = write_config(dir.path(), &ns, &args, &hash);
+    let hash = hex::encode(chat_delete_worker::config::TokenHash::of(TOKEN.as_bytes()).0);
+    let mut redis = match args.mode {
+        Mode::StoreFaults => Some(Redis::start(dir.path()).await),
+        _ => None,
+    };
+    let config = write_config(dir.path(), &ns, &args, &hash, redis.as_ref());
     let names = chat_delete_worker::contract::Names::new(&ns);
     let instances: Vec<String> = (0..args.instances).map(|i| format!("inst{i}")).collect();
+    let results_queue = setup(&args, &config, &names).await;
+    publish_commands(&args.amqp, &names, &instances, 0..args.commands, "first").await;
+    eprintln!(
+        "harness: {} commands preloaded over {} instances ({:?})",
+        args.commands, args.instances, args.mode
+    );
 
-    // Declare the topology through the worker itself, plus a durable results queue.
+    let log = dir.path().join("worker.log");
+    let mut worker = spawn_worker(&args.worker, &config, &log);
+    let duplicates = args.duplicates().then(|| {
+        let (amqp, names, instances, n) = (
+            args.amqp.clone(),
+            names.clone(),
+            instances.clone(),
+            args.commands,
+        );
+        // Duplicates while the originals wait, a batch at a time.
+        tokio::spawn(async move {
+            for start in (0..n).step_by(50) {
+                let pause = rand::rng().random_range(50..400);
+                sleep(Duration::from_millis(pause)).await;
+                publish_commands(&amqp, &names, &instances, start..(start + 50).min(n), "dup")
+                    .await;
+            }
+        })
+    });
+    let pressure = redis
+        .as_ref()
+        .map(|r| tokio::spawn(keep_memory_pressed(r.url())));
+    let started = Instant::now();
+    let mut disruptions = 0;
+    while disruptions < args.disruptions {
+        let pause = rand::rng().random_range(300..1500);
+        sleep(Duration::from_millis(pause)).await;
+        match args.mode {
+            Mode::Crash | Mode::Slow => {
+                worker.start_kill().expect("SIGKILL");
+                let _ = worker.wait().await;
+                worker = spawn_worker(&args.worker, &config, &log);
+            }
+            Mode::BrokerRestart if disruptions % 2 == 0 => {
+                rabbitmqctl(&["close_all_connections", "harness"]).await
+            }
+            Mode::BrokerRestart => {
+                rabbitmqctl(&["stop_app"]).await;
+                rabbitmqctl(&["start_app"]).await;
+                rabbitmqctl(&["await_startup"]).await;
+            }
+            Mode::StoreFaults => {
+                let redis = redis.as_mut().expect("store-faults runs its own Redis");
+                redis.stop().await;
+                let down = rand::rng().random_range(500..3000);
+                sleep(Duration::from_millis(down)).await;
+                redis.start_server().await;
+            }
+        }
+        disruptions += 1;
+        eprintln!(
+            "harness: disruption {disruptions} at {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    if let Some(duplicates) = duplicates {
+        duplicates.await.expect("duplicates published");
+    }
+
+    // Every delivery answered (bounded), then read everything back.
+    let per_id = if args.duplicates() { 2 } else { 1 };
+    let results = collect_results(&args.amqp, &results_queue, args.commands, per_id).await;
+    let drained = wait_drained(&args.amqp, &names, &instances).await;
+    worker.start_kill().ok();
+    let _ = worker.wait().await;
+    if let Some(pressure) = pressure {
+        pressure.abort();
+    }
+    let evicted = match &redis {
+        Some(redis) => redis.evicted_keys().await,
+        None => 0,
+    };
+
+    let counts = account(&args, dir.path(), &instances, &results, per_id);
+    let in_flight_limit = args.concurrency * args.instances;
+    eprintln!(
+        "harness: {} results for {} commands in {:.1}s; queues drained: {drained}; re-executions allowed up to {}{}",
+        results.len(),
+        args.commands,
+        started.elapsed().as_secs_f64(),
+        args.disruptions * in_flight_limit,
+        if redis.is_some() {
+            format!("; Redis evicted {evicted} other keys")
+        } else {
+            String::new()
+        }
+    );
+    cleanup(&args.amqp, &names, &instances, &results_queue).await;
+    println!(
+        "lost={} double_effects={} reexecuted={} kills={disruptions}",
+        counts.lost, counts.double_effects, counts.reexecuted
+    );
+    let ok = counts.lost == 0
+        && counts.double_effects == 0
+        && drained
+        && counts.reexecuted <= args.disruptions * in_flight_limit;
+    std::process::exit(if ok { 0 } else { 1 });
+}
+
+/// Declares the topology through the worker itself, plus a durable results queue; returns
+/// the results queue's name.
+async fn setup(args: &Args, config: &Path, names: &chat_delete_worker::contract::Names) -> String {
     let status = Command::new(&args.worker)
         .args(["--config", config.to_str().unwrap(), "topology"])
         .stdout(Stdio::null())
@@ -98,7 +255,7 @@ async fn main() {
     assert!(status.success(), "topology declaration failed");
     let connection = connect(&args.amqp).await;
     let channel = connection.create_channel().await.unwrap();
-    let results_queue = format!("{ns}.harness.results");
+    let results_queue = format!("{}.harness.results", names.events_exchange());
     let mut qargs = FieldTable::default();
     qargs.insert(
         "x-queue-type".into(),
@@ -125,20 +282,33 @@ async fn main() {
         )
         .await
         .unwrap();
+    let _ = connection.close(200, "declared".into()).await;
+    results_queue
+}
 
-    // Preload every command, confirmed.
+/// Publishes the commands `ids` (each for its own chat), confirmed.
+async fn publish_commands(
+    amqp: &str,
+    names: &chat_delete_worker::contract::Names,
+    instances: &[String],
+    ids: std::ops::Range<usize>,
+    correlation: &str,
+) {
+    let connection = connect(amqp).await;
+    let channel = connection.create_channel().await.unwrap();
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    for i in 0..args.commands {
+    for i in ids {
         let mut headers = FieldTable::default();
         headers.insert(
             ShortString::from("token"),
-            AMQPValue::LongString(token.into()),
+            AMQPValue::LongString(TOKEN.into()),
         );
         let props = BasicProperties::default()
             .with_message_id(format!("h-{i}").into())
+            .with_correlation_id(correlation.into())
             .with_delivery_mode(2)
             .with_headers(headers);
         let body = format!(r#"{{"number": "{}"}}"#, chat_of(i));
@@ -154,55 +324,35 @@ async fn main() {
             .unwrap();
     }
     channel.wait_for_confirms().await.unwrap();
-    let _ = connection.close(200, "preloaded".into()).await;
-    eprintln!(
-        "harness: {} commands preloaded over {} instances ({})",
-        args.commands, args.instances, args.mode
-    );
+    let _ = connection.close(200, "published".into()).await;
+}
 
-    let log = dir.path().join("worker.log");
-    let mut worker = spawn_worker(&args.worker, &config, &log);
-    let mut rng = rand::rng();
-    let mut disruptions = 0;
-    let started = Instant::now();
-    while disruptions < args.disruptions {
-        sleep(Duration::from_millis(rng.random_range(300..1500))).await;
-        match args.mode.as_str() {
-            "crash" => {
-                worker.start_kill().expect("SIGKILL");
-                let _ = worker.wait().await;
-                worker = spawn_worker(&args.worker, &config, &log);
-            }
-            _ if disruptions % 2 == 0 => rabbitmqctl(&["close_all_connections", "harness"]).await,
-            _ => {
-                rabbitmqctl(&["stop_app"]).await;
-                rabbitmqctl(&["start_app"]).await;
-                rabbitmqctl(&["await_startup"]).await;
-            }
-        }
-        disruptions += 1;
-        eprintln!(
-            "harness: disruption {disruptions} at {:.1}s",
-            started.elapsed().as_secs_f64()
-        );
-    }
+struct Counts {
+    lost: usize,
+    double_effects: usize,
+    reexecuted: usize,
+}
 
-    // Every command answered (bounded), then read everything back.
-    let results = collect_results(&args.amqp, &results_queue, args.commands).await;
-    let drained = wait_drained(&args.amqp, &names, &instances).await;
-    worker.start_kill().ok();
-    let _ = worker.wait().await;
-
+/// Sets the answers against the effect logs: a delivery without an answer is lost; two
+/// different answers for one id, or a delete after the id's first answer, is a double effect;
+/// a delete done twice before any answer (a crash between delete and record) is a re-execution.
+fn account(
+    args: &Args,
+    dir: &Path,
+    instances: &[String],
+    results: &[(String, i64, String)],
+    per_id: usize,
+) -> Counts {
     let mut by_id: HashMap<String, Vec<(i64, String)>> = HashMap::new();
-    for (id, time_us, key) in &results {
+    for (id, time_us, key) in results {
         by_id
             .entry(id.clone())
             .or_default()
             .push((*time_us, key.clone()));
     }
     let mut deletes: HashMap<String, Vec<i64>> = HashMap::new();
-    for instance in &instances {
-        let text = std::fs::read_to_string(dir.path().join(format!("effects-{instance}.log")))
+    for instance in instances {
+        let text = std::fs::read_to_string(dir.join(format!("effects-{instance}.log")))
             .unwrap_or_default();
         for line in text.lines() {
             let (time, chat) = line.split_once(' ').expect("time chat");
@@ -212,48 +362,156 @@ async fn main() {
                 .push(time.parse().expect("time"));
         }
     }
-    let mut lost = 0;
-    let mut double_effects = 0;
-    let mut reexecuted = 0;
+    let mut counts = Counts {
+        lost: 0,
+        double_effects: 0,
+        reexecuted: 0,
+    };
     for i in 0..args.commands {
         let id = format!("h-{i}");
-        let Some(answers) = by_id.get(&id) else {
-            lost += 1;
-            continue;
-        };
+        let answers = by_id.get(&id).map(Vec::as_slice).unwrap_or_default();
+        if answers.len() < per_id {
+            counts.lost += 1;
+            if answers.is_empty() {
+                continue;
+            }
+        }
         let distinct: HashSet<&String> = answers.iter().map(|(_, k)| k).collect();
+        // Event times have millisecond precision (effect times microsecond): a delete counts as
+        // late from the millisecond after the answer's.
         let first_result = answers.iter().map(|(t, _)| *t).min().unwrap();
         let times = deletes.get(&chat_of(i)).cloned().unwrap_or_default();
-        let late = times.iter().filter(|t| **t > first_result).count();
+        let late = times.iter().filter(|t| **t >= first_result + 1_000).count();
         if distinct.len() > 1 || late > 0 {
-            double_effects += 1;
+            counts.double_effects += 1;
             eprintln!(
                 "harness: double effect on {id}: results {distinct:?}, {late} delete(s) after the first result"
             );
         } else if times.len() > 1 {
-            reexecuted += 1;
+            counts.reexecuted += 1;
         }
     }
-    let in_flight_limit = args.concurrency * args.instances;
-    eprintln!(
-        "harness: {} results for {} commands in {:.1}s; queues drained: {drained}; re-executions allowed up to {}",
-        results.len(),
-        args.commands,
-        started.elapsed().as_secs_f64(),
-        args.disruptions * in_flight_limit
-    );
-    cleanup(&args.amqp, &names, &instances, &results_queue).await;
-    println!(
-        "lost={lost} double_effects={double_effects} reexecuted={reexecuted} kills={disruptions}"
-    );
-    let ok = lost == 0
-        && double_effects == 0
-        && drained
-        && reexecuted <= args.disruptions * in_flight_limit;
-    std::process::exit(if ok { 0 } else { 1 });
+    counts
 }
 
-fn write_config(dir: &Path, ns: &str, args: &Args, hash: &str) -> PathBuf {
+/// The `store-faults` Redis: a private server with an append-only file (a restart keeps its
+/// data), at a small memory limit with `volatile-lru`.
+struct Redis {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Redis {
+    async fn start(dir: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = dir.join("redis");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut redis = Self {
+            port,
+            dir,
+            child: None,
+        };
+        redis.start_server().await;
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn start_server(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .args(["--maxmemory", "32mb", "--maxmemory-policy", "volatile-lru"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while redis_connection(&self.url()).await.is_none() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A clean stop: the append-only file holds every write.
+    async fn stop(&mut self) {
+        if let Some(mut connection) = redis_connection(&self.url()).await {
+            let _: Result<(), _> = redis::cmd("SHUTDOWN").query_async(&mut connection).await;
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = timeout(Duration::from_secs(30), child.wait()).await;
+        }
+    }
+
+    async fn evicted_keys(&self) -> u64 {
+        let Some(mut connection) = redis_connection(&self.url()).await else {
+            return 0;
+        };
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut connection)
+            .await
+            .unwrap_or_default();
+        info.lines()
+            .find_map(|l| l.strip_prefix("evicted_keys:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+async fn redis_connection(url: &str) -> Option<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(url).ok()?;
+    timeout(
+        Duration::from_secs(2),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .ok()?
+    .ok()
+}
+
+/// Keeps writing keys with a TTL, so Redis stays at its memory limit and evicts.
+async fn keep_memory_pressed(url: String) {
+    let filler = "x".repeat(16 * 1024);
+    let mut n = 0u64;
+    loop {
+        match redis_connection(&url).await {
+            Some(mut connection) => loop {
+                let set: Result<(), _> = connection
+                    .set_ex(format!("harness-filler:{n}"), &filler, 3600)
+                    .await;
+                n += 1;
+                if set.is_err() {
+                    break;
+                }
+                if n.is_multiple_of(64) {
+                    sleep(Duration::from_millis(10)).await;
+                }
+            },
+            None => sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+fn write_config(dir: &Path, ns: &str, args: &Args, hash: &str, redis: Option<&Redis>) -> PathBuf {
     let mut toml = format!(
         r#"[worker]
 concurrency_per_instance = {concurrency}
@@ -278,6 +536,16 @@ broker_delays_ms = [200, 1000]
         amqp = args.amqp,
         dir = dir.display(),
     );
+    toml.push_str("[idempotency]\n");
+    if args.mode == Mode::Slow {
+        toml.push_str(&format!("lease_secs = {SLOW_LEASE_SECS}\n"));
+    }
+    if let Some(redis) = redis {
+        toml.push_str(&format!(
+            "backend = \"redis\"\nredis_url = \"{}\"\noutage_wait_ms = 1000\n",
+            redis.url()
+        ));
+    }
     for i in 0..args.instances {
         toml.push_str(&format!(
             "[instances.inst{i}]\nkind = \"simulated\"\ntoken_sha256 = \"{hash}\"\nsimulated = {{ latency_ms = {latency}, effects_log = \"{}\" }}\n",
@@ -330,9 +598,16 @@ async fn connect(url: &str) -> Connection {
     }
 }
 
-/// Reads results until every id has one (or 5 minutes pass): (id, event time in µs, status+body).
-async fn collect_results(url: &str, queue: &str, expected: usize) -> Vec<(String, i64, String)> {
+/// Reads results until every id has `per_id` (or 5 minutes pass): (id, event time in µs,
+/// status+body).
+async fn collect_results(
+    url: &str,
+    queue: &str,
+    expected: usize,
+    per_id: usize,
+) -> Vec<(String, i64, String)> {
     let mut results = vec![];
+    let mut answers: HashMap<String, usize> = HashMap::new();
     let mut answered = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(300);
     while answered.len() < expected && Instant::now() < deadline {
@@ -385,7 +660,11 @@ async fn collect_results(url: &str, queue: &str, expected: usize) -> Vec<(String
                 time,
                 format!("{status} {}", String::from_utf8_lossy(&next.data)),
             ));
-            answered.insert(id);
+            let count = answers.entry(id.clone()).or_default();
+            *count += 1;
+            if *count >= per_id {
+                answered.insert(id);
+            }
             let _ = next.ack(BasicAckOptions::default()).await;
         }
         let _ = connection.close(200, "done".into()).await;

@@ -7,6 +7,7 @@
 //! overrides the default concurrency. Stdout: the seconds; stderr: what was deleted.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use tokio::time::Instant;
 
 use chat_delete_worker::media::{DiskConfig, MediaBackend, MediaConfig, MediaStore, S3Config};
@@ -51,7 +52,14 @@ async fn main() {
         std::process::exit(2);
     });
     let started = Instant::now();
-    match store.purge_chat(instance, chat_jid).await {
+    match store
+        .purge_chat(
+            instance,
+            chat_jid,
+            Arc::new(chat_delete_worker::fence::Unfenced),
+        )
+        .await
+    {
         Ok(report) => {
             let elapsed = started.elapsed().as_secs_f64();
             eprintln!("purge: objects={} bytes={}", report.objects, report.bytes);

@@ -29,6 +29,7 @@
 //!   through whatsapp-rust ([`session::whatsapp`]: an actor per instance, and
 //!   [`session::whatsapp::client`] for the client itself).
 //! - [`media`]: the purge on disk or S3, with its config, errors, prefix template and retry.
+//! - [`fence`]: what every effect checks first (the idempotency claim is held).
 //! - [`config`]: one typed struct from TOML and `CDW__*` environment overrides.
 //! - [`telemetry`]: every metric name and description, the per-command log span, log setup;
 //!   [`http`]: `/metrics`, `/healthz`, `/readyz`, `/instances`, `/admin/reload`.
@@ -41,6 +42,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod contract;
+pub mod fence;
 pub mod http;
 pub mod idempotency;
 pub mod media;

@@ -21,6 +21,10 @@ pub const INSTANCE_CONNECTED: &str = "chat_delete_instance_connected";
 pub const INSTANCE_STATE: &str = "chat_delete_instance_state";
 pub const BROKER_CONNECTED: &str = "chat_delete_broker_connected";
 pub const BROKER_RECONNECTS: &str = "chat_delete_broker_reconnects_total";
+pub const STORE_AVAILABLE: &str = "chat_delete_store_available";
+pub const STORE_WAITS: &str = "chat_delete_store_waits_total";
+pub const CLAIM_RENEWALS: &str = "chat_delete_claim_renewals_total";
+pub const FENCED: &str = "chat_delete_fenced_total";
 pub const MEDIA_OBJECTS_DELETED: &str = "chat_delete_media_objects_deleted_total";
 pub const MEDIA_BYTES_DELETED: &str = "chat_delete_media_bytes_deleted_total";
 
@@ -72,6 +76,22 @@ fn describe() {
     describe_counter!(
         BROKER_RECONNECTS,
         "Broker connections re-established after a loss."
+    );
+    describe_gauge!(
+        STORE_AVAILABLE,
+        "1 while the idempotency store answers; 0 while commands wait for it."
+    );
+    describe_counter!(
+        STORE_WAITS,
+        "Commands that had to wait for an unreachable idempotency store."
+    );
+    describe_counter!(
+        CLAIM_RENEWALS,
+        "Idempotency claims renewed while their command ran long, by outcome (renewed, taken, failed)."
+    );
+    describe_counter!(
+        FENCED,
+        "Commands stopped before an effect because their claim was no longer held; handed back."
     );
     describe_counter!(MEDIA_OBJECTS_DELETED, "Media objects deleted by purges.");
     describe_counter!(

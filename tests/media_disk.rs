@@ -25,7 +25,7 @@ async fn disk_prefix_isolation_and_empty_parents() {
     write(&root.join("solo/5511@s.whatsapp.net/x.jpg"), 3);
     let store = MediaStore::from_config(&disk_config(&root)).unwrap();
 
-    let report = store.purge_chat("inst", JID).await.unwrap();
+    let report = store.purge_chat("inst", JID, unfenced()).await.unwrap();
     assert_eq!(
         report,
         PurgeReport {
@@ -52,7 +52,7 @@ async fn disk_prefix_isolation_and_empty_parents() {
     assert_eq!(tree(&root), expected);
 
     // The only chat of an instance: the emptied instance folder goes too, the root stays.
-    let report = store.purge_chat("solo", JID).await.unwrap();
+    let report = store.purge_chat("solo", JID, unfenced()).await.unwrap();
     assert_eq!(report.objects, 1);
     assert!(!root.join("solo").exists());
     assert!(root.is_dir());
@@ -63,17 +63,28 @@ async fn disk_no_media_is_ok() {
     let tmp = tempfile::tempdir().unwrap();
     let store = MediaStore::from_config(&disk_config(tmp.path())).unwrap();
     assert_eq!(
-        store.purge_chat("inst", JID).await.unwrap(),
+        store.purge_chat("inst", JID, unfenced()).await.unwrap(),
         PurgeReport::default()
     );
     let missing_root = MediaStore::from_config(&disk_config(&tmp.path().join("nope"))).unwrap();
     assert_eq!(
-        missing_root.purge_chat("inst", JID).await.unwrap().objects,
+        missing_root
+            .purge_chat("inst", JID, unfenced())
+            .await
+            .unwrap()
+            .objects,
         0
     );
     // An empty chat folder is removed, and reported as 0 objects.
     fs::create_dir_all(tmp.path().join("inst").join(JID)).unwrap();
-    assert_eq!(store.purge_chat("inst", JID).await.unwrap().objects, 0);
+    assert_eq!(
+        store
+            .purge_chat("inst", JID, unfenced())
+            .await
+            .unwrap()
+            .objects,
+        0
+    );
     assert!(tree(tmp.path()).is_empty());
 }
 
@@ -98,7 +109,7 @@ async fn disk_many_files_all_gone_and_counted() {
     let bytes_before = recorder.get(MEDIA_BYTES_DELETED);
     let store = MediaStore::from_config(&disk_config(tmp.path())).unwrap();
 
-    let report = store.purge_chat("inst", JID).await.unwrap();
+    let report = store.purge_chat("inst", JID, unfenced()).await.unwrap();
     assert_eq!(
         report,
         PurgeReport {
@@ -127,7 +138,14 @@ async fn disk_names_with_spaces_and_unicode() {
         write(&chat.join(name), 5);
     }
     let store = MediaStore::from_config(&disk_config(tmp.path())).unwrap();
-    assert_eq!(store.purge_chat("inst", JID).await.unwrap().objects, 5);
+    assert_eq!(
+        store
+            .purge_chat("inst", JID, unfenced())
+            .await
+            .unwrap()
+            .objects,
+        5
+    );
     assert!(tree(tmp.path()).is_empty());
 }
 
@@ -158,7 +176,7 @@ async fn disk_failure_mid_purge_then_resume() {
     let guard = Immutable(locked.clone());
     let store = MediaStore::from_config(&disk_config(tmp.path())).unwrap();
 
-    let err = store.purge_chat("inst", JID).await.unwrap_err();
+    let err = store.purge_chat("inst", JID, unfenced()).await.unwrap_err();
     assert!(matches!(err, MediaError::Disk { .. }), "{err}");
     assert!(
         !err.is_retryable(),
@@ -178,7 +196,7 @@ async fn disk_failure_mid_purge_then_resume() {
 
     drop(guard);
     assert_eq!(
-        store.purge_chat("inst", JID).await.unwrap(),
+        store.purge_chat("inst", JID, unfenced()).await.unwrap(),
         PurgeReport {
             objects: 1,
             bytes: 9
@@ -199,7 +217,10 @@ async fn disk_path_traversal_is_refused() {
     let before = tree(tmp.path());
     let store = MediaStore::from_config(&disk_config(&root)).unwrap();
     for (instance, jid) in BAD_INPUTS {
-        let err = store.purge_chat(instance, jid).await.expect_err(jid);
+        let err = store
+            .purge_chat(instance, jid, unfenced())
+            .await
+            .expect_err(jid);
         assert!(
             matches!(err, MediaError::InvalidPrefix(_)),
             "{instance:?} {jid:?}: {err}"
@@ -228,7 +249,7 @@ async fn disk_symlinks_are_never_followed() {
     symlink("/nonexistent/target", chat.join("dangling")).unwrap();
     let store = MediaStore::from_config(&disk_config(&root)).unwrap();
 
-    let report = store.purge_chat("inst", JID).await.unwrap();
+    let report = store.purge_chat("inst", JID, unfenced()).await.unwrap();
     // Links are objects of the chat (removed as links) but free no file bytes.
     assert_eq!(
         report,
@@ -247,7 +268,7 @@ async fn disk_symlinks_are_never_followed() {
     // The chat folder itself is a link to a folder outside the root: only the link goes.
     fs::create_dir_all(root.join("inst")).unwrap();
     symlink(&outside, &chat).unwrap();
-    let report = store.purge_chat("inst", JID).await.unwrap();
+    let report = store.purge_chat("inst", JID, unfenced()).await.unwrap();
     assert_eq!(report.objects, 1);
     assert!(fs::symlink_metadata(&chat).is_err(), "link left behind");
     assert_eq!(tree(&outside), outside_tree);
@@ -255,7 +276,10 @@ async fn disk_symlinks_are_never_followed() {
     // A folder above the chat folder is a link: refused, nothing deleted anywhere.
     write(&outside.join("inst2").join(JID).join("x.jpg"), 1);
     symlink(outside.join("inst2"), root.join("inst2")).unwrap();
-    let err = store.purge_chat("inst2", JID).await.unwrap_err();
+    let err = store
+        .purge_chat("inst2", JID, unfenced())
+        .await
+        .unwrap_err();
     assert!(matches!(err, MediaError::SymlinkInPath { .. }), "{err}");
     assert!(!err.is_retryable());
     assert!(outside.join("inst2").join(JID).join("x.jpg").exists());
@@ -269,7 +293,27 @@ async fn disk_root_may_be_a_symlink() {
     write(&real.join("keep.jpg"), 3);
     symlink(&real, tmp.path().join("media")).unwrap();
     let store = MediaStore::from_config(&disk_config(&tmp.path().join("media"))).unwrap();
-    assert_eq!(store.purge_chat("inst", JID).await.unwrap().objects, 1);
+    assert_eq!(
+        store
+            .purge_chat("inst", JID, unfenced())
+            .await
+            .unwrap()
+            .objects,
+        1
+    );
     let expected: BTreeSet<String> = ["keep.jpg".to_string()].into();
     assert_eq!(tree(&real), expected);
+}
+
+/// A purge deletes nothing once its command's claim no longer holds.
+#[tokio::test]
+async fn disk_purge_stops_at_a_fence_that_no_longer_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join(format!("inst/{JID}/a.jpg"));
+    write(&file, 10);
+    let store = MediaStore::from_config(&disk_config(tmp.path())).unwrap();
+    let err = store.purge_chat("inst", JID, refused()).await.unwrap_err();
+    assert!(matches!(err, MediaError::Fenced(_)), "{err}");
+    assert!(!err.is_retryable());
+    assert!(file.exists(), "nothing deleted");
 }

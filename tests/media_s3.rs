@@ -41,7 +41,7 @@ async fn s3_prefix_isolation() {
     seed(&raw, std::slice::from_ref(&bare)).await;
 
     let store = MediaStore::from_config(&s3_media_config(&s.endpoint, &s.bucket, &kp)).unwrap();
-    let report = store.purge_chat("inst", JID).await.unwrap();
+    let report = store.purge_chat("inst", JID, unfenced()).await.unwrap();
     assert_eq!(report.objects, 2);
     assert_eq!(report.bytes, 10 + 11);
 
@@ -65,7 +65,7 @@ async fn s3_no_media_is_ok() {
     let kp = fresh_prefix(&raw, "empty").await;
     let store = MediaStore::from_config(&s3_media_config(&s.endpoint, &s.bucket, &kp)).unwrap();
     assert_eq!(
-        store.purge_chat("inst", JID).await.unwrap(),
+        store.purge_chat("inst", JID, unfenced()).await.unwrap(),
         PurgeReport::default()
     );
 }
@@ -82,7 +82,7 @@ async fn s3_many_objects_all_gone_and_counted() {
     config.concurrency = 3;
     let store = MediaStore::from_config(&config).unwrap();
 
-    let report = store.purge_chat("inst", JID).await.unwrap();
+    let report = store.purge_chat("inst", JID, unfenced()).await.unwrap();
     assert_eq!(
         report,
         PurgeReport {
@@ -117,7 +117,14 @@ async fn s3_keys_with_spaces_and_unicode() {
     seed(&raw, &keys).await;
     assert_eq!(keys_under(&raw, &kp).await, keys.iter().cloned().collect());
     let store = MediaStore::from_config(&s3_media_config(&s.endpoint, &s.bucket, &kp)).unwrap();
-    assert_eq!(store.purge_chat("inst", JID).await.unwrap().objects, 5);
+    assert_eq!(
+        store
+            .purge_chat("inst", JID, unfenced())
+            .await
+            .unwrap()
+            .objects,
+        5
+    );
     assert!(keys_under(&raw, &kp).await.is_empty());
 }
 
@@ -130,7 +137,10 @@ async fn s3_path_traversal_is_refused() {
     seed(&raw, &keys).await;
     let store = MediaStore::from_config(&s3_media_config(&s.endpoint, &s.bucket, &kp)).unwrap();
     for (instance, jid) in BAD_INPUTS {
-        let err = store.purge_chat(instance, jid).await.expect_err(jid);
+        let err = store
+            .purge_chat(instance, jid, unfenced())
+            .await
+            .expect_err(jid);
         assert!(
             matches!(err, MediaError::InvalidPrefix(_)),
             "{instance:?} {jid:?}: {err}"
@@ -144,7 +154,7 @@ async fn s3_missing_bucket_is_not_retryable() {
     let s = server();
     let store =
         MediaStore::from_config(&s3_media_config(&s.endpoint, "no-such-bucket-here", "x")).unwrap();
-    let err = store.purge_chat("inst", JID).await.unwrap_err();
+    let err = store.purge_chat("inst", JID, unfenced()).await.unwrap_err();
     assert!(!err.is_retryable(), "{err}");
     assert_eq!(
         err.reason(),
@@ -197,7 +207,7 @@ async fn s3_server_stopped_mid_purge_then_resumed() {
         s3.request_timeout_ms = 3_000;
     }
     let impatient = MediaStore::from_config(&config).unwrap();
-    let purge = tokio::spawn(async move { impatient.purge_chat("inst", JID).await });
+    let purge = tokio::spawn(async move { impatient.purge_chat("inst", JID, unfenced()).await });
 
     // Pause the server right after it answered the first DeleteObjects request.
     let log = started.log.clone();
@@ -226,7 +236,7 @@ async fn s3_server_stopped_mid_purge_then_resumed() {
     }
     config.retry = MediaRetryConfig::default();
     let patient = MediaStore::from_config(&config).unwrap();
-    let report = patient.purge_chat("inst", JID).await.unwrap();
+    let report = patient.purge_chat("inst", JID, unfenced()).await.unwrap();
     // A delete sent before the pause may land after it, so `left` is an upper bound.
     assert!(
         report.objects > 0 && report.objects as usize <= left,
@@ -249,7 +259,24 @@ async fn s3_server_stopped_mid_purge_then_resumed() {
         || TcpStream::connect(("127.0.0.1", port)).is_err(),
     )
     .await;
-    let err = patient.purge_chat("inst", JID).await.unwrap_err();
+    let err = patient
+        .purge_chat("inst", JID, unfenced())
+        .await
+        .unwrap_err();
     assert!(err.is_retryable(), "{err}");
     assert!(err.reason().contains("cannot connect"), "{}", err.reason());
+}
+
+/// A purge sends no delete batch once its command's claim no longer holds.
+#[tokio::test]
+async fn s3_purge_stops_at_a_fence_that_no_longer_holds() {
+    let s = server();
+    let raw = raw_store(&s.endpoint, &s.bucket);
+    let kp = fresh_prefix(&raw, "fenced").await;
+    let keys = many_keys(&format!("{kp}/inst/{JID}"), 3);
+    seed(&raw, &keys).await;
+    let store = MediaStore::from_config(&s3_media_config(&s.endpoint, &s.bucket, &kp)).unwrap();
+    let err = store.purge_chat("inst", JID, refused()).await.unwrap_err();
+    assert!(matches!(err, MediaError::Fenced(_)), "{err}");
+    assert_eq!(keys_under(&raw, &format!("{kp}/inst/{JID}")).await.len(), 3);
 }

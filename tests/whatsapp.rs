@@ -108,7 +108,8 @@ async fn app_state_keys_without_a_connection_are_not_connected_through_the_real_
         .await
         .unwrap();
     let result =
-        whatsapp::delete_on_client(&bot.client(), &chat, false, Duration::from_secs(5)).await;
+        whatsapp::Device::delete_chat(bot.client().as_ref(), &chat, false, Duration::from_secs(5))
+            .await;
     assert_eq!(result, Err(SessionError::NotConnected));
     drop(bot);
 
@@ -142,7 +143,8 @@ async fn app_state_keys_without_a_connection_are_not_connected_through_the_real_
         "the key was found: {raw}"
     );
     assert!(raw.is_transport_unavailable(), "{raw}");
-    let result = whatsapp::delete_on_client(&client, &chat, true, Duration::from_secs(5)).await;
+    let result =
+        whatsapp::Device::delete_chat(client.as_ref(), &chat, true, Duration::from_secs(5)).await;
     assert_eq!(result, Err(SessionError::NotConnected));
 }
 
@@ -166,7 +168,13 @@ async fn a_paired_session_survives_a_restart_and_a_dead_endpoint_keeps_it_down()
     assert!(SessionLock::acquire(&options.store_path).is_err());
     let chat = normalise_number("5511999999999").unwrap();
     assert_eq!(
-        session.delete_chat(&chat, false).await,
+        session
+            .delete_chat(
+                &chat,
+                false,
+                std::sync::Arc::new(chat_delete_worker::fence::Unfenced)
+            )
+            .await,
         Err(SessionError::NotConnected)
     );
     assert_ne!(session.state(), SessionState::Connected);
@@ -245,7 +253,13 @@ async fn events_drive_the_state_and_parking_stops_the_client() {
     }
     let chat = normalise_number("5511999999999").unwrap();
     assert_eq!(
-        session.delete_chat(&chat, false).await,
+        session
+            .delete_chat(
+                &chat,
+                false,
+                std::sync::Arc::new(chat_delete_worker::fence::Unfenced)
+            )
+            .await,
         Err(SessionError::NotConnected)
     );
 

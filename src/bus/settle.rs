@@ -27,10 +27,10 @@ pub enum Settle {
 }
 
 /// The one place that decides a delivery's fate: acked once everything its verdict asked for
-/// is confirmed, handed back otherwise.
-pub fn settle_for(published: &Result<(), BrokerError>) -> Settle {
-    match published {
-        Ok(()) => Settle::Ack,
+/// is confirmed, handed back when the verdict says so or a publish failed.
+pub fn settle_for(carried_out: &Result<Settle, BrokerError>) -> Settle {
+    match carried_out {
+        Ok(settle) => *settle,
         Err(_) => Settle::Requeue,
     }
 }
@@ -73,9 +73,9 @@ pub struct Carrier<'a> {
 }
 
 impl Carrier<'_> {
-    /// Publishes what the verdict asks for. Every publish is confirmed before the delivery is
-    /// acked.
-    pub async fn carry_out(&self, verdict: Verdict) -> Result<(), BrokerError> {
+    /// Publishes what the verdict asks for, and says how to settle the delivery then. Every
+    /// publish is confirmed before the delivery is acked.
+    pub async fn carry_out(&self, verdict: Verdict) -> Result<Settle, BrokerError> {
         match verdict {
             Verdict::Answer {
                 handled,
@@ -86,14 +86,15 @@ impl Carrier<'_> {
                 if park {
                     self.park(&handled).await?;
                 }
-                Ok(())
             }
             Verdict::RetryLater {
                 delay_ms,
                 tries,
                 retries,
-            } => self.retry_later(delay_ms, tries, retries).await,
+            } => self.retry_later(delay_ms, tries, retries).await?,
+            Verdict::HandBack => return Ok(Settle::Requeue),
         }
+        Ok(Settle::Ack)
     }
 
     /// Publishes the result event (to the events exchange and `reply_to`).

@@ -18,6 +18,9 @@ use env::apply_env_override;
 /// Prefix of environment overrides: `CDW__BROKER__URL` sets `broker.url`.
 pub const ENV_PREFIX: &str = "CDW__";
 
+/// Shortest claim lease: renewals come every third of it, a store round trip each.
+pub const MIN_LEASE_SECS: u64 = 2;
+
 /// Token of the built-in `demo` instance used when no config file is given.
 pub const DEMO_TOKEN: &str = "demo-token";
 
@@ -178,6 +181,12 @@ impl Config {
         if let Some((key, _)) = counts.iter().find(|(_, n)| *n == 0) {
             return Err(invalid((*key).into(), "must be at least 1"));
         }
+        if self.idempotency.lease_secs < MIN_LEASE_SECS {
+            return Err(invalid(
+                "idempotency.lease_secs".into(),
+                "must be at least 2 (a claim is renewed every third of it)",
+            ));
+        }
         if self.retry.broker_delays_ms.iter().any(|d| *d < 10) {
             return Err(invalid(
                 "retry.broker_delays_ms".into(),
@@ -280,6 +289,15 @@ mod tests {
             matches!(&err, ConfigError::Invalid { key, .. } if key == "media.prefix_template"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_lease_too_short_to_renew_is_refused() {
+        let err = Config::load(None, env(&[("CDW__IDEMPOTENCY__LEASE_SECS", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("idempotency.lease_secs"), "{err}");
+        Config::load(None, env(&[("CDW__IDEMPOTENCY__LEASE_SECS", "2")])).unwrap();
     }
 
     #[test]

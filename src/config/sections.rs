@@ -138,9 +138,14 @@ pub struct IdempotencyConfig {
     pub key_prefix: String,
     /// How long 200 and 4xx results are remembered and replayed.
     pub keep_secs: u64,
-    /// How long a claim on an id excludes other deliveries of it when its worker vanished
-    /// (Redis; the embedded store knows its previous owner is gone).
+    /// How long a claim on an id excludes other deliveries of it unless renewed: the worker
+    /// renews it every third of this while the command runs, so it bounds how long a vanished
+    /// worker's commands wait (Redis; the embedded store knows its previous owner is gone).
+    /// At least 2.
     pub lease_secs: u64,
+    /// How long a command waits in the worker for an unreachable store before it goes back to
+    /// the broker (it keeps its retry budget and comes back after the shortest retry delay).
+    pub outage_wait_ms: u64,
 }
 
 impl Default for IdempotencyConfig {
@@ -151,7 +156,8 @@ impl Default for IdempotencyConfig {
             redis_url: "redis://127.0.0.1:6379".into(),
             key_prefix: "chat-delete:idem:".into(),
             keep_secs: 24 * 3600,
-            lease_secs: 120,
+            lease_secs: 30,
+            outage_wait_ms: 10_000,
         }
     }
 }

@@ -4,12 +4,19 @@
 //!
 //! A record holds the request's fingerprint, a lease (who is working on the id right now),
 //! whether the chat delete already happened (a retry resumes at the purge), and the final
-//! result once there is one to remember (200 and 4xx).
+//! result once there is one to remember (200 and 4xx). A claim is renewed while its command
+//! runs ([`claim`]).
+//!
+//! Writes after a claim was granted (the chat delete happened, the result) never depend on the
+//! claim still being there: a record that vanished (expired, evicted, lost) is written again,
+//! and a record that belongs to another request is never overwritten.
 
+pub mod claim;
 mod embedded;
 mod redis;
 
 pub use self::redis::RedisStore;
+pub use claim::Claim;
 pub use embedded::EmbeddedStore;
 
 use std::time::Duration;
@@ -68,8 +75,20 @@ pub enum Begin {
     Busy,
 }
 
+/// A granted claim: the id, the claim's name, and the request it is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub id: String,
+    pub claim: String,
+    pub fingerprint: Fingerprint,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The id's record belongs to another request now (it expired and was used again): a
+    /// write for ours would overwrite it.
+    #[error("the idempotency id belongs to another request now")]
+    Superseded,
     /// A read or a commit failed; every operation of a failed commit gets the same error.
     #[error("embedded store: {0}")]
     Embedded(std::sync::Arc<redb::Error>),
@@ -84,11 +103,35 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// A store that cannot be read or written now may work on the next try; a corrupt record
-    /// will not get better, but answering without the store would risk a second delete, so
-    /// that too waits for an operator (it ends parked after the retry budget).
+    /// A store that cannot be read or written now may work on the next try; a superseded
+    /// record will stay another request's.
     pub fn is_retryable(&self) -> bool {
-        true
+        !matches!(self, StoreError::Superseded)
+    }
+
+    /// The store could not be reached or could not write: waiting may help, and no answer
+    /// should come from it.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            StoreError::Embedded(_) | StoreError::Io(_) | StoreError::WriterStopped => true,
+            StoreError::Redis(e) => {
+                use ::redis::{ErrorKind, ServerErrorKind as S};
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || matches!(
+                        e.kind(),
+                        ErrorKind::Server(
+                            S::BusyLoading | S::TryAgain | S::ClusterDown | S::MasterDown | S::ReadOnly
+                        )
+                    )
+                    // A full Redis (maxmemory, noeviction) refuses writes until there is room.
+                    || e.code() == Some("OOM")
+                    || e.to_string().contains("OOM command not allowed")
+            }
+            StoreError::Superseded | StoreError::Corrupt(_) => false,
+        }
     }
 }
 
@@ -105,12 +148,15 @@ pub struct Lifetimes {
 #[async_trait::async_trait]
 pub trait IdempotencyStore: Send + Sync {
     async fn begin(&self, id: &str, fingerprint: &Fingerprint) -> Result<Begin, StoreError>;
+    /// Extends the claim by a lease from now; `false` when another delivery holds the id now.
+    async fn renew(&self, held: &Held) -> Result<bool, StoreError>;
     /// The chat delete of this id happened: a later try skips it.
-    async fn mark_chat_deleted(&self, id: &str, claim: &str) -> Result<(), StoreError>;
-    /// Keeps the final result and ends the claim.
-    async fn remember(&self, id: &str, claim: &str, result: &Remembered) -> Result<(), StoreError>;
+    async fn mark_chat_deleted(&self, held: &Held) -> Result<(), StoreError>;
+    /// Keeps the final result and ends the claim. Returns what is remembered now: `result`,
+    /// or the result another delivery of the same request remembered first.
+    async fn remember(&self, held: &Held, result: &Remembered) -> Result<Remembered, StoreError>;
     /// Ends the claim without a result (5xx and 503 are not remembered).
-    async fn release(&self, id: &str, claim: &str) -> Result<(), StoreError>;
+    async fn release(&self, held: &Held) -> Result<(), StoreError>;
     /// Whether the store answers (for `/readyz`).
     async fn ping(&self) -> bool;
 }

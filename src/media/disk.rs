@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use super::retry::Retry;
 use super::{MediaError, MediaRetryConfig, Totals};
+use crate::fence::Fence;
 
 /// Below this many files in a folder, extra threads cost more than they save.
 const DISK_FILES_PER_THREAD: usize = 256;
@@ -32,13 +33,15 @@ impl Disk {
         concurrency: usize,
         retry: &MediaRetryConfig,
         totals: &Arc<Totals>,
+        fence: Arc<dyn Fence>,
     ) -> Result<(), MediaError> {
         let mut retry = Retry::new(retry);
         let segments: Arc<[String]> = segments.into();
         loop {
             let (root, segments, totals) = (self.root.clone(), segments.clone(), totals.clone());
+            let fence = fence.clone();
             let pass = tokio::task::spawn_blocking(move || {
-                purge_pass(&root, &segments, concurrency, &totals)
+                purge_pass(&root, &segments, concurrency, &totals, fence.as_ref())
             })
             .await
             .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()));
@@ -70,6 +73,7 @@ fn purge_pass(
     segments: &[String],
     concurrency: usize,
     totals: &Totals,
+    fence: &dyn Fence,
 ) -> Result<(), MediaError> {
     // The root may itself be a symlink (an operator's choice); everything below it must not be.
     let root = match fs::canonicalize(root) {
@@ -91,6 +95,7 @@ fn purge_pass(
                 return Err(MediaError::SymlinkInPath { path: dir });
             }
             // The chat folder is a link: remove the link, never what it points to.
+            fence.check().map_err(MediaError::Fenced)?;
             match fs::remove_file(&dir) {
                 Ok(()) => totals.add(1, 0),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -104,14 +109,19 @@ fn purge_pass(
             return Ok(());
         }
     }
-    purge_tree(&dir, concurrency, totals)?;
+    purge_tree(&dir, concurrency, totals, fence)?;
     remove_empty_parents(&root, &dir);
     Ok(())
 }
 
 /// Removes `top` and everything in it, without following symlinks. Iterative (post-order) so
 /// that a deep tree cannot overflow the stack.
-fn purge_tree(top: &FsPath, concurrency: usize, totals: &Totals) -> Result<(), MediaError> {
+fn purge_tree(
+    top: &FsPath,
+    concurrency: usize,
+    totals: &Totals,
+    fence: &dyn Fence,
+) -> Result<(), MediaError> {
     let mut first_error: Option<MediaError> = None;
     let mut stack = vec![(top.to_owned(), false)];
     while let Some((dir, emptied)) = stack.pop() {
@@ -153,6 +163,8 @@ fn purge_tree(top: &FsPath, concurrency: usize, totals: &Totals) -> Result<(), M
                 }
             }
         }
+        // Each folder's files are one batch, deleted only while the fence holds.
+        fence.check().map_err(MediaError::Fenced)?;
         let (objects, bytes, error) = delete_files(&files, concurrency);
         // Counted per folder: one metrics update instead of one per file.
         totals.add(objects, bytes);

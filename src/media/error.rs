@@ -3,6 +3,8 @@
 use std::io;
 use std::path::PathBuf;
 
+use crate::fence::Fenced;
+
 /// What one purge removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PurgeReport {
@@ -35,6 +37,9 @@ pub enum MediaError {
         #[source]
         source: object_store::Error,
     },
+    /// The fence refused the next batch; what was deleted before stays deleted.
+    #[error("media purge stopped: {0}")]
+    Fenced(Fenced),
     /// A disk operation failed, after the retry budget for retryable failures.
     #[error("media disk {op} of {} failed after {}: {source}", path.display(), tries(*attempts))]
     Disk {
@@ -50,7 +55,10 @@ impl MediaError {
     /// True when a later try may succeed (storage down, timeouts, partial batch failures).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Config(_) | Self::InvalidPrefix(_) | Self::SymlinkInPath { .. } => false,
+            Self::Config(_)
+            | Self::InvalidPrefix(_)
+            | Self::SymlinkInPath { .. }
+            | Self::Fenced(_) => false,
             Self::Storage { retryable, .. } => *retryable,
             Self::Disk { source, .. } => io_retryable(source),
         }
@@ -62,6 +70,7 @@ impl MediaError {
             Self::Config(_) => "media storage is misconfigured".into(),
             Self::InvalidPrefix(why) => format!("unsafe media prefix ({why})"),
             Self::SymlinkInPath { .. } => "media folder path goes through a symlink".into(),
+            Self::Fenced(fenced) => fenced.to_string(),
             Self::Storage {
                 op,
                 attempts,

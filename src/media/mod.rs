@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::time::Instant;
 
+use crate::fence::Fence;
 use crate::telemetry;
 use disk::Disk;
 use prefix::{Segment, expand, parse_template};
@@ -82,20 +83,28 @@ impl MediaStore {
         })
     }
 
-    /// Deletes every media object of `chat_jid` in `instance`. A chat without media is a success
-    /// with 0 objects; after a failure, calling again deletes whatever is left.
+    /// Deletes every media object of `chat_jid` in `instance`, checking `fence` before each
+    /// batch. A chat without media is a success with 0 objects; after a failure, calling again
+    /// deletes whatever is left.
     pub async fn purge_chat(
         &self,
         instance: &str,
         chat_jid: &str,
+        fence: Arc<dyn Fence>,
     ) -> Result<PurgeReport, MediaError> {
         let segments = expand(&self.template, instance, chat_jid)?;
         let started = Instant::now();
         let totals = Arc::new(Totals::default());
         let (concurrency, retry) = (self.concurrency, &self.retry);
         let result = match &self.backend {
-            Backend::Disk(disk) => disk.purge(&segments, concurrency, retry, &totals).await,
-            Backend::S3(s3) => s3.purge(&segments, concurrency, retry, &totals).await,
+            Backend::Disk(disk) => {
+                disk.purge(&segments, concurrency, retry, &totals, fence)
+                    .await
+            }
+            Backend::S3(s3) => {
+                s3.purge(&segments, concurrency, retry, &totals, fence.as_ref())
+                    .await
+            }
         };
         let report = totals.report();
         match &result {

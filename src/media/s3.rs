@@ -20,6 +20,7 @@ use object_store::{ClientOptions, ObjectMeta, ObjectStore};
 
 use super::retry::Retry;
 use super::{MediaError, MediaRetryConfig, S3Config, Totals};
+use crate::fence::Fence;
 
 /// Largest number of keys S3 accepts in one `DeleteObjects` request.
 const S3_BATCH: usize = 1_000;
@@ -85,6 +86,7 @@ impl S3 {
         concurrency: usize,
         retry: &MediaRetryConfig,
         totals: &Totals,
+        fence: &dyn Fence,
     ) -> Result<(), MediaError> {
         let prefix: ObjectPath = self
             .key_prefix
@@ -98,7 +100,7 @@ impl S3 {
         let lister = self.list(&prefix, tx, retry, &stop);
         let batches = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
         let deleter = batches
-            .map(|batch| self.delete_batch(batch, retry, totals, &stop))
+            .map(|batch| self.delete_batch(batch, retry, totals, fence, &stop))
             .buffer_unordered(concurrency)
             .fold(None::<MediaError>, |first, result| {
                 let first = match (first, result) {
@@ -179,6 +181,7 @@ impl S3 {
         mut pending: Vec<ObjectMeta>,
         retry: &MediaRetryConfig,
         totals: &Totals,
+        fence: &dyn Fence,
         stop: &AtomicBool,
     ) -> Result<(), MediaError> {
         // Another batch already failed for good: the purge is over, a later call resumes.
@@ -187,6 +190,7 @@ impl S3 {
         }
         let mut retry = Retry::new(retry);
         loop {
+            fence.check().map_err(MediaError::Fenced)?;
             let locations: Vec<_> = pending.iter().map(|m| Ok(m.location.clone())).collect();
             // At most 1,000 keys: object_store sends exactly one DeleteObjects request.
             let results: Vec<_> = self

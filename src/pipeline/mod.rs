@@ -2,10 +2,15 @@
 //! ([`envelope`]), authenticate ([`auth`]), check idempotency, validate the body
 //! ([`request`]), pace ([`pacing`]), delete the chat on the instance's session, purge its
 //! media, remember. [`Pipeline::handle`] runs them; the hosted instances are in [`instances`].
+//!
+//! A claimed command is handled while its claim is renewed, and every effect checks the claim
+//! first (`crate::fence`): a claim that was lost stops the command before its next effect and
+//! hands it back. The store is reached through `memory`, which waits out an outage.
 
 pub mod auth;
 pub mod envelope;
 pub mod instances;
+mod memory;
 pub mod pacing;
 pub mod request;
 
@@ -20,13 +25,15 @@ use tracing::Instrument;
 use crate::bus::topology::retry_tiers;
 use crate::config::{Config, IdempotencyBackend, RetryConfig, TokenHash};
 use crate::contract::Outcome;
+use crate::fence::{Fence, Fenced};
 use crate::idempotency::{
-    Begin, EmbeddedStore, Fingerprint, IdempotencyStore, Lifetimes, RedisStore, Remembered,
-    StoreError,
+    Begin, Claim, EmbeddedStore, Fingerprint, Held, IdempotencyStore, Lifetimes, RedisStore,
+    Remembered, StoreError,
 };
 use crate::media::{MediaError, MediaStore};
 use crate::session::SessionError;
 use crate::telemetry::{self, CommandLog};
+use memory::{Memory, Patience};
 
 use envelope::Envelope;
 pub use instances::{Instance, Instances};
@@ -67,6 +74,9 @@ pub enum Verdict {
         tries: u32,
         retries: u32,
     },
+    /// No answer and nothing remembered: back to the queue at once. The command's claim went
+    /// to another delivery of the same id, which answers it.
+    HandBack,
 }
 
 impl Verdict {
@@ -84,18 +94,14 @@ impl Verdict {
     }
 }
 
-/// An idempotency id and the claim on it this delivery holds.
-#[derive(Clone, Copy)]
-struct Held<'a> {
-    id: &'a str,
-    claim: &'a str,
-}
-
-/// Why the work of a claimed command stopped short.
+/// Why the work of a command stopped short.
 enum Failure {
     Session(SessionError),
     Media(MediaError),
+    /// The store answered, but not usably (an unreadable record).
     Store(StoreError),
+    /// The claim is no longer held: no further effect.
+    Fenced(Fenced),
 }
 
 impl Failure {
@@ -104,6 +110,7 @@ impl Failure {
             Failure::Session(e) => e.is_retryable(),
             Failure::Media(e) => e.is_retryable(),
             Failure::Store(e) => e.is_retryable(),
+            Failure::Fenced(_) => false,
         }
     }
 
@@ -113,8 +120,27 @@ impl Failure {
             Failure::Session(e) => Outcome::DeleteChatFailed(e.reason()),
             Failure::Media(e) => Outcome::DeleteMediaFailed(e.reason()),
             Failure::Store(_) => {
-                Outcome::DeleteChatFailed("the idempotency store is unavailable".into())
+                Outcome::DeleteChatFailed("the idempotency record is unreadable".into())
             }
+            Failure::Fenced(fenced) => Outcome::DeleteChatFailed(fenced.to_string()),
+        }
+    }
+}
+
+impl From<SessionError> for Failure {
+    fn from(error: SessionError) -> Self {
+        match error {
+            SessionError::Fenced(fenced) => Failure::Fenced(fenced),
+            other => Failure::Session(other),
+        }
+    }
+}
+
+impl From<MediaError> for Failure {
+    fn from(error: MediaError) -> Self {
+        match error {
+            MediaError::Fenced(fenced) => Failure::Fenced(fenced),
+            other => Failure::Media(other),
         }
     }
 }
@@ -123,7 +149,9 @@ impl Failure {
 pub struct Pipeline {
     instances: Arc<Instances>,
     media: MediaStore,
-    store: Box<dyn IdempotencyStore>,
+    memory: Memory,
+    /// How long a claim lasts unless renewed.
+    lease: Duration,
     pacer: Pacer,
     max_body_bytes: usize,
     retry: RetryConfig,
@@ -154,7 +182,11 @@ impl Pipeline {
         Ok(Self {
             instances,
             media: MediaStore::from_config(&config.media)?,
-            store,
+            memory: Memory::new(
+                store,
+                Duration::from_millis(config.idempotency.outage_wait_ms),
+            ),
+            lease: lifetimes.lease,
             pacer: Pacer::new(config.pacing.deletes_per_minute),
             max_body_bytes: config.worker.max_body_bytes,
             retry: config.retry.clone(),
@@ -168,7 +200,7 @@ impl Pipeline {
 
     /// Whether the idempotency store answers (`/readyz`).
     pub async fn store_reachable(&self) -> bool {
-        self.store.ping().await
+        self.memory.reachable().await
     }
 
     /// Runs the contract's checks in order and does the work.
@@ -193,7 +225,16 @@ impl Pipeline {
         let parsed = parse_body(body, self.max_body_bytes);
         let fingerprint =
             Fingerprint::new(instance.name(), &token, parsed.as_ref().map_err(|_| body));
-        let (claim, chat_deleted) = match self.store.begin(id, &fingerprint).await {
+        let asked_at = Instant::now();
+        let store = self.memory.store();
+        if self.memory.is_unrecorded(id) {
+            return self.later_without_a_try(envelope);
+        }
+        let begun = self
+            .memory
+            .call(Patience::Bounded, log, || store.begin(id, &fingerprint))
+            .await;
+        let (claim, chat_deleted) = match begun {
             Ok(Begin::Claimed {
                 claim,
                 chat_deleted,
@@ -203,30 +244,24 @@ impl Pipeline {
                 return Verdict::answer(Outcome::IdempotencyConflict, None, first_try);
             }
             // Another delivery of this id is at work: come back when it is done. Not a try.
-            Ok(Begin::Busy) => {
-                return Verdict::RetryLater {
-                    delay_ms: self.shortest_delay(),
-                    tries: envelope.previous_attempts,
-                    retries: envelope.retries,
-                };
-            }
-            Err(error) => {
-                log.in_span(|| tracing::warn!(%error, "Idempotency store unavailable."));
-                return self.after_failure(envelope, None, Failure::Store(error), first_try);
-            }
+            Ok(Begin::Busy) => return self.later_without_a_try(envelope),
+            Err(error) => return self.without_store(error, parsed, envelope),
         };
-        let held = Held { id, claim: &claim };
+        let held = Held {
+            id: id.to_owned(),
+            claim,
+            fingerprint,
+        };
+        let claim = Arc::new(Claim::new(held, self.lease, asked_at));
         let request = match parsed {
             Ok(request) => request,
             Err(outcome) => {
-                return self
-                    .finish(held, outcome, None, first_try, envelope, log)
-                    .await;
+                let answer = Verdict::answer(outcome, None, first_try);
+                return self.remember(&claim, answer, Patience::Bounded, log).await;
             }
         };
-        let (result, tries) = self
-            .work(instance, &token, &request, held, chat_deleted, log)
-            .await;
+        let work = self.work(instance, &token, &request, &claim, chat_deleted, log);
+        let (result, tries) = claim.hold_while(store, work).await;
         let attempts = envelope.previous_attempts.saturating_add(tries.max(1));
         let chat = request.chat.clone();
         match result {
@@ -235,11 +270,21 @@ impl Pipeline {
                     chat: chat.clone(),
                     delete_media: request.delete_media,
                 };
-                self.finish(held, outcome, Some(chat), attempts, envelope, log)
+                let answer = Verdict::answer(outcome, Some(chat), attempts);
+                // The delete happened: its answer waits until it is recorded.
+                self.remember(&claim, answer, Patience::Unbounded, log)
                     .await
             }
+            Err(Failure::Fenced(fenced)) => {
+                metrics::counter!(telemetry::FENCED).increment(1);
+                log.in_span(|| {
+                    tracing::warn!(reason = %fenced, "Work stopped before its next effect; handing the command back.")
+                });
+                Verdict::HandBack
+            }
             Err(failure) => {
-                if let Err(error) = self.store.release(held.id, held.claim).await {
+                let release = || store.release(claim.held());
+                if let Err(error) = self.memory.call(Patience::Bounded, log, release).await {
                     log.in_span(|| {
                         tracing::warn!(%error, "Could not release the claim; it expires by itself.")
                     });
@@ -249,26 +294,66 @@ impl Pipeline {
         }
     }
 
-    /// Remembers a final 200/4xx result before it is published.
-    async fn finish(
+    /// Remembers a final 200/4xx answer before it is published. What is remembered may be
+    /// another delivery's answer to the same request, which is then the one answered; an
+    /// answer that cannot be remembered (a 4xx while the store is down, an id another request
+    /// took over) is still answered, not remembered.
+    async fn remember(
         &self,
-        held: Held<'_>,
-        outcome: Outcome,
-        chat: Option<ChatJid>,
-        attempts: u32,
-        envelope: &Envelope,
+        claim: &Claim,
+        answer: Verdict,
+        patience: Patience,
         log: &CommandLog<'_>,
     ) -> Verdict {
-        let remembered = Remembered {
-            outcome: outcome.clone(),
-            attempts,
+        let Verdict::Answer { handled, .. } = &answer else {
+            return answer;
         };
-        match self.store.remember(held.id, held.claim, &remembered).await {
-            Ok(()) => Verdict::answer(outcome, chat, attempts),
+        let result = Remembered {
+            outcome: handled.outcome.clone(),
+            attempts: handled.attempts,
+        };
+        let store = self.memory.store();
+        let remember = || store.remember(claim.held(), &result);
+        let remembered = match patience {
+            Patience::Bounded => self.memory.call(patience, log, remember).await,
+            Patience::Unbounded => self.memory.record(&claim.held().id, log, remember).await,
+        };
+        match remembered {
+            Ok(kept) if kept == result => answer,
+            Ok(kept) => replay(kept, None),
             Err(error) => {
-                log.in_span(|| tracing::warn!(%error, "Could not remember the result."));
-                self.after_failure(envelope, chat, Failure::Store(error), attempts)
+                log.in_span(|| tracing::warn!(%error, "Answering without remembering the result."));
+                answer
             }
+        }
+    }
+
+    /// The store could not be used for `begin`. A 4xx of the body needs no memory and is
+    /// answered; while the store is unreachable, everything else waits for it (through the
+    /// broker, without spending a try); an unreadable record is a failure like any other.
+    fn without_store(
+        &self,
+        error: StoreError,
+        parsed: Result<DeleteRequest, Outcome>,
+        envelope: &Envelope,
+    ) -> Verdict {
+        let first_try = envelope.previous_attempts.saturating_add(1);
+        match parsed {
+            Err(outcome) if error.is_outage() => Verdict::answer(outcome, None, first_try),
+            _ if error.is_outage() => self.later_without_a_try(envelope),
+            parsed => {
+                let chat = parsed.ok().map(|r| r.chat);
+                self.after_failure(envelope, chat, Failure::Store(error), first_try)
+            }
+        }
+    }
+
+    /// Back through the shortest retry tier, neither a try nor a retry spent.
+    fn later_without_a_try(&self, envelope: &Envelope) -> Verdict {
+        Verdict::RetryLater {
+            delay_ms: self.shortest_delay(),
+            tries: envelope.previous_attempts,
+            retries: envelope.retries,
         }
     }
 
@@ -300,43 +385,47 @@ impl Pipeline {
             .unwrap_or(1_000)
     }
 
-    /// Pace, delete the chat (unless a previous try did), purge the media when asked. Returns
-    /// the result and how many tries it took in this delivery.
+    /// Pace, delete the chat (unless a previous try did), purge the media when asked; every
+    /// effect checks the claim first. Returns the result and how many tries it took in this
+    /// delivery.
     async fn work(
         &self,
         instance: &Instance,
         token: &TokenHash,
         request: &DeleteRequest,
-        held: Held<'_>,
+        claim: &Arc<Claim>,
         chat_deleted: bool,
         log: &CommandLog<'_>,
     ) -> (Result<(), Failure>, u32) {
         let mut tries = 0;
+        let fence: Arc<dyn Fence> = claim.clone();
         if !chat_deleted {
             self.pacer.wait(token).await;
             let (result, n) = self
-                .delete_chat(instance, &request.chat, request.delete_media, log)
+                .delete_chat(instance, request, fence.clone(), log)
                 .await;
             tries = n;
             if let Err(error) = result {
-                return (Err(Failure::Session(error)), tries);
+                return (Err(error.into()), tries);
             }
             // A later try after a failed purge starts at the purge (without a purge, the
-            // remembered result comes next and says it all).
-            if request.delete_media
-                && let Err(error) = self.store.mark_chat_deleted(held.id, held.claim).await
-            {
-                log.in_span(|| {
-                    tracing::warn!(%error, "Could not record the chat delete; a retry repeats it.")
-                });
+            // remembered result comes next and says it all). Durable before the purge runs.
+            if request.delete_media {
+                let store = self.memory.store();
+                let mark = || store.mark_chat_deleted(claim.held());
+                if let Err(error) = self.memory.record(&claim.held().id, log, mark).await {
+                    log.in_span(|| {
+                        tracing::warn!(%error, "Could not record the chat delete; a retry repeats it.")
+                    });
+                }
             }
         }
         if request.delete_media {
             tries = tries.max(1);
             // The purge logs what it did, so it runs in the command's span.
-            let purge = self.purge_media(instance, &request.chat);
+            let purge = self.purge_media(instance, &request.chat, fence);
             if let Err(error) = purge.instrument(log.span().clone()).await {
-                return (Err(Failure::Media(error)), tries);
+                return (Err(error.into()), tries);
             }
         }
         (Ok(()), tries)
@@ -354,15 +443,16 @@ impl Pipeline {
     async fn delete_chat(
         &self,
         instance: &Instance,
-        chat: &ChatJid,
-        delete_media: bool,
+        request: &DeleteRequest,
+        fence: Arc<dyn Fence>,
         log: &CommandLog<'_>,
     ) -> (Result<(), SessionError>, u32) {
         let started = Instant::now();
         let mut tries = 0u32;
         let result = (|| {
             tries += 1;
-            instance.session().delete_chat(chat, delete_media)
+            let session = instance.session();
+            session.delete_chat(&request.chat, request.delete_media, fence.clone())
         })
         .retry(self.backoff())
         .when(SessionError::is_retryable)
@@ -376,20 +466,22 @@ impl Pipeline {
         (result, tries)
     }
 
-    /// The media purge; the media store retries failed batches itself, and a later call
-    /// resumes where this one stopped.
-    async fn purge_media(&self, instance: &Instance, chat: &ChatJid) -> Result<(), MediaError> {
+    /// The media purge (it logs what it did); the media store retries failed batches itself,
+    /// and a later call resumes where this one stopped.
+    async fn purge_media(
+        &self,
+        instance: &Instance,
+        chat: &ChatJid,
+        fence: Arc<dyn Fence>,
+    ) -> Result<(), MediaError> {
         let started = Instant::now();
-        let result = self.media.purge_chat(instance.name(), chat.as_str()).await;
+        let result = self
+            .media
+            .purge_chat(instance.name(), chat.as_str(), fence)
+            .await;
         metrics::histogram!(telemetry::STAGE_DURATION, "stage" => "media_purge")
             .record(started.elapsed().as_secs_f64());
-        let report = result?;
-        tracing::debug!(
-            objects = report.objects,
-            bytes = report.bytes,
-            "Media purged."
-        );
-        Ok(())
+        result.map(drop)
     }
 }
 

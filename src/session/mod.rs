@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use std::sync::Arc;
+
+use crate::fence::{Fence, Fenced};
 use crate::pipeline::request::ChatJid;
 
 /// What an instance's session looks like from outside.
@@ -49,11 +52,14 @@ pub enum SessionError {
     /// WhatsApp refused the request; another try would be refused too.
     #[error("{0}")]
     Rejected(String),
+    /// The fence refused the delete just before it would have been sent: nothing was done.
+    #[error("{0}")]
+    Fenced(Fenced),
 }
 
 impl SessionError {
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, SessionError::Rejected(_))
+        !matches!(self, SessionError::Rejected(_) | SessionError::Fenced(_))
     }
 
     /// Short and free of secrets: it becomes `Failed to delete chat: <reason>`.
@@ -108,8 +114,14 @@ impl SessionState {
 pub trait ChatSession: Send + Sync {
     fn state(&self) -> SessionState;
 
-    /// Deletes the chat from the instance's chat list (all linked devices, through app state).
-    async fn delete_chat(&self, chat: &ChatJid, delete_media: bool) -> Result<(), SessionError>;
+    /// Deletes the chat from the instance's chat list (all linked devices, through app state),
+    /// if `fence` still holds just before the delete is sent (it may wait for the session).
+    async fn delete_chat(
+        &self,
+        chat: &ChatJid,
+        delete_media: bool,
+        fence: Arc<dyn Fence>,
+    ) -> Result<(), SessionError>;
 
     /// Picks up a session paired since the start (or since it was parked).
     async fn reload(&self) {}

@@ -2,11 +2,12 @@
 //! without a phone, for tests and for benchmarks.
 
 use std::io::Write;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::{SimulatedConfig, SimulatedFailure};
+use crate::fence::Fence;
 use crate::pipeline::request::ChatJid;
 
 use super::{ChatSession, SessionError, SessionState};
@@ -83,10 +84,18 @@ impl ChatSession for SimulatedSession {
         }
     }
 
-    async fn delete_chat(&self, chat: &ChatJid, _delete_media: bool) -> Result<(), SessionError> {
+    async fn delete_chat(
+        &self,
+        chat: &ChatJid,
+        _delete_media: bool,
+        fence: Arc<dyn Fence>,
+    ) -> Result<(), SessionError> {
+        // The latency stands for the wait in the session and the call itself; the effect, and
+        // the fence check just before it, come at its end.
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
+        fence.check().map_err(SessionError::Fenced)?;
         if !self.is_connected() {
             return Err(SessionError::NotConnected);
         }
@@ -111,6 +120,7 @@ impl ChatSession for SimulatedSession {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fence::Unfenced;
     use crate::pipeline::request::normalise_number;
 
     #[tokio::test]
@@ -126,14 +136,17 @@ mod tests {
         .unwrap();
         let chat = normalise_number("5511999999999").unwrap();
         assert_eq!(
-            session.delete_chat(&chat, false).await,
+            session.delete_chat(&chat, false, Arc::new(Unfenced)).await,
             Err(SessionError::Timeout)
         );
         assert_eq!(
-            session.delete_chat(&chat, false).await,
+            session.delete_chat(&chat, false, Arc::new(Unfenced)).await,
             Err(SessionError::Timeout)
         );
-        assert_eq!(session.delete_chat(&chat, false).await, Ok(()));
+        assert_eq!(
+            session.delete_chat(&chat, false, Arc::new(Unfenced)).await,
+            Ok(())
+        );
         assert_eq!(session.deletes(), 1);
         let text = std::fs::read_to_string(log).unwrap();
         assert_eq!(text.lines().count(), 1);
@@ -150,7 +163,7 @@ mod tests {
         let chat = normalise_number("5511999999999").unwrap();
         assert_eq!(session.state(), SessionState::NotPaired);
         assert_eq!(
-            session.delete_chat(&chat, false).await,
+            session.delete_chat(&chat, false, Arc::new(Unfenced)).await,
             Err(SessionError::NotConnected)
         );
         assert_eq!(session.deletes(), 0);

@@ -313,3 +313,21 @@ pub fn tree(dir: &Path) -> BTreeSet<String> {
     walk(dir, dir, &mut out);
     out
 }
+
+/// No fence: every batch may go.
+pub fn unfenced() -> Arc<dyn chat_delete_worker::fence::Fence> {
+    Arc::new(chat_delete_worker::fence::Unfenced)
+}
+
+/// A fence that no longer holds: every batch is refused.
+pub fn refused() -> Arc<dyn chat_delete_worker::fence::Fence> {
+    struct Refused;
+    impl chat_delete_worker::fence::Fence for Refused {
+        fn check(&self) -> Result<(), chat_delete_worker::fence::Fenced> {
+            Err(chat_delete_worker::fence::Fenced(
+                "the claim was taken over",
+            ))
+        }
+    }
+    Arc::new(Refused)
+}

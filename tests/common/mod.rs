@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod media;
+pub mod redis;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};

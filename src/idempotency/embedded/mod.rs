@@ -13,20 +13,13 @@ mod writer;
 use std::path::Path;
 use std::sync::{Arc, mpsc};
 
-use redb::{Database, ReadableDatabase, TableDefinition};
 use tokio::sync::oneshot;
 
-use super::{Begin, Fingerprint, IdempotencyStore, Lifetimes, Remembered, StoreError};
-use writer::{Change, Op, RECORDS, Writer};
-
-/// An expiry index of earlier versions; dropped on open (the sweep walks the records now,
-/// which costs less than one more B-tree insert per command).
-const OLD_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("expiry");
-const CACHE_BYTES: usize = 8 * 1024 * 1024;
+use super::{Begin, Fingerprint, Held, IdempotencyStore, Lifetimes, Remembered, StoreError};
+use writer::{Change, Op, Writer, Written};
 
 pub struct EmbeddedStore {
     ops: mpsc::Sender<(String, Op)>,
-    db: Arc<Database>,
 }
 
 impl EmbeddedStore {
@@ -35,71 +28,81 @@ impl EmbeddedStore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        // redb's default cache (1 GiB) would grow with the number of ids; records are small.
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(path)
-            .map_err(embedded)?;
-        let db = Arc::new(db);
-        let txn = db.begin_write().map_err(embedded)?;
-        txn.open_table(RECORDS).map_err(embedded)?;
-        txn.delete_table(OLD_EXPIRY).map_err(embedded)?;
-        txn.commit().map_err(embedded)?;
+        let db = writer::open(path).map_err(|e| StoreError::Embedded(Arc::new(e)))?;
         let (ops, rx) = mpsc::channel();
         let process = uuid::Uuid::new_v4().simple().to_string();
-        let writer = Writer::new(db.clone(), process, lifetimes);
+        let writer = Writer::new(db, path.to_owned(), process, lifetimes);
         std::thread::Builder::new()
             .name("idempotency-writer".into())
             .spawn(move || writer.run(rx))?;
-        Ok(Self { ops, db })
+        Ok(Self { ops })
     }
 
-    async fn write(&self, id: &str, change: Change) -> Result<(), StoreError> {
+    /// Sends an operation and waits for its answer.
+    async fn ask<T>(
+        &self,
+        id: &str,
+        op: impl FnOnce(oneshot::Sender<T>) -> Op,
+    ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.send(id, Op::Write { change, reply })?;
-        answer.await.map_err(|_| StoreError::WriterStopped)?
-    }
-
-    fn send(&self, id: &str, op: Op) -> Result<(), StoreError> {
         self.ops
-            .send((id.to_owned(), op))
-            .map_err(|_| StoreError::WriterStopped)
+            .send((id.to_owned(), op(reply)))
+            .map_err(|_| StoreError::WriterStopped)?;
+        answer.await.map_err(|_| StoreError::WriterStopped)
     }
-}
 
-fn embedded(e: impl Into<redb::Error>) -> StoreError {
-    StoreError::Embedded(Arc::new(e.into()))
+    async fn write(&self, id: &str, change: Change) -> Result<Written, StoreError> {
+        self.ask(id, |reply| Op::Write { change, reply }).await?
+    }
 }
 
 #[async_trait::async_trait]
 impl IdempotencyStore for EmbeddedStore {
     async fn begin(&self, id: &str, fingerprint: &Fingerprint) -> Result<Begin, StoreError> {
-        let (reply, answer) = oneshot::channel();
         let fingerprint = fingerprint.clone();
-        self.send(id, Op::Begin { fingerprint, reply })?;
-        answer.await.map_err(|_| StoreError::WriterStopped)?
+        self.ask(id, |reply| Op::Begin { fingerprint, reply })
+            .await?
     }
 
-    async fn mark_chat_deleted(&self, id: &str, _claim: &str) -> Result<(), StoreError> {
-        self.write(id, Change::MarkChatDeleted).await
+    async fn renew(&self, held: &Held) -> Result<bool, StoreError> {
+        let (claim, fingerprint) = (held.claim.clone(), held.fingerprint.clone());
+        self.ask(&held.id, |reply| Op::Renew {
+            claim,
+            fingerprint,
+            reply,
+        })
+        .await?
     }
 
-    async fn remember(&self, id: &str, claim: &str, result: &Remembered) -> Result<(), StoreError> {
+    async fn mark_chat_deleted(&self, held: &Held) -> Result<(), StoreError> {
+        let change = Change::MarkChatDeleted {
+            claim: held.claim.clone(),
+            fingerprint: held.fingerprint.clone(),
+        };
+        self.write(&held.id, change).await.map(drop)
+    }
+
+    async fn remember(&self, held: &Held, result: &Remembered) -> Result<Remembered, StoreError> {
         let change = Change::Remember {
-            claim: claim.to_owned(),
+            claim: held.claim.clone(),
+            fingerprint: held.fingerprint.clone(),
             result: result.clone(),
         };
-        self.write(id, change).await
+        Ok(match self.write(&held.id, change).await? {
+            Written::Done => result.clone(),
+            Written::Kept(kept) => kept,
+        })
     }
 
-    async fn release(&self, id: &str, claim: &str) -> Result<(), StoreError> {
-        let claim = claim.to_owned();
-        self.write(id, Change::Release { claim }).await
+    async fn release(&self, held: &Held) -> Result<(), StoreError> {
+        let claim = held.claim.clone();
+        self.write(&held.id, Change::Release { claim })
+            .await
+            .map(drop)
     }
 
     async fn ping(&self) -> bool {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.begin_read().is_ok())
+        self.ask("", |reply| Op::Ping { reply })
             .await
             .unwrap_or(false)
     }
@@ -111,55 +114,53 @@ mod tests {
 
     use super::*;
     use crate::contract::Outcome;
-    use crate::idempotency::Record;
 
     const L: Lifetimes = Lifetimes {
         lease: Duration::from_secs(60),
         keep: Duration::from_secs(600),
     };
 
-    fn on_disk(store: &EmbeddedStore, id: &str) -> Option<Record> {
-        let txn = store.db.begin_read().unwrap();
-        let table = txn.open_table(RECORDS).unwrap();
-        let bytes = table.get(id).unwrap();
-        bytes.map(|b| codec::decode(b.value()).unwrap())
+    fn held(id: &str, begin: Begin, fingerprint: &Fingerprint) -> Held {
+        let Begin::Claimed { claim, .. } = begin else {
+            panic!("expected a claim, got {begin:?}")
+        };
+        Held {
+            id: id.into(),
+            claim,
+            fingerprint: fingerprint.clone(),
+        }
     }
 
     #[tokio::test]
-    async fn claims_stay_in_memory_until_there_is_something_to_keep() {
+    async fn claims_renew_and_end_and_results_are_replayed() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("s.redb"), L).unwrap();
         let (a, b) = (Fingerprint("a".into()), Fingerprint("b".into()));
 
-        let Begin::Claimed { claim, .. } = store.begin("x", &a).await.unwrap() else {
-            panic!("first begin claims")
-        };
-        assert!(
-            on_disk(&store, "x").is_none(),
-            "a claim alone is not written"
-        );
+        let x = held("x", store.begin("x", &a).await.unwrap(), &a);
         assert_eq!(store.begin("x", &a).await.unwrap(), Begin::Busy);
         assert_eq!(store.begin("x", &b).await.unwrap(), Begin::Conflict);
-
+        assert!(store.renew(&x).await.unwrap(), "still ours");
         let done = Remembered {
             outcome: Outcome::InvalidNumber,
             attempts: 1,
         };
-        store.remember("x", &claim, &done).await.unwrap();
-        let record = on_disk(&store, "x").expect("the result is written");
-        assert_eq!(record.result, Some(done.clone()));
-        assert_eq!(record.lease_owner, None);
-        assert_eq!(store.begin("x", &a).await.unwrap(), Begin::Replay(done));
+        assert_eq!(store.remember(&x, &done).await.unwrap(), done);
+        assert!(
+            !store.renew(&x).await.unwrap(),
+            "answered: nothing to renew"
+        );
+        assert_eq!(
+            store.begin("x", &a).await.unwrap(),
+            Begin::Replay(done.clone())
+        );
 
-        // A released claim keeps its fingerprint on disk (the id stays tied to its request),
-        // and a marked chat delete is written at once.
-        let Begin::Claimed { claim, .. } = store.begin("y", &a).await.unwrap() else {
-            panic!("claims y")
-        };
-        store.mark_chat_deleted("y", &claim).await.unwrap();
-        assert!(on_disk(&store, "y").unwrap().chat_deleted);
-        store.release("y", &claim).await.unwrap();
-        assert_eq!(on_disk(&store, "y").unwrap().lease_owner, None);
+        // A released claim keeps its fingerprint (the id stays tied to its request), and a
+        // marked chat delete survives it.
+        let y = held("y", store.begin("y", &a).await.unwrap(), &a);
+        store.mark_chat_deleted(&y).await.unwrap();
+        store.release(&y).await.unwrap();
+        assert!(!store.renew(&y).await.unwrap(), "released");
         assert_eq!(store.begin("y", &b).await.unwrap(), Begin::Conflict);
         assert!(matches!(
             store.begin("y", &a).await.unwrap(),
@@ -168,5 +169,14 @@ mod tests {
                 ..
             }
         ));
+        assert!(store.ping().await);
+    }
+
+    #[tokio::test]
+    async fn a_file_held_by_another_process_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let _first = EmbeddedStore::open(&path, L).unwrap();
+        assert!(EmbeddedStore::open(&path, L).is_err());
     }
 }

@@ -14,6 +14,7 @@ use whatsapp_rust::store::SqliteStore;
 use whatsapp_rust::transport::TokioWebSocketTransportFactory;
 use whatsapp_rust::{AppStateError, ErrorChainExt, Jid, message_range};
 
+use super::Device;
 use crate::pipeline::request::{ChatJid, JidServer};
 use crate::session::{SessionError, SessionOptions, SessionState};
 
@@ -172,22 +173,27 @@ fn short(text: &str) -> String {
     text.chars().take(160).collect()
 }
 
-/// Deletes a chat through the client's app-state action, within our own timeout.
-pub async fn delete_on_client(
-    client: &Client,
-    chat: &ChatJid,
-    delete_media: bool,
-    timeout: Duration,
-) -> Result<(), SessionError> {
-    let jid = to_jid(chat);
-    // "now" as the last message time, as WhatsApp Web and whatsmeow send when no better is known.
-    let range = message_range(Utc::now().timestamp(), None, vec![]);
-    let actions = client.chat_actions();
-    let call = actions.delete_chat(&jid, delete_media, Some(range));
-    match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(err)) => Err(classify(&err)),
-        Err(_) => Err(SessionError::Timeout),
+/// The crate's client is the real device: a delete is the app-state action `deleteChat`,
+/// within our own timeout.
+#[async_trait::async_trait]
+impl Device for Client {
+    async fn delete_chat(
+        &self,
+        chat: &ChatJid,
+        delete_media: bool,
+        timeout: Duration,
+    ) -> Result<(), SessionError> {
+        let jid = to_jid(chat);
+        // "now" as the last message time, as WhatsApp Web and whatsmeow send when no better
+        // is known.
+        let range = message_range(Utc::now().timestamp(), None, vec![]);
+        let actions = self.chat_actions();
+        let call = actions.delete_chat(&jid, delete_media, Some(range));
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(classify(&err)),
+            Err(_) => Err(SessionError::Timeout),
+        }
     }
 }
 

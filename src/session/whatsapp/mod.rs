@@ -9,14 +9,15 @@ pub mod client;
 use std::sync::Arc;
 
 use chrono::Utc;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
-use whatsapp_rust::prelude::{BotHandle, Client, Event};
 
-pub use client::{
-    OpenError, SessionLock, build_bot, delete_on_client, inspect, next_state, paired_as, unpair,
-};
+use whatsapp_rust::prelude::{BotHandle, Event};
+
+pub use client::{OpenError, SessionLock, build_bot, inspect, next_state, paired_as, unpair};
 
 use super::{ChatSession, SessionError, SessionOptions, SessionState, SessionStatus};
+use crate::fence::Fence;
 use crate::pipeline::request::ChatJid;
 use client::operator_hint;
 
@@ -24,6 +25,7 @@ enum Msg {
     Delete {
         chat: ChatJid,
         delete_media: bool,
+        fence: Arc<dyn Fence>,
         reply: oneshot::Sender<Result<(), SessionError>>,
     },
     Event(Arc<Event>),
@@ -31,11 +33,24 @@ enum Msg {
     Shutdown(oneshot::Sender<()>),
 }
 
-/// A running client and the lock on its file.
+/// What the actor needs of a linked device: the seam a test scripts. The real one is the
+/// crate's client (`client.rs`).
+#[async_trait::async_trait]
+pub trait Device: Send + Sync {
+    /// Sends the delete, within `timeout`.
+    async fn delete_chat(
+        &self,
+        chat: &ChatJid,
+        delete_media: bool,
+        timeout: Duration,
+    ) -> Result<(), SessionError>;
+}
+
+/// A running device; for a real client, its task and the lock on its file.
 struct Running {
-    client: Arc<Client>,
-    handle: BotHandle,
-    _lock: SessionLock,
+    device: Arc<dyn Device>,
+    handle: Option<BotHandle>,
+    _lock: Option<SessionLock>,
 }
 
 /// The handle the pipeline holds; the actor owns the client.
@@ -47,22 +62,24 @@ pub struct WhatsappSession {
 impl WhatsappSession {
     /// Starts the instance's actor; it opens the session and connects only when it is paired.
     pub async fn start(instance: &str, options: SessionOptions) -> Self {
-        let (mailbox, inbox) = mpsc::channel(256);
-        let (status_tx, status) = watch::channel(SessionStatus {
-            state: SessionState::NotPaired,
-            paired_as: None,
-            changed_at: Utc::now(),
-        });
-        let mut actor = Actor {
-            instance: instance.to_owned(),
-            options,
-            mailbox: mailbox.clone(),
-            status: status_tx,
-            running: None,
-        };
+        let (mut actor, inbox, session) = Actor::new(instance, options);
         actor.open().await;
         tokio::spawn(actor.run(inbox));
-        Self { mailbox, status }
+        session
+    }
+
+    /// An actor around a device that is already linked and connected (a scripted one in
+    /// tests): no session file, no client of its own.
+    pub fn connected(instance: &str, options: SessionOptions, device: Arc<dyn Device>) -> Self {
+        let (mut actor, inbox, session) = Actor::new(instance, options);
+        actor.running = Some(Running {
+            device,
+            handle: None,
+            _lock: None,
+        });
+        actor.set(SessionState::Connected, None);
+        tokio::spawn(actor.run(inbox));
+        session
     }
 
     pub fn status(&self) -> SessionStatus {
@@ -88,11 +105,17 @@ impl ChatSession for WhatsappSession {
         self.status.borrow().state
     }
 
-    async fn delete_chat(&self, chat: &ChatJid, delete_media: bool) -> Result<(), SessionError> {
+    async fn delete_chat(
+        &self,
+        chat: &ChatJid,
+        delete_media: bool,
+        fence: Arc<dyn Fence>,
+    ) -> Result<(), SessionError> {
         let (reply, answer) = oneshot::channel();
         let msg = Msg::Delete {
             chat: chat.clone(),
             delete_media,
+            fence,
             reply,
         };
         if self.mailbox.send(msg).await.is_err() {
@@ -123,6 +146,26 @@ struct Actor {
 }
 
 impl Actor {
+    fn new(
+        instance: &str,
+        options: SessionOptions,
+    ) -> (Self, mpsc::Receiver<Msg>, WhatsappSession) {
+        let (mailbox, inbox) = mpsc::channel(256);
+        let (status_tx, status) = watch::channel(SessionStatus {
+            state: SessionState::NotPaired,
+            paired_as: None,
+            changed_at: Utc::now(),
+        });
+        let actor = Actor {
+            instance: instance.to_owned(),
+            options,
+            mailbox: mailbox.clone(),
+            status: status_tx,
+            running: None,
+        };
+        (actor, inbox, WhatsappSession { mailbox, status })
+    }
+
     fn set(&self, state: SessionState, paired_as: Option<String>) {
         self.status.send_if_modified(|s| {
             let changed = s.state != state || s.paired_as != paired_as;
@@ -174,19 +217,22 @@ impl Actor {
         };
         self.set(SessionState::Connecting, Some(number));
         self.running = Some(Running {
-            client,
-            handle: bot.spawn(),
-            _lock: lock,
+            device: client,
+            handle: Some(bot.spawn()),
+            _lock: Some(lock),
         });
     }
 
     /// Disconnects (flushing the session) within the deadline, then aborts.
     async fn stop_client(&mut self) {
-        if let Some(running) = self.running.take() {
+        if let Some(Running {
+            handle: Some(handle),
+            ..
+        }) = self.running.take()
+        {
             // Dropping the handle when the deadline passes aborts the client.
             let stopped =
-                tokio::time::timeout(self.options.shutdown_deadline, running.handle.shutdown())
-                    .await;
+                tokio::time::timeout(self.options.shutdown_deadline, handle.shutdown()).await;
             if stopped.is_err() {
                 tracing::warn!(instance = %self.instance, "WhatsApp client did not stop in time; aborted.");
             }
@@ -199,17 +245,25 @@ impl Actor {
                 Msg::Delete {
                     chat,
                     delete_media,
+                    fence,
                     reply,
                 } => {
+                    // Deletes wait here one at a time: one whose requester has gone (handed
+                    // back, timed out) or whose claim lapsed meanwhile is not sent.
+                    if reply.is_closed() {
+                        continue;
+                    }
+                    if let Err(fenced) = fence.check() {
+                        let _ = reply.send(Err(SessionError::Fenced(fenced)));
+                        continue;
+                    }
                     let result = match &self.running {
                         Some(running) => {
-                            delete_on_client(
-                                &running.client,
-                                &chat,
-                                delete_media,
-                                self.options.delete_timeout,
-                            )
-                            .await
+                            let timeout = self.options.delete_timeout;
+                            running
+                                .device
+                                .delete_chat(&chat, delete_media, timeout)
+                                .await
                         }
                         None => Err(SessionError::NotConnected),
                     };
@@ -242,5 +296,107 @@ impl Actor {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::fence::{Fenced, Unfenced};
+    use crate::pipeline::request::normalise_number;
+
+    /// A device that takes `latency` per delete and records what it was sent.
+    struct Scripted {
+        latency: Duration,
+        sent: Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Device for Scripted {
+        async fn delete_chat(
+            &self,
+            chat: &ChatJid,
+            _: bool,
+            _: Duration,
+        ) -> Result<(), SessionError> {
+            tokio::time::sleep(self.latency).await;
+            self.sent.lock().unwrap().push(chat.to_string());
+            Ok(())
+        }
+    }
+
+    struct Refused;
+
+    impl Fence for Refused {
+        fn check(&self) -> Result<(), Fenced> {
+            Err(Fenced("the claim was taken over"))
+        }
+    }
+
+    fn session(latency_ms: u64) -> (WhatsappSession, Arc<Scripted>) {
+        let device = Arc::new(Scripted {
+            latency: Duration::from_millis(latency_ms),
+            sent: Mutex::new(vec![]),
+        });
+        let options = SessionOptions {
+            store_path: PathBuf::from("unused.db"),
+            delete_timeout: Duration::from_secs(5),
+            shutdown_deadline: Duration::from_secs(1),
+            transport_url: None,
+        };
+        let session = WhatsappSession::connected("scripted", options, device.clone());
+        (session, device)
+    }
+
+    /// Deletes wait in the session one at a time; one whose requester gave up while it waited
+    /// (a command handed back) is never sent.
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_delete_whose_requester_has_gone_is_not_sent() {
+        let (session, device) = session(1_000);
+        let session = Arc::new(session);
+        let chat = |n: &str| normalise_number(n).unwrap();
+        let first = tokio::spawn({
+            let session = session.clone();
+            async move {
+                session
+                    .delete_chat(&chat("5511000000001"), false, Arc::new(Unfenced))
+                    .await
+            }
+        });
+        tokio::task::yield_now().await;
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(100),
+            session.delete_chat(&chat("5511000000002"), false, Arc::new(Unfenced)),
+        )
+        .await;
+        assert!(gave_up.is_err(), "the second delete waits behind the first");
+        let third = session
+            .delete_chat(&chat("5511000000003"), false, Arc::new(Unfenced))
+            .await;
+        assert_eq!(first.await.unwrap(), Ok(()));
+        assert_eq!(third, Ok(()));
+        assert_eq!(
+            *device.sent.lock().unwrap(),
+            [
+                "5511000000001@s.whatsapp.net",
+                "5511000000003@s.whatsapp.net"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_delete_whose_fence_no_longer_holds_is_not_sent() {
+        let (session, device) = session(0);
+        let chat = normalise_number("5511000000001").unwrap();
+        let refused = session.delete_chat(&chat, false, Arc::new(Refused)).await;
+        assert_eq!(
+            refused,
+            Err(SessionError::Fenced(Fenced("the claim was taken over")))
+        );
+        assert!(device.sent.lock().unwrap().is_empty());
+        assert_eq!(session.state(), SessionState::Connected);
     }
 }

@@ -1,0 +1,146 @@
+//! The idempotency stage as the pipeline sees it: every store call goes through here. An
+//! unreachable store is waited out (the store's gauge and `/readyz` show it), and writes that
+//! record an effect that already happened are retried until they are durable.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+use crate::idempotency::{IdempotencyStore, StoreError};
+use crate::telemetry::{self, CommandLog};
+
+pub struct Memory {
+    store: Box<dyn IdempotencyStore>,
+    /// The last store call went through.
+    available: AtomicBool,
+    /// How long a command waits for an unreachable store before it goes back to the broker.
+    patience: Duration,
+    /// Ids whose delete happened but is not recorded yet (the store was unreachable): a
+    /// duplicate that reaches this worker waits for the record rather than claim the id after
+    /// the claim's lease ran out.
+    unrecorded: Mutex<HashSet<String>>,
+    any_unrecorded: AtomicBool,
+}
+
+/// How long to keep trying a store call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Patience {
+    /// Up to the configured outage wait, then give up (nothing happened yet).
+    Bounded,
+    /// Until it goes through: it records an effect that already happened.
+    Unbounded,
+}
+
+impl Memory {
+    pub fn new(store: Box<dyn IdempotencyStore>, patience: Duration) -> Self {
+        metrics::gauge!(telemetry::STORE_AVAILABLE).set(1.0);
+        Self {
+            store,
+            available: AtomicBool::new(true),
+            patience,
+            unrecorded: Mutex::new(HashSet::new()),
+            any_unrecorded: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether `id` has a delete waiting to be recorded in this worker.
+    pub fn is_unrecorded(&self, id: &str) -> bool {
+        self.any_unrecorded.load(Ordering::Relaxed) && self.unrecorded().contains(id)
+    }
+
+    fn unrecorded(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.unrecorded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records what an effect of `id` did (the delete, the result): waits for the store as
+    /// long as it takes, and meanwhile keeps duplicates of `id` in this worker away.
+    pub async fn record<T, F, Fut>(
+        &self,
+        id: &str,
+        log: &CommandLog<'_>,
+        mut call: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        match call().await {
+            Err(error) if error.is_outage() => {
+                self.unrecorded().insert(id.to_owned());
+                self.any_unrecorded.store(true, Ordering::Relaxed);
+                let recorded = self.call(Patience::Unbounded, log, call).await;
+                let mut unrecorded = self.unrecorded();
+                unrecorded.remove(id);
+                self.any_unrecorded
+                    .store(!unrecorded.is_empty(), Ordering::Relaxed);
+                recorded
+            }
+            done => done,
+        }
+    }
+
+    pub fn store(&self) -> &dyn IdempotencyStore {
+        self.store.as_ref()
+    }
+
+    /// Whether the store answers now (`/readyz`).
+    pub async fn reachable(&self) -> bool {
+        let up = self.store.ping().await;
+        self.set_available(up);
+        up
+    }
+
+    fn set_available(&self, up: bool) {
+        if self.available.swap(up, Ordering::Relaxed) != up {
+            metrics::gauge!(telemetry::STORE_AVAILABLE).set(if up { 1.0 } else { 0.0 });
+        }
+    }
+
+    /// Runs `call`, retrying it with backoff while the store is unreachable; a store that
+    /// answers (even with an error such as a corrupt record) ends the wait.
+    pub async fn call<T, F, Fut>(
+        &self,
+        patience: Patience,
+        log: &CommandLog<'_>,
+        mut call: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.patience;
+        let mut backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(2))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        let mut waited = false;
+        loop {
+            let error = match call().await {
+                Ok(value) => {
+                    self.set_available(true);
+                    return Ok(value);
+                }
+                Err(error) if !error.is_outage() => return Err(error),
+                Err(error) => error,
+            };
+            self.set_available(false);
+            if !waited {
+                waited = true;
+                metrics::counter!(telemetry::STORE_WAITS).increment(1);
+                log.in_span(|| tracing::warn!(%error, ?patience, "Idempotency store unreachable; waiting for it."));
+            }
+            let delay = backoff.next().unwrap_or(Duration::from_secs(2));
+            let now = tokio::time::Instant::now();
+            if patience == Patience::Bounded && now + delay > deadline {
+                return Err(error);
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
