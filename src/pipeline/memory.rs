@@ -113,12 +113,8 @@ impl Memory {
         Fut: Future<Output = Result<T, StoreError>>,
     {
         let deadline = tokio::time::Instant::now() + self.patience;
-        let mut backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(Duration::from_secs(2))
-            .with_jitter()
-            .without_max_times()
-            .build();
+        // Made on the first failure only: most calls go through at once.
+        let mut backoff = None;
         let mut waited = false;
         loop {
             let error = match call().await {
@@ -135,7 +131,17 @@ impl Memory {
                 metrics::counter!(telemetry::STORE_WAITS).increment(1);
                 log.in_span(|| tracing::warn!(%error, ?patience, "Idempotency store unreachable; waiting for it."));
             }
-            let delay = backoff.next().unwrap_or(Duration::from_secs(2));
+            let delay = backoff
+                .get_or_insert_with(|| {
+                    ExponentialBuilder::default()
+                        .with_min_delay(Duration::from_millis(50))
+                        .with_max_delay(Duration::from_secs(2))
+                        .with_jitter()
+                        .without_max_times()
+                        .build()
+                })
+                .next()
+                .unwrap_or(Duration::from_secs(2));
             let now = tokio::time::Instant::now();
             if patience == Patience::Bounded && now + delay > deadline {
                 return Err(error);
