@@ -716,6 +716,7 @@ async fn cleanup(
     let mut queues = vec![
         names.unrouted_queue(),
         names.parked_queue(),
+        names.dead_queue(),
         results.to_owned(),
     ];
     queues.extend(instances.iter().map(|i| names.instance_queue(i)));
@@ -729,6 +730,7 @@ async fn cleanup(
         names.commands_exchange(),
         names.unrouted_exchange(),
         names.events_exchange(),
+        names.dead_exchange(),
     ];
     exchanges.extend([200, 1000].iter().map(|d| names.retry_exchange(*d)));
     for e in exchanges {

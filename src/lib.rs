@@ -8,9 +8,11 @@
 //!
 //! - [`worker`]: the process's life. [`run`] serves HTTP, then keeps one broker connection at a
 //!   time ([`worker::connection`]), reconnecting with backoff ([`worker::reconnect`]).
-//! - [`bus`]: RabbitMQ. [`bus::connect()`], [`bus::topology`] (the exchanges and queues),
-//!   [`bus::consume`] (a consumer per queue), [`bus::settle`] (carry out a verdict, then ack or
-//!   requeue: the one place that decides), [`bus::publisher`] (confirmed publishing).
+//! - [`bus`]: RabbitMQ. [`bus::connect()`], [`bus::topology`] (the exchanges and queues, and
+//!   [`bus::upgrade`] for an earlier version's), [`bus::consume`] (a consumer per queue, its
+//!   prefetch sized by [`bus::prefetch`]), [`bus::settle`] (carry out a verdict, then ack or
+//!   requeue: the one place that decides), [`bus::publisher`] (confirmed publishing) and
+//!   [`bus::reply`] (`reply_to` copies, whose failures stay theirs).
 //! - [`pipeline`]: the stages in the contract's order, run by [`pipeline::Pipeline::handle`]:
 //!   [`pipeline::envelope`] (properties and headers), [`pipeline::auth`] (tokens),
 //!   [`idempotency`] (claim, replay, remember), [`pipeline::request`] (the body, number → JID),

@@ -17,6 +17,7 @@ pub const PARKED: &str = "chat_delete_parked_total";
 pub const PACING_WAIT: &str = "chat_delete_pacing_wait_seconds";
 pub const REPLAYS: &str = "chat_delete_replays_total";
 pub const RESULTS_UNROUTABLE: &str = "chat_delete_results_unroutable_total";
+pub const REPLY_TO_FAILED: &str = "chat_delete_reply_to_failed_total";
 pub const INSTANCE_CONNECTED: &str = "chat_delete_instance_connected";
 pub const INSTANCE_STATE: &str = "chat_delete_instance_state";
 pub const BROKER_CONNECTED: &str = "chat_delete_broker_connected";
@@ -62,7 +63,11 @@ fn describe() {
     describe_counter!(REPLAYS, "Commands answered from a remembered result.");
     describe_counter!(
         RESULTS_UNROUTABLE,
-        "Result events the broker returned as unroutable, by target (events, reply_to)."
+        "Result events the broker returned as unroutable from the events exchange (nobody bound)."
+    );
+    describe_counter!(
+        REPLY_TO_FAILED,
+        "reply_to copies of results that did not arrive, by reason (unroutable, nacked, refused); the events exchange copy did."
     );
     describe_gauge!(
         INSTANCE_CONNECTED,
@@ -106,6 +111,7 @@ fn describe() {
 pub struct CommandMetrics {
     pub received_instance: metrics::Counter,
     pub received_unrouted: metrics::Counter,
+    pub received_dead: metrics::Counter,
     pub in_flight: metrics::Gauge,
     pub duration: metrics::Histogram,
     /// The answer to almost every command of a bulk run, kept to skip the label lookup.
@@ -129,6 +135,7 @@ impl Default for CommandMetrics {
         Self {
             received_instance: metrics::counter!(COMMANDS_RECEIVED, "queue" => "instance"),
             received_unrouted: metrics::counter!(COMMANDS_RECEIVED, "queue" => "unrouted"),
+            received_dead: metrics::counter!(COMMANDS_RECEIVED, "queue" => "dead_lettered"),
             in_flight: metrics::gauge!(IN_FLIGHT),
             duration: metrics::histogram!(COMMAND_DURATION),
             completed_deleted: OnceLock::new(),
@@ -208,31 +215,43 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
-/// `RUST_LOG`, else `default`; lapin's dumps of returned messages are always left out: they
-/// print a message whole, headers included (a retried command's token among them), and we
-/// count unroutable results ourselves.
-pub fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
+/// `RUST_LOG`, else `default`, with the broker client's own logs capped whatever `RUST_LOG`
+/// says: lapin and amq-protocol at info at most (their debug and trace lines dump frames,
+/// headers included, and a command's `token` is a header), and lapin's dumps of returned
+/// messages left out (we count unroutable results ourselves).
+pub fn log_filter<S>(default: &str) -> impl tracing_subscriber::layer::Filter<S> + Send + Sync
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
     use tracing_subscriber::EnvFilter;
-    EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(default))
-        .add_directive(
-            "lapin::returned_messages=error"
-                .parse()
-                .expect("static directive"),
-        )
+    use tracing_subscriber::filter::{FilterExt, LevelFilter, Targets};
+    let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // A static filter, so each call site's interest is still decided once.
+    let capped = Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_target("lapin", LevelFilter::INFO)
+        .with_target("amq_protocol", LevelFilter::INFO)
+        .with_target("amq_protocol_types", LevelFilter::INFO)
+        .with_target("amq_protocol_tcp", LevelFilter::INFO)
+        .with_target("lapin::returned_messages", LevelFilter::ERROR);
+    env.and(capped)
 }
 
 /// Human-readable logs by default, JSON lines with `json = true`. `RUST_LOG` filters.
 pub fn init_logs(json: bool) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     // Logs go to standard error: standard output is for what commands print.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(log_filter("info"))
+    let layer = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry();
     if json {
-        builder.json().flatten_event(true).init();
+        let layer = layer.json().flatten_event(true);
+        registry.with(layer.with_filter(log_filter("info"))).init();
     } else {
-        builder.init();
+        registry.with(layer.with_filter(log_filter("info"))).init();
     }
 }

@@ -109,6 +109,7 @@ simulated = {{ effects_log = "{{dir}}/effects.log" }}
     )
     .await
     .unwrap();
+    common::wait_parked(&connection, &w.names, "media-1").await;
     assert_eq!(
         parked::replay(&connection, &w.names, &["media-1".into()])
             .await

@@ -299,6 +299,7 @@ async fn a_session_that_never_connects_is_parked_then_replayed_to_success() {
         ..Default::default()
     };
     let connection = broker::connect(&cfg, "test").await.unwrap();
+    wait_parked(&connection, &w.names, "offline-1").await;
     let listed = parked::list(&connection, &w.names, 10).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].idempotency_id.as_deref(), Some("offline-1"));

@@ -31,5 +31,19 @@ pub async fn connect(cfg: &BrokerConfig, connection_name: &str) -> Result<Connec
         cert_chain,
     };
     let runtime = lapin::runtime::default_runtime()?;
-    Ok(Connection::connect_with_config(&cfg.url, props, tls, runtime).await?)
+    let without_identity = tls.identity.is_none();
+    Connection::connect_with_config(&cfg.url, props, tls, runtime)
+        .await
+        .map_err(|e| match closed_by_peer(&e) && without_identity {
+            // A listener that requires a client certificate closes the connection; under
+            // TLS 1.3 that can reach us as a reset rather than as its alert.
+            true => BrokerError::TlsClosed(e),
+            false => e.into(),
+        })
+}
+
+fn closed_by_peer(e: &lapin::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    matches!(e.kind(), lapin::ErrorKind::IOError(io)
+        if matches!(io.kind(), ConnectionReset | BrokenPipe | UnexpectedEof))
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::sync::Semaphore;
@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Publisher;
+use super::prefetch::Prefetch;
 use super::settle::{Carrier, Settle, settle, settle_for};
 use crate::config::is_valid_instance_name;
 use crate::contract::Names;
@@ -22,6 +23,9 @@ use crate::pipeline::envelope::Envelope;
 use crate::pipeline::{Instance, Pipeline, Source};
 use crate::telemetry;
 
+/// The most unacked deliveries of a queue whose commands are only answered (unrouted, dead).
+const ANSWER_ONLY_PREFETCH: u16 = 8;
+
 /// What all consumers of one worker share.
 pub struct Consuming {
     pipeline: Arc<Pipeline>,
@@ -29,6 +33,8 @@ pub struct Consuming {
     names: Names,
     app_id: String,
     prefetch: u16,
+    /// Deliveries larger than this are oversized (answered 400 unread).
+    largest_ordinary: usize,
     concurrency: usize,
     /// Commands handled at once by all consumers together: each costs some kilobytes while
     /// it runs, so with many instances this, not their sum, bounds memory.
@@ -38,8 +44,10 @@ pub struct Consuming {
 /// How consumers take deliveries.
 pub struct ConsumingOptions {
     pub app_id: String,
-    /// Unacked deliveries per queue.
+    /// Unacked deliveries per queue, at most.
     pub prefetch: u16,
+    /// The body limit: a larger delivery is oversized.
+    pub max_body_bytes: usize,
     /// Commands of one queue handled at once.
     pub concurrency: usize,
     /// Commands handled at once by all queues together.
@@ -54,6 +62,7 @@ impl Consuming {
             names,
             app_id: options.app_id,
             prefetch: options.prefetch,
+            largest_ordinary: options.max_body_bytes,
             concurrency: options.concurrency,
             handling: Arc::new(Semaphore::new(options.max_handling)),
         }
@@ -98,13 +107,23 @@ pub struct Signals {
     pub lost: CancellationToken,
 }
 
+/// What a queue feeds the pipeline.
+#[derive(Clone)]
+pub enum Feed {
+    /// One hosted instance's commands.
+    Instance(Arc<Instance>),
+    /// Commands no worker hosts (answered 404).
+    Unrouted,
+    /// Commands a queue dead-lettered after too many deliveries (answered and parked).
+    DeadLettered,
+}
+
 /// One queue's consumer: what it reads, where its results go, and the connection's signals.
 pub struct QueueConsumer {
     pub consuming: Arc<Consuming>,
     pub publisher: Arc<Publisher>,
     pub queue: String,
-    /// `None` for the unrouted queue.
-    pub instance: Option<Arc<Instance>>,
+    pub feed: Feed,
     pub tracker: TaskTracker,
     pub signals: Signals,
 }
@@ -116,10 +135,13 @@ pub async fn start(
 ) -> Result<RunningConsumer, lapin::Error> {
     let consuming = &queue.consuming;
     let channel = connection.create_channel().await?;
-    // Re-applied on every (re)connection: lapin's recovery would not.
-    channel
-        .basic_qos(consuming.prefetch, BasicQosOptions::default())
-        .await?;
+    // Set on every (re)connection: lapin's recovery would not. The unrouted and dead-letter
+    // queues need little: they only answer.
+    let max = match queue.feed {
+        Feed::Instance(_) => consuming.prefetch,
+        Feed::Unrouted | Feed::DeadLettered => consuming.prefetch.min(ANSWER_ONLY_PREFETCH),
+    };
+    let prefetch = Prefetch::start(channel.clone(), max, consuming.largest_ordinary).await?;
     let tag = format!("{}-{}", consuming.app_id, uuid::Uuid::new_v4());
     let consumer = channel
         .basic_consume(
@@ -129,18 +151,21 @@ pub async fn start(
             FieldTable::default(),
         )
         .await?;
-    queue.tracker.clone().spawn(consume_loop(consumer, queue));
+    queue
+        .tracker
+        .clone()
+        .spawn(consume_loop(consumer, prefetch, queue));
     Ok(RunningConsumer { channel, tag })
 }
 
 /// Takes the queue's deliveries once every consumer is started, and hands each to its own
 /// task within the queue's and the worker's bounds on commands handled at once.
-async fn consume_loop(mut consumer: lapin::Consumer, queue: QueueConsumer) {
+async fn consume_loop(mut consumer: lapin::Consumer, mut prefetch: Prefetch, queue: QueueConsumer) {
     let QueueConsumer {
         consuming,
         publisher,
         queue,
-        instance,
+        feed,
         tracker,
         signals,
     } = queue;
@@ -172,6 +197,11 @@ async fn consume_loop(mut consumer: lapin::Consumer, queue: QueueConsumer) {
                 break;
             }
         };
+        if let Err(error) = prefetch.saw(delivery.data.len()).await {
+            tracing::warn!(%error, queue, "Could not change the prefetch.");
+            lost.cancel();
+            break;
+        }
         let acquire = async {
             let own = limit.clone().acquire_owned().await;
             let all = consuming.handling.clone().acquire_owned().await;
@@ -186,20 +216,12 @@ async fn consume_loop(mut consumer: lapin::Consumer, queue: QueueConsumer) {
         };
         let consuming = consuming.clone();
         let publisher = publisher.clone();
-        let instance = instance.clone();
+        let feed = feed.clone();
         let hard_stop = hard_stop.clone();
         let lost = lost.clone();
         tracker.spawn(async move {
             let _permit = permit;
-            process(
-                &consuming,
-                &publisher,
-                instance.as_deref(),
-                delivery,
-                &hard_stop,
-                &lost,
-            )
-            .await;
+            process(&consuming, &publisher, &feed, delivery, &hard_stop, &lost).await;
         });
     }
 }
@@ -207,20 +229,27 @@ async fn consume_loop(mut consumer: lapin::Consumer, queue: QueueConsumer) {
 async fn process(
     consuming: &Consuming,
     publisher: &Publisher,
-    instance: Option<&Instance>,
+    feed: &Feed,
     delivery: Delivery,
     hard_stop: &CancellationToken,
     lost: &CancellationToken,
 ) {
     let started = Instant::now();
     let envelope = Envelope::from_properties(&delivery.properties);
-    let (source, instance_name) = match instance {
-        Some(instance) => (Source::Instance(instance), instance.name()),
-        // Anything can be sent as a routing key; only a well-formed name is echoed back.
-        None if is_valid_instance_name(delivery.routing_key.as_str()) => {
-            (Source::Unrouted, delivery.routing_key.as_str())
+    // Anything can be sent as a routing key; only a well-formed name is echoed back.
+    let key = delivery.routing_key.as_str();
+    let named = if is_valid_instance_name(key) {
+        key
+    } else {
+        UNNAMED_INSTANCE
+    };
+    let (source, instance_name) = match feed {
+        Feed::Instance(instance) => (Source::Instance(instance), instance.name()),
+        Feed::Unrouted => (Source::Unrouted, named),
+        Feed::DeadLettered => {
+            let hosted = consuming.pipeline.instances().get(key);
+            (Source::DeadLettered(hosted.map(|i| i.as_ref())), named)
         }
-        None => (Source::Unrouted, UNNAMED_INSTANCE),
     };
     let log = telemetry::CommandLog::new(
         envelope.idempotency_id.as_deref().unwrap_or(""),
@@ -229,9 +258,10 @@ async fn process(
         envelope.traceparent.as_deref().unwrap_or(""),
     );
     let metrics = &consuming.metrics;
-    match instance {
-        Some(_) => metrics.received_instance.increment(1),
-        None => metrics.received_unrouted.increment(1),
+    match feed {
+        Feed::Instance(_) => metrics.received_instance.increment(1),
+        Feed::Unrouted => metrics.received_unrouted.increment(1),
+        Feed::DeadLettered => metrics.received_dead.increment(1),
     }
     metrics.in_flight.increment(1.0);
 

@@ -1,29 +1,35 @@
-//! Publishing with confirms: result events (to the events exchange and `reply_to`) and the
-//! worker's own copies of commands (retry and parking).
+//! Publishing with confirms: result events (to the events exchange, and their `reply_to`
+//! copies through [`super::reply`]) and the worker's own copies of commands (retry and
+//! parking).
+
+use std::sync::Arc;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::time::Instant;
 
 use super::BrokerError;
+use super::reply::ReplyTo;
 use crate::contract::ResultEvent;
 use crate::telemetry;
 
-/// A confirm-mode channel for result events.
+/// A confirm-mode channel for result events and command copies; `reply_to` copies go on a
+/// channel of their own, so a publisher's bad `reply_to` never closes this one.
 pub struct Publisher {
     channel: Channel,
+    reply_to: ReplyTo,
     events_exchange: String,
     publish_confirm: metrics::Histogram,
 }
 
 impl Publisher {
-    pub async fn open(connection: &Connection, events_exchange: &str) -> Result<Self, BrokerError> {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+    pub async fn open(
+        connection: &Arc<Connection>,
+        events_exchange: &str,
+    ) -> Result<Self, BrokerError> {
         Ok(Self {
-            channel,
+            channel: confirm_channel(connection).await?,
+            reply_to: ReplyTo::new(connection.clone()),
             events_exchange: events_exchange.to_owned(),
             publish_confirm: telemetry::stage_duration("publish_confirm"),
         })
@@ -38,31 +44,13 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<bool, BrokerError> {
-        let mandatory = BasicPublishOptions {
-            mandatory: true,
-            ..Default::default()
-        };
-        let confirm = self
-            .channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                mandatory,
-                body,
-                properties,
-            )
-            .await?
-            .await?;
-        match confirm {
-            Confirmation::Ack(returned) => Ok(returned.is_none()),
-            // The channel is put in confirm mode on open; no confirm means it was not.
-            Confirmation::Nack(_) | Confirmation::NotRequested => Err(BrokerError::Nacked),
-        }
+        publish_confirmed(&self.channel, exchange, routing_key, body, properties).await
     }
 
-    /// Publishes the event to the events exchange and, when asked, to `reply_to`, and returns
-    /// once the broker has confirmed both. An unroutable event (nobody bound, reply queue gone)
-    /// is confirmed too: it is counted and logged, not retried forever.
+    /// Publishes the event to the events exchange and, when asked, a copy to `reply_to`, and
+    /// returns once the broker has confirmed the first. An event nobody is bound for is
+    /// confirmed too: it is counted, not retried forever. What becomes of the `reply_to` copy
+    /// does not change the outcome.
     pub async fn publish(
         &self,
         event: ResultEvent,
@@ -75,37 +63,66 @@ impl Publisher {
             properties,
             ..
         } = event;
-        let events = (self.events_exchange.as_str(), routing_key.as_str());
-        match reply_to {
-            Some(queue) => {
-                // Only a second copy needs a clone of the properties (a dozen headers).
-                let to_events = self.publish_counted(events, &body, properties.clone(), "events");
-                let to_reply = self.publish_counted(("", queue), &body, properties, "reply_to");
-                futures_util::try_join!(to_events, to_reply)?;
+        // Only a second copy needs a clone of the properties (a dozen headers).
+        let reply = reply_to.map(|queue| (queue, properties.clone()));
+        let to_events = async {
+            let exchange = self.events_exchange.as_str();
+            let routed = self
+                .publish_confirmed(exchange, &routing_key, &body, properties)
+                .await?;
+            if !routed {
+                metrics::counter!(telemetry::RESULTS_UNROUTABLE, "target" => "events").increment(1);
+                tracing::debug!(routing_key, "Result event was unroutable.");
             }
-            None => {
-                self.publish_counted(events, &body, properties, "events")
-                    .await?
+            Ok::<(), BrokerError>(())
+        };
+        match reply {
+            Some((queue, properties)) => {
+                let to_reply = self.reply_to.publish(queue, &body, properties);
+                tokio::join!(to_events, to_reply).0?;
             }
+            None => to_events.await?,
         }
         self.publish_confirm.record(started.elapsed().as_secs_f64());
         Ok(())
     }
+}
 
-    async fn publish_counted(
-        &self,
-        (exchange, key): (&str, &str),
-        body: &[u8],
-        properties: BasicProperties,
-        target: &'static str,
-    ) -> Result<(), BrokerError> {
-        if !self
-            .publish_confirmed(exchange, key, body, properties)
-            .await?
-        {
-            metrics::counter!(telemetry::RESULTS_UNROUTABLE, "target" => target).increment(1);
-            tracing::debug!(target, routing_key = key, "Result event was unroutable.");
-        }
-        Ok(())
+/// Publishes `body` on a confirm-mode channel and waits for the broker's confirm; `Ok(false)`
+/// when it was unroutable (returned).
+pub async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<bool, BrokerError> {
+    let mandatory = BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            mandatory,
+            body,
+            properties,
+        )
+        .await?
+        .await?;
+    match confirm {
+        Confirmation::Ack(returned) => Ok(returned.is_none()),
+        // The channel is put in confirm mode on open; no confirm means it was not.
+        Confirmation::Nack(_) | Confirmation::NotRequested => Err(BrokerError::Nacked),
     }
+}
+
+/// A channel in confirm mode.
+pub async fn confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
 }

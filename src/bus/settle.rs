@@ -5,14 +5,16 @@
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::types::AMQPValue;
+use lapin::types::{AMQPValue, FieldTable};
 
 use super::{BrokerError, Publisher};
+use crate::config::TokenHash;
 use crate::contract::wire::{
     ATTEMPTS_SO_FAR_HEADER, ORIGINAL_ROUTING_KEY_HEADER, PARKED_OUTCOME_HEADER,
-    PARKED_STATUS_HEADER, RETRIES_HEADER, with_headers,
+    PARKED_STATUS_HEADER, RETRIES_HEADER, TOKEN_HEADER, TOKEN_PROOF_HEADER, with_headers,
 };
 use crate::contract::{EventContext, Names, render};
+use crate::pipeline::auth::TokenProof;
 use crate::pipeline::envelope::Envelope;
 use crate::pipeline::{Handled, Verdict};
 use crate::telemetry::{self, CommandLog, CommandMetrics};
@@ -202,11 +204,46 @@ impl Carrier<'_> {
         Ok(())
     }
 
-    /// The command's properties with some headers set (the token and everything else kept).
+    /// The command's properties for a copy the worker keeps (retried, parked), with `set`
+    /// applied and no token.
     fn with_headers(&self, set: Vec<(&str, AMQPValue)>) -> BasicProperties {
+        let id = self.envelope.idempotency_id.as_deref().unwrap_or_default();
         let props = &self.delivery.properties;
-        props
-            .clone()
-            .with_headers(with_headers(props.headers().as_ref(), set))
+        let copy = without_token(props, self.instance, id, &self.delivery.data);
+        let headers = with_headers(copy.headers().as_ref(), set);
+        copy.with_headers(headers)
     }
+}
+
+/// A command's properties for a copy kept on the broker: the token never rests there. The
+/// copy carries a proof made from it instead; a copy of a copy keeps the proof it has.
+pub fn without_token(
+    props: &BasicProperties,
+    instance: &str,
+    id: &str,
+    body: &[u8],
+) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    let mut token = None;
+    for (key, value) in props.headers().iter().flat_map(|h| h.inner()) {
+        match key.as_str() {
+            TOKEN_HEADER => token = Some(value),
+            _ => {
+                headers.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    let token = match token {
+        Some(AMQPValue::LongString(s)) => Some(s.as_bytes().to_vec()),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str().as_bytes().to_vec()),
+        _ => None,
+    };
+    if let Some(token) = token {
+        let proof = TokenProof::new(&TokenHash::of(&token), instance, id, body);
+        headers.insert(
+            TOKEN_PROOF_HEADER.into(),
+            AMQPValue::LongString(proof.to_hex().into()),
+        );
+    }
+    props.clone().with_headers(headers)
 }

@@ -29,189 +29,250 @@ fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(s.into())
 }
 
-/// Arguments shared by the worker's durable queues.
-fn queue_args(cfg: &BrokerConfig, extra: Vec<(&str, AMQPValue)>) -> FieldTable {
-    let mut entries = match cfg.queue_type {
-        QueueType::Quorum => vec![("x-queue-type", text("quorum"))],
-        QueueType::Classic => vec![("x-queue-type", text("classic"))],
+/// The arguments of the worker's quorum queues that say what happens to a message that
+/// cannot be delivered: explicit, so RabbitMQ 3.x and 4.x (whose defaults differ) behave the
+/// same. Dead-lettering is at-least-once (a message stays until its target confirmed it),
+/// which needs publishers to be refused rather than old messages dropped when a queue is full.
+fn undeliverable_args(
+    cfg: &BrokerConfig,
+    target: DeadLetterTarget<'_>,
+) -> Vec<(&'static str, AMQPValue)> {
+    let mut args = match target {
+        DeadLetterTarget::Exchange(exchange) => vec![("x-dead-letter-exchange", text(exchange))],
+        DeadLetterTarget::Queue(queue) => vec![
+            ("x-dead-letter-exchange", text("")),
+            ("x-dead-letter-routing-key", text(queue)),
+        ],
     };
-    entries.extend(extra);
-    table(entries)
+    if cfg.queue_type == QueueType::Quorum {
+        args.extend([
+            (
+                "x-delivery-limit",
+                AMQPValue::LongLongInt(i64::from(cfg.delivery_limit)),
+            ),
+            ("x-dead-letter-strategy", text("at-least-once")),
+            ("x-overflow", text("reject-publish")),
+        ]);
+    }
+    args
 }
 
-/// Declares everything the hosted instances need. Declaring again with the same arguments is a
-/// no-op, so every worker does it at start.
-pub async fn declare(
-    connection: &lapin::Connection,
-    cfg: &BrokerConfig,
-    names: &Names,
-    instances: &[&str],
-    retry_tiers_ms: &[u64],
-) -> Result<(), lapin::Error> {
-    let channel = connection.create_channel().await?;
-    declare_shared(&channel, cfg, names, retry_tiers_ms).await?;
-    let _ = channel.close(200, "declared".into()).await;
-    declare_instance_queues(connection, cfg, names, instances).await
+/// Where a queue dead-letters to.
+#[derive(Clone, Copy)]
+enum DeadLetterTarget<'a> {
+    Exchange(&'a str),
+    Queue(&'a str),
 }
 
-/// The exchanges and queues every worker of a namespace shares. Long, but a flat list of
-/// declarations in dependency order reads better than helpers that hide which is which.
-async fn declare_shared(
-    channel: &Channel,
-    cfg: &BrokerConfig,
-    names: &Names,
-    retry_tiers_ms: &[u64],
-) -> Result<(), lapin::Error> {
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let queue_durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
+/// One queue: its arguments and what it is bound to.
+pub struct QueueSpec {
+    pub name: String,
+    args: FieldTable,
+    binding: Option<(String, String)>,
+    /// What its messages are (for `topology --upgrade`).
+    pub holds: Holds,
+    instance: bool,
+}
 
-    channel
-        .exchange_declare(
-            names.unrouted_exchange().into(),
-            ExchangeKind::Fanout,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .exchange_declare(
-            names.commands_exchange().into(),
-            ExchangeKind::Direct,
-            durable,
-            table(vec![(
-                "alternate-exchange",
-                text(&names.unrouted_exchange()),
-            )]),
-        )
-        .await?;
-    channel
-        .exchange_declare(
-            names.events_exchange().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
+/// What a queue's messages are, so an upgrade knows what to do with them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holds {
+    /// Commands as publishers sent them (they carry their token).
+    Commands,
+    /// The worker's own copies (never a token).
+    Copies,
+}
 
-    channel
-        .queue_declare(
-            names.parked_queue().into(),
-            queue_durable,
-            queue_args(cfg, vec![]),
-        )
-        .await?;
-    channel
-        .queue_declare(
-            names.unrouted_queue().into(),
-            queue_durable,
-            queue_args(cfg, dead_letter_args(cfg, names)),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            names.unrouted_queue().into(),
-            names.unrouted_exchange().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+/// Every exchange and queue of the namespace, in declaration order.
+pub struct Topology {
+    exchanges: Vec<(String, ExchangeKind, FieldTable)>,
+    pub queues: Vec<QueueSpec>,
+}
 
-    for &delay in retry_tiers_ms {
-        channel
-            .exchange_declare(
-                names.retry_exchange(delay).into(),
+impl QueueSpec {
+    /// Whether it is an instance's queue (bound to the commands exchange by the instance's
+    /// name), rather than one every worker of the namespace shares.
+    fn is_instance(&self) -> bool {
+        self.instance
+    }
+
+    /// The exchange and routing key it is bound with, if any.
+    pub fn binding(&self) -> Option<(&str, &str)> {
+        self.binding
+            .as_ref()
+            .map(|(exchange, key)| (exchange.as_str(), key.as_str()))
+    }
+}
+
+impl Topology {
+    pub fn new(
+        cfg: &BrokerConfig,
+        names: &Names,
+        instances: &[&str],
+        retry_tiers_ms: &[u64],
+    ) -> Self {
+        let kind = match cfg.queue_type {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        };
+        let queue = |extra: Vec<(&str, AMQPValue)>| {
+            let mut entries = vec![("x-queue-type", text(kind))];
+            entries.extend(extra);
+            table(entries)
+        };
+        let spec = |name: String, args, binding: Option<(String, &str)>, holds| QueueSpec {
+            name,
+            args,
+            binding: binding.map(|(exchange, key)| (exchange, key.to_owned())),
+            holds,
+            instance: false,
+        };
+        let dead = names.dead_exchange();
+        let to_dead = || undeliverable_args(cfg, DeadLetterTarget::Exchange(&dead));
+        let mut exchanges = vec![
+            (
+                names.unrouted_exchange(),
                 ExchangeKind::Fanout,
-                durable,
                 FieldTable::default(),
-            )
-            .await?;
-        // No consumer: messages wait out the TTL and dead-letter back with their own routing key.
-        let args = queue_args(
-            cfg,
-            vec![
-                ("x-message-ttl", AMQPValue::LongLongInt(delay as i64)),
-                ("x-dead-letter-exchange", text(&names.commands_exchange())),
-            ],
-        );
-        channel
-            .queue_declare(names.retry_queue(delay).into(), queue_durable, args)
-            .await?;
+            ),
+            (
+                names.commands_exchange(),
+                ExchangeKind::Direct,
+                table(vec![(
+                    "alternate-exchange",
+                    text(&names.unrouted_exchange()),
+                )]),
+            ),
+            (
+                names.events_exchange(),
+                ExchangeKind::Topic,
+                FieldTable::default(),
+            ),
+            (
+                names.dead_exchange(),
+                ExchangeKind::Fanout,
+                FieldTable::default(),
+            ),
+        ];
+        let parked = names.parked_queue();
+        let mut queues = vec![
+            // A stream: listing it is reading, not a delivery, so nothing parked is ever lost
+            // to a delivery limit, and it keeps everything (no limit of its own).
+            spec(
+                parked.clone(),
+                table(vec![("x-queue-type", text("stream"))]),
+                None,
+                Holds::Copies,
+            ),
+            // Commands that crash-looped: the workers answer and park them. Should that loop
+            // too, they go to the parking stream as they are.
+            spec(
+                names.dead_queue(),
+                queue(undeliverable_args(cfg, DeadLetterTarget::Queue(&parked))),
+                Some((names.dead_exchange(), "")),
+                Holds::Commands,
+            ),
+            spec(
+                names.unrouted_queue(),
+                queue(to_dead()),
+                Some((names.unrouted_exchange(), "")),
+                Holds::Commands,
+            ),
+        ];
+        for &delay in retry_tiers_ms {
+            exchanges.push((
+                names.retry_exchange(delay),
+                ExchangeKind::Fanout,
+                FieldTable::default(),
+            ));
+            // No consumer: messages wait out the TTL and dead-letter back with their own
+            // routing key.
+            let mut args = vec![("x-message-ttl", AMQPValue::LongLongInt(delay as i64))];
+            let commands = names.commands_exchange();
+            args.extend(undeliverable_args(
+                cfg,
+                DeadLetterTarget::Exchange(&commands),
+            ));
+            queues.push(spec(
+                names.retry_queue(delay),
+                queue(args),
+                Some((names.retry_exchange(delay), "")),
+                Holds::Copies,
+            ));
+        }
+        for instance in instances {
+            let mut args = vec![("x-single-active-consumer", AMQPValue::Boolean(true))];
+            args.extend(to_dead());
+            queues.push(QueueSpec {
+                instance: true,
+                ..spec(
+                    names.instance_queue(instance),
+                    queue(args),
+                    Some((names.commands_exchange(), instance)),
+                    Holds::Commands,
+                )
+            });
+        }
+        Self { exchanges, queues }
+    }
+
+    /// Declares everything; declaring again with the same arguments is a no-op, so every
+    /// worker does it at start. The shared queues first, one after another; then the instance
+    /// queues a few channels at once (a worker with a thousand instances would otherwise wait
+    /// a round trip per step). If one is refused, nothing else is left half-created: RabbitMQ
+    /// (3.10 to 4.2, rabbitmq-server#16652) can lose its at-least-once dead-letter workers
+    /// when a quorum queue is deleted while it is still being created.
+    pub async fn declare(&self, connection: &lapin::Connection) -> Result<(), lapin::Error> {
+        let channel = connection.create_channel().await?;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        for (name, kind, args) in &self.exchanges {
+            channel
+                .exchange_declare(name.as_str().into(), kind.clone(), durable, args.clone())
+                .await?;
+        }
+        let (instances, shared): (Vec<&QueueSpec>, Vec<&QueueSpec>) =
+            self.queues.iter().partition(|q| q.is_instance());
+        for queue in shared {
+            declare_queue(&channel, queue).await?;
+        }
+        let _ = channel.close(200, "declared".into()).await;
+        const CHANNELS: usize = 8;
+        let chunk = instances.len().div_ceil(CHANNELS).max(1);
+        let declares = instances.chunks(chunk).map(|part| async move {
+            let channel = connection.create_channel().await?;
+            for queue in part {
+                declare_queue(&channel, queue).await?;
+            }
+            let _ = channel.close(200, "declared".into()).await;
+            Ok::<(), lapin::Error>(())
+        });
+        futures_util::future::try_join_all(declares).await?;
+        Ok(())
+    }
+}
+
+/// Declares one queue and its binding.
+pub async fn declare_queue(channel: &Channel, queue: &QueueSpec) -> Result<(), lapin::Error> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(queue.name.as_str().into(), durable, queue.args.clone())
+        .await?;
+    if let Some((exchange, key)) = &queue.binding {
         channel
             .queue_bind(
-                names.retry_queue(delay).into(),
-                names.retry_exchange(delay).into(),
-                "".into(),
+                queue.name.as_str().into(),
+                exchange.as_str().into(),
+                key.as_str().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
             .await?;
     }
-
     Ok(())
-}
-
-/// Declares and binds the instance queues, spread over a few channels at once (a worker with
-/// a thousand instances would otherwise wait a round trip per step, one after another).
-pub async fn declare_instance_queues(
-    connection: &lapin::Connection,
-    cfg: &BrokerConfig,
-    names: &Names,
-    instances: &[&str],
-) -> Result<(), lapin::Error> {
-    const CHANNELS: usize = 8;
-    let chunk = instances.len().div_ceil(CHANNELS).max(1);
-    let declares = instances.chunks(chunk).map(|part| async move {
-        let channel = connection.create_channel().await?;
-        for instance in part {
-            let mut extra = vec![("x-single-active-consumer", AMQPValue::Boolean(true))];
-            extra.extend(dead_letter_args(cfg, names));
-            let durable = QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            };
-            channel
-                .queue_declare(
-                    names.instance_queue(instance).into(),
-                    durable,
-                    queue_args(cfg, extra),
-                )
-                .await?;
-            channel
-                .queue_bind(
-                    names.instance_queue(instance).into(),
-                    names.commands_exchange().into(),
-                    (*instance).into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
-        let _ = channel.close(200, "declared".into()).await;
-        Ok::<(), lapin::Error>(())
-    });
-    futures_util::future::try_join_all(declares).await?;
-    Ok(())
-}
-
-/// A message rejected without requeue, or delivered more than the limit (a crash loop), goes to
-/// the parking queue instead of being dropped.
-fn dead_letter_args<'a>(cfg: &BrokerConfig, names: &Names) -> Vec<(&'a str, AMQPValue)> {
-    let mut args = vec![
-        ("x-dead-letter-exchange", text("")),
-        ("x-dead-letter-routing-key", text(&names.parked_queue())),
-    ];
-    if cfg.queue_type == QueueType::Quorum {
-        args.push((
-            "x-delivery-limit",
-            AMQPValue::LongLongInt(cfg.delivery_limit as i64),
-        ));
-    }
-    args
 }

@@ -39,7 +39,12 @@ enum Command {
     /// Run the worker (the default).
     Run,
     /// Declare the exchanges and queues for the configured instances, then exit.
-    Topology,
+    Topology {
+        /// Upgrade queues an earlier version declared with other arguments, keeping their
+        /// messages (stop every worker first).
+        #[arg(long)]
+        upgrade: bool,
+    },
     /// Print the SHA-256 of a token, read from standard input, for the config's `token_sha256`.
     TokenHash,
     /// Validate the config and print what this worker would host.
@@ -169,7 +174,7 @@ async fn dispatch(config: Config, command: Command) -> anyhow::Result<ExitCode> 
             crate::run(config, shutdown_signal(), |_| {}).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Topology => setup::declare_topology(&config).await,
+        Command::Topology { upgrade } => setup::declare_topology(&config, upgrade).await,
         Command::CheckConfig => Ok(setup::check_config(&config)),
         Command::TokenHash => Ok(setup::token_hash()),
         Command::Parked { action } => match action {

@@ -7,19 +7,22 @@ use crate::bus::{self, topology};
 use crate::config::{Config, TokenHash};
 use crate::contract::Names;
 
-/// Declares the exchanges and queues of the configured instances.
-pub async fn declare_topology(config: &Config) -> anyhow::Result<ExitCode> {
+/// Declares the exchanges and queues of the configured instances; with `upgrade`, queues an
+/// earlier version declared otherwise are declared anew, their messages kept.
+pub async fn declare_topology(config: &Config, upgrade: bool) -> anyhow::Result<ExitCode> {
     let connection = bus::connect(&config.broker, "chat-delete-worker topology").await?;
     let names = Names::new(&config.broker.namespace);
     let instances: Vec<&str> = config.instances.keys().map(String::as_str).collect();
-    topology::declare(
-        &connection,
-        &config.broker,
-        &names,
-        &instances,
-        &topology::retry_tiers(&config.retry.broker_delays_ms),
-    )
-    .await?;
+    let tiers = topology::retry_tiers(&config.retry.broker_delays_ms);
+    let topology = topology::Topology::new(&config.broker, &names, &instances, &tiers);
+    if upgrade {
+        let upgraded = bus::upgrade::upgrade(&connection, &topology).await?;
+        for (queue, moved) in &upgraded.queues {
+            println!("upgraded {queue}: {moved} message(s) kept");
+        }
+    } else {
+        topology.declare(&connection).await?;
+    }
     let _ = connection.close(200, "done".into()).await;
     println!(
         "declared {} and {} with {} instance queue(s)",

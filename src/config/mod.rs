@@ -187,6 +187,14 @@ impl Config {
                 "must be at least 2 (a claim is renewed every third of it)",
             ));
         }
+        if self.retry.broker_delays_ms.is_empty() {
+            // The retry queues are declared from these delays: a command waiting for another
+            // delivery, or for the store, needs at least one.
+            return Err(invalid(
+                "retry.broker_delays_ms".into(),
+                "needs at least one delay",
+            ));
+        }
         if self.retry.broker_delays_ms.iter().any(|d| *d < 10) {
             return Err(invalid(
                 "retry.broker_delays_ms".into(),

@@ -10,6 +10,8 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 pub const TOKEN_HEADER: &str = "token";
 /// W3C trace context; carried over to the result event when well formed.
 pub const TRACEPARENT_HEADER: &str = "traceparent";
+/// What the worker's own copies (retried, parked) carry instead of the token (hex).
+pub const TOKEN_PROOF_HEADER: &str = "x-chat-delete-token-proof";
 
 // ---- our own headers on retried and parked copies of a command ----
 
@@ -21,6 +23,10 @@ pub const RETRIES_HEADER: &str = "x-chat-delete-retries";
 pub const PARKED_STATUS_HEADER: &str = "x-parked-status";
 pub const PARKED_OUTCOME_HEADER: &str = "x-parked-outcome";
 pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-original-routing-key";
+/// A marker in the parking stream: the entry at this offset was replayed.
+pub const PARKED_REPLAYED_HEADER: &str = "x-parked-replayed";
+/// The offset RabbitMQ puts on every message read from a stream.
+pub const STREAM_OFFSET_HEADER: &str = "x-stream-offset";
 /// Headers RabbitMQ adds when it dead-letters a message (`x-death`, `x-first-death-*`, ...).
 pub const DEATH_HEADER_PREFIXES: [&str; 3] = ["x-death", "x-first-death", "x-last-death"];
 
@@ -79,8 +85,17 @@ impl Names {
     pub fn instance_queue(&self, instance: &str) -> String {
         format!("{}.delete.{instance}", self.namespace)
     }
+    /// The parking stream: commands whose retries ran out, and crash-loopers.
     pub fn parked_queue(&self) -> String {
         format!("{}.delete.parked", self.namespace)
+    }
+    /// Fanout exchange the command queues dead-letter to (a command over the delivery limit).
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.namespace)
+    }
+    /// Where dead-lettered commands wait for a worker to answer and park them.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.delete.dead", self.namespace)
     }
     /// Fanout exchange in front of one retry tier; routing keys pass through untouched, so the
     /// dead-lettered message comes back with its instance routing key.
@@ -170,6 +185,8 @@ mod tests {
         assert_eq!(n.retry_queue(120_000), "chat.delete.retry.2m");
         assert_eq!(n.retry_exchange(250), "chat.retry.250ms");
         assert_eq!(n.results_queue("june"), "chat.results.june");
+        assert_eq!(n.dead_exchange(), "chat.dead");
+        assert_eq!(n.dead_queue(), "chat.delete.dead");
     }
 
     #[test]

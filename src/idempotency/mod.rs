@@ -36,10 +36,7 @@ impl Fingerprint {
     /// The body part is the normalised request when the body is valid (so `+55 11 9...` and
     /// `55119...` are the same request), else the raw bytes.
     pub fn new(instance: &str, token: &TokenHash, body: Result<&DeleteRequest, &[u8]>) -> Self {
-        let mut h = Sha256::new();
-        h.update(instance.as_bytes());
-        h.update([0]);
-        h.update(token.0);
+        let mut h = Self::hasher(instance, token);
         match body {
             Ok(request) => {
                 h.update(b"chat\0");
@@ -52,6 +49,25 @@ impl Fingerprint {
             }
         }
         Self(hex::encode(h.finalize()))
+    }
+
+    /// A body over the size limit, told apart by its length and its first `prefix` bytes
+    /// only: whatever it holds it is answered `400 Invalid request body`, so hashing megabytes
+    /// of it would buy nothing.
+    pub fn of_oversized(instance: &str, token: &TokenHash, body: &[u8], prefix: usize) -> Self {
+        let mut h = Self::hasher(instance, token);
+        h.update(b"oversized\0");
+        h.update((body.len() as u64).to_le_bytes());
+        h.update(&body[..prefix.min(body.len())]);
+        Self(hex::encode(h.finalize()))
+    }
+
+    fn hasher(instance: &str, token: &TokenHash) -> Sha256 {
+        let mut h = Sha256::new();
+        h.update(instance.as_bytes());
+        h.update([0]);
+        h.update(token.0);
+        h
     }
 }
 

@@ -17,7 +17,7 @@ pub struct MediaConfig {
     pub backend: MediaBackend,
     /// Location of one chat's media, relative to the disk root or to the S3 key prefix.
     /// `/`-separated segments, each either literal text or exactly `{instance}` or `{chat_jid}`;
-    /// `{chat_jid}` is required so that a purge never covers more than one chat.
+    /// both are required, so that a purge never covers another chat or another instance's.
     pub prefix_template: String,
     /// S3: delete batches (1,000 keys each) in flight at once. Disk: files deleted at once.
     pub concurrency: usize,

@@ -42,8 +42,12 @@ pub(super) fn parse_template(template: &str) -> Result<Vec<Segment>, String> {
         };
         segments.push(segment);
     }
+    // Both, so that a purge never covers another chat, nor the same chat of another instance.
     if !segments.contains(&Segment::ChatJid) {
         return Err(bad("must contain {chat_jid}"));
+    }
+    if !segments.contains(&Segment::Instance) {
+        return Err(bad("must contain {instance}"));
     }
     Ok(segments)
 }
@@ -135,6 +139,7 @@ mod tests {
             "{unknown}/{chat_jid}/",
             "a\\b/{chat_jid}/",
             "",
+            "media/{chat_jid}/",
         ] {
             assert!(parse_template(bad).is_err(), "{bad:?}");
         }

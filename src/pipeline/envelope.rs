@@ -2,9 +2,10 @@
 
 use lapin::BasicProperties;
 
+use super::auth::TokenProof;
 use crate::contract::wire::{
-    ATTEMPTS_SO_FAR_HEADER, RETRIES_HEADER, TOKEN_HEADER, TRACEPARENT_HEADER, int_header,
-    string_header,
+    ATTEMPTS_SO_FAR_HEADER, RETRIES_HEADER, TOKEN_HEADER, TOKEN_PROOF_HEADER, TRACEPARENT_HEADER,
+    int_header, string_header,
 };
 
 /// A command's envelope; the body is validated later, after authentication.
@@ -16,6 +17,8 @@ pub struct Envelope {
     pub reply_to: Option<String>,
     /// The `token` header, only when it is a string.
     pub token: Option<Vec<u8>>,
+    /// The proof a retried or parked copy carries instead of the token.
+    pub token_proof: Option<TokenProof>,
     /// Tries already made before this delivery (0 for a fresh command).
     pub previous_attempts: u32,
     /// Delayed redeliveries so far.
@@ -34,6 +37,9 @@ impl Envelope {
             correlation_id: non_empty(props.correlation_id().as_ref()),
             reply_to: non_empty(props.reply_to().as_ref()),
             token: headers.and_then(|h| string_header(h, TOKEN_HEADER)),
+            token_proof: headers
+                .and_then(|h| string_header(h, TOKEN_PROOF_HEADER))
+                .and_then(|proof| TokenProof::from_hex(&proof)),
             previous_attempts: headers
                 .and_then(|h| int_header(h, ATTEMPTS_SO_FAR_HEADER))
                 .unwrap_or(0),

@@ -8,6 +8,7 @@ use crate::config::{Config, InstanceKind, TokenHash};
 use crate::session::{ChatSession, SessionOptions, SimulatedSession, WhatsappSession};
 
 use super::auth::InstanceCredentials;
+use super::envelope::Envelope;
 
 /// One hosted instance.
 pub struct Instance {
@@ -37,9 +38,15 @@ impl Instance {
         self.session.as_ref()
     }
 
-    /// The hash of the presented token when it opens this instance.
-    pub fn authenticate(&self, token: Option<&[u8]>) -> Option<TokenHash> {
-        self.credentials.authenticate(token)
+    /// The hash of the token that opens this command: the one it carries, or the one its
+    /// proof was made with (a retried or parked copy).
+    pub fn authenticate(&self, envelope: &Envelope, body: &[u8]) -> Option<TokenHash> {
+        if envelope.token.is_some() {
+            return self.credentials.authenticate(envelope.token.as_deref());
+        }
+        let proof = envelope.token_proof.as_ref()?;
+        let id = envelope.idempotency_id.as_deref()?;
+        self.credentials.verify(proof, &self.name, id, body)
     }
 }
 
@@ -88,6 +95,10 @@ impl Instances {
 
     pub fn is_empty(&self) -> bool {
         self.by_name.is_empty()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Instance>> {
+        self.by_name.get(name)
     }
 
     /// In name order.

@@ -46,6 +46,10 @@ pub enum Source<'a> {
     Instance(&'a Instance),
     /// The unrouted queue: no worker hosts the routing key.
     Unrouted,
+    /// Dead-lettered after too many deliveries without an answer (a crash loop): answered
+    /// without doing the work again, and parked for an operator. `None` when this worker does
+    /// not host the instance.
+    DeadLettered(Option<&'a Instance>),
 }
 
 /// An outcome with what the result event needs to say about it.
@@ -102,6 +106,8 @@ enum Failure {
     Store(StoreError),
     /// The claim is no longer held: no further effect.
     Fenced(Fenced),
+    /// The command crash-looped: it is not tried again.
+    DeadLettered,
 }
 
 impl Failure {
@@ -111,6 +117,7 @@ impl Failure {
             Failure::Media(e) => e.is_retryable(),
             Failure::Store(e) => e.is_retryable(),
             Failure::Fenced(_) => false,
+            Failure::DeadLettered => true,
         }
     }
 
@@ -123,6 +130,9 @@ impl Failure {
                 Outcome::DeleteChatFailed("the idempotency record is unreadable".into())
             }
             Failure::Fenced(fenced) => Outcome::DeleteChatFailed(fenced.to_string()),
+            Failure::DeadLettered => Outcome::DeleteChatFailed(
+                "it was delivered too many times without an answer".into(),
+            ),
         }
     }
 }
@@ -216,15 +226,21 @@ impl Pipeline {
             return Verdict::answer(Outcome::MissingIdempotencyId, None, first_try);
         };
         let instance = match source {
-            Source::Unrouted => return Verdict::answer(Outcome::InstanceNotFound, None, first_try),
-            Source::Instance(instance) => instance,
+            Source::Unrouted | Source::DeadLettered(None) => {
+                return Verdict::answer(Outcome::InstanceNotFound, None, first_try);
+            }
+            Source::Instance(instance) | Source::DeadLettered(Some(instance)) => instance,
         };
-        let Some(token) = instance.authenticate(envelope.token.as_deref()) else {
+        let dead_lettered = matches!(source, Source::DeadLettered(_));
+        let Some(token) = instance.authenticate(envelope, body) else {
             return Verdict::answer(Outcome::InvalidToken, None, first_try);
         };
         let parsed = parse_body(body, self.max_body_bytes);
-        let fingerprint =
-            Fingerprint::new(instance.name(), &token, parsed.as_ref().map_err(|_| body));
+        let fingerprint = if body.len() > self.max_body_bytes {
+            Fingerprint::of_oversized(instance.name(), &token, body, self.max_body_bytes)
+        } else {
+            Fingerprint::new(instance.name(), &token, parsed.as_ref().map_err(|_| body))
+        };
         let asked_at = Instant::now();
         let store = self.memory.store();
         if self.memory.is_unrecorded(id) {
@@ -243,7 +259,11 @@ impl Pipeline {
             Ok(Begin::Conflict) => {
                 return Verdict::answer(Outcome::IdempotencyConflict, None, first_try);
             }
-            // Another delivery of this id is at work: come back when it is done. Not a try.
+            // Another delivery of this id is at work: come back when it is done. Not a try
+            // (a crash-looper's is: it must end).
+            Ok(Begin::Busy) if dead_lettered => {
+                return self.after_failure(envelope, None, Failure::DeadLettered, first_try);
+            }
             Ok(Begin::Busy) => return self.later_without_a_try(envelope),
             Err(error) => return self.without_store(error, parsed, envelope),
         };
@@ -253,6 +273,12 @@ impl Pipeline {
             fingerprint,
         };
         let claim = Arc::new(Claim::new(held, self.lease, asked_at));
+        if dead_lettered && parsed.is_ok() {
+            let release = || store.release(claim.held());
+            let _ = self.memory.call(Patience::Bounded, log, release).await;
+            let chat = parsed.ok().map(|r| r.chat);
+            return Verdict::answer(Failure::DeadLettered.outcome(), chat, first_try);
+        }
         let request = match parsed {
             Ok(request) => request,
             Err(outcome) => {

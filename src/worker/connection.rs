@@ -8,11 +8,10 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::consume::{self, Consuming, QueueConsumer, Signals};
+use crate::bus::consume::{self, Consuming, Feed, QueueConsumer, Signals};
 use crate::bus::{self, BrokerError, Publisher, topology};
 use crate::config::Config;
 use crate::http::Readiness;
-use crate::pipeline::Instance;
 
 /// How a connection's life ended.
 #[derive(Debug)]
@@ -38,20 +37,16 @@ pub async fn serve(
     };
     let name = format!("{} ({generation})", config.worker.name);
     let connection = match bus::connect(&config.broker, &name).await {
-        Ok(connection) => connection,
+        Ok(connection) => Arc::new(connection),
         Err(error) => return lost(error),
     };
     let instances = consuming.pipeline().instances();
     let names = consuming.names();
     let instance_names: Vec<&str> = instances.iter().map(|i| i.name()).collect();
-    let declared = topology::declare(
-        &connection,
-        &config.broker,
-        names,
-        &instance_names,
-        &topology::retry_tiers(&config.retry.broker_delays_ms),
-    )
-    .await;
+    let tiers = topology::retry_tiers(&config.retry.broker_delays_ms);
+    let declared = topology::Topology::new(&config.broker, names, &instance_names, &tiers)
+        .declare(&connection)
+        .await;
     if let Err(e) = declared {
         return lost(if e.is_amqp_soft_error() {
             BrokerError::Topology(e)
@@ -113,19 +108,20 @@ async fn start_consumers(
     signals: &Signals,
 ) -> Result<Vec<consume::RunningConsumer>, lapin::Error> {
     let names = consuming.names();
-    let mut queues: Vec<(String, Option<Arc<Instance>>)> = consuming
+    let mut queues: Vec<(String, Feed)> = consuming
         .pipeline()
         .instances()
         .iter()
-        .map(|i| (names.instance_queue(i.name()), Some(i.clone())))
+        .map(|i| (names.instance_queue(i.name()), Feed::Instance(i.clone())))
         .collect();
-    queues.push((names.unrouted_queue(), None));
-    let starts = queues.into_iter().map(|(queue, instance)| {
+    queues.push((names.unrouted_queue(), Feed::Unrouted));
+    queues.push((names.dead_queue(), Feed::DeadLettered));
+    let starts = queues.into_iter().map(|(queue, feed)| {
         let queue = QueueConsumer {
             consuming: consuming.clone(),
             publisher: publisher.clone(),
             queue,
-            instance,
+            feed,
             tracker: tracker.clone(),
             signals: signals.clone(),
         };

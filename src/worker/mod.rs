@@ -127,6 +127,7 @@ fn consuming_options(config: &Config, instances: usize) -> ConsumingOptions {
     ConsumingOptions {
         app_id: config.worker.name.clone(),
         prefetch,
+        max_body_bytes: config.worker.max_body_bytes,
         concurrency: config.worker.concurrency_per_instance,
         max_handling: config.worker.max_handling,
     }

@@ -34,11 +34,13 @@ pub fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
     LOGS.get_or_init(|| {
         let buffer = Arc::new(Mutex::new(Vec::new()));
         let writer = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(chat_delete_worker::telemetry::log_filter("trace"))
+        use tracing_subscriber::Layer;
+        use tracing_subscriber::layer::SubscriberExt;
+        let layer = tracing_subscriber::fmt::layer()
             .with_ansi(false)
-            .with_writer(move || LogWriter(writer.clone()))
-            .finish();
+            .with_writer(move || LogWriter(writer.clone()));
+        let subscriber = tracing_subscriber::registry()
+            .with(layer.with_filter(chat_delete_worker::telemetry::log_filter("trace")));
         let _ = tracing::subscriber::set_global_default(subscriber);
         buffer
     })
@@ -391,12 +393,13 @@ impl TestWorker {
         }
         let ch = &self.channel;
         let n = &self.names;
-        let mut queues = vec![n.unrouted_queue(), n.parked_queue()];
+        let mut queues = vec![n.unrouted_queue(), n.parked_queue(), n.dead_queue()];
         queues.extend(self.retry_tiers.iter().map(|d| n.retry_queue(*d)));
         let mut exchanges = vec![
             n.commands_exchange(),
             n.unrouted_exchange(),
             n.events_exchange(),
+            n.dead_exchange(),
         ];
         exchanges.extend(self.retry_tiers.iter().map(|d| n.retry_exchange(*d)));
         let instances: Vec<String> = self.instances.clone();
@@ -459,3 +462,23 @@ pub fn assert_matches_schema(d: &Delivery) {
 }
 
 pub type Headers = HashMap<String, AMQPValue>;
+
+/// Waits until the parking stream lists `id` (it is parked right after its answer goes out).
+pub async fn wait_parked(connection: &Connection, names: &Names, id: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let listed = chat_delete_worker::cli::parked::list(connection, names, 1000)
+            .await
+            .unwrap();
+        if listed
+            .iter()
+            .any(|p| p.idempotency_id.as_deref() == Some(id))
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{id} was never parked"
+        );
+    }
+}
