@@ -28,8 +28,9 @@
 //! - [`idempotency`]: the store trait and its two implementations, embedded (redb,
 //!   `idempotency::embedded`: front end, writer thread, record codec) and Redis.
 //! - [`session`]: the `ChatSession` trait; a scripted simulated session, and the real one
-//!   through whatsapp-rust ([`session::whatsapp`]: an actor per instance, and
-//!   [`session::whatsapp::client`] for the client itself).
+//!   through whatsapp-rust ([`session::whatsapp`]: an actor per instance,
+//!   [`session::whatsapp::client`] for the client itself, [`session::whatsapp::resolve`] for
+//!   the chat a number stands for, [`session::whatsapp::mutation`] for the `deleteChat` sent).
 //! - [`media`]: the purge on disk or S3, with its config, errors, prefix template and retry.
 //! - [`fence`]: what every effect checks first (the idempotency claim is held).
 //! - [`config`]: one typed struct from TOML and `CDW__*` environment overrides.

@@ -425,3 +425,39 @@ async fn no_token_appears_in_results_or_logs() {
     assert!(logs.contains("tok-0-alpha"), "the logs were captured");
     assert!(!logs.contains("secret-tok"), "a token leaked into the logs");
 }
+
+/// `chat_jid` is the JID deleted: a number resolves (here as scripted: the account is
+/// registered without the ninth digit) and a JID given explicitly is deleted as given.
+#[tokio::test]
+async fn a_number_is_answered_with_the_chat_it_resolved_to_and_a_jid_as_given() {
+    let cfg = format!(
+        r#"
+[instances.alpha]
+token_sha256 = "{alpha}"
+kind = "simulated"
+simulated = {{ resolve = {{ "5531987654321" = "553187654321@s.whatsapp.net" }} }}
+"#,
+        alpha = hash(ALPHA)
+    );
+    let w = TestWorker::start(&cfg).await;
+    for (id, number) in [
+        ("by-number", "+55 31 98765-4321"),
+        ("as-jid", "5531987654321@s.whatsapp.net"),
+        ("unscripted", "5511987654321"),
+    ] {
+        let body = json!({"number": number}).to_string();
+        w.publish(Command::new("alpha", id, ALPHA, body.as_bytes()))
+            .await;
+    }
+    for (id, deleted) in [
+        ("by-number", "553187654321@s.whatsapp.net"),
+        ("as-jid", "5531987654321@s.whatsapp.net"),
+        ("unscripted", "5511987654321@s.whatsapp.net"),
+    ] {
+        let result = w.events.by_id(id).await;
+        assert_eq!(status(&result), 200, "{id}");
+        assert_eq!(body(&result)["chat_jid"], deleted, "{id}");
+        assert_matches_schema(&result);
+    }
+    w.stop().await;
+}

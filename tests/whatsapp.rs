@@ -8,7 +8,8 @@ mod common;
 use std::time::Duration;
 
 use chat_delete_worker::pipeline::request::normalise_number;
-use chat_delete_worker::session::whatsapp::{self, SessionLock};
+use chat_delete_worker::session::whatsapp::mutation::DeleteChat;
+use chat_delete_worker::session::whatsapp::{self, Directory, SessionLock};
 use chat_delete_worker::session::{
     ChatSession, SessionError, SessionOptions, SessionState, WhatsappSession,
 };
@@ -30,6 +31,10 @@ fn options(dir: &std::path::Path, name: &str) -> SessionOptions {
         shutdown_deadline: Duration::from_secs(2),
         // Nothing listens on port 1: connecting fails at once, offline.
         transport_url: Some("ws://127.0.0.1:1".into()),
+        lookup: whatsapp::LookupLimits {
+            cache_ttl: Duration::from_secs(60),
+            per_minute: 60,
+        },
     }
 }
 
@@ -101,15 +106,14 @@ async fn a_hundred_never_paired_instances_start_answer_503_and_stop() {
 async fn app_state_keys_without_a_connection_are_not_connected_through_the_real_delete() {
     let dir = tempfile::tempdir().unwrap();
     let options = options(dir.path(), "keyed");
-    let chat = normalise_number("5511999999999").unwrap();
+    let mutation = DeleteChat::new(&Jid::pn("5511999999999"), 1_700_000_000_000);
+    let timeout = Duration::from_secs(5);
 
     // Never paired: the crate has no app-state key, which is "not connected" for us.
     let bot = whatsapp::build_bot(&options, &[], None, |_| {})
         .await
         .unwrap();
-    let result =
-        whatsapp::Device::delete_chat(bot.client().as_ref(), &chat, false, Duration::from_secs(5))
-            .await;
+    let result = whatsapp::Device::send(&bot.client(), &mutation, timeout).await;
     assert_eq!(result, Err(SessionError::NotConnected));
     drop(bot);
 
@@ -143,9 +147,15 @@ async fn app_state_keys_without_a_connection_are_not_connected_through_the_real_
         "the key was found: {raw}"
     );
     assert!(raw.is_transport_unavailable(), "{raw}");
-    let result =
-        whatsapp::Device::delete_chat(client.as_ref(), &chat, true, Duration::from_secs(5)).await;
+    let result = whatsapp::Device::send(&client, &mutation, timeout).await;
     assert_eq!(result, Err(SessionError::NotConnected));
+    // Resolution offline: nothing known locally, and a lookup is transient, never final.
+    assert_eq!(Directory::known_lid(&client, "5511999999999").await, None);
+    let lookup = Directory::lookup(&client, &["5511999999999".to_owned()]).await;
+    assert!(
+        lookup.as_ref().is_err_and(SessionError::is_retryable),
+        "{lookup:?}"
+    );
 }
 
 #[tokio::test]
@@ -219,28 +229,22 @@ async fn events_drive_the_state_and_parking_stops_the_client() {
     let session = WhatsappSession::start("actor", options.clone()).await;
     let before = session.status().changed_at;
 
-    session
-        .inject_event(Event::Connected(Connected::builder().build()))
-        .await;
+    session.inject_event(Event::Connected(Connected::builder().build()));
     wait_state(&session, SessionState::Connected).await;
     assert!(session.status().changed_at >= before);
-    session
-        .inject_event(Event::Disconnected(
-            Disconnected::builder()
-                .reason(whatsapp_rust::wacore::net::DisconnectReason::StreamEnded)
-                .build(),
-        ))
-        .await;
+    session.inject_event(Event::Disconnected(
+        Disconnected::builder()
+            .reason(whatsapp_rust::wacore::net::DisconnectReason::StreamEnded)
+            .build(),
+    ));
     wait_state(&session, SessionState::Connecting).await;
 
-    session
-        .inject_event(Event::LoggedOut(
-            LoggedOut::builder()
-                .on_connect(false)
-                .reason(ConnectFailureReason::LoggedOut)
-                .build(),
-        ))
-        .await;
+    session.inject_event(Event::LoggedOut(
+        LoggedOut::builder()
+            .on_connect(false)
+            .reason(ConnectFailureReason::LoggedOut)
+            .build(),
+    ));
     wait_state(&session, SessionState::LoggedOut).await;
     // Parked: the client is stopped and its file released, so no retry storm.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -266,19 +270,15 @@ async fn events_drive_the_state_and_parking_stops_the_client() {
     // A reload (SIGHUP) opens the session again.
     session.reload().await;
     assert_eq!(session.state(), SessionState::Connecting);
-    session
-        .inject_event(Event::StreamReplaced(StreamReplaced::builder().build()))
-        .await;
+    session.inject_event(Event::StreamReplaced(StreamReplaced::builder().build()));
     wait_state(&session, SessionState::Replaced).await;
     session.reload().await;
-    session
-        .inject_event(Event::TemporaryBan(
-            TemporaryBan::builder()
-                .code(TempBanReason::SentToTooManyPeople)
-                .expire(chrono::TimeDelta::seconds(60))
-                .build(),
-        ))
-        .await;
+    session.inject_event(Event::TemporaryBan(
+        TemporaryBan::builder()
+            .code(TempBanReason::SentToTooManyPeople)
+            .expire(chrono::TimeDelta::seconds(60))
+            .build(),
+    ));
     wait_state(&session, SessionState::Banned).await;
     session.shutdown().await;
 }

@@ -11,7 +11,10 @@ use whatsapp_rust::prelude::{Event, EventKind};
 
 use crate::config::{Config, InstanceKind};
 use crate::session::SessionOptions;
-use crate::session::whatsapp::{OpenError, SessionLock, build_bot, paired_as, unpair};
+use crate::session::whatsapp::{
+    OpenError, SessionLock, app_state_ready, build_bot, paired_as, unpair,
+};
+use whatsapp_rust::pair_code::PairCodeOptions;
 
 /// The session settings of a configured `whatsapp` instance.
 pub fn whatsapp_options(config: &Config, instance: &str) -> anyhow::Result<SessionOptions> {
@@ -24,12 +27,7 @@ pub fn whatsapp_options(config: &Config, instance: &str) -> anyhow::Result<Sessi
         "instance {instance} is {:?}, not a whatsapp instance",
         cfg.kind
     );
-    Ok(SessionOptions {
-        store_path: config.session_store_path(instance),
-        delete_timeout: Duration::from_millis(config.worker.delete_timeout_ms),
-        shutdown_deadline: Duration::from_millis(config.worker.shutdown_grace_ms),
-        transport_url: cfg.transport_url.clone(),
-    })
+    Ok(SessionOptions::of(config, instance))
 }
 
 /// `pair <instance>`: links the instance and says how to make a running worker pick it up.
@@ -75,6 +73,10 @@ pub enum PairError {
     TimedOut(Duration),
     #[error("the connection ended before pairing completed")]
     Disconnected,
+    #[error(
+        "WhatsApp refused to sync the chat list (regular_high); run `unpair`, then `pair` again"
+    )]
+    AppStateSync,
 }
 
 /// Renders a QR payload as terminal text (two modules per character row), dark on light.
@@ -91,7 +93,66 @@ pub fn render_qr(payload: &str) -> String {
     }
 }
 
-/// Pairs the session at `options.store_path`; returns the linked number.
+/// What `pair` does after an event: the pairing flow, apart from the client that drives it.
+#[derive(Debug)]
+enum Step {
+    Wait,
+    Say(String),
+    /// The server wants a new pairing code (the old one is void).
+    NewCode,
+    /// Connected as a linked device: the app-state sync comes next.
+    Connected,
+    Fail(PairError),
+}
+
+struct PairFlow {
+    /// The pairing-code flow (`--phone`) rides the same socket as the QR codes.
+    by_code: bool,
+    linked: bool,
+}
+
+impl PairFlow {
+    fn on(&mut self, event: &Event) -> Step {
+        match event {
+            Event::PairingQrCode(qr) if !self.by_code => Step::Say(format!(
+                "\n{}\nScan with WhatsApp on the phone: Settings > Linked devices > Link a device (valid {} s; a new code follows).",
+                render_qr(&qr.code),
+                qr.timeout.as_secs()
+            )),
+            Event::PairingCode(code) => Step::Say(format!(
+                "\nPairing code: {}\nOn the phone: Settings > Linked devices > Link a device > Link with phone number instead, then enter it (valid about {} s).",
+                code.code,
+                code.timeout.as_secs()
+            )),
+            Event::PairingCodeRefresh(_) => Step::NewCode,
+            // The crate keeps the socket up for a pairing code when QR codes run out.
+            Event::PairingQrCodesExhausted(e) if self.by_code && !e.disconnected => Step::Wait,
+            Event::PairingQrCodesExhausted(_) => Step::Fail(PairError::QrCodesExhausted),
+            Event::PairSuccess(_) => {
+                self.linked = true;
+                Step::Say("Linked; waiting for the session to be ready...".into())
+            }
+            Event::Connected(_) if self.linked => Step::Connected,
+            Event::AppStateSyncFailed(e) if e.fatal.iter().any(|c| c == "regular_high") => {
+                Step::Fail(PairError::AppStateSync)
+            }
+            Event::PairError(e) => Step::Fail(PairError::Refused(e.error.clone())),
+            Event::PairingCodeError(e) => {
+                let why = e
+                    .rejection
+                    .as_ref()
+                    .map(|r| format!(": {r:?}"))
+                    .unwrap_or_default();
+                Step::Fail(PairError::CodeRefused(why))
+            }
+            Event::LoggedOut(_) => Step::Fail(PairError::Disconnected),
+            _ => Step::Wait,
+        }
+    }
+}
+
+/// Pairs the session at `options.store_path` and stays until the phone's app state (the chat
+/// list deletes are built on) is synced and saved; returns the linked number.
 pub async fn pair(
     options: &SessionOptions,
     phone: Option<&str>,
@@ -105,9 +166,11 @@ pub async fn pair(
         &[
             EventKind::PairingQrCode,
             EventKind::PairingCode,
+            EventKind::PairingCodeRefresh,
             EventKind::PairError,
             EventKind::PairingQrCodesExhausted,
             EventKind::PairingCodeError,
+            EventKind::AppStateSyncFailed,
         ],
         phone,
         move |event| {
@@ -121,45 +184,36 @@ pub async fn pair(
     }
     let handle = bot.spawn();
     let _ = writeln!(out, "Connecting to WhatsApp...");
+    let mut flow = PairFlow {
+        by_code: phone.is_some(),
+        linked: false,
+    };
     let outcome = tokio::time::timeout(limit, async {
-        let mut linked = false;
         while let Some(event) = inbox.recv().await {
-            match &*event {
-                Event::PairingQrCode(qr) if phone.is_none() => {
-                    let _ = writeln!(
-                        out,
-                        "\n{}\nScan with WhatsApp on the phone: Settings > Linked devices > Link a device (valid {} s; a new code follows).",
-                        render_qr(&qr.code),
-                        qr.timeout.as_secs()
-                    );
+            match flow.on(&event) {
+                Step::Wait => {}
+                Step::Say(text) => {
+                    let _ = writeln!(out, "{text}");
                 }
-                Event::PairingCode(code) => {
-                    let _ = writeln!(
-                        out,
-                        "\nPairing code: {}\nOn the phone: Settings > Linked devices > Link a device > Link with phone number instead, then enter it (valid about {} s).",
-                        code.code,
-                        code.timeout.as_secs()
-                    );
+                Step::NewCode => {
+                    let phone_number = phone.unwrap_or_default().to_owned();
+                    let request = PairCodeOptions {
+                        phone_number,
+                        ..Default::default()
+                    };
+                    // The new code arrives as an event; a failure does too.
+                    let _ = client.pair_with_code(request).await;
                 }
-                Event::PairSuccess(_) => {
-                    linked = true;
-                    let _ = writeln!(out, "Linked; waiting for the session to be ready...");
-                }
-                Event::Connected(_) if linked || client.pn().is_some() => {
+                Step::Connected => {
+                    let _ = writeln!(out, "Connected; syncing the chat list from the phone...");
+                    while !app_state_ready(&client).await {
+                        // The crate syncs app state once the phone shares its keys.
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    let _ = writeln!(out, "Chat list synced.");
                     return paired_as(&client).ok_or(PairError::Disconnected);
                 }
-                Event::PairError(e) => return Err(PairError::Refused(e.error.clone())),
-                Event::PairingQrCodesExhausted(_) => return Err(PairError::QrCodesExhausted),
-                Event::PairingCodeError(e) => {
-                    let why = e
-                        .rejection
-                        .as_ref()
-                        .map(|r| format!(": {r:?}"))
-                        .unwrap_or_default();
-                    return Err(PairError::CodeRefused(why));
-                }
-                Event::LoggedOut(_) => return Err(PairError::Disconnected),
-                _ => {}
+                Step::Fail(error) => return Err(error),
             }
         }
         Err(PairError::Disconnected)
@@ -196,11 +250,75 @@ mod tests {
             delete_timeout: Duration::from_secs(1),
             shutdown_deadline: Duration::from_secs(1),
             transport_url: Some("ws://127.0.0.1:1".into()),
+            lookup: crate::session::whatsapp::LookupLimits {
+                cache_ttl: Duration::from_secs(60),
+                per_minute: 60,
+            },
         };
         let _held = SessionLock::acquire(&options.store_path).unwrap();
         let err = pair(&options, None, &mut Vec::new(), Duration::from_secs(1))
             .await
             .unwrap_err();
         assert!(matches!(err, PairError::Open(OpenError::Busy(_))), "{err}");
+    }
+
+    /// Synthetic events through the flow: QR exhaustion does not end a pairing-code flow,
+    /// refreshed codes are asked for and shown, and the first `Connected` after linking hands
+    /// over to the app-state sync instead of ending `pair`.
+    #[test]
+    fn the_pairing_flow_survives_qr_exhaustion_and_waits_for_the_sync() {
+        use whatsapp_rust::types::events::{
+            Connected, PairSuccess, PairingCode, PairingCodeRefresh, PairingQrCodesExhausted,
+        };
+        let exhausted = |disconnected| {
+            Event::PairingQrCodesExhausted(
+                PairingQrCodesExhausted::builder()
+                    .disconnected(disconnected)
+                    .build(),
+            )
+        };
+        let mut by_code = PairFlow {
+            by_code: true,
+            linked: false,
+        };
+        assert!(matches!(by_code.on(&exhausted(false)), Step::Wait));
+        let refresh = PairingCodeRefresh::builder().force_manual(true).build();
+        assert!(matches!(
+            by_code.on(&Event::PairingCodeRefresh(refresh)),
+            Step::NewCode
+        ));
+        let code = PairingCode::builder()
+            .code("ABCD1234".into())
+            .timeout(Duration::from_secs(180))
+            .build();
+        match by_code.on(&Event::PairingCode(code)) {
+            Step::Say(text) => assert!(text.contains("ABCD1234"), "{text}"),
+            other => panic!("{other:?}"),
+        }
+        let connected = || Event::Connected(Connected::builder().build());
+        assert!(
+            matches!(by_code.on(&connected()), Step::Wait),
+            "not linked yet"
+        );
+        let success = PairSuccess::builder()
+            .id(whatsapp_rust::Jid::pn("5511999999999".to_owned()))
+            .lid(whatsapp_rust::Jid::lid("1".to_owned()))
+            .business_name(String::new())
+            .platform(String::new())
+            .build();
+        assert!(matches!(
+            by_code.on(&Event::PairSuccess(success)),
+            Step::Say(_)
+        ));
+        assert!(matches!(by_code.on(&connected()), Step::Connected));
+
+        let mut by_qr = PairFlow {
+            by_code: false,
+            linked: false,
+        };
+        assert!(matches!(
+            by_qr.on(&exhausted(true)),
+            Step::Fail(PairError::QrCodesExhausted)
+        ));
     }
 }

@@ -21,6 +21,10 @@ pub struct WorkerConfig {
     pub max_body_bytes: usize,
     /// Our own bound on one WhatsApp delete call (the crate's IQ timeout is 75 s).
     pub delete_timeout_ms: u64,
+    /// How long a number's resolution (the chat the phone holds) is reused.
+    pub lookup_cache_ttl_s: u64,
+    /// Number lookups (usync queries) per minute and instance; more wait.
+    pub lookups_per_minute: u32,
     /// How long in-flight commands may take to finish on shutdown before they are handed back.
     pub shutdown_grace_ms: u64,
 }
@@ -34,6 +38,8 @@ impl Default for WorkerConfig {
             max_handling: 512,
             max_body_bytes: 64 * 1024,
             delete_timeout_ms: 30_000,
+            lookup_cache_ttl_s: 24 * 3600,
+            lookups_per_minute: 60,
             shutdown_grace_ms: 10_000,
         }
     }
@@ -285,6 +291,9 @@ pub struct SimulatedConfig {
     /// When set, the session is connected exactly while this file exists (lets tests and
     /// harnesses connect an instance while the worker runs).
     pub connected_flag_file: Option<PathBuf>,
+    /// What a phone number resolves to (digits as given -> JID deleted); any other number is
+    /// its own `<digits>@s.whatsapp.net`.
+    pub resolve: std::collections::BTreeMap<String, crate::pipeline::request::ChatJid>,
 }
 
 impl Default for SimulatedConfig {
@@ -296,6 +305,7 @@ impl Default for SimulatedConfig {
             failure: SimulatedFailure::NotConnected,
             effects_log: None,
             connected_flag_file: None,
+            resolve: Default::default(),
         }
     }
 }

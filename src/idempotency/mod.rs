@@ -329,10 +329,12 @@ mod tests {
         let token = TokenHash::of(b"t");
         let a = crate::pipeline::request::DeleteRequest {
             chat: normalise_number("+55 11 99999-9999").unwrap(),
+            lookup: true,
             delete_media: false,
         };
         let b = crate::pipeline::request::DeleteRequest {
             chat: normalise_number("5511999999999").unwrap(),
+            lookup: true,
             delete_media: false,
         };
         let c = crate::pipeline::request::DeleteRequest {

@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::config::{Config, InstanceKind, TokenHash};
 use crate::session::{ChatSession, SessionOptions, SimulatedSession, WhatsappSession};
@@ -65,12 +64,7 @@ impl Instances {
             let session: Arc<dyn ChatSession> = match cfg.kind {
                 InstanceKind::Simulated => Arc::new(SimulatedSession::new(&cfg.simulated)?),
                 InstanceKind::Whatsapp => {
-                    let options = SessionOptions {
-                        store_path: config.session_store_path(name),
-                        delete_timeout: Duration::from_millis(config.worker.delete_timeout_ms),
-                        shutdown_deadline: Duration::from_millis(config.worker.shutdown_grace_ms),
-                        transport_url: cfg.transport_url.clone(),
-                    };
+                    let options = SessionOptions::of(config, name);
                     Arc::new(WhatsappSession::start(name, options).await)
                 }
             };

@@ -289,9 +289,8 @@ impl Pipeline {
         let work = self.work(instance, &token, &request, &claim, chat_deleted, log);
         let (result, tries) = claim.hold_while(store, work).await;
         let attempts = envelope.previous_attempts.saturating_add(tries.max(1));
-        let chat = request.chat.clone();
         match result {
-            Ok(()) => {
+            Ok(chat) => {
                 let outcome = Outcome::Deleted {
                     chat: chat.clone(),
                     delete_media: request.delete_media,
@@ -315,7 +314,7 @@ impl Pipeline {
                         tracing::warn!(%error, "Could not release the claim; it expires by itself.")
                     });
                 }
-                self.after_failure(envelope, Some(chat), failure, attempts)
+                self.after_failure(envelope, Some(request.chat), failure, attempts)
             }
         }
     }
@@ -412,8 +411,8 @@ impl Pipeline {
     }
 
     /// Pace, delete the chat (unless a previous try did), purge the media when asked; every
-    /// effect checks the claim first. Returns the result and how many tries it took in this
-    /// delivery.
+    /// effect checks the claim first. Returns the JID deleted (as resolved by the session; as
+    /// given when a previous try did the delete) and how many tries it took in this delivery.
     async fn work(
         &self,
         instance: &Instance,
@@ -422,17 +421,19 @@ impl Pipeline {
         claim: &Arc<Claim>,
         chat_deleted: bool,
         log: &CommandLog<'_>,
-    ) -> (Result<(), Failure>, u32) {
+    ) -> (Result<ChatJid, Failure>, u32) {
         let mut tries = 0;
         let fence: Arc<dyn Fence> = claim.clone();
+        let mut deleted = request.chat.clone();
         if !chat_deleted {
             self.pacer.wait(token).await;
             let (result, n) = self
                 .delete_chat(instance, request, fence.clone(), log)
                 .await;
             tries = n;
-            if let Err(error) = result {
-                return (Err(error.into()), tries);
+            match result {
+                Ok(chat) => deleted = chat,
+                Err(error) => return (Err(error.into()), tries),
             }
             // A later try after a failed purge starts at the purge (without a purge, the
             // remembered result comes next and says it all). Durable before the purge runs.
@@ -454,7 +455,7 @@ impl Pipeline {
                 return (Err(error.into()), tries);
             }
         }
-        (Ok(()), tries)
+        (Ok(deleted), tries)
     }
 
     fn backoff(&self) -> ExponentialBuilder {
@@ -472,13 +473,13 @@ impl Pipeline {
         request: &DeleteRequest,
         fence: Arc<dyn Fence>,
         log: &CommandLog<'_>,
-    ) -> (Result<(), SessionError>, u32) {
+    ) -> (Result<ChatJid, SessionError>, u32) {
         let started = Instant::now();
         let mut tries = 0u32;
         let result = (|| {
             tries += 1;
             let session = instance.session();
-            session.delete_chat(&request.chat, request.delete_media, fence.clone())
+            session.delete_chat(&request.chat, request.lookup, fence.clone())
         })
         .retry(self.backoff())
         .when(SessionError::is_retryable)

@@ -13,6 +13,8 @@ use crate::contract::Outcome;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeleteRequest {
     pub chat: ChatJid,
+    /// Given as a phone number (not a JID): the session resolves it to the chat the phone holds.
+    pub lookup: bool,
     pub delete_media: bool,
 }
 
@@ -96,6 +98,7 @@ pub fn parse_body(body: &[u8], max_bytes: usize) -> Result<DeleteRequest, Outcom
     let chat = normalise_number(number).ok_or(Outcome::InvalidNumber)?;
     Ok(DeleteRequest {
         chat,
+        lookup: !number.contains('@'),
         delete_media: raw.delete_media.unwrap_or(false),
     })
 }

@@ -35,6 +35,28 @@ pub struct SessionOptions {
     pub shutdown_deadline: Duration,
     /// Another WhatsApp endpoint (a mock server in tests); `None` for the real one.
     pub transport_url: Option<String>,
+    /// Cache and budget of number lookups.
+    pub lookup: whatsapp::LookupLimits,
+}
+
+impl SessionOptions {
+    /// A configured instance's session settings.
+    pub fn of(config: &crate::config::Config, instance: &str) -> Self {
+        let worker = &config.worker;
+        Self {
+            store_path: config.session_store_path(instance),
+            delete_timeout: Duration::from_millis(worker.delete_timeout_ms),
+            shutdown_deadline: Duration::from_millis(worker.shutdown_grace_ms),
+            transport_url: config
+                .instances
+                .get(instance)
+                .and_then(|cfg| cfg.transport_url.clone()),
+            lookup: whatsapp::LookupLimits {
+                cache_ttl: Duration::from_secs(worker.lookup_cache_ttl_s),
+                per_minute: worker.lookups_per_minute,
+            },
+        }
+    }
 }
 
 /// Why a delete did not happen.
@@ -116,12 +138,14 @@ pub trait ChatSession: Send + Sync {
 
     /// Deletes the chat from the instance's chat list (all linked devices, through app state),
     /// if `fence` still holds just before the delete is sent (it may wait for the session).
+    /// With `lookup`, a phone number is first resolved to the chat the phone holds; returns
+    /// the JID deleted. The phone's own media is never touched.
     async fn delete_chat(
         &self,
         chat: &ChatJid,
-        delete_media: bool,
+        lookup: bool,
         fence: Arc<dyn Fence>,
-    ) -> Result<(), SessionError>;
+    ) -> Result<ChatJid, SessionError>;
 
     /// Picks up a session paired since the start (or since it was parked).
     async fn reload(&self) {}

@@ -20,6 +20,7 @@ pub struct SimulatedSession {
     deletes: AtomicU64,
     effects_log: Option<Mutex<std::fs::File>>,
     connected_flag_file: Option<std::path::PathBuf>,
+    resolve: std::collections::BTreeMap<String, ChatJid>,
 }
 
 impl SimulatedSession {
@@ -45,6 +46,7 @@ impl SimulatedSession {
             deletes: AtomicU64::new(0),
             effects_log,
             connected_flag_file: cfg.connected_flag_file.clone(),
+            resolve: cfg.resolve.clone(),
         })
     }
 
@@ -87,9 +89,9 @@ impl ChatSession for SimulatedSession {
     async fn delete_chat(
         &self,
         chat: &ChatJid,
-        _delete_media: bool,
+        lookup: bool,
         fence: Arc<dyn Fence>,
-    ) -> Result<(), SessionError> {
+    ) -> Result<ChatJid, SessionError> {
         // The latency stands for the wait in the session and the call itself; the effect, and
         // the fence check just before it, come at its end.
         if !self.latency.is_zero() {
@@ -113,7 +115,13 @@ impl ChatSession for SimulatedSession {
                 SimulatedFailure::Rejected => SessionError::Rejected("simulated rejection".into()),
             });
         }
-        self.record(chat)
+        // Resolution as scripted; a number not in the script is its own chat.
+        let chat = match self.resolve.get(chat.user()) {
+            Some(scripted) if lookup => scripted,
+            _ => chat,
+        };
+        self.record(chat)?;
+        Ok(chat.clone())
     }
 }
 
@@ -145,7 +153,7 @@ mod tests {
         );
         assert_eq!(
             session.delete_chat(&chat, false, Arc::new(Unfenced)).await,
-            Ok(())
+            Ok(chat.clone())
         );
         assert_eq!(session.deletes(), 1);
         let text = std::fs::read_to_string(log).unwrap();
@@ -167,5 +175,20 @@ mod tests {
             Err(SessionError::NotConnected)
         );
         assert_eq!(session.deletes(), 0);
+    }
+
+    #[tokio::test]
+    async fn numbers_resolve_as_scripted_and_jids_as_given() {
+        let scripted = normalise_number("553187654321@s.whatsapp.net").unwrap();
+        let session = SimulatedSession::new(&SimulatedConfig {
+            resolve: [("5531987654321".to_owned(), scripted.clone())].into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let chat = normalise_number("5531987654321").unwrap();
+        let by_number = session.delete_chat(&chat, true, Arc::new(Unfenced)).await;
+        assert_eq!(by_number, Ok(scripted));
+        let as_given = session.delete_chat(&chat, false, Arc::new(Unfenced)).await;
+        assert_eq!(as_given, Ok(chat));
     }
 }

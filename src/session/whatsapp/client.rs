@@ -7,14 +7,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use whatsapp_rust::pair_code::PairCodeOptions;
 use whatsapp_rust::prelude::{Bot, Client, Event, EventKind};
 use whatsapp_rust::store::SqliteStore;
+use whatsapp_rust::sync_task::MajorSyncTask;
 use whatsapp_rust::transport::TokioWebSocketTransportFactory;
-use whatsapp_rust::{AppStateError, ErrorChainExt, Jid, message_range};
+use whatsapp_rust::wacore::appstate::patch_decode::WAPatchName;
+use whatsapp_rust::{AppStateError, ContactError, ErrorChainExt, Jid};
 
 use super::Device;
+use super::mutation::DeleteChat;
+use super::resolve::{Account, Directory};
 use crate::pipeline::request::{ChatJid, JidServer};
 use crate::session::{SessionError, SessionOptions, SessionState};
 
@@ -127,8 +130,18 @@ pub(super) fn operator_hint(instance: &str, state: SessionState) -> Option<Strin
     })
 }
 
+/// Whether the session can build a delete on what the phone holds: it has an app-state key
+/// and has synced the collection deletes go to (`regular_high`) at least once.
+pub async fn app_state_ready(client: &Client) -> bool {
+    let backend = client.persistence_manager().backend();
+    let has_key = matches!(backend.get_latest_sync_key_id().await, Ok(Some(_)));
+    let synced =
+        matches!(backend.get_version("regular_high").await, Ok(state) if state.version > 0);
+    has_key && synced
+}
+
 /// The crate's JID for a validated chat, device-free by construction.
-fn to_jid(chat: &ChatJid) -> Jid {
+pub(crate) fn to_jid(chat: &ChatJid) -> Jid {
     let user = chat.user().to_owned();
     match chat.server() {
         JidServer::Phone => Jid::pn(user),
@@ -137,7 +150,10 @@ fn to_jid(chat: &ChatJid) -> Jid {
     }
 }
 
-/// Maps the crate's errors onto ours with its own classification helpers.
+/// Maps the crate's errors onto ours with its own classification helpers. The one case it
+/// offers no type for is the server's verdict on a patch, which it reports as text: only a
+/// fatal verdict (400/404) is final; a retryable one, a conflict that outlasted the crate's own
+/// attempts, and anything unknown are worth another try.
 fn classify(err: &AppStateError) -> SessionError {
     if let AppStateError::InvalidRequest(text) = err {
         // Never paired, or paired but the phone has not shared its app-state keys yet.
@@ -162,10 +178,21 @@ fn classify(err: &AppStateError) -> SessionError {
         };
     }
     let text = err.to_string();
-    if text.contains("rejected") {
+    if text.contains("rejected: fatal error") {
         SessionError::Rejected(short(&text))
     } else {
         SessionError::Server(short(&text))
+    }
+}
+
+/// A failed lookup never makes a delete final: the number may be fine once WhatsApp answers.
+fn classify_lookup(err: &ContactError) -> SessionError {
+    if err.is_transport_unavailable() {
+        SessionError::NotConnected
+    } else if err.is_timeout() {
+        SessionError::Timeout
+    } else {
+        SessionError::Server("could not look the number up on WhatsApp".into())
     }
 }
 
@@ -176,24 +203,60 @@ fn short(text: &str) -> String {
 /// The crate's client is the real device: a delete is the app-state action `deleteChat`,
 /// within our own timeout.
 #[async_trait::async_trait]
-impl Device for Client {
-    async fn delete_chat(
-        &self,
-        chat: &ChatJid,
-        delete_media: bool,
-        timeout: Duration,
-    ) -> Result<(), SessionError> {
-        let jid = to_jid(chat);
-        // "now" as the last message time, as WhatsApp Web and whatsmeow send when no better
-        // is known.
-        let range = message_range(Utc::now().timestamp(), None, vec![]);
-        let actions = self.chat_actions();
-        let call = actions.delete_chat(&jid, delete_media, Some(range));
+impl Device for Arc<Client> {
+    async fn send(&self, mutation: &DeleteChat, timeout: Duration) -> Result<(), SessionError> {
+        let args = mutation.index_args();
+        let call = self.send_app_state_action(DeleteChat::schema(), &args, &mutation.value);
         match tokio::time::timeout(timeout, call).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(err)) => Err(classify(&err)),
             Err(_) => Err(SessionError::Timeout),
         }
+    }
+
+    async fn catch_up(&self, timeout: Duration) {
+        let task = MajorSyncTask::AppStateSync {
+            name: WAPatchName::RegularHigh,
+            full_sync: false,
+        };
+        // Best effort: a delete on a stale base is still applied after a conflict.
+        let _ = tokio::time::timeout(timeout, self.process_sync_task(task)).await;
+    }
+}
+
+/// What WhatsApp knows about numbers, through the client: its LID mapping store, its
+/// migration flag, and usync.
+#[async_trait::async_trait]
+impl Directory for Arc<Client> {
+    async fn known_lid(&self, phone: &str) -> Option<String> {
+        let entry = self.get_lid_pn_entry(&Jid::pn(phone.to_owned())).await;
+        entry.ok().flatten().map(|entry| entry.lid.to_string())
+    }
+
+    async fn lid_migrated(&self) -> bool {
+        self.is_lid_migrated().await
+    }
+
+    async fn lookup(&self, phones: &[String]) -> Result<Vec<Account>, SessionError> {
+        let jids: Vec<Jid> = phones.iter().map(|p| Jid::pn(p.clone())).collect();
+        let found = self.contacts().is_on_whatsapp(&jids).await;
+        let found = found.map_err(|e| classify_lookup(&e))?;
+        Ok(found
+            .into_iter()
+            .filter(|r| r.is_registered)
+            .filter_map(|r| {
+                // A LID-primary answer carries the phone number beside it.
+                let (phone, lid) = if r.jid.is_lid() {
+                    (r.pn_jid?, Some(r.jid))
+                } else {
+                    (r.jid, r.lid)
+                };
+                Some(Account {
+                    phone: phone.user.to_string(),
+                    lid: lid.map(|l| l.user.to_string()),
+                })
+            })
+            .collect())
     }
 }
 
@@ -270,8 +333,24 @@ mod tests {
         assert_eq!(classify(&no_key), SessionError::NotConnected);
         let bad = AppStateError::InvalidRequest("mute in the past".into());
         assert!(matches!(classify(&bad), SessionError::Rejected(_)));
-        let rejected = AppStateError::Internal(anyhow::anyhow!("patch rejected by server"));
-        assert!(matches!(classify(&rejected), SessionError::Rejected(_)));
+        // The crate's own texts for a patch verdict (`send_app_state_patch`).
+        let fatal = AppStateError::Internal(anyhow::anyhow!(
+            "app-state patch for regular_high rejected: fatal error 400: bad-request"
+        ));
+        assert!(matches!(classify(&fatal), SessionError::Rejected(_)));
+        // The defect: any text with "rejected" was final, a retryable verdict too.
+        let retryable = AppStateError::Internal(anyhow::anyhow!(
+            "app-state patch for regular_high rejected: retryable error 500: internal"
+        ));
+        assert!(
+            classify(&retryable).is_retryable(),
+            "{:?}",
+            classify(&retryable)
+        );
+        let conflict = AppStateError::Internal(anyhow::anyhow!(
+            "app-state patch for regular_high still conflicting after 3 attempts"
+        ));
+        assert!(classify(&conflict).is_retryable());
         let other = AppStateError::Internal(anyhow::anyhow!("socket hiccup"));
         assert_eq!(
             classify(&other),

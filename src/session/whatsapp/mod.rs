@@ -2,9 +2,12 @@
 //! instance, owned by one actor task. The actor holds an exclusive lock on the session file
 //! while its client is open, so two clients (a worker and `pair`, or two workers) never share
 //! one file. A session that was never paired is not connected: it answers "not connected"
-//! until `pair` links it and the worker is told to reload. The client itself: [`client`].
+//! until `pair` links it and the worker is told to reload. The client itself: [`client`]; the
+//! chat a number stands for: [`resolve`]; the mutation sent: [`mutation`].
 
 pub mod client;
+pub mod mutation;
+pub mod resolve;
 
 use std::sync::Arc;
 
@@ -14,21 +17,25 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use whatsapp_rust::prelude::{BotHandle, Event};
 
-pub use client::{OpenError, SessionLock, build_bot, inspect, next_state, paired_as, unpair};
+pub use client::{
+    OpenError, SessionLock, app_state_ready, build_bot, inspect, next_state, paired_as, unpair,
+};
+pub use resolve::{Account, Directory, LookupLimits};
 
 use super::{ChatSession, SessionError, SessionOptions, SessionState, SessionStatus};
 use crate::fence::Fence;
 use crate::pipeline::request::ChatJid;
 use client::operator_hint;
+use mutation::DeleteChat;
+use resolve::Resolver;
 
 enum Msg {
     Delete {
         chat: ChatJid,
-        delete_media: bool,
+        lookup: bool,
         fence: Arc<dyn Fence>,
-        reply: oneshot::Sender<Result<(), SessionError>>,
+        reply: oneshot::Sender<Result<ChatJid, SessionError>>,
     },
-    Event(Arc<Event>),
     Reload(oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -36,19 +43,19 @@ enum Msg {
 /// What the actor needs of a linked device: the seam a test scripts. The real one is the
 /// crate's client (`client.rs`).
 #[async_trait::async_trait]
-pub trait Device: Send + Sync {
-    /// Sends the delete, within `timeout`.
-    async fn delete_chat(
-        &self,
-        chat: &ChatJid,
-        delete_media: bool,
-        timeout: Duration,
-    ) -> Result<(), SessionError>;
+pub trait Device: Directory {
+    /// Sends the mutation, within `timeout`.
+    async fn send(&self, mutation: &DeleteChat, timeout: Duration) -> Result<(), SessionError>;
+
+    /// Brings the chat list deletes are built on up to date, once per connection: the crate
+    /// syncs app state at pairing and when the server says so, not after a restart.
+    async fn catch_up(&self, timeout: Duration);
 }
 
 /// A running device; for a real client, its task and the lock on its file.
 struct Running {
     device: Arc<dyn Device>,
+    caught_up: bool,
     handle: Option<BotHandle>,
     _lock: Option<SessionLock>,
 }
@@ -56,7 +63,20 @@ struct Running {
 /// The handle the pipeline holds; the actor owns the client.
 pub struct WhatsappSession {
     mailbox: mpsc::Sender<Msg>,
+    events: EventSink,
     status: watch::Receiver<SessionStatus>,
+}
+
+/// Connection events go to the actor on their own unbounded channel: a backlog of deletes in
+/// the mailbox never makes it drop a `LoggedOut` or a `Connected` (the client emits few).
+#[derive(Clone)]
+struct EventSink(mpsc::UnboundedSender<Arc<Event>>);
+
+impl EventSink {
+    fn deliver(&self, event: Arc<Event>) {
+        // Fails only once the actor has stopped, when no state matters any more.
+        let _ = self.0.send(event);
+    }
 }
 
 impl WhatsappSession {
@@ -74,6 +94,7 @@ impl WhatsappSession {
         let (mut actor, inbox, session) = Actor::new(instance, options);
         actor.running = Some(Running {
             device,
+            caught_up: false,
             handle: None,
             _lock: None,
         });
@@ -86,9 +107,9 @@ impl WhatsappSession {
         self.status.borrow().clone()
     }
 
-    /// Feeds an event as if the client had emitted it (tests drive transitions this way).
-    pub async fn inject_event(&self, event: Event) {
-        let _ = self.mailbox.send(Msg::Event(Arc::new(event))).await;
+    /// Feeds an event through the client's own path (tests drive transitions this way).
+    pub fn inject_event(&self, event: Event) {
+        self.events.deliver(Arc::new(event));
     }
 
     async fn ask(&self, msg: impl FnOnce(oneshot::Sender<()>) -> Msg) {
@@ -108,13 +129,13 @@ impl ChatSession for WhatsappSession {
     async fn delete_chat(
         &self,
         chat: &ChatJid,
-        delete_media: bool,
+        lookup: bool,
         fence: Arc<dyn Fence>,
-    ) -> Result<(), SessionError> {
+    ) -> Result<ChatJid, SessionError> {
         let (reply, answer) = oneshot::channel();
         let msg = Msg::Delete {
             chat: chat.clone(),
-            delete_media,
+            lookup,
             fence,
             reply,
         };
@@ -140,17 +161,22 @@ impl ChatSession for WhatsappSession {
 struct Actor {
     instance: String,
     options: SessionOptions,
-    mailbox: mpsc::Sender<Msg>,
+    events: EventSink,
     status: watch::Sender<SessionStatus>,
     running: Option<Running>,
+    resolver: Resolver,
+}
+
+struct Inbox {
+    mailbox: mpsc::Receiver<Msg>,
+    events: mpsc::UnboundedReceiver<Arc<Event>>,
 }
 
 impl Actor {
-    fn new(
-        instance: &str,
-        options: SessionOptions,
-    ) -> (Self, mpsc::Receiver<Msg>, WhatsappSession) {
+    fn new(instance: &str, options: SessionOptions) -> (Self, Inbox, WhatsappSession) {
         let (mailbox, inbox) = mpsc::channel(256);
+        let (events, event_inbox) = mpsc::unbounded_channel();
+        let events = EventSink(events);
         let (status_tx, status) = watch::channel(SessionStatus {
             state: SessionState::NotPaired,
             paired_as: None,
@@ -158,12 +184,22 @@ impl Actor {
         });
         let actor = Actor {
             instance: instance.to_owned(),
+            resolver: Resolver::new(options.lookup),
             options,
-            mailbox: mailbox.clone(),
+            events: events.clone(),
             status: status_tx,
             running: None,
         };
-        (actor, inbox, WhatsappSession { mailbox, status })
+        let inbox = Inbox {
+            mailbox: inbox,
+            events: event_inbox,
+        };
+        let session = WhatsappSession {
+            mailbox,
+            events,
+            status,
+        };
+        (actor, inbox, session)
     }
 
     fn set(&self, state: SessionState, paired_as: Option<String>) {
@@ -192,12 +228,9 @@ impl Actor {
                 return;
             }
         };
-        let mailbox = self.mailbox.clone();
-        let bot = build_bot(&self.options, &[], None, move |event| {
-            // Events arrive on the crate's tasks; the actor applies them in order.
-            let _ = mailbox.try_send(Msg::Event(event));
-        })
-        .await;
+        let events = self.events.clone();
+        // Events arrive on the crate's tasks; the actor applies them in order.
+        let bot = build_bot(&self.options, &[], None, move |event| events.deliver(event)).await;
         let bot = match bot {
             Ok(bot) => bot,
             Err(error) => {
@@ -217,7 +250,8 @@ impl Actor {
         };
         self.set(SessionState::Connecting, Some(number));
         self.running = Some(Running {
-            device: client,
+            device: Arc::new(client),
+            caught_up: false,
             handle: Some(bot.spawn()),
             _lock: Some(lock),
         });
@@ -239,47 +273,31 @@ impl Actor {
         }
     }
 
-    async fn run(mut self, mut inbox: mpsc::Receiver<Msg>) {
-        while let Some(msg) = inbox.recv().await {
+    async fn run(mut self, mut inbox: Inbox) {
+        loop {
+            // State changes first: a delete never waits behind a stale "connected".
+            let msg = tokio::select! {
+                biased;
+                Some(event) = inbox.events.recv() => {
+                    self.apply(&event).await;
+                    continue;
+                }
+                msg = inbox.mailbox.recv() => msg,
+            };
+            let Some(msg) = msg else { break };
             match msg {
                 Msg::Delete {
                     chat,
-                    delete_media,
+                    lookup,
                     fence,
                     reply,
                 } => {
                     // Deletes wait here one at a time: one whose requester has gone (handed
-                    // back, timed out) or whose claim lapsed meanwhile is not sent.
+                    // back, timed out) is not sent.
                     if reply.is_closed() {
                         continue;
                     }
-                    if let Err(fenced) = fence.check() {
-                        let _ = reply.send(Err(SessionError::Fenced(fenced)));
-                        continue;
-                    }
-                    let result = match &self.running {
-                        Some(running) => {
-                            let timeout = self.options.delete_timeout;
-                            running
-                                .device
-                                .delete_chat(&chat, delete_media, timeout)
-                                .await
-                        }
-                        None => Err(SessionError::NotConnected),
-                    };
-                    let _ = reply.send(result);
-                }
-                Msg::Event(event) => {
-                    let Some(state) = next_state(&event) else {
-                        continue;
-                    };
-                    let paired = self.status.borrow().paired_as.clone();
-                    self.set(state, paired);
-                    if let Some(hint) = operator_hint(&self.instance, state) {
-                        // Parked: no reconnect storm; an operator decides what happens next.
-                        tracing::error!(instance = %self.instance, "{hint}");
-                        self.stop_client().await;
-                    }
+                    let _ = reply.send(self.delete(&chat, lookup, &*fence).await);
                 }
                 Msg::Reload(done) => {
                     if self.running.is_none() {
@@ -297,6 +315,41 @@ impl Actor {
             }
         }
     }
+
+    /// Resolves the chat, then sends its delete if the fence still holds.
+    async fn delete(
+        &mut self,
+        chat: &ChatJid,
+        lookup: bool,
+        fence: &dyn Fence,
+    ) -> Result<ChatJid, SessionError> {
+        let Some(running) = &mut self.running else {
+            return Err(SessionError::NotConnected);
+        };
+        let device = running.device.clone();
+        if !running.caught_up {
+            device.catch_up(self.options.delete_timeout).await;
+            running.caught_up = true;
+        }
+        let target = self.resolver.resolve(chat, lookup, &*device).await?;
+        fence.check().map_err(SessionError::Fenced)?;
+        let mutation = DeleteChat::new(&client::to_jid(&target), Utc::now().timestamp_millis());
+        device.send(&mutation, self.options.delete_timeout).await?;
+        Ok(target)
+    }
+
+    async fn apply(&mut self, event: &Event) {
+        let Some(state) = next_state(event) else {
+            return;
+        };
+        let paired = self.status.borrow().paired_as.clone();
+        self.set(state, paired);
+        if let Some(hint) = operator_hint(&self.instance, state) {
+            // Parked: no reconnect storm; an operator decides what happens next.
+            tracing::error!(instance = %self.instance, "{hint}");
+            self.stop_client().await;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -308,23 +361,39 @@ mod tests {
     use crate::fence::{Fenced, Unfenced};
     use crate::pipeline::request::normalise_number;
 
-    /// A device that takes `latency` per delete and records what it was sent.
+    /// A device that takes `latency` per delete, knows no accounts, and records the index
+    /// arguments it was sent.
     struct Scripted {
         latency: Duration,
         sent: Mutex<Vec<String>>,
     }
 
     #[async_trait::async_trait]
+    impl Directory for Scripted {
+        async fn known_lid(&self, _: &str) -> Option<String> {
+            None
+        }
+        async fn lid_migrated(&self) -> bool {
+            false
+        }
+        async fn lookup(&self, _: &[String]) -> Result<Vec<Account>, SessionError> {
+            Ok(vec![])
+        }
+    }
+
+    #[async_trait::async_trait]
     impl Device for Scripted {
-        async fn delete_chat(
-            &self,
-            chat: &ChatJid,
-            _: bool,
-            _: Duration,
-        ) -> Result<(), SessionError> {
+        async fn send(&self, mutation: &DeleteChat, _: Duration) -> Result<(), SessionError> {
             tokio::time::sleep(self.latency).await;
-            self.sent.lock().unwrap().push(chat.to_string());
+            self.sent
+                .lock()
+                .unwrap()
+                .push(mutation.index_args().join(" "));
             Ok(())
+        }
+
+        async fn catch_up(&self, _: Duration) {
+            self.sent.lock().unwrap().push("catch up".into());
         }
     }
 
@@ -346,6 +415,10 @@ mod tests {
             delete_timeout: Duration::from_secs(5),
             shutdown_deadline: Duration::from_secs(1),
             transport_url: None,
+            lookup: LookupLimits {
+                cache_ttl: Duration::from_secs(60),
+                per_minute: 60,
+            },
         };
         let session = WhatsappSession::connected("scripted", options, device.clone());
         (session, device)
@@ -376,13 +449,14 @@ mod tests {
         let third = session
             .delete_chat(&chat("5511000000003"), false, Arc::new(Unfenced))
             .await;
-        assert_eq!(first.await.unwrap(), Ok(()));
-        assert_eq!(third, Ok(()));
+        assert_eq!(first.await.unwrap(), Ok(chat("5511000000001")));
+        assert_eq!(third, Ok(chat("5511000000003")));
         assert_eq!(
             *device.sent.lock().unwrap(),
             [
-                "5511000000001@s.whatsapp.net",
-                "5511000000003@s.whatsapp.net"
+                "catch up",
+                "5511000000001@s.whatsapp.net 0",
+                "5511000000003@s.whatsapp.net 0"
             ]
         );
     }
@@ -396,7 +470,60 @@ mod tests {
             refused,
             Err(SessionError::Fenced(Fenced("the claim was taken over")))
         );
-        assert!(device.sent.lock().unwrap().is_empty());
+        assert_eq!(*device.sent.lock().unwrap(), ["catch up"]);
         assert_eq!(session.state(), SessionState::Connected);
+    }
+
+    /// The defect: events reached the actor through `try_send` on the 256-slot mailbox, so a
+    /// backlog of deletes made it drop a `LoggedOut`, and the instance kept "connected".
+    #[tokio::test(start_paused = true)]
+    async fn state_events_are_never_dropped_behind_a_backlog_of_deletes() {
+        use whatsapp_rust::types::events::{ConnectFailureReason, LoggedOut};
+
+        let (session, device) = session(1_000);
+        let session = Arc::new(session);
+        let mut waiting = Vec::new();
+        for n in 0..300 {
+            let session = session.clone();
+            waiting.push(tokio::spawn(async move {
+                let chat = normalise_number(&format!("55110000{n:05}")).unwrap();
+                session.delete_chat(&chat, true, Arc::new(Unfenced)).await
+            }));
+        }
+        while session.mailbox.capacity() > 0 {
+            tokio::task::yield_now().await;
+        }
+        session.inject_event(Event::LoggedOut(
+            LoggedOut::builder()
+                .on_connect(false)
+                .reason(ConnectFailureReason::LoggedOut)
+                .build(),
+        ));
+        let mut not_connected = 0;
+        for delete in waiting {
+            if delete.await.unwrap() == Err(SessionError::NotConnected) {
+                not_connected += 1;
+            }
+        }
+        assert_eq!(session.state(), SessionState::LoggedOut);
+        assert!(
+            not_connected >= 298,
+            "{not_connected}: the logout was applied at once"
+        );
+        assert!(device.sent.lock().unwrap().len() <= 3);
+    }
+
+    /// The defect: `deleteMedia` went into the mutation's index ("1"), asking the phone and
+    /// every linked device to delete the chat's media too.
+    #[tokio::test]
+    async fn the_phone_is_never_asked_to_delete_media() {
+        let (session, device) = session(0);
+        let chat = normalise_number("120363024567890123@g.us").unwrap();
+        let deleted = session.delete_chat(&chat, false, Arc::new(Unfenced)).await;
+        assert_eq!(deleted, Ok(chat));
+        assert_eq!(
+            *device.sent.lock().unwrap(),
+            ["catch up", "120363024567890123@g.us 0"]
+        );
     }
 }
