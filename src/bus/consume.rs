@@ -1,11 +1,12 @@
 //! Consumers: one per hosted instance queue plus the unrouted queue. Each delivery is handled,
 //! its verdict carried out ([`super::settle`]), and only then is the delivery settled.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::sync::Semaphore;
@@ -80,7 +81,15 @@ impl Consuming {
 /// A started consumer: its channel and tag, to cancel it.
 pub struct RunningConsumer {
     channel: Channel,
-    tag: String,
+    /// The live consumer's tag: a prefetch change starts a new consumer.
+    tag: Tag,
+}
+
+/// A consumer tag that changes when the consumer is restarted.
+type Tag = Arc<std::sync::Mutex<String>>;
+
+fn new_tag(app_id: &str) -> String {
+    format!("{app_id}-{}", uuid::Uuid::new_v4())
 }
 
 impl RunningConsumer {
@@ -88,7 +97,10 @@ impl RunningConsumer {
     pub async fn cancel(&self) {
         let _ = self
             .channel
-            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+            .basic_cancel(
+                current(&self.tag).as_str().into(),
+                BasicCancelOptions::default(),
+            )
             .await;
     }
 }
@@ -141,26 +153,90 @@ pub async fn start(
         Feed::Instance(_) => consuming.prefetch,
         Feed::Unrouted | Feed::DeadLettered => consuming.prefetch.min(ANSWER_ONLY_PREFETCH),
     };
-    let prefetch = Prefetch::start(channel.clone(), max, consuming.largest_ordinary).await?;
-    let tag = format!("{}-{}", consuming.app_id, uuid::Uuid::new_v4());
-    let consumer = channel
-        .basic_consume(
-            queue.queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let prefetch = Prefetch::new(max, consuming.largest_ordinary);
+    let first = new_tag(&consuming.app_id);
+    let live = subscribe(&channel, &queue.queue, &first, prefetch.current()).await?;
+    let tag = Arc::new(std::sync::Mutex::new(first));
+    let deliveries = Deliveries {
+        channel: channel.clone(),
+        app_id: consuming.app_id.clone(),
+        tag: tag.clone(),
+        draining: VecDeque::new(),
+        live,
+    };
     queue
         .tracker
         .clone()
-        .spawn(consume_loop(consumer, prefetch, queue));
+        .spawn(consume_loop(deliveries, prefetch, queue));
     Ok(RunningConsumer { channel, tag })
+}
+
+async fn subscribe(
+    channel: &Channel,
+    queue: &str,
+    tag: &str,
+    prefetch: u16,
+) -> Result<lapin::Consumer, lapin::Error> {
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    channel
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+fn current(tag: &Tag) -> String {
+    tag.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// A queue's deliveries across consumer restarts (a prefetch change): what an earlier consumer
+/// still holds comes before the new one's, so nothing is reordered or stranded unacked.
+struct Deliveries {
+    channel: Channel,
+    app_id: String,
+    tag: Tag,
+    draining: VecDeque<lapin::Consumer>,
+    live: lapin::Consumer,
+}
+
+impl Deliveries {
+    async fn next(&mut self) -> Option<Result<Delivery, lapin::Error>> {
+        while let Some(old) = self.draining.front_mut() {
+            // Ends at once after what it holds: the broker confirmed its cancel.
+            match old.next().await {
+                Some(delivery) => return Some(delivery),
+                None => drop(self.draining.pop_front()),
+            }
+        }
+        self.live.next().await
+    }
+
+    /// Starts a consumer with the new prefetch in place of the live one. It gets a tag of its
+    /// own: a quorum queue knows a consumer by tag and channel, and would end the new one
+    /// with the old one once the old one's deliveries are settled.
+    async fn set_prefetch(&mut self, queue: &str, prefetch: u16) -> Result<(), lapin::Error> {
+        let old = current(&self.tag);
+        let cancel = BasicCancelOptions::default();
+        self.channel
+            .basic_cancel(old.as_str().into(), cancel)
+            .await?;
+        let tag = new_tag(&self.app_id);
+        let live = subscribe(&self.channel, queue, &tag, prefetch).await?;
+        *self.tag.lock().unwrap_or_else(|e| e.into_inner()) = tag;
+        self.draining
+            .push_back(std::mem::replace(&mut self.live, live));
+        Ok(())
+    }
 }
 
 /// Takes the queue's deliveries once every consumer is started, and hands each to its own
 /// task within the queue's and the worker's bounds on commands handled at once.
-async fn consume_loop(mut consumer: lapin::Consumer, mut prefetch: Prefetch, queue: QueueConsumer) {
+async fn consume_loop(mut deliveries: Deliveries, mut prefetch: Prefetch, queue: QueueConsumer) {
     let QueueConsumer {
         consuming,
         publisher,
@@ -183,7 +259,7 @@ async fn consume_loop(mut consumer: lapin::Consumer, mut prefetch: Prefetch, que
     loop {
         let next = tokio::select! {
             _ = stop_consuming.cancelled() => break,
-            next = consumer.next() => next,
+            next = deliveries.next() => next,
         };
         let delivery = match next {
             Some(Ok(delivery)) => delivery,
@@ -197,7 +273,9 @@ async fn consume_loop(mut consumer: lapin::Consumer, mut prefetch: Prefetch, que
                 break;
             }
         };
-        if let Err(error) = prefetch.saw(delivery.data.len()).await {
+        if let Some(next) = prefetch.saw(delivery.data.len())
+            && let Err(error) = deliveries.set_prefetch(&queue, next).await
+        {
             tracing::warn!(%error, queue, "Could not change the prefetch.");
             lost.cancel();
             break;
