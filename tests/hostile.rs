@@ -33,6 +33,57 @@ kind = "simulated"
     )
 }
 
+/// Publishes one command with the token and waits for the broker's confirm.
+async fn publish_confirmed(
+    channel: &lapin::Channel,
+    exchange: &str,
+    key: &str,
+    id: &str,
+    body: &[u8],
+) {
+    let mut headers = FieldTable::default();
+    headers.insert("token".into(), AMQPValue::LongString(TOKEN.into()));
+    let props = BasicProperties::default()
+        .with_message_id(id.into())
+        .with_headers(headers);
+    channel
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// A worker's config in `dir` (HTTP on an ephemeral port) with `broker_extra` in `[broker]`,
+/// and its topology declared, as `topology` would before the worker starts.
+async fn declared(
+    ns: &str,
+    dir: &tempfile::TempDir,
+    broker_extra: &str,
+    connection: &Connection,
+) -> chat_delete_worker::config::Config {
+    let toml = format!(
+        "[broker]\nurl = \"{}\"\nnamespace = \"{ns}\"\n{broker_extra}\n[http]\nport = 0\nbind = \"127.0.0.1\"\n[store]\npath = \"{}\"\n{}",
+        amqp_url(),
+        dir.path().display(),
+        config(""),
+    );
+    let cfg = chat_delete_worker::config::Config::from_toml(&toml).unwrap();
+    let names = chat_delete_worker::contract::Names::new(ns);
+    let tiers = chat_delete_worker::bus::topology::retry_tiers(&cfg.retry.broker_delays_ms);
+    chat_delete_worker::bus::topology::Topology::new(&cfg.broker, &names, &["alpha"], &tiers)
+        .declare(connection)
+        .await
+        .unwrap();
+    cfg
+}
+
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
@@ -164,21 +215,10 @@ async fn a_retry_the_instance_queue_refuses_is_kept_until_it_can_be_delivered() 
     let ns = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let names = chat_delete_worker::contract::Names::new(&ns);
     let dir = tempfile::tempdir().unwrap();
-    let toml = format!(
-        "[broker]\nurl = \"{}\"\nnamespace = \"{ns}\"\n[http]\nport = 0\nbind = \"127.0.0.1\"\n[store]\npath = \"{}\"\n{}",
-        amqp_url(),
-        dir.path().display(),
-        config(""),
-    );
-    let cfg = chat_delete_worker::config::Config::from_toml(&toml).unwrap();
-    let tiers = chat_delete_worker::bus::topology::retry_tiers(&cfg.retry.broker_delays_ms);
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .unwrap();
-    chat_delete_worker::bus::topology::Topology::new(&cfg.broker, &names, &["alpha"], &tiers)
-        .declare(&connection)
-        .await
-        .unwrap();
+    let cfg = declared(&ns, &dir, "", &connection).await;
     // The instance queue is full: a quorum queue takes one message over its limit, then refuses.
     let policy = format!("{ns}-full");
     let instance_queue = names.instance_queue("alpha");
@@ -196,31 +236,16 @@ async fn a_retry_the_instance_queue_refuses_is_kept_until_it_can_be_delivered() 
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    let publish = |exchange: String, id: &'static str| {
-        let channel = channel.clone();
-        async move {
-            let mut headers = FieldTable::default();
-            headers.insert("token".into(), AMQPValue::LongString(TOKEN.into()));
-            let props = BasicProperties::default()
-                .with_message_id(id.into())
-                .with_headers(headers);
-            channel
-                .basic_publish(
-                    exchange.as_str().into(),
-                    "alpha".into(),
-                    BasicPublishOptions::default(),
-                    OK,
-                    props,
-                )
-                .await
-                .unwrap()
-                .await
-                .unwrap()
-        }
-    };
-    publish(names.commands_exchange(), "filler").await;
+    publish_confirmed(&channel, &names.commands_exchange(), "alpha", "filler", OK).await;
     // A command as the worker leaves it in the retry queue; its delay runs out at once.
-    publish(names.retry_exchange(50), "refused-hop").await;
+    publish_confirmed(
+        &channel,
+        &names.retry_exchange(50),
+        "alpha",
+        "refused-hop",
+        OK,
+    )
+    .await;
     wait_for_queue(&names.retry_queue(50), "messages_ready", "0").await;
 
     // Room again. (Removing the limit altogether would leave refused publishers waiting for
@@ -276,18 +301,7 @@ async fn a_command_over_the_delivery_limit_is_answered_and_parked_without_its_to
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let toml = format!(
-        "[broker]\nurl = \"{}\"\nnamespace = \"{ns}\"\ndelivery_limit = 2\n[http]\nport = 0\nbind = \"127.0.0.1\"\n[store]\npath = \"{}\"\n{}",
-        amqp_url(),
-        dir.path().display(),
-        config(""),
-    );
-    let cfg = chat_delete_worker::config::Config::from_toml(&toml).unwrap();
-    let tiers = chat_delete_worker::bus::topology::retry_tiers(&cfg.retry.broker_delays_ms);
-    chat_delete_worker::bus::topology::Topology::new(&cfg.broker, &names, &["alpha"], &tiers)
-        .declare(&connection)
-        .await
-        .unwrap();
+    let cfg = declared(&ns, &dir, "delivery_limit = 2", &connection).await;
     let looping = connection.create_channel().await.unwrap();
     let mut looper = looping
         .basic_consume(
@@ -501,23 +515,9 @@ async fn oversized_bodies_are_answered_in_bounded_memory() {
     );
     for i in 0..COUNT {
         for (instance, prefix) in [("alpha", "big"), ("nobody", "unknown")] {
-            let mut headers = FieldTable::default();
-            headers.insert("token".into(), AMQPValue::LongString(TOKEN.into()));
-            let props = BasicProperties::default()
-                .with_message_id(format!("{prefix}-{i}").into())
-                .with_headers(headers);
-            channel
-                .basic_publish(
-                    names.commands_exchange().into(),
-                    instance.into(),
-                    BasicPublishOptions::default(),
-                    body.as_bytes(),
-                    props,
-                )
-                .await
-                .unwrap()
-                .await
-                .unwrap();
+            let id = format!("{prefix}-{i}");
+            let exchange = names.commands_exchange();
+            publish_confirmed(&channel, &exchange, instance, &id, body.as_bytes()).await;
         }
     }
     let mut worker = Process::new(bin)
@@ -540,23 +540,8 @@ async fn oversized_bodies_are_answered_in_bounded_memory() {
     // `basic.qos` only to consumers started after it: the defect was a prefetch stuck at 1
     // (570 commands/s instead of 10,000 in the bench).
     for i in 0..200 {
-        let mut headers = FieldTable::default();
-        headers.insert("token".into(), AMQPValue::LongString(TOKEN.into()));
-        let props = BasicProperties::default()
-            .with_message_id(format!("ok-{i}").into())
-            .with_headers(headers);
-        channel
-            .basic_publish(
-                names.commands_exchange().into(),
-                "alpha".into(),
-                BasicPublishOptions::default(),
-                OK,
-                props,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        let id = format!("ok-{i}");
+        publish_confirmed(&channel, &names.commands_exchange(), "alpha", &id, OK).await;
     }
     events
         .wait_until("the ordinary answers", |all| all.len() >= 2 * COUNT + 200)

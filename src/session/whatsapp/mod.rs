@@ -47,8 +47,9 @@ pub trait Device: Directory {
     /// Sends the mutation, within `timeout`.
     async fn send(&self, mutation: &DeleteChat, timeout: Duration) -> Result<(), SessionError>;
 
-    /// Brings the chat list deletes are built on up to date, once per connection: the crate
-    /// syncs app state at pairing and when the server says so, not after a restart.
+    /// Brings the chat list deletes are built on up to date, once after the session is
+    /// opened: the crate syncs app state at pairing and when the server says so, not after a
+    /// restart.
     async fn catch_up(&self, timeout: Duration);
 }
 
@@ -331,7 +332,10 @@ impl Actor {
             device.catch_up(self.options.delete_timeout).await;
             running.caught_up = true;
         }
-        let target = self.resolver.resolve(chat, lookup, &*device).await?;
+        let resolve = self.resolver.resolve(chat, lookup, &*device);
+        let target = tokio::time::timeout(self.options.delete_timeout, resolve)
+            .await
+            .map_err(|_| SessionError::Timeout)??;
         fence.check().map_err(SessionError::Fenced)?;
         let mutation = DeleteChat::new(&client::to_jid(&target), Utc::now().timestamp_millis());
         device.send(&mutation, self.options.delete_timeout).await?;
