@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use chat_delete_worker::bus::read_stream;
 use chat_delete_worker::config::TokenHash;
 use chat_delete_worker::contract::Names;
 use futures_util::StreamExt;
@@ -367,25 +368,8 @@ simulated = {{ connected_flag_file = "{dir}/connected" }}
 
     /// Everything in the parking stream, read from its first entry.
     async fn parking_stream(&self) -> Vec<String> {
-        let channel = self.connection.create_channel().await.unwrap();
-        channel
-            .basic_qos(500, BasicQosOptions::default())
-            .await
-            .unwrap();
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-stream-offset".into(),
-            AMQPValue::LongString("first".into()),
-        );
-        let mut consumer = channel
-            .basic_consume(
-                self.names.parked_queue().as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                args,
-            )
-            .await
-            .unwrap();
+        let queue = self.names.parked_queue();
+        let (channel, mut consumer) = read_stream(&self.connection, &queue, 500).await.unwrap();
         let out = drain(&mut consumer, Duration::from_secs(2)).await;
         let _ = channel.close(200, "read".into()).await;
         out

@@ -346,23 +346,8 @@ async fn read_parked(
     connection: &Connection,
     names: &chat_delete_worker::contract::Names,
 ) -> Vec<(BasicProperties, Vec<u8>)> {
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .basic_qos(100, BasicQosOptions::default())
-        .await
-        .unwrap();
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-stream-offset".into(),
-        AMQPValue::LongString("first".into()),
-    );
-    let mut consumer = channel
-        .basic_consume(
-            names.parked_queue().as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            args,
-        )
+    let queue = names.parked_queue();
+    let (channel, mut consumer) = chat_delete_worker::bus::read_stream(connection, &queue, 100)
         .await
         .unwrap();
     let mut out = vec![];

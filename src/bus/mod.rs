@@ -14,6 +14,36 @@ pub mod upgrade;
 pub use connect::connect;
 pub use publisher::Publisher;
 
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+
+/// A consumer of a stream queue from its first entry, on a channel of its own, taking
+/// `credit` entries at a time. Reading a stream is not a delivery: it can be done again.
+pub async fn read_stream(
+    connection: &lapin::Connection,
+    queue: &str,
+    credit: u16,
+) -> Result<(lapin::Channel, lapin::Consumer), lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(credit, BasicQosOptions::default())
+        .await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongString("first".into()),
+    );
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await?;
+    Ok((channel, consumer))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("cannot read TLS file {0}: {1}")]

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 
@@ -94,23 +94,7 @@ async fn read(
     names: &Names,
 ) -> Result<(Vec<Entry>, HashSet<i64>), BrokerError> {
     let queue = names.parked_queue();
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(STREAM_CREDIT, BasicQosOptions::default())
-        .await?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-stream-offset".into(),
-        AMQPValue::LongString("first".into()),
-    );
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            args,
-        )
-        .await?;
+    let (channel, mut consumer) = bus::read_stream(connection, &queue, STREAM_CREDIT).await?;
     let (mut entries, mut replayed) = (vec![], HashSet::new());
     // AMQP 0-9-1 does not tell where a stream ends: it ends when nothing more comes for a
     // while (the broker sends what it has at once, within the credit).
