@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::time::Instant;
 
-use super::publisher::confirm_channel;
+use super::BrokerError;
+use super::publisher::{confirm_channel, publish_confirmed};
 use crate::telemetry;
 
 /// At most one log line per this much time about failed `reply_to` copies.
@@ -79,21 +79,10 @@ impl ReplyTo {
         properties: BasicProperties,
     ) -> Result<(), ReplyFailure> {
         let channel = self.channel().await.ok_or(ReplyFailure::Refused)?;
-        let mandatory = BasicPublishOptions {
-            mandatory: true,
-            ..Default::default()
-        };
-        let published = channel
-            .basic_publish("".into(), queue.into(), mandatory, body, properties)
-            .await;
-        let confirm = match published {
-            Ok(confirm) => confirm.await,
-            Err(error) => Err(error),
-        };
-        match confirm {
-            Ok(Confirmation::Ack(None)) => Ok(()),
-            Ok(Confirmation::Ack(Some(_))) => Err(ReplyFailure::Unroutable),
-            Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => Err(ReplyFailure::Nacked),
+        match publish_confirmed(&channel, "", queue, body, properties).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ReplyFailure::Unroutable),
+            Err(BrokerError::Nacked) => Err(ReplyFailure::Nacked),
             Err(_) => {
                 // The broker closed this channel over the copy: the next one gets a new one.
                 *self.channel.lock().await = None;

@@ -11,7 +11,8 @@ use super::{BrokerError, Publisher};
 use crate::config::TokenHash;
 use crate::contract::wire::{
     ATTEMPTS_SO_FAR_HEADER, ORIGINAL_ROUTING_KEY_HEADER, PARKED_OUTCOME_HEADER,
-    PARKED_STATUS_HEADER, RETRIES_HEADER, TOKEN_HEADER, TOKEN_PROOF_HEADER, with_headers,
+    PARKED_STATUS_HEADER, RETRIES_HEADER, TOKEN_HEADER, TOKEN_PROOF_HEADER, string_header,
+    with_headers,
 };
 use crate::contract::{EventContext, Names, render};
 use crate::pipeline::auth::TokenProof;
@@ -224,20 +225,15 @@ pub fn without_token(
     body: &[u8],
 ) -> BasicProperties {
     let mut headers = FieldTable::default();
-    let mut token = None;
     for (key, value) in props.headers().iter().flat_map(|h| h.inner()) {
-        match key.as_str() {
-            TOKEN_HEADER => token = Some(value),
-            _ => {
-                headers.insert(key.clone(), value.clone());
-            }
+        if key.as_str() != TOKEN_HEADER {
+            headers.insert(key.clone(), value.clone());
         }
     }
-    let token = match token {
-        Some(AMQPValue::LongString(s)) => Some(s.as_bytes().to_vec()),
-        Some(AMQPValue::ShortString(s)) => Some(s.as_str().as_bytes().to_vec()),
-        _ => None,
-    };
+    let token = props
+        .headers()
+        .as_ref()
+        .and_then(|h| string_header(h, TOKEN_HEADER));
     if let Some(token) = token {
         let proof = TokenProof::new(&TokenHash::of(&token), instance, id, body);
         headers.insert(
