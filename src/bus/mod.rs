@@ -44,6 +44,16 @@ pub async fn read_stream(
     Ok((channel, consumer))
 }
 
+/// Whether the broker refused a declaration because the queue or exchange exists with other
+/// arguments (406 PRECONDITION_FAILED): only a changed declaration fixes that. Other channel
+/// errors while declaring pass with time, such as a quorum queue or stream whose node is still
+/// starting after a broker restart (404 "home node ... is down or inaccessible").
+pub fn is_refused_declaration(error: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e)
+        if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("cannot read TLS file {0}: {1}")]
@@ -73,5 +83,30 @@ impl BrokerError {
     /// Everything but a bad TLS file or a refused topology can succeed on another try.
     pub fn is_retryable(&self) -> bool {
         !matches!(self, BrokerError::TlsFile(..) | BrokerError::Topology(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::protocol::{AMQPError, AMQPSoftError};
+
+    use super::*;
+
+    fn soft(error: AMQPSoftError, text: &str) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(AMQPError::new(error.into(), text.into())).into()
+    }
+
+    /// The defect: any channel error while declaring was taken for a changed declaration, so a
+    /// worker that reconnected while the restarted broker was still starting its queues exited
+    /// ("the broker refused the topology") instead of trying again.
+    #[test]
+    fn only_a_precondition_failure_is_a_refused_declaration() {
+        let changed = soft(AMQPSoftError::PRECONDITIONFAILED, "inequivalent arg");
+        assert!(is_refused_declaration(&changed));
+        let starting = soft(
+            AMQPSoftError::NOTFOUND,
+            "home node 'rabbit@localhost' of durable queue 'x' in vhost '/' is down or inaccessible",
+        );
+        assert!(!is_refused_declaration(&starting));
     }
 }

@@ -57,7 +57,9 @@ pub async fn upgrade(
                 finish_interrupted(connection, queue).await?
             }
             // 406: it exists with other arguments (the channel is closed by the broker).
-            Err(error) if error.is_amqp_soft_error() => Some(rebuild(connection, queue).await?),
+            Err(error) if super::is_refused_declaration(&error) => {
+                Some(rebuild(connection, queue).await?)
+            }
             Err(error) => return Err(error.into()),
         };
         if let Some(moved) = moved {

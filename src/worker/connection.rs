@@ -48,7 +48,7 @@ pub async fn serve(
         .declare(&connection)
         .await;
     if let Err(e) = declared {
-        return lost(if e.is_amqp_soft_error() {
+        return lost(if bus::is_refused_declaration(&e) {
             BrokerError::Topology(e)
         } else {
             BrokerError::Amqp(e)
