@@ -581,7 +581,7 @@ def part_worker(n, prefetch, concurrency, lat_seconds, lat_rate, label="worker",
     if not ARGS.skip_replays:
         preload(ns, inst, n, "w")  # the very same ids and bodies
         try:
-            replay = drain_run(w, n, 60, ARGS.drain_timeout, 0.025)
+            replay = drain_run(w, n, 60, ARGS.drain_timeout, 0.025, perf_name="replays")
         finally:
             w.stop()
         log(f"replays: {replay['rate']:.0f} cmd/s, {replay['replays']:.0f} answered from the store; "
@@ -613,10 +613,10 @@ def part_redis_replays(n, prefetch, concurrency):
     w.topology()
     run_tool(bench_tool("sink", "--ns", ns), timeout=60)
     runs = []
-    for _ in range(2):
+    for name in ("redis-fresh", "redis-replays"):
         preload(ns, inst, n, "w")
         try:
-            runs.append(drain_run(w, n, 60, ARGS.drain_timeout, 0.025))
+            runs.append(drain_run(w, n, 60, ARGS.drain_timeout, 0.025, perf_name=name))
         finally:
             w.stop()
     delete_namespace(ns, inst)

@@ -299,7 +299,11 @@ async fn consume_loop(mut deliveries: Deliveries, mut prefetch: Prefetch, queue:
         let lost = lost.clone();
         tracker.spawn(async move {
             let _permit = permit;
-            process(&consuming, &publisher, &feed, delivery, &hard_stop, &lost).await;
+            // Boxed: a command's future is large, and a spawned future is copied whole.
+            Box::pin(process(
+                &consuming, &publisher, &feed, delivery, &hard_stop, &lost,
+            ))
+            .await;
         });
     }
 }

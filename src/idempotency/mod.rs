@@ -151,6 +151,37 @@ impl StoreError {
     }
 }
 
+/// Whether a begin should first look for a settled answer (a remembered result, or a record
+/// of another request) with a plain read, before asking for a claim. Re-running a batch
+/// replays thousands of ids in a row, and fresh commands come in runs too: after a look that
+/// found nothing, only every `PROBE_EVERY`th begin looks, so fresh work pays for few reads.
+#[derive(Default)]
+struct SettledHint {
+    misses: std::sync::atomic::AtomicU32,
+}
+
+impl SettledHint {
+    const PROBE_EVERY: u32 = 16;
+
+    fn should_look(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.misses.load(Relaxed) == 0
+            || self
+                .misses
+                .fetch_add(1, Relaxed)
+                .is_multiple_of(Self::PROBE_EVERY)
+    }
+
+    fn looked(&self, found: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if found {
+            self.misses.store(0, Relaxed);
+        } else {
+            let _ = self.misses.compare_exchange(0, 1, Relaxed, Relaxed);
+        }
+    }
+}
+
 /// Timing of leases and remembered results.
 #[derive(Debug, Clone, Copy)]
 pub struct Lifetimes {
@@ -322,6 +353,20 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// Looks while looking finds settled answers; after a miss, one begin in `PROBE_EVERY`.
+    #[test]
+    fn settled_hint_looks_in_runs_of_replays_and_probes_otherwise() {
+        let hint = SettledHint::default();
+        assert!(hint.should_look());
+        hint.looked(true);
+        assert!(hint.should_look());
+        hint.looked(false);
+        let looks = (0..64).filter(|_| hint.should_look()).count();
+        assert_eq!(looks, 64 / SettledHint::PROBE_EVERY as usize);
+        hint.looked(true);
+        assert!((0..8).all(|_| hint.should_look()));
     }
 
     #[test]

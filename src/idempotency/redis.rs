@@ -1,6 +1,7 @@
 //! The Redis store, for several workers sharing idempotency records. Each record is a hash
 //! updated by Lua scripts, so a claim is atomic across workers; Redis's own clock times the
-//! leases, so workers' clocks need not agree.
+//! leases, so workers' clocks need not agree. Operations from all commands share script calls:
+//! those queued while earlier calls are out go together in the next one.
 //!
 //! Records carry their expiry as a field and in one sorted set (the key that is the prefix
 //! alone: an id is never empty), swept by the workers, rather than as a key TTL: under a
@@ -8,13 +9,16 @@
 //! half-done command is never evicted; a full Redis refuses writes instead, and commands wait.
 //! Records written by earlier versions (with a TTL) are read as they are.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use ::redis::Script;
 use ::redis::aio::ConnectionManager;
+use ::redis::{ErrorKind, Script};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
-    Begin, Fingerprint, Held, IdempotencyStore, Lifetimes, Remembered, StoreError, new_claim,
+    Begin, Fingerprint, Held, IdempotencyStore, Lifetimes, Remembered, SettledHint, StoreError,
+    new_claim, now_ms,
 };
 
 /// `now` in ms on Redis's clock.
@@ -23,92 +27,100 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 "#;
 
-/// A fresh record of this request, claimed by ARGV[2]; KEYS[2] is the expiry index, ARGV[5]
-/// the id.
-const CREATE: &str = r#"
-local function create(key, index, fp, claim, lease_ms, keep_ms, id, now)
+/// The record operations, applied in order in one call: KEYS[1] is the expiry index, KEYS[i+1]
+/// the record of the i-th operation, and ARGV holds six values per operation: its name, the
+/// fingerprint, the claim, two operation-specific values and the id. Each operation answers
+/// with a list of strings.
+const OPERATIONS: &str = r#"
+local index = KEYS[1]
+
+-- A fresh record of this request, claimed by `claim`.
+local function create(key, fp, claim, lease_ms, keep_ms, id)
   redis.call('DEL', key)
   redis.call('HSET', key, 'fp', fp, 'lease_owner', claim, 'lease_until', now + lease_ms,
     'chat_deleted', '0', 'expires', now + keep_ms)
   redis.call('ZADD', index, now + keep_ms, id)
 end
-"#;
 
-/// ARGV: fingerprint, claim, lease_ms, keep_ms, id.
-const BEGIN: &str = r#"
-local key, index = KEYS[1], KEYS[2]
-local fp, claim = ARGV[1], ARGV[2]
-local lease_ms, keep_ms, id = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local r = redis.call('HMGET', key, 'fp', 'result', 'lease_owner', 'lease_until', 'chat_deleted', 'expires')
-if not r[1] or (r[6] and tonumber(r[6]) <= now) then
-  create(key, index, fp, claim, lease_ms, keep_ms, id, now)
-  return {'claimed', '0'}
+local op = {}
+
+function op.begin(key, fp, claim, lease_ms, keep_ms, id)
+  lease_ms, keep_ms = tonumber(lease_ms), tonumber(keep_ms)
+  local r = redis.call('HMGET', key, 'fp', 'result', 'lease_owner', 'lease_until', 'chat_deleted', 'expires')
+  if not r[1] or (r[6] and tonumber(r[6]) <= now) then
+    create(key, fp, claim, lease_ms, keep_ms, id)
+    return {'claimed', '0'}
+  end
+  if r[1] ~= fp then return {'conflict'} end
+  if r[2] then return {'replay', r[2]} end
+  if r[3] and tonumber(r[4]) > now then return {'busy'} end
+  redis.call('HSET', key, 'lease_owner', claim, 'lease_until', now + lease_ms)
+  if not r[6] then
+    -- A record of an earlier version, kept alive by a TTL: give it an expiry of ours.
+    redis.call('HSET', key, 'expires', now + keep_ms)
+    redis.call('ZADD', index, now + keep_ms, id)
+    redis.call('PERSIST', key)
+  end
+  return {'claimed', r[5] or '0'}
 end
-if r[1] ~= fp then return {'conflict'} end
-if r[2] then return {'replay', r[2]} end
-if r[3] and tonumber(r[4]) > now then return {'busy'} end
-redis.call('HSET', key, 'lease_owner', claim, 'lease_until', now + lease_ms)
-if not r[6] then
-  -- A record of an earlier version, kept alive by a TTL: give it an expiry of ours.
-  redis.call('HSET', key, 'expires', now + keep_ms)
+
+-- '1' when the claim is (again) ours.
+function op.renew(key, fp, claim, lease_ms, keep_ms, id)
+  lease_ms, keep_ms = tonumber(lease_ms), tonumber(keep_ms)
+  local r = redis.call('HMGET', key, 'fp', 'lease_owner', 'result')
+  if not r[1] then
+    -- The record vanished (lost, or an earlier version's TTL ran out): nobody else holds it.
+    create(key, fp, claim, lease_ms, keep_ms, id)
+    return {'1'}
+  end
+  if r[1] ~= fp or r[3] or r[2] ~= claim then return {'0'} end
+  redis.call('HSET', key, 'lease_until', now + lease_ms)
+  local ttl = redis.call('PTTL', key)
+  if ttl >= 0 and ttl < lease_ms then redis.call('PEXPIRE', key, lease_ms) end
+  return {'1'}
+end
+
+function op.mark(key, fp, claim, lease_ms, keep_ms, id)
+  local current = redis.call('HGET', key, 'fp')
+  if current and current ~= fp then return {'superseded'} end
+  if not current then create(key, fp, claim, tonumber(lease_ms), tonumber(keep_ms), id) end
+  redis.call('HSET', key, 'chat_deleted', '1')
+  return {'ok'}
+end
+
+function op.remember(key, fp, claim, result, keep_ms, id)
+  keep_ms = tonumber(keep_ms)
+  local r = redis.call('HMGET', key, 'fp', 'result', 'lease_owner')
+  if r[1] and r[1] ~= fp then return {'superseded'} end
+  if r[3] == claim then redis.call('HDEL', key, 'lease_owner', 'lease_until') end
+  if r[2] then return {'kept', r[2]} end
+  redis.call('HSET', key, 'fp', fp, 'result', result, 'expires', now + keep_ms)
   redis.call('ZADD', index, now + keep_ms, id)
   redis.call('PERSIST', key)
+  return {'stored'}
 end
-return {'claimed', r[5] or '0'}
-"#;
 
-/// ARGV: fingerprint, claim, lease_ms, keep_ms, id. 1 when the claim is (again) ours.
-const RENEW: &str = r#"
-local key, index = KEYS[1], KEYS[2]
-local fp, claim = ARGV[1], ARGV[2]
-local lease_ms, keep_ms, id = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local r = redis.call('HMGET', key, 'fp', 'lease_owner', 'result')
-if not r[1] then
-  -- The record vanished (lost, or an earlier version's TTL ran out): nobody else holds it.
-  create(key, index, fp, claim, lease_ms, keep_ms, id, now)
-  return 1
+function op.release(key, fp, claim)
+  if redis.call('HGET', key, 'lease_owner') == claim then
+    redis.call('HDEL', key, 'lease_owner', 'lease_until')
+  end
+  return {'ok'}
 end
-if r[1] ~= fp or r[3] or r[2] ~= claim then return 0 end
-redis.call('HSET', key, 'lease_until', now + lease_ms)
-if redis.call('PTTL', key) >= 0 and redis.call('PTTL', key) < lease_ms then
-  redis.call('PEXPIRE', key, lease_ms)
+
+-- Each operation fails alone (a full Redis refusing its write), so no operation is told
+-- another's error after its own effect happened.
+local answers = {}
+for i = 2, #KEYS do
+  local a = (i - 2) * 6
+  local ok, answer = pcall(op[ARGV[a + 1]], KEYS[i], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
+    ARGV[a + 5], ARGV[a + 6])
+  if not ok then
+    if type(answer) == 'table' then answer = answer.err end
+    answer = {'error', tostring(answer)}
+  end
+  answers[i - 1] = answer
 end
-return 1
-"#;
-
-/// ARGV: fingerprint, claim, lease_ms, keep_ms, id.
-const MARK: &str = r#"
-local key, index = KEYS[1], KEYS[2]
-local fp, claim = ARGV[1], ARGV[2]
-local lease_ms, keep_ms, id = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local current = redis.call('HGET', key, 'fp')
-if current and current ~= fp then return 'superseded' end
-if not current then create(key, index, fp, claim, lease_ms, keep_ms, id, now) end
-redis.call('HSET', key, 'chat_deleted', '1')
-return 'ok'
-"#;
-
-/// ARGV: fingerprint, claim, result, keep_ms, id.
-const REMEMBER: &str = r#"
-local key, index = KEYS[1], KEYS[2]
-local fp, claim, result = ARGV[1], ARGV[2], ARGV[3]
-local keep_ms, id = tonumber(ARGV[4]), ARGV[5]
-local r = redis.call('HMGET', key, 'fp', 'result', 'lease_owner')
-if r[1] and r[1] ~= fp then return {'superseded'} end
-if r[3] == claim then redis.call('HDEL', key, 'lease_owner', 'lease_until') end
-if r[2] then return {'kept', r[2]} end
-redis.call('HSET', key, 'fp', fp, 'result', result, 'expires', now + keep_ms)
-redis.call('ZADD', index, now + keep_ms, id)
-redis.call('PERSIST', key)
-return {'stored'}
-"#;
-
-/// ARGV: claim.
-const RELEASE: &str = r#"
-if redis.call('HGET', KEYS[1], 'lease_owner') == ARGV[1] then
-  redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')
-end
-return 1
+return answers
 "#;
 
 /// KEYS[1]: the index; ARGV: key prefix, most records to look at. Deletes expired records.
@@ -128,17 +140,34 @@ return #due
 /// at once while there is more to do).
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 const SWEEP_BATCH: usize = 1_000;
+/// Most operations sent in one script call, and most calls on their way at once. Operations
+/// queue while calls are out, so under load each call carries many (one script run and one
+/// round trip for all of them); a lone operation goes out at once, alone.
+const BATCH_MAX: usize = 256;
+const CALLS_IN_FLIGHT: usize = 4;
+/// Expiry times are on Redis's clock: a settled answer is read only from a record that this
+/// worker's clock says has at least this long to live, so clocks that disagree by less change
+/// nothing.
+const CLOCK_MARGIN_MS: u64 = 60_000;
+
+/// One record operation on its way to Redis: the script's six values after the record's key.
+struct Operation {
+    name: &'static str,
+    id: String,
+    fingerprint: String,
+    claim: String,
+    a: String,
+    b: String,
+    reply: oneshot::Sender<Result<Vec<String>, StoreError>>,
+}
 
 pub struct RedisStore {
     connection: ConnectionManager,
+    operations: mpsc::UnboundedSender<Operation>,
     prefix: String,
     process: String,
     lifetimes: Lifetimes,
-    begin: Script,
-    renew: Script,
-    mark: Script,
-    remember: Script,
-    release: Script,
+    hint: SettledHint,
 }
 
 impl RedisStore {
@@ -154,34 +183,84 @@ impl RedisStore {
                 .map_err(|_| {
                     ::redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
                 })??;
-        let with_helpers = |body: &str| Script::new(&format!("{NOW}{CREATE}{body}"));
         tokio::spawn(sweep(
             connection.clone(),
             prefix.to_owned(),
-            with_helpers(SWEEP),
+            Script::new(&format!("{NOW}{SWEEP}")),
         ));
+        let (operations, queued) = mpsc::unbounded_channel();
+        tokio::spawn(send_batches(connection.clone(), prefix.to_owned(), queued));
         Ok(Self {
             connection,
+            operations,
             prefix: prefix.to_owned(),
             process: uuid::Uuid::new_v4().simple().to_string(),
             lifetimes,
-            begin: with_helpers(BEGIN),
-            renew: with_helpers(RENEW),
-            mark: with_helpers(MARK),
-            remember: with_helpers(REMEMBER),
-            release: Script::new(RELEASE),
+            hint: SettledHint::default(),
         })
     }
 
-    fn key(&self, id: &str) -> String {
-        format!("{}{id}", self.prefix)
+    /// A replay or a conflict read with a plain `HMGET` (no script), when the record settles
+    /// it: a result is never replaced and a fingerprint never rewritten before the record
+    /// expires. Records of earlier versions (timed by a TTL) are left to the script.
+    async fn settled(
+        &self,
+        id: &str,
+        fingerprint: &Fingerprint,
+    ) -> Result<Option<Begin>, StoreError> {
+        let (stored, result, expires): (Option<String>, Option<String>, Option<u64>) =
+            ::redis::cmd("HMGET")
+                .arg(format!("{}{id}", self.prefix))
+                .arg("fp")
+                .arg("result")
+                .arg("expires")
+                .query_async(&mut self.connection.clone())
+                .await?;
+        let (Some(stored), Some(expires)) = (stored, expires) else {
+            return Ok(None);
+        };
+        if expires <= now_ms() + CLOCK_MARGIN_MS {
+            return Ok(None);
+        }
+        if stored != fingerprint.0 {
+            return Ok(Some(Begin::Conflict));
+        }
+        result
+            .map(|json| decode_result(&json).map(Begin::Replay))
+            .transpose()
     }
 
-    /// The script's invocation on the id's record and the expiry index.
-    fn call<'a>(&self, script: &'a Script, id: &str) -> ::redis::ScriptInvocation<'a> {
-        let mut invocation = script.key(self.key(id));
-        invocation.key(&self.prefix);
-        invocation
+    /// Runs one operation (in whatever batch it joins) and returns its answer.
+    async fn run(
+        &self,
+        name: &'static str,
+        id: &str,
+        fingerprint: &str,
+        claim: &str,
+        a: String,
+        b: String,
+    ) -> Result<Vec<String>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let operation = Operation {
+            name,
+            id: id.to_owned(),
+            fingerprint: fingerprint.to_owned(),
+            claim: claim.to_owned(),
+            a,
+            b,
+            reply,
+        };
+        let stopped = || StoreError::Corrupt("the Redis batching task stopped".into());
+        self.operations.send(operation).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// An operation on a held claim whose two extra values are the lease and keep times.
+    async fn on_claim(&self, name: &'static str, held: &Held) -> Result<Vec<String>, StoreError> {
+        let (lease, keep) = (self.lease_ms(), self.keep_ms());
+        let (a, b) = (lease.to_string(), keep.to_string());
+        self.run(name, &held.id, &held.fingerprint.0, &held.claim, a, b)
+            .await
     }
 
     fn lease_ms(&self) -> u64 {
@@ -191,22 +270,91 @@ impl RedisStore {
     fn keep_ms(&self) -> u64 {
         self.lifetimes.keep.as_millis() as u64
     }
+}
 
-    /// The common arguments of the claim scripts.
-    async fn on_claim<T: ::redis::FromRedisValue>(
-        &self,
-        script: &Script,
-        held: &Held,
-    ) -> Result<T, StoreError> {
-        Ok(self
-            .call(script, &held.id)
-            .arg(&held.fingerprint.0)
-            .arg(&held.claim)
-            .arg(self.lease_ms())
-            .arg(self.keep_ms())
-            .arg(&held.id)
-            .invoke_async(&mut self.connection.clone())
-            .await?)
+/// Sends queued operations to Redis, as many as are waiting in each script call.
+async fn send_batches(
+    connection: ConnectionManager,
+    prefix: String,
+    mut queued: mpsc::UnboundedReceiver<Operation>,
+) {
+    let script = Arc::new(Script::new(&format!("{NOW}{OPERATIONS}")));
+    let calls = Arc::new(Semaphore::new(CALLS_IN_FLIGHT));
+    while let Some(first) = queued.recv().await {
+        let Ok(call) = calls.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < BATCH_MAX {
+            match queued.try_recv() {
+                Ok(operation) => batch.push(operation),
+                Err(_) => break,
+            }
+        }
+        let (script, prefix, connection) = (script.clone(), prefix.clone(), connection.clone());
+        tokio::spawn(async move {
+            run_script(&script, &prefix, connection, batch).await;
+            drop(call);
+        });
+    }
+}
+
+/// Runs a batch of operations in one script call.
+async fn run_script(
+    script: &Script,
+    prefix: &str,
+    mut connection: ConnectionManager,
+    scripted: Vec<Operation>,
+) {
+    let mut invocation = script.key(prefix);
+    for op in &scripted {
+        invocation.key(format!("{prefix}{}", op.id));
+        invocation
+            .arg(op.name)
+            .arg(&op.fingerprint)
+            .arg(&op.claim)
+            .arg(&op.a)
+            .arg(&op.b)
+            .arg(&op.id);
+    }
+    let answers = invocation.invoke_async(&mut connection).await;
+    answer_each(scripted, answers);
+}
+
+/// Hands each operation its answer, or the error of the call that carried it.
+fn answer_each(ops: Vec<Operation>, answers: Result<Vec<Vec<String>>, ::redis::RedisError>) {
+    match answers {
+        Ok(answers) if answers.len() == ops.len() => {
+            for (op, answer) in ops.into_iter().zip(answers) {
+                let _ = op.reply.send(failed_alone(answer));
+            }
+        }
+        Ok(answers) => {
+            let wrong = format!("{} answers to {} operations", answers.len(), ops.len());
+            for op in ops {
+                let _ = op.reply.send(Err(StoreError::Corrupt(wrong.clone())));
+            }
+        }
+        Err(error) => {
+            for op in ops {
+                let _ = op.reply.send(Err(StoreError::Redis(error.clone())));
+            }
+        }
+    }
+}
+
+/// An operation's answer, or the error Redis gave it alone.
+fn failed_alone(answer: Vec<String>) -> Result<Vec<String>, StoreError> {
+    match answer.as_slice() {
+        [kind, message] if kind == "error" => {
+            let detail = (
+                ErrorKind::Extension,
+                "record operation failed",
+                message.clone(),
+            );
+            Err(StoreError::Redis(detail.into()))
+        }
+        _ => Ok(answer),
     }
 }
 
@@ -214,18 +362,25 @@ fn decode_result(json: &str) -> Result<Remembered, StoreError> {
     serde_json::from_str(json).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+fn unexpected(reply: &[String]) -> StoreError {
+    StoreError::Corrupt(format!("unexpected reply {reply:?}"))
+}
+
 #[async_trait::async_trait]
 impl IdempotencyStore for RedisStore {
     async fn begin(&self, id: &str, fingerprint: &Fingerprint) -> Result<Begin, StoreError> {
+        // A replay (re-running a batch) costs Redis one HMGET instead of a script.
+        if self.hint.should_look() {
+            let settled = self.settled(id, fingerprint).await?;
+            self.hint.looked(settled.is_some());
+            if let Some(settled) = settled {
+                return Ok(settled);
+            }
+        }
         let claim = new_claim(&self.process);
-        let reply: Vec<String> = self
-            .call(&self.begin, id)
-            .arg(&fingerprint.0)
-            .arg(&claim)
-            .arg(self.lease_ms())
-            .arg(self.keep_ms())
-            .arg(id)
-            .invoke_async(&mut self.connection.clone())
+        let (lease, keep) = (self.lease_ms().to_string(), self.keep_ms().to_string());
+        let reply = self
+            .run("begin", id, &fingerprint.0, &claim, lease, keep)
             .await?;
         match reply.first().map(String::as_str) {
             Some("claimed") => Ok(Begin::Claimed {
@@ -240,33 +395,35 @@ impl IdempotencyStore for RedisStore {
                     .ok_or_else(|| StoreError::Corrupt("replay without result".into()))?;
                 Ok(Begin::Replay(decode_result(json)?))
             }
-            other => Err(StoreError::Corrupt(format!("unexpected reply {other:?}"))),
+            _ => Err(unexpected(&reply)),
         }
     }
 
     async fn renew(&self, held: &Held) -> Result<bool, StoreError> {
-        let renewed: i64 = self.on_claim(&self.renew, held).await?;
-        Ok(renewed == 1)
+        let reply = self.on_claim("renew", held).await?;
+        Ok(reply.first().map(String::as_str) == Some("1"))
     }
 
     async fn mark_chat_deleted(&self, held: &Held) -> Result<(), StoreError> {
-        let reply: String = self.on_claim(&self.mark, held).await?;
-        match reply.as_str() {
-            "ok" => Ok(()),
+        let reply = self.on_claim("mark", held).await?;
+        match reply.first().map(String::as_str) {
+            Some("ok") => Ok(()),
             _ => Err(StoreError::Superseded),
         }
     }
 
     async fn remember(&self, held: &Held, result: &Remembered) -> Result<Remembered, StoreError> {
         let json = serde_json::to_string(result).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let reply: Vec<String> = self
-            .call(&self.remember, &held.id)
-            .arg(&held.fingerprint.0)
-            .arg(&held.claim)
-            .arg(json)
-            .arg(self.keep_ms())
-            .arg(&held.id)
-            .invoke_async(&mut self.connection.clone())
+        let keep = self.keep_ms().to_string();
+        let reply = self
+            .run(
+                "remember",
+                &held.id,
+                &held.fingerprint.0,
+                &held.claim,
+                json,
+                keep,
+            )
             .await?;
         match (
             reply.first().map(String::as_str),
@@ -275,18 +432,22 @@ impl IdempotencyStore for RedisStore {
             (Some("stored"), _) => Ok(result.clone()),
             (Some("kept"), Some(json)) => decode_result(json),
             (Some("superseded"), _) => Err(StoreError::Superseded),
-            other => Err(StoreError::Corrupt(format!("unexpected reply {other:?}"))),
+            _ => Err(unexpected(&reply)),
         }
     }
 
     async fn release(&self, held: &Held) -> Result<(), StoreError> {
-        let _: i64 = self
-            .release
-            .key(self.key(&held.id))
-            .arg(&held.claim)
-            .invoke_async(&mut self.connection.clone())
-            .await?;
-        Ok(())
+        let (fingerprint, claim) = (&held.fingerprint.0, &held.claim);
+        self.run(
+            "release",
+            &held.id,
+            fingerprint,
+            claim,
+            String::new(),
+            String::new(),
+        )
+        .await
+        .map(drop)
     }
 
     async fn ping(&self) -> bool {
@@ -312,5 +473,115 @@ async fn sweep(connection: ConnectionManager, prefix: String, script: Script) {
             Err(error) => tracing::debug!(%error, "Idempotency sweep failed; trying later."),
         }
         tokio::time::sleep(SWEEP_EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::future::join_all;
+
+    use super::*;
+    use crate::contract::Outcome;
+
+    /// The local Redis (the test suite's `scripts/services` starts it), under a prefix of its own.
+    async fn store() -> (RedisStore, String) {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let prefix = format!("test:batch:{}:", uuid::Uuid::new_v4().simple());
+        let lifetimes = Lifetimes {
+            lease: Duration::from_secs(60),
+            keep: Duration::from_secs(600),
+        };
+        (
+            RedisStore::connect(&url, &prefix, lifetimes).await.unwrap(),
+            prefix,
+        )
+    }
+
+    /// Operations sent together share script calls, yet each gets its own answer: one claim per
+    /// id however many ask at once, and a record Redis refuses to read fails only its own
+    /// operation.
+    #[tokio::test]
+    async fn batched_operations_answer_one_by_one() {
+        let (store, prefix) = store().await;
+        let fp = Fingerprint("a".into());
+        let ids: Vec<String> = (0..300).map(|i| format!("id{}", i % 100)).collect();
+        let begins = join_all(ids.iter().map(|id| store.begin(id, &fp))).await;
+        let claimed = begins
+            .iter()
+            .filter(|b| matches!(b, Ok(Begin::Claimed { .. })))
+            .count();
+        let busy = begins
+            .iter()
+            .filter(|b| matches!(b, Ok(Begin::Busy)))
+            .count();
+        assert_eq!((claimed, busy), (100, 200));
+
+        let held: Vec<Held> = ids
+            .iter()
+            .zip(begins)
+            .filter_map(|(id, begin)| match begin {
+                Ok(Begin::Claimed { claim, .. }) => Some(Held {
+                    id: id.clone(),
+                    claim,
+                    fingerprint: fp.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        let done = Remembered {
+            outcome: Outcome::InvalidNumber,
+            attempts: 1,
+        };
+        let remembered = join_all(held.iter().map(|h| store.remember(h, &done))).await;
+        assert!(remembered.iter().all(|r| r.as_ref().ok() == Some(&done)));
+
+        let mut conn = store.connection.clone();
+        let _: () = ::redis::cmd("SET")
+            .arg(format!("{prefix}wrongtype"))
+            .arg("x")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        // Replays and conflicts, whether read with HMGET or asked of the script.
+        let again = join_all(ids[..100].iter().map(|id| store.begin(id, &fp))).await;
+        assert!(
+            again
+                .iter()
+                .all(|b| matches!(b, Ok(Begin::Replay(r)) if r == &done))
+        );
+        let other = Fingerprint("b".into());
+        let conflicts = join_all(ids[..100].iter().map(|id| store.begin(id, &other))).await;
+        assert!(conflicts.iter().all(|b| matches!(b, Ok(Begin::Conflict))));
+
+        // Renewals always go through the script: the batch that carries a record Redis
+        // refuses to read answers every other renewal.
+        let mut renewing = held.clone();
+        renewing.insert(
+            50,
+            Held {
+                id: "wrongtype".into(),
+                claim: "c".into(),
+                fingerprint: fp.clone(),
+            },
+        );
+        let renewed = join_all(renewing.iter().map(|h| store.renew(h))).await;
+        for (h, renewed) in renewing.iter().zip(&renewed) {
+            match (h.id.as_str(), renewed) {
+                ("wrongtype", Err(StoreError::Redis(_))) => {}
+                (_, Ok(false)) => {}
+                other => panic!("unexpected answer {other:?}"),
+            }
+        }
+
+        let keys: Vec<String> = ::redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let _: () = ::redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
     }
 }

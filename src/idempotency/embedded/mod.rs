@@ -5,21 +5,26 @@
 //! Claims live in the writer's memory until there is something to keep (the chat delete
 //! happened, a result, a released claim's fingerprint): a lease means nothing after the process
 //! is gone, and only this process can have the file open, so a command that is answered at once
-//! costs one record write, not two.
+//! costs one record write, not two. Replays and conflicts are read from the committed records
+//! by the asking task itself ([`writer::settled`]).
 
 mod codec;
 mod writer;
 
 use std::path::Path;
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, RwLock, mpsc};
 
 use tokio::sync::oneshot;
 
-use super::{Begin, Fingerprint, Held, IdempotencyStore, Lifetimes, Remembered, StoreError};
-use writer::{Change, Op, Writer, Written};
+use super::{
+    Begin, Fingerprint, Held, IdempotencyStore, Lifetimes, Remembered, SettledHint, StoreError,
+};
+use writer::{Change, Op, SharedDb, Writer, Written};
 
 pub struct EmbeddedStore {
     ops: mpsc::Sender<(String, Op)>,
+    db: SharedDb,
+    hint: SettledHint,
 }
 
 impl EmbeddedStore {
@@ -29,13 +34,16 @@ impl EmbeddedStore {
             std::fs::create_dir_all(dir)?;
         }
         let db = writer::open(path).map_err(|e| StoreError::Embedded(Arc::new(e)))?;
+        let db = Arc::new(RwLock::new(Some(db)));
         let (ops, rx) = mpsc::channel();
         let process = uuid::Uuid::new_v4().simple().to_string();
-        let writer = Writer::new(db, path.to_owned(), process, lifetimes);
+        let writer = Writer::new(db.clone(), path.to_owned(), process, lifetimes);
+        let done = ops.clone();
         std::thread::Builder::new()
             .name("idempotency-writer".into())
-            .spawn(move || writer.run(rx))?;
-        Ok(Self { ops })
+            .spawn(move || writer.run(rx, done))?;
+        let hint = SettledHint::default();
+        Ok(Self { ops, db, hint })
     }
 
     /// Sends an operation and waits for its answer.
@@ -56,9 +64,24 @@ impl EmbeddedStore {
     }
 }
 
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        // The commit thread holds a sender too: the writer stops when told.
+        let _ = self.ops.send((String::new(), Op::Stop));
+    }
+}
+
 #[async_trait::async_trait]
 impl IdempotencyStore for EmbeddedStore {
     async fn begin(&self, id: &str, fingerprint: &Fingerprint) -> Result<Begin, StoreError> {
+        // A replay (re-running a batch) is read here, without waiting for the writer.
+        if self.hint.should_look() {
+            let settled = writer::settled(&self.db, id, fingerprint);
+            self.hint.looked(settled.is_some());
+            if let Some(settled) = settled {
+                return Ok(settled);
+            }
+        }
         let fingerprint = fingerprint.clone();
         self.ask(id, |reply| Op::Begin { fingerprint, reply })
             .await?
