@@ -22,6 +22,7 @@ and the namespaces deleted on any exit.
 import argparse
 import atexit
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -220,8 +221,13 @@ def amqp_reachable():
 
 # --- namespaces -------------------------------------------------------------------------------
 
+NS_COUNT = itertools.count()
+
+
 def new_ns(kind):
-    return f"bench{RUN_ID}{kind}"
+    """A namespace (queues and store folder) of its own for each part: a worker drain must
+    never find the ids of an earlier one in its store (it would replay them)."""
+    return f"bench{RUN_ID}{kind}{next(NS_COUNT)}"
 
 
 def delete_namespace(ns, inst_args):

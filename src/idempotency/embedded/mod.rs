@@ -38,10 +38,9 @@ impl EmbeddedStore {
         let (ops, rx) = mpsc::channel();
         let process = uuid::Uuid::new_v4().simple().to_string();
         let writer = Writer::new(db.clone(), path.to_owned(), process, lifetimes);
-        let done = ops.clone();
         std::thread::Builder::new()
             .name("idempotency-writer".into())
-            .spawn(move || writer.run(rx, done))?;
+            .spawn(move || writer.run(rx))?;
         let hint = SettledHint::default();
         Ok(Self { ops, db, hint })
     }
@@ -61,13 +60,6 @@ impl EmbeddedStore {
 
     async fn write(&self, id: &str, change: Change) -> Result<Written, StoreError> {
         self.ask(id, |reply| Op::Write { change, reply }).await?
-    }
-}
-
-impl Drop for EmbeddedStore {
-    fn drop(&mut self) {
-        // The commit thread holds a sender too: the writer stops when told.
-        let _ = self.ops.send((String::new(), Op::Stop));
     }
 }
 

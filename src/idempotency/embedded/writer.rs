@@ -1,14 +1,11 @@
 //! The writer thread: the only one that writes the file (and opens it again). Operations from
 //! all commands are grouped into shared transactions, so a busy worker pays one fsync per
 //! group, and every caller hears back only after its write is durable; an answer that reads a
-//! write of the same group waits for its commit too. Commits run on a thread of their own:
-//! while one is on its way to the disk, claims are answered from memory and the committed
-//! records, and writes gather for the next group (which is what groups them under load). A
-//! failed commit fails every write of its group, and the file is opened again before the next
-//! one (redb asks for that after an I/O error). Answers that no write can change any more are
-//! read beside the writer ([`settled`]).
+//! write of the same group waits for its commit too. A failed commit fails every write of its
+//! group, and the file is opened again before the next one (redb asks for that after an I/O
+//! error). Answers that no write can change any more are read beside it ([`settled`]).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, mpsc};
@@ -26,6 +23,13 @@ use crate::idempotency::{
 pub(super) const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 /// Most operations committed together.
 const MAX_BATCH: usize = 1024;
+/// Under load (the last commit carried at least `BUSY_GROUP` writes), a commit with fewer than
+/// `FULL_GROUP` writes waits `LINGER` for more: each fsync costs the same CPU whatever it
+/// carries, so fewer, larger commits leave more of the machine to the broker. At a steady
+/// trickle commits stay small and nothing waits.
+const BUSY_GROUP: usize = 8;
+const FULL_GROUP: usize = 256;
+const LINGER: Duration = Duration::from_millis(2);
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Records looked at per sweep, at least; more when more were written since the last one.
 const SWEEP_MIN: usize = 10_000;
@@ -95,10 +99,6 @@ pub(super) enum Op {
     },
     /// Whether the file can be read (`/readyz`).
     Ping { reply: oneshot::Sender<bool> },
-    /// The commit thread finished the group on its way (sent by that thread).
-    Committed(Result<(), Arc<redb::Error>>),
-    /// The store was dropped: finish what is on its way, then stop.
-    Stop,
 }
 
 pub(super) enum Change {
@@ -132,14 +132,6 @@ pub(super) struct Writer {
     lifetimes: Lifetimes,
     /// Records of claimed ids whose latest state is only in memory, by id.
     pending: HashMap<String, Record>,
-    /// What the group on its way to the disk wrote (`None`: removed), by id, and the answers
-    /// held back until it is committed; `None` when no commit is on its way.
-    committing: Option<(HashMap<String, Option<Record>>, Deferred)>,
-    /// Operations for the next group: writes that came while a commit was on its way, and
-    /// claims of the ids they write (kept in order behind them).
-    queued: VecDeque<(String, Op)>,
-    queued_ids: HashSet<String>,
-    stopping: bool,
     last_sweep: Instant,
     /// Where the next sweep goes on walking the records (`None`: from the start).
     sweep_from: Option<String>,
@@ -157,9 +149,8 @@ type Records<'t> = redb::Table<'t, &'static str, &'static [u8]>;
 struct Deferred {
     writes: Vec<(oneshot::Sender<Result<Written, StoreError>>, Written)>,
     begins: Vec<(oneshot::Sender<Result<Begin, StoreError>>, Begin)>,
-    /// What this group wrote (`None`: removed), by id: a begin that reads one waits for the
-    /// commit.
-    written: HashMap<String, Option<Record>>,
+    /// Ids written in this group: a begin that reads one waits for the commit.
+    written: HashSet<String>,
     /// Operations that could not be applied (the file could not be opened).
     unapplied: Vec<Op>,
 }
@@ -183,7 +174,6 @@ impl Deferred {
                 Op::Renew { reply, .. } => drop(reply.send(Err(fail(&error)))),
                 Op::Write { reply, .. } => drop(reply.send(Err(fail(&error)))),
                 Op::Ping { reply } => drop(reply.send(false)),
-                Op::Committed(_) | Op::Stop => {}
             }
         }
     }
@@ -197,10 +187,6 @@ impl Writer {
             process,
             lifetimes,
             pending: HashMap::new(),
-            committing: None,
-            queued: VecDeque::new(),
-            queued_ids: HashSet::new(),
-            stopping: false,
             last_sweep: Instant::now(),
             sweep_from: None,
             puts_since_sweep: 0,
@@ -209,117 +195,20 @@ impl Writer {
         }
     }
 
-    /// Runs until the store is dropped; `done` is where the commit thread reports.
-    pub(super) fn run(
-        mut self,
-        rx: mpsc::Receiver<(String, Op)>,
-        done: mpsc::Sender<(String, Op)>,
-    ) {
-        let (to_commit, commits) = mpsc::channel::<redb::WriteTransaction>();
-        let committer = std::thread::Builder::new()
-            .name("idempotency-commit".into())
-            .spawn(move || {
-                for txn in commits {
-                    let committed = txn.commit().map_err(|e| Arc::new(e.into()));
-                    if done
-                        .send((String::new(), Op::Committed(committed)))
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            });
-        if let Err(error) = committer {
-            tracing::error!(%error, "Could not start the idempotency commit thread.");
-            return;
-        }
-        while let Ok((id, op)) = rx.recv() {
-            match op {
-                Op::Committed(committed) => self.committed(committed),
-                Op::Stop => self.stopping = true,
-                op if self.committing.is_some() => self.meanwhile(id, op),
-                op => self.queue(id, op),
+    pub(super) fn run(mut self, rx: mpsc::Receiver<(String, Op)>) {
+        let mut busy = false;
+        while let Ok(first) = rx.recv() {
+            let mut deferred = Deferred::default();
+            let committed = self.apply_group(first, &rx, busy, &mut deferred);
+            busy = matches!(committed, Ok(writes) if writes >= BUSY_GROUP);
+            if let Err(error) = &committed {
+                tracing::warn!(%error, "Idempotency store commit failed; reopening the file.");
+                // redb wants the file opened again after an I/O error; the claims in memory
+                // stay valid.
+                self.close();
             }
-            if self.committing.is_none() && !self.queued.is_empty() {
-                let mut deferred = Deferred::default();
-                match self.apply_group(&rx, &mut deferred) {
-                    Ok(Some(txn)) => {
-                        let written = std::mem::take(&mut deferred.written);
-                        self.committing = Some((written, deferred));
-                        if to_commit.send(txn).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => deferred.release(None),
-                    Err(error) => self.failed(deferred, Arc::new(error)),
-                }
-            }
-            if self.stopping && self.committing.is_none() && self.queued.is_empty() {
-                return;
-            }
+            deferred.release(committed.err().map(Arc::new));
         }
-    }
-
-    fn queue(&mut self, id: String, op: Op) {
-        if matches!(op, Op::Write { .. }) {
-            self.queued_ids.insert(id.clone());
-        }
-        self.queued.push_back((id, op));
-    }
-
-    /// The group on its way is on disk (or failed): its answers go out.
-    fn committed(&mut self, committed: Result<(), Arc<redb::Error>>) {
-        let Some((_, deferred)) = self.committing.take() else {
-            return;
-        };
-        match committed {
-            Ok(()) => deferred.release(None),
-            Err(error) => self.failed(deferred, error),
-        }
-    }
-
-    fn failed(&mut self, deferred: Deferred, error: Arc<redb::Error>) {
-        tracing::warn!(%error, "Idempotency store commit failed; reopening the file.");
-        // redb wants the file opened again after an I/O error; the claims in memory stay
-        // valid.
-        self.close();
-        deferred.release(Some(error));
-    }
-
-    /// An operation that came while a commit is on its way: claims and renewals are answered
-    /// from memory and the committed records (held back when they read what the commit
-    /// carries), writes wait for the next group.
-    fn meanwhile(&mut self, id: String, op: Op) {
-        if matches!(op, Op::Write { .. }) || self.queued_ids.contains(&id) {
-            return self.queue(id, op);
-        }
-        let Some((written, mut deferred)) = self.committing.take() else {
-            return self.queue(id, op);
-        };
-        let existing = match (self.pending.get(&id), written.get(&id)) {
-            (Some(claimed), _) => Ok(Some(claimed.clone())),
-            (None, Some(record)) => Ok(record.clone()),
-            (None, None) => self.stored(&id),
-        };
-        let wait = written.contains_key(&id);
-        self.decide(id, op, existing, now_ms(), wait, &mut deferred);
-        self.committing = Some((written, deferred));
-    }
-
-    /// The committed record of `id`.
-    fn stored(&self, id: &str) -> Result<Option<Record>, StoreError> {
-        let embedded = |e: redb::Error| StoreError::Embedded(Arc::new(e));
-        let open = read(&self.db);
-        let Some(db) = open.as_ref() else {
-            let closed = "the store file is being opened again after a failed commit";
-            return Err(StoreError::Io(std::io::Error::other(closed)));
-        };
-        let txn = db.begin_read().map_err(|e| embedded(e.into()))?;
-        let table = txn.open_table(RECORDS).map_err(|e| embedded(e.into()))?;
-        let value = table.get(id).map_err(|e| embedded(e.into()))?;
-        value
-            .map(|v| decode(v.value()).map_err(StoreError::Corrupt))
-            .transpose()
     }
 
     /// A write transaction on the open file, opened again after a failed commit.
@@ -338,22 +227,21 @@ impl Writer {
         *self.db.write().unwrap_or_else(PoisonError::into_inner) = None;
     }
 
-    /// Applies the queued operations and whatever else has arrived, in one transaction, and
-    /// returns it when it wrote anything (for the commit thread). Claims are answered at once
-    /// unless they read a write of the group; the writes' answers are left in `deferred`.
+    /// Applies `first` and whatever else is queued (lingering for more when `busy`) in one
+    /// transaction, and commits it. Begins are answered at once; the writes' replies are left
+    /// in `replies`, for after the commit. Returns the number of records written.
     fn apply_group(
         &mut self,
+        first: (String, Op),
         rx: &mpsc::Receiver<(String, Op)>,
+        busy: bool,
         deferred: &mut Deferred,
-    ) -> Result<Option<redb::WriteTransaction>, redb::Error> {
-        self.queued_ids.clear();
+    ) -> Result<usize, redb::Error> {
         let txn = match self.begin_write() {
             Ok(txn) => txn,
             Err(error) => {
                 // Nothing can be read or written: every operation of the group fails.
-                deferred
-                    .unapplied
-                    .extend(self.queued.drain(..).map(|(_, op)| op));
+                deferred.unapplied.push(first.1);
                 deferred.unapplied.extend(rx.try_iter().map(|(_, op)| op));
                 return Err(error);
             }
@@ -362,27 +250,43 @@ impl Writer {
         {
             let mut records = txn.open_table(RECORDS)?;
             let now = now_ms();
-            let mut ops = 0;
-            while let Some((id, op)) = self
-                .queued
-                .pop_front()
-                .or_else(|| (ops < MAX_BATCH).then(|| rx.try_recv().ok()).flatten())
-            {
+            let mut next = Some(first);
+            let (mut ops, mut lingered) = (0, false);
+            while let Some((id, op)) = next {
                 writes += usize::from(self.apply(&mut records, id, op, now, deferred)?);
                 ops += 1;
+                next = match rx.try_recv() {
+                    _ if ops >= MAX_BATCH => None,
+                    Ok(op) => Some(op),
+                    Err(_) if busy && !lingered && writes > 0 && writes < FULL_GROUP => {
+                        // Sleeping rather than waiting on the channel: senders need not wake
+                        // this thread for each operation.
+                        std::thread::sleep(LINGER);
+                        lingered = true;
+                        rx.try_recv().ok()
+                    }
+                    Err(_) => None,
+                };
             }
             if self.last_sweep.elapsed() >= SWEEP_EVERY {
                 self.last_sweep = Instant::now();
-                writes += usize::from(self.sweep(&mut records, now, deferred)?);
+                writes += usize::from(self.sweep(&mut records, now)?);
             }
         }
         if writes > 0 {
-            Ok(Some(txn))
+            #[cfg(test)]
+            if self.fail_commits > 0 {
+                self.fail_commits -= 1;
+                txn.abort()?;
+                let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+                return Err(redb::StorageError::Io(full).into());
+            }
+            txn.commit()?;
         } else {
             // Claims and replays alone change nothing on disk: no commit, no fsync.
             txn.abort()?;
-            Ok(None)
         }
+        Ok(writes)
     }
 
     /// Applies one operation; returns whether it wrote a record.
@@ -394,33 +298,68 @@ impl Writer {
         now: u64,
         deferred: &mut Deferred,
     ) -> Result<bool, redb::Error> {
-        let op = match op {
-            Op::Ping { reply } => {
-                let _ = reply.send(true);
-                return Ok(false);
-            }
-            Op::Committed(_) => return Ok(false),
-            Op::Stop => {
-                self.stopping = true;
-                return Ok(false);
-            }
-            op => op,
-        };
+        if let Op::Ping { reply } = op {
+            let _ = reply.send(true);
+            return Ok(false);
+        }
         // A claim in memory is newer than anything on disk: no need to read it.
         let existing = match self.pending.get(&id) {
-            Some(claimed) => Ok(Some(claimed.clone())),
-            None => match records.get(id.as_str())? {
-                Some(bytes) => decode(bytes.value()).map(Some).map_err(StoreError::Corrupt),
-                None => Ok(None),
+            Some(claimed) => Some(claimed.clone()),
+            None => match records.get(id.as_str())?.map(|b| decode(b.value())) {
+                Some(Ok(record)) => Some(record),
+                Some(Err(e)) => {
+                    let corrupt = StoreError::Corrupt(e);
+                    match op {
+                        Op::Begin { reply, .. } => drop(reply.send(Err(corrupt))),
+                        Op::Renew { reply, .. } => drop(reply.send(Err(corrupt))),
+                        Op::Write { reply, .. } => drop(reply.send(Err(corrupt))),
+                        Op::Ping { .. } => unreachable!("answered above"),
+                    }
+                    return Ok(false);
+                }
+                None => None,
             },
         };
-        let Op::Write { change, reply } = op else {
-            let wait = deferred.written.contains_key(&id);
-            self.decide(id, op, existing, now, wait, deferred);
-            return Ok(false);
+        let (change, reply) = match op {
+            Op::Begin { fingerprint, reply } => {
+                // Leases of another process are dead: only one process can have this file
+                // open.
+                let dead_owner = |owner: &str| !owner.starts_with(&self.process);
+                let claim = new_claim(&self.process);
+                let (begin, claimed) = decide_begin(
+                    existing,
+                    &fingerprint,
+                    &claim,
+                    now,
+                    self.lifetimes,
+                    dead_owner,
+                );
+                if deferred.written.contains(&id) {
+                    deferred.begins.push((reply, begin));
+                } else {
+                    let _ = reply.send(Ok(begin));
+                }
+                if let Some(record) = claimed {
+                    self.pending.insert(id, record);
+                }
+                return Ok(false);
+            }
+            Op::Renew {
+                claim,
+                fingerprint,
+                reply,
+            } => {
+                let renewed = self.renew(existing, &claim, fingerprint, now);
+                if let Some(record) = renewed.clone() {
+                    self.pending.insert(id, record);
+                }
+                let _ = reply.send(Ok(renewed.is_some()));
+                return Ok(false);
+            }
+            Op::Write { change, reply } => (change, reply),
+            Op::Ping { .. } => unreachable!("answered above"),
         };
-        let changed = existing.and_then(|existing| self.changed(existing, change, now));
-        let (written, write) = match changed {
+        let (written, write) = match self.changed(existing, change, now) {
             Ok(changed) => changed,
             Err(error) => {
                 let _ = reply.send(Err(error));
@@ -435,75 +374,12 @@ impl Writer {
         self.puts_since_sweep += 1;
         // Another delivery's live claim stays in memory; ours ends here.
         if record.lease_owner.is_some() {
-            self.pending.insert(id.clone(), record.clone());
+            self.pending.insert(id.clone(), record);
         } else {
             self.pending.remove(&id);
         }
-        deferred.written.insert(id, Some(record));
+        deferred.written.insert(id);
         Ok(true)
-    }
-
-    /// Answers a claim or a renewal on the id's current record; `wait` holds the answer back
-    /// until the commit of the record it read.
-    fn decide(
-        &mut self,
-        id: String,
-        op: Op,
-        existing: Result<Option<Record>, StoreError>,
-        now: u64,
-        wait: bool,
-        deferred: &mut Deferred,
-    ) {
-        let existing = match existing {
-            Ok(existing) => existing,
-            Err(error) => {
-                match op {
-                    Op::Begin { reply, .. } => drop(reply.send(Err(error))),
-                    Op::Renew { reply, .. } => drop(reply.send(Err(error))),
-                    Op::Write { reply, .. } => drop(reply.send(Err(error))),
-                    Op::Ping { reply } => drop(reply.send(false)),
-                    Op::Committed(_) | Op::Stop => {}
-                }
-                return;
-            }
-        };
-        match op {
-            Op::Begin { fingerprint, reply } => {
-                // Leases of another process are dead: only one process can have this file
-                // open.
-                let dead_owner = |owner: &str| !owner.starts_with(&self.process);
-                let claim = new_claim(&self.process);
-                let (begin, claimed) = decide_begin(
-                    existing,
-                    &fingerprint,
-                    &claim,
-                    now,
-                    self.lifetimes,
-                    dead_owner,
-                );
-                if wait {
-                    deferred.begins.push((reply, begin));
-                } else {
-                    let _ = reply.send(Ok(begin));
-                }
-                if let Some(record) = claimed {
-                    self.pending.insert(id, record);
-                }
-            }
-            Op::Renew {
-                claim,
-                fingerprint,
-                reply,
-            } => {
-                let renewed = self.renew(existing, &claim, fingerprint, now);
-                if let Some(record) = renewed.clone() {
-                    self.pending.insert(id, record);
-                }
-                let _ = reply.send(Ok(renewed.is_some()));
-            }
-            Op::Ping { reply } => drop(reply.send(true)),
-            Op::Write { .. } | Op::Committed(_) | Op::Stop => {}
-        }
     }
 
     /// The claim's record with its lease extended, when the claim is still `claim`'s; a record
@@ -596,12 +472,7 @@ impl Writer {
     /// Forgets expired records, walking on from where the last sweep stopped, and writes out
     /// claims past their lease (a delivery stuck or dropped), so memory holds only live work
     /// and a late `remember` still finds its record. Returns whether anything changed.
-    fn sweep(
-        &mut self,
-        records: &mut Records<'_>,
-        now: u64,
-        deferred: &mut Deferred,
-    ) -> Result<bool, redb::Error> {
+    fn sweep(&mut self, records: &mut Records<'_>, now: u64) -> Result<bool, redb::Error> {
         let mut changed = false;
         let lapsed: Vec<(String, Record)> = self
             .pending
@@ -610,8 +481,7 @@ impl Writer {
         let mut written = HashSet::new();
         for (id, record) in lapsed {
             records.insert(id.as_str(), encode(&record).as_slice())?;
-            written.insert(id.clone());
-            deferred.written.insert(id, Some(record));
+            written.insert(id);
             changed = true;
         }
         // Walking twice as many records as were written since the last sweep keeps up with
@@ -643,7 +513,6 @@ impl Writer {
             // A claim in memory, or one this sweep just wrote out, is not the old record.
             if !self.pending.contains_key(&id) && !written.contains(&id) {
                 records.remove(id.as_str())?;
-                deferred.written.insert(id, None);
                 changed = true;
             }
         }
@@ -694,30 +563,21 @@ mod tests {
         }
     }
 
-    /// Applies `ops` as one group and commits it, as the writer and commit threads do, and
-    /// returns whether it committed.
+    /// Applies `ops` as one group, as the writer thread does, and returns whether it committed.
     fn group(writer: &mut Writer, ops: Vec<(&str, Op)>) -> bool {
-        let (_tx, rx) = mpsc::channel();
-        for (id, op) in ops {
-            writer.queue(id.to_owned(), op);
+        let (tx, rx) = mpsc::channel();
+        let mut ops = ops.into_iter().map(|(id, op)| (id.to_owned(), op));
+        let first = ops.next().unwrap();
+        for op in ops {
+            tx.send(op).unwrap();
         }
         let mut deferred = Deferred::default();
-        let committed = match writer.apply_group(&rx, &mut deferred) {
-            Ok(Some(txn)) if writer.fail_commits > 0 => {
-                writer.fail_commits -= 1;
-                txn.abort().unwrap();
-                let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
-                Err(redb::StorageError::Io(full).into())
-            }
-            Ok(Some(txn)) => txn.commit().map_err(Into::into),
-            Ok(None) => Ok(()),
-            Err(error) => Err(error),
-        };
-        let ok = committed.is_ok();
-        match committed {
-            Ok(()) => deferred.release(None),
-            Err(error) => writer.failed(deferred, Arc::new(error)),
+        let committed = writer.apply_group(first, &rx, false, &mut deferred);
+        if committed.is_err() {
+            writer.close();
         }
+        let ok = committed.is_ok();
+        deferred.release(committed.err().map(Arc::new));
         ok
     }
 
@@ -764,77 +624,6 @@ mod tests {
             begin_answer.blocking_recv().unwrap().unwrap(),
             Begin::Replay(_)
         ));
-    }
-
-    /// While a group is on its way to the disk, a claim on another id is answered at once; one
-    /// that reads what the group wrote waits for its commit and fails with it; a write waits
-    /// for the next group, and a claim of the same id stays behind it.
-    #[test]
-    fn claims_are_answered_while_a_commit_is_on_its_way() {
-        for commit_fails in [false, true] {
-            let dir = tempfile::tempdir().unwrap();
-            let mut writer = writer(&dir);
-            let (op, answer) = begin("a");
-            group(&mut writer, vec![("x", op)]);
-            let claim = claim_of(answer);
-
-            let (rx_keep, rx) = mpsc::channel::<(String, Op)>();
-            let (remembered, remember_answer) =
-                write(remember(&claim, "a", Outcome::InvalidNumber));
-            writer.queue("x".into(), remembered);
-            let mut deferred = Deferred::default();
-            let txn = writer.apply_group(&rx, &mut deferred).unwrap().unwrap();
-            let written = std::mem::take(&mut deferred.written);
-            writer.committing = Some((written, deferred));
-
-            let (other, mut other_answer) = begin("b");
-            writer.meanwhile("y".into(), other);
-            assert!(matches!(
-                other_answer.try_recv(),
-                Ok(Ok(Begin::Claimed { .. }))
-            ));
-            let (again, mut again_answer) = begin("a");
-            writer.meanwhile("x".into(), again);
-            assert!(again_answer.try_recv().is_err(), "waits for the commit");
-            let (later, mut later_answer) = write(Change::Release {
-                claim: "p/9".into(),
-            });
-            writer.meanwhile("z".into(), later);
-            let (behind, mut behind_answer) = begin("c");
-            writer.meanwhile("z".into(), behind);
-            assert_eq!(writer.queued.len(), 2);
-
-            if commit_fails {
-                txn.abort().unwrap();
-                let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
-                writer.committed(Err(Arc::new(redb::StorageError::Io(full).into())));
-                assert!(remember_answer.blocking_recv().unwrap().is_err());
-                assert!(again_answer.blocking_recv().unwrap().is_err());
-            } else {
-                txn.commit().unwrap();
-                writer.committed(Ok(()));
-                assert_eq!(
-                    remember_answer.blocking_recv().unwrap().unwrap(),
-                    Written::Done
-                );
-                assert!(matches!(
-                    again_answer.blocking_recv().unwrap().unwrap(),
-                    Begin::Replay(_)
-                ));
-            }
-            assert!(later_answer.try_recv().is_err() && behind_answer.try_recv().is_err());
-            let mut deferred = Deferred::default();
-            if let Some(txn) = writer.apply_group(&rx, &mut deferred).unwrap() {
-                txn.commit().unwrap();
-            }
-            deferred.release(None);
-            assert!(later_answer.blocking_recv().unwrap().is_ok());
-            assert!(matches!(
-                behind_answer.blocking_recv().unwrap().unwrap(),
-                Begin::Claimed { .. }
-            ));
-            drop(rx_keep);
-        }
     }
 
     /// Replays and conflicts read beside the writer come from committed records only: not
@@ -949,15 +738,14 @@ mod tests {
             let mut claim = record(now + 1, None);
             claim.lease_until_ms = now + 1;
             writer.pending.insert("reclaimed".into(), claim);
-            let deferred = &mut Deferred::default();
-            assert!(writer.sweep(&mut records, now, deferred).unwrap());
+            assert!(writer.sweep(&mut records, now).unwrap());
             assert!(records.get("old").unwrap().is_none());
             assert!(records.get("live").unwrap().is_some());
             assert!(records.get("reclaimed").unwrap().is_some());
             assert_eq!(writer.sweep_from, None, "the walk reached the end");
             // A claim past its lease goes to disk and leaves memory.
             writer.pending.get_mut("reclaimed").unwrap().lease_until_ms = now;
-            writer.sweep(&mut records, now, deferred).unwrap();
+            writer.sweep(&mut records, now).unwrap();
             assert!(writer.pending.is_empty());
             let stored = decode(records.get("reclaimed").unwrap().unwrap().value()).unwrap();
             assert_eq!(stored.expires_ms, now + 1);
