@@ -15,6 +15,7 @@ pub const IN_FLIGHT: &str = "chat_delete_in_flight";
 pub const RETRIES: &str = "chat_delete_retries_total";
 pub const PARKED: &str = "chat_delete_parked_total";
 pub const PACING_WAIT: &str = "chat_delete_pacing_wait_seconds";
+pub const PACING_LOCAL: &str = "chat_delete_pacing_local_total";
 pub const REPLAYS: &str = "chat_delete_replays_total";
 pub const RESULTS_UNROUTABLE: &str = "chat_delete_results_unroutable_total";
 pub const REPLY_TO_FAILED: &str = "chat_delete_reply_to_failed_total";
@@ -59,6 +60,10 @@ fn describe() {
         PACING_WAIT,
         Unit::Seconds,
         "Time commands waited for their token's pacing budget."
+    );
+    describe_counter!(
+        PACING_LOCAL,
+        "Slots taken from this worker's own bucket because the shared (Redis) schedule did not answer."
     );
     describe_counter!(REPLAYS, "Commands answered from a remembered result.");
     describe_counter!(

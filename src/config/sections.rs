@@ -221,14 +221,19 @@ impl<'de> Deserialize<'de> for PacingLimit {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PacingConfig {
-    /// Deletes each token may start per minute (per worker process).
+    /// Deletes each token may start per minute: across all workers with the Redis idempotency
+    /// store (kept in Redis), else per worker process.
     pub deletes_per_minute: PacingLimit,
+    /// Prefix of the per-token pacing keys in Redis (apart from the idempotency records, whose
+    /// keys end with whatever id a publisher sends).
+    pub redis_key_prefix: String,
 }
 
 impl Default for PacingConfig {
     fn default() -> Self {
         Self {
             deletes_per_minute: PacingLimit::PerMinute(100),
+            redis_key_prefix: "chat-delete:pacing:".into(),
         }
     }
 }

@@ -200,6 +200,11 @@ impl RedisStore {
         })
     }
 
+    /// The connection, for other state the workers share in the same Redis (pacing).
+    pub fn connection(&self) -> ConnectionManager {
+        self.connection.clone()
+    }
+
     /// A replay or a conflict read with a plain `HMGET` (no script), when the record settles
     /// it: a result is never replaced and a fingerprint never rewritten before the record
     /// expires. Records of earlier versions (timed by a TTL) are left to the script.

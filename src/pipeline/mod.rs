@@ -176,18 +176,23 @@ impl Pipeline {
             lease: Duration::from_secs(config.idempotency.lease_secs),
             keep: Duration::from_secs(config.idempotency.keep_secs),
         };
-        let store: Box<dyn IdempotencyStore> = match config.idempotency.backend {
-            IdempotencyBackend::Embedded => {
-                Box::new(EmbeddedStore::open(&config.idempotency_path(), lifetimes)?)
-            }
-            IdempotencyBackend::Redis => Box::new(
-                RedisStore::connect(
+        let limit = config.pacing.deletes_per_minute;
+        let (store, pacer): (Box<dyn IdempotencyStore>, _) = match config.idempotency.backend {
+            IdempotencyBackend::Embedded => (
+                Box::new(EmbeddedStore::open(&config.idempotency_path(), lifetimes)?),
+                Pacer::new(limit),
+            ),
+            IdempotencyBackend::Redis => {
+                let store = RedisStore::connect(
                     &config.idempotency.redis_url,
                     &config.idempotency.key_prefix,
                     lifetimes,
                 )
-                .await?,
-            ),
+                .await?;
+                let prefix = &config.pacing.redis_key_prefix;
+                let pacer = Pacer::shared(limit, store.connection(), prefix);
+                (Box::new(store), pacer)
+            }
         };
         Ok(Self {
             instances,
@@ -197,7 +202,7 @@ impl Pipeline {
                 Duration::from_millis(config.idempotency.outage_wait_ms),
             ),
             lease: lifetimes.lease,
-            pacer: Pacer::new(config.pacing.deletes_per_minute),
+            pacer,
             max_body_bytes: config.worker.max_body_bytes,
             retry: config.retry.clone(),
             session_delete_duration: telemetry::stage_duration("session_delete"),
