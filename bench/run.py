@@ -261,7 +261,7 @@ OPTIONAL_SECTIONS = ["[pacing]", 'deletes_per_minute = "unlimited"', "[idempoten
 FEATURES = {"optional_sections": True}
 
 
-def worker_config(ns, store, port, instances, prefetch, concurrency, redis=False):
+def worker_config(ns, store, port, instances, prefetch, concurrency, redis=False, tag="", pacing=None):
     lines = [
         "[broker]", f'url = "{ARGS.url}"', f'namespace = "{ns}"', f"prefetch = {prefetch}",
         'queue_type = "quorum"',
@@ -271,6 +271,9 @@ def worker_config(ns, store, port, instances, prefetch, concurrency, redis=False
     ]
     if FEATURES["optional_sections"]:
         lines += OPTIONAL_SECTIONS
+    if pacing is not None:
+        lines = [f"deletes_per_minute = {pacing}" if l.startswith("deletes_per_minute") else l for l in lines]
+        lines.insert(lines.index("[idempotency]"), f'redis_key_prefix = "{ns}:pacing:"')
     if redis:
         lines = [l for l in lines if l != 'backend = "embedded"']
         lines += ['backend = "redis"', f'redis_url = "{ARGS.redis_url}"', f'key_prefix = "{ns}:"']
@@ -280,22 +283,23 @@ def worker_config(ns, store, port, instances, prefetch, concurrency, redis=False
     for name in instances:
         lines += [f"[instances.{name}]", 'kind = "simulated"', f'token_sha256 = "{TOKEN_SHA256}"',
                   f"[instances.{name}.simulated]", "latency_ms = 0"]
-    path = os.path.join(OUT, f"{ns}.toml")
+    path = os.path.join(OUT, f"{ns}{tag}.toml")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
 
 
 class Worker:
-    def __init__(self, ns, instances, prefetch, concurrency, store=None, redis=False):
+    def __init__(self, ns, instances, prefetch, concurrency, store=None, redis=False, tag="", pacing=None):
         self.ns = ns
         self.instances = instances
         self.port = free_port()
-        self.store = store or os.path.join(OUT, f"{ns}-store")
+        self.store = store or os.path.join(OUT, f"{ns}{tag}-store")
         os.makedirs(self.store, exist_ok=True)
         self.prefetch = prefetch
         self.concurrency = concurrency
-        self.config = worker_config(ns, self.store, self.port, instances, prefetch, concurrency, redis)
+        self.config = worker_config(ns, self.store, self.port, instances, prefetch, concurrency, redis, tag,
+                                    pacing)
         self.proc = None
 
     def binary(self):
@@ -635,6 +639,55 @@ def part_redis_replays(n, prefetch, concurrency):
     return {"fresh": runs[0], "replay": runs[1]}
 
 
+def part_shared_pacing(workers, per_minute, n):
+    """Several workers with the Redis store, each hosting one instance of the same token, paced
+    at `per_minute` for that token: the observed rate after the first minute's burst, against
+    the budget."""
+    ns = new_ns("g")
+    names = [f"paced{i}" for i in range(workers)]
+    inst = instances_args(workers, names=names)
+    NAMESPACES.append((ns, inst))
+    ws = [Worker(ns, [name], 50, 50, redis=True, tag=f"-{i}", pacing=per_minute) for i, name in enumerate(names)]
+    per = -(-n // workers)
+    try:
+        for w in ws:
+            w.check()
+            w.topology()
+        run_tool(bench_tool("sink", "--ns", ns), timeout=60)
+        preload(ns, inst, per, "g")
+        total_n = per * workers
+        for w in ws:
+            w.start()
+        for w in ws:
+            w.wait_ready(60)
+        burst = per_minute  # a quiet token may use a minute's budget at once
+        t_from = c_from = None
+        deadline = time.monotonic() + 60 + 1.5 * total_n * 60 / per_minute
+        while True:
+            done = sum(total(w.metrics(), "chat_delete_commands_completed_total") for w in ws)
+            now = time.monotonic()
+            if t_from is None and done >= burst + per_minute / 60:
+                t_from, c_from = now, done
+            if done >= total_n:
+                break
+            if now > deadline:
+                raise BenchError(f"shared pacing: {done:.0f} of {total_n} answered in time")
+            time.sleep(0.2)
+        shares = [total(w.metrics(), "chat_delete_commands_completed_total") for w in ws]
+    finally:
+        for w in ws:
+            w.stop()
+        delete_namespace(ns, inst)
+        subprocess.run(f"redis-cli -u '{ARGS.redis_url}' --scan --pattern '{ns}:*' | "
+                       f"xargs -r -n 1000 redis-cli -u '{ARGS.redis_url}' unlink >/dev/null",
+                       shell=True, timeout=300)
+    rate = (total_n - c_from) / (now - t_from) * 60
+    log(f"shared pacing: {workers} workers, one token at {per_minute}/min: {rate:.0f}/min after the burst "
+        f"({rate / per_minute:.3f}x the budget); answered per worker {[int(x) for x in shares]}")
+    return {"workers": workers, "per_minute": per_minute, "n": total_n, "rate_per_minute": rate,
+            "ratio": rate / per_minute, "per_worker": shares}
+
+
 def broker_open_files_limit():
     pid = broker_pid()
     try:
@@ -800,6 +853,11 @@ def report(r):
         ([red["replay"]["rate"] / ceil_rate] if red_ok else [])
     replay_ratio = min(replay_ratios) if replay_ratios else None
     lat_ratio = lat["p99_ms"] / cl["p99_ms"] if lat and cl else None
+    sp = r.get("shared_pacing")
+    if sp:
+        print(f"shared pacing: {sp['workers']} workers (Redis store), one token at {sp['per_minute']}/min, "
+              f"{sp['n']:,} commands: {sp['rate_per_minute']:,.0f}/min after the burst = {sp['ratio']:.3f}x the budget "
+              f"(goal within 5 %); per worker {[int(x) for x in sp['per_worker']]}")
     if not many and r.get("many_skipped"):
         print(f"1,000 instances: n/a, {r['many_skipped']}")
     print(f"ratio_to_ceiling={ratio_ceiling:.2f} ratio_to_aiopika={fmt(ratio_py, '{:.2f}')} "
@@ -837,6 +895,8 @@ def main():
     ap.add_argument("--skip-replays", action="store_true")
     ap.add_argument("--skip-redis", action="store_true", help="skip the Redis-store fresh/replay drains")
     ap.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"))
+    ap.add_argument("--shared-pacing", action="store_true", help="also run 3 workers with the Redis store "
+                    "and one token at 600/min on 2,000 commands (about 3 minutes): the observed rate against the budget")
     ap.add_argument("--force-many", action="store_true", help="run the many-instances part even when the "
                     "broker's open-files limit looks too low for that many quorum queues")
     ap.add_argument("--ready-timeout", type=float, default=120)
@@ -888,6 +948,7 @@ def main():
         log(f"many instances: {r['many_skipped']}")
     else:
         r["many"] = part_many(count, per, ARGS.many_prefetch, ARGS.many_concurrency)
+    r["shared_pacing"] = part_shared_pacing(3, 600, 2000) if ARGS.shared_pacing else None
     r["settings"] = ("pacing unlimited, embedded idempotency store" if FEATURES["optional_sections"]
                      else "this build has no [pacing]/[idempotency] settings")
     with open(os.path.join(OUT, "results.json"), "w") as f:
