@@ -613,6 +613,13 @@ def part_worker(n, prefetch, concurrency, lat_seconds, lat_rate, label="worker",
     return first, replay, latency, store_files
 
 
+def forget_redis_keys(ns):
+    """Deletes a part's keys, which would otherwise stay in Redis until they expire."""
+    subprocess.run(f"redis-cli -u '{ARGS.redis_url}' --scan --pattern '{ns}:*' | "
+                   f"xargs -r -n 1000 redis-cli -u '{ARGS.redis_url}' unlink >/dev/null",
+                   shell=True, timeout=300)
+
+
 def part_redis_replays(n, prefetch, concurrency):
     """The worker with the Redis store: N fresh, then the same N again after a restart."""
     ns = new_ns("r")
@@ -630,10 +637,7 @@ def part_redis_replays(n, prefetch, concurrency):
         finally:
             w.stop()
     delete_namespace(ns, inst)
-    # The bench's records would otherwise stay in Redis until they expire.
-    subprocess.run(f"redis-cli -u '{ARGS.redis_url}' --scan --pattern '{ns}:*' | "
-                   f"xargs -r -n 1000 redis-cli -u '{ARGS.redis_url}' unlink >/dev/null",
-                   shell=True, timeout=300)
+    forget_redis_keys(ns)
     log(f"redis store: {runs[0]['rate']:.0f} cmd/s fresh, {runs[1]['rate']:.0f} cmd/s replayed "
         f"({runs[1]['replays']:.0f} from the store); threads {runs[1]['threads_us_per_cmd']}")
     return {"fresh": runs[0], "replay": runs[1]}
@@ -678,9 +682,7 @@ def part_shared_pacing(workers, per_minute, n):
         for w in ws:
             w.stop()
         delete_namespace(ns, inst)
-        subprocess.run(f"redis-cli -u '{ARGS.redis_url}' --scan --pattern '{ns}:*' | "
-                       f"xargs -r -n 1000 redis-cli -u '{ARGS.redis_url}' unlink >/dev/null",
-                       shell=True, timeout=300)
+        forget_redis_keys(ns)
     rate = (total_n - c_from) / (now - t_from) * 60
     log(f"shared pacing: {workers} workers, one token at {per_minute}/min: {rate:.0f}/min after the burst "
         f"({rate / per_minute:.3f}x the budget); answered per worker {[int(x) for x in shares]}")
