@@ -33,6 +33,8 @@
 //!   the chat a number stands for, [`session::whatsapp::mutation`] for the `deleteChat` sent).
 //! - [`media`]: the purge on disk or S3, with its config, errors, prefix template and retry.
 //! - [`fence`]: what every effect checks first (the idempotency claim is held).
+//! - [`ownership`]: which worker owns which instance when several share them: leases with a
+//!   fencing generation in Redis, a balanced sticky plan, hand-over and failover.
 //! - [`config`]: one typed struct from TOML and `CDW__*` environment overrides.
 //! - [`telemetry`]: every metric name and description, the per-command log span, log setup;
 //!   [`http`]: `/metrics`, `/healthz`, `/readyz`, `/instances`, `/admin/reload`.
@@ -49,6 +51,7 @@ pub mod fence;
 pub mod http;
 pub mod idempotency;
 pub mod media;
+pub mod ownership;
 pub mod pipeline;
 pub mod session;
 pub mod telemetry;

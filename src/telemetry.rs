@@ -27,6 +27,11 @@ pub const STORE_AVAILABLE: &str = "chat_delete_store_available";
 pub const STORE_WAITS: &str = "chat_delete_store_waits_total";
 pub const CLAIM_RENEWALS: &str = "chat_delete_claim_renewals_total";
 pub const FENCED: &str = "chat_delete_fenced_total";
+pub const OWNED_INSTANCES: &str = "chat_delete_owned_instances";
+pub const REBALANCES: &str = "chat_delete_rebalances_total";
+pub const OWNERSHIP_GAP: &str = "chat_delete_ownership_gap_seconds";
+pub const HANDOVER_DURATION: &str = "chat_delete_handover_seconds";
+pub const LEASES_LOST: &str = "chat_delete_leases_lost_total";
 pub const MEDIA_OBJECTS_DELETED: &str = "chat_delete_media_objects_deleted_total";
 pub const MEDIA_BYTES_DELETED: &str = "chat_delete_media_bytes_deleted_total";
 
@@ -101,7 +106,29 @@ fn describe() {
     );
     describe_counter!(
         FENCED,
-        "Commands stopped before an effect because their claim was no longer held; handed back."
+        "Commands stopped before an effect because their idempotency claim or this worker's lease on the instance was no longer held; handed back."
+    );
+    describe_gauge!(
+        OWNED_INSTANCES,
+        "Instances this worker owns and serves (with ownership shared through Redis; all of them otherwise)."
+    );
+    describe_counter!(
+        REBALANCES,
+        "Times this worker's share of the instances changed (a worker joined or left)."
+    );
+    describe_histogram!(
+        OWNERSHIP_GAP,
+        Unit::Seconds,
+        "Time an instance this worker took had no serving owner: since its previous owner released it (how=handover) or last renewed its lease (how=failover)."
+    );
+    describe_histogram!(
+        HANDOVER_DURATION,
+        Unit::Seconds,
+        "Time to hand an instance over: stop consuming, finish in-flight commands, close the session, release the lease."
+    );
+    describe_counter!(
+        LEASES_LOST,
+        "Instance leases lost without handing them over, by reason (taken, expired); their work stopped at once."
     );
     describe_counter!(MEDIA_OBJECTS_DELETED, "Media objects deleted by purges.");
     describe_counter!(

@@ -20,6 +20,7 @@ use super::settle::{Carrier, Settle, settle, settle_for};
 use crate::config::is_valid_instance_name;
 use crate::contract::Names;
 use crate::contract::wire::UNNAMED_INSTANCE;
+use crate::fence::Fence;
 use crate::pipeline::envelope::Envelope;
 use crate::pipeline::{Instance, Pipeline, Source};
 use crate::telemetry;
@@ -93,6 +94,11 @@ fn new_tag(app_id: &str) -> String {
 }
 
 impl RunningConsumer {
+    /// Closes the channel: deliveries taken but not settled go back to the queue.
+    pub async fn close(&self) {
+        let _ = self.channel.close(200, "queue handed over".into()).await;
+    }
+
     /// Asks the broker to send no more deliveries (those in flight are still settled).
     pub async fn cancel(&self) {
         let _ = self
@@ -273,6 +279,14 @@ async fn consume_loop(mut deliveries: Deliveries, mut prefetch: Prefetch, queue:
                 break;
             }
         };
+        if let Feed::Instance(instance) = &feed
+            && instance.lease().check().is_err()
+        {
+            // Not ours (any more): leave it unsettled; it goes back to the queue, for the
+            // owner, when this consumer is stopped and its channel closed.
+            stop_consuming.cancelled().await;
+            break;
+        }
         if let Some(next) = prefetch.saw(delivery.data.len())
             && let Err(error) = deliveries.set_prefetch(&queue, next).await
         {

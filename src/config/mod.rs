@@ -43,6 +43,8 @@ pub struct Config {
     pub retry: RetryConfig,
     #[serde(default)]
     pub pacing: PacingConfig,
+    #[serde(default)]
+    pub ownership: OwnershipConfig,
     /// Accounts by name; an account's token (TokenAccount) is valid for every instance it owns.
     #[serde(default)]
     pub accounts: BTreeMap<String, AccountConfig>,
@@ -201,6 +203,22 @@ impl Config {
                 "delays are at least 10 ms",
             ));
         }
+        let ownership = &self.ownership;
+        if ownership.enabled && self.idempotency.backend != IdempotencyBackend::Redis {
+            return Err(invalid(
+                "ownership.enabled".into(),
+                "workers share instances through Redis: set idempotency.backend = \"redis\"",
+            ));
+        }
+        if ownership.capacity == 0 {
+            return Err(invalid("ownership.capacity".into(), "must be at least 1"));
+        }
+        if ownership.tick_ms == 0 || ownership.tick_ms.saturating_mul(3) > ownership.lease_ms {
+            return Err(invalid(
+                "ownership.tick_ms".into(),
+                "must be between 1 and a third of ownership.lease_ms",
+            ));
+        }
         self.media.validate().map_err(|e| ConfigError::Invalid {
             key: format!("media.{}", e.key),
             message: e.message,
@@ -214,6 +232,11 @@ impl Config {
         self.broker
             .prefetch
             .min(share.clamp(1, usize::from(u16::MAX)) as u16)
+    }
+
+    /// The Redis key prefix of this namespace's ownership state.
+    pub fn ownership_prefix(&self) -> String {
+        format!("{}{}:", self.ownership.key_prefix, self.broker.namespace)
     }
 
     pub fn idempotency_path(&self) -> PathBuf {

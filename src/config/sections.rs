@@ -168,6 +168,37 @@ impl Default for IdempotencyConfig {
     }
 }
 
+/// Several workers sharing the instances (needs the Redis idempotency store, whose Redis
+/// holds the leases).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OwnershipConfig {
+    /// Share the instances with the other workers of the same namespace: each is owned (queue
+    /// consumed, session held) by one of them at a time. Off: this worker owns all of them.
+    pub enabled: bool,
+    /// Prefix of the Redis keys (the namespace is appended).
+    pub key_prefix: String,
+    /// How long a worker's lease on an instance (and its membership) lasts unless renewed:
+    /// a worker that vanishes is replaced about this long after its last renewal.
+    pub lease_ms: u64,
+    /// How often a worker renews and rebalances; at most a third of the lease.
+    pub tick_ms: u64,
+    /// This worker's weight: with capacities 2 and 1, the first owns two thirds.
+    pub capacity: u32,
+}
+
+impl Default for OwnershipConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            key_prefix: "chat-delete:own:".into(),
+            lease_ms: 10_000,
+            tick_ms: 1_000,
+            capacity: 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
@@ -299,6 +330,10 @@ pub struct SimulatedConfig {
     /// What a phone number resolves to (digits as given -> JID deleted); any other number is
     /// its own `<digits>@s.whatsapp.net`.
     pub resolve: std::collections::BTreeMap<String, crate::pipeline::request::ChatJid>,
+    /// A folder standing for WhatsApp's servers, shared by every worker: the session is
+    /// connected only while it is the instance's latest client there, and a delete by a client
+    /// another one replaced is logged to `overlaps.log` (harnesses count them).
+    pub world_dir: Option<PathBuf>,
 }
 
 impl Default for SimulatedConfig {
@@ -311,6 +346,7 @@ impl Default for SimulatedConfig {
             effects_log: None,
             connected_flag_file: None,
             resolve: Default::default(),
+            world_dir: None,
         }
     }
 }

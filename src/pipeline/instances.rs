@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::config::{Config, InstanceKind, TokenHash};
+use crate::ownership::Lease;
 use crate::session::{ChatSession, SessionOptions, SimulatedSession, WhatsappSession};
 
 use super::auth::InstanceCredentials;
@@ -14,19 +15,36 @@ pub struct Instance {
     name: String,
     credentials: InstanceCredentials,
     session: Arc<dyn ChatSession>,
+    /// Whether this worker owns the instance: the fence of every effect on it.
+    lease: Arc<Lease>,
 }
 
 impl Instance {
+    /// An instance this worker owns for good (a lone worker).
     pub fn new(
         name: &str,
         credentials: InstanceCredentials,
         session: Arc<dyn ChatSession>,
     ) -> Self {
+        Self::with_lease(name, credentials, session, Lease::permanent())
+    }
+
+    fn with_lease(
+        name: &str,
+        credentials: InstanceCredentials,
+        session: Arc<dyn ChatSession>,
+        lease: Lease,
+    ) -> Self {
         Self {
             name: name.to_owned(),
             credentials,
             session,
+            lease: Arc::new(lease),
         }
+    }
+
+    pub fn lease(&self) -> &Arc<Lease> {
+        &self.lease
     }
 
     pub fn name(&self) -> &str {
@@ -57,16 +75,30 @@ pub struct Instances {
 
 impl Instances {
     /// Opens every configured instance's session (a `whatsapp` session connects only when it
-    /// is paired).
+    /// is paired). With ownership shared between workers, sessions stay closed and leases
+    /// vacant until this worker takes the instance.
     pub async fn from_config(config: &Config) -> std::io::Result<Self> {
+        let shared = config.ownership.enabled;
         let mut by_name = BTreeMap::new();
         for (name, cfg) in &config.instances {
             let session: Arc<dyn ChatSession> = match cfg.kind {
-                InstanceKind::Simulated => Arc::new(SimulatedSession::new(&cfg.simulated)?),
+                InstanceKind::Simulated => Arc::new(SimulatedSession::new(name, &cfg.simulated)?),
+                InstanceKind::Whatsapp if shared => Arc::new(WhatsappSession::closed(
+                    name,
+                    SessionOptions::of(config, name),
+                )),
                 InstanceKind::Whatsapp => {
                     let options = SessionOptions::of(config, name);
                     Arc::new(WhatsappSession::start(name, options).await)
                 }
+            };
+            let lease = if shared {
+                Lease::vacant()
+            } else {
+                if cfg.kind == InstanceKind::Simulated {
+                    session.open().await;
+                }
+                Lease::permanent()
             };
             let account_token = cfg
                 .account
@@ -77,7 +109,7 @@ impl Instances {
                 instance_token: cfg.token_sha256,
                 account_token,
             };
-            let instance = Instance::new(name, credentials, session);
+            let instance = Instance::with_lease(name, credentials, session, lease);
             by_name.insert(name.clone(), Arc::new(instance));
         }
         Ok(Self { by_name })

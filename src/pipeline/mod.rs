@@ -25,7 +25,7 @@ use tracing::Instrument;
 use crate::bus::topology::retry_tiers;
 use crate::config::{Config, IdempotencyBackend, RetryConfig, TokenHash};
 use crate::contract::Outcome;
-use crate::fence::{Fence, Fenced};
+use crate::fence::{Both, Fence, Fenced};
 use crate::idempotency::{
     Begin, Claim, EmbeddedStore, Fingerprint, Held, IdempotencyStore, Lifetimes, RedisStore,
     Remembered, StoreError,
@@ -428,7 +428,7 @@ impl Pipeline {
         log: &CommandLog<'_>,
     ) -> (Result<ChatJid, Failure>, u32) {
         let mut tries = 0;
-        let fence: Arc<dyn Fence> = claim.clone();
+        let fence: Arc<dyn Fence> = Arc::new(Both(instance.lease().clone(), claim.clone()));
         let mut deleted = request.chat.clone();
         if !chat_deleted {
             self.pacer.wait(token).await;

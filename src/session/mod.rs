@@ -150,6 +150,13 @@ pub trait ChatSession: Send + Sync {
     /// Picks up a session paired since the start (or since it was parked).
     async fn reload(&self) {}
 
+    /// Opens the session: this worker just took the instance over.
+    async fn open(&self) {}
+
+    /// Closes the session (flushing what it keeps) without stopping for good: this worker
+    /// hands the instance over, and may take it again later.
+    async fn close(&self) {}
+
     /// Stops the session, flushing what it must keep.
     async fn shutdown(&self) {}
 

@@ -21,10 +21,97 @@ pub struct SimulatedSession {
     effects_log: Option<Mutex<std::fs::File>>,
     connected_flag_file: Option<std::path::PathBuf>,
     resolve: std::collections::BTreeMap<String, ChatJid>,
+    world: Option<World>,
+}
+
+/// A stand-in for WhatsApp's servers shared by every worker: a folder where each instance's
+/// file names the client connected to it. Opening a session replaces whichever client was
+/// connected (as WhatsApp does, and `replaced.log` says so); a delete from a client that is
+/// not the connected one is an overlap (two sessions acting for one instance), written to
+/// `overlaps.log` and refused.
+struct World {
+    dir: std::path::PathBuf,
+    instance: String,
+    /// This client, while its session is open.
+    client: Mutex<Option<String>>,
+}
+
+impl World {
+    fn holder_file(&self) -> std::path::PathBuf {
+        self.dir.join(format!("{}.holder", self.instance))
+    }
+
+    fn client(&self) -> Option<String> {
+        self.client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn log(&self, file: &str, line: &str) {
+        let now = chrono::Utc::now().timestamp_micros();
+        let logged = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(file))
+            .and_then(|mut f| writeln!(f, "{now} {} {line}", self.instance));
+        if let Err(error) = logged {
+            tracing::warn!(%error, "Could not write to the simulated world's log.");
+        }
+    }
+
+    fn open(&self) -> std::io::Result<()> {
+        let client = uuid::Uuid::new_v4().simple().to_string();
+        if let Ok(previous) = std::fs::read_to_string(self.holder_file()) {
+            self.log("replaced.log", &format!("{previous} by {client}"));
+        }
+        let tmp = self.dir.join(format!("{}.{client}.tmp", self.instance));
+        std::fs::write(&tmp, &client)?;
+        std::fs::rename(&tmp, self.holder_file())?;
+        *self.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(client);
+        Ok(())
+    }
+
+    fn close(&self) {
+        let Some(client) = self.client.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        if std::fs::read_to_string(self.holder_file()).is_ok_and(|holder| holder == client) {
+            let _ = std::fs::remove_file(self.holder_file());
+        }
+    }
+
+    /// Whether this client may act: it is the connected one. A client that was replaced
+    /// and acts anyway is an overlap.
+    fn admits(&self) -> Result<(), SessionError> {
+        let Some(client) = self.client() else {
+            return Err(SessionError::NotConnected);
+        };
+        let holder = std::fs::read_to_string(self.holder_file()).unwrap_or_default();
+        if holder == client {
+            return Ok(());
+        }
+        self.log(
+            "overlaps.log",
+            &format!("{client} acted while {holder} was connected"),
+        );
+        Err(SessionError::NotConnected)
+    }
 }
 
 impl SimulatedSession {
-    pub fn new(cfg: &SimulatedConfig) -> std::io::Result<Self> {
+    pub fn new(instance: &str, cfg: &SimulatedConfig) -> std::io::Result<Self> {
+        let world = match &cfg.world_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                Some(World {
+                    dir: dir.clone(),
+                    instance: instance.to_owned(),
+                    client: Mutex::new(None),
+                })
+            }
+            None => None,
+        };
         let effects_log = match &cfg.effects_log {
             Some(path) => {
                 if let Some(dir) = path.parent() {
@@ -47,6 +134,7 @@ impl SimulatedSession {
             effects_log,
             connected_flag_file: cfg.connected_flag_file.clone(),
             resolve: cfg.resolve.clone(),
+            world,
         })
     }
 
@@ -56,6 +144,9 @@ impl SimulatedSession {
     }
 
     fn is_connected(&self) -> bool {
+        if self.world.as_ref().is_some_and(|w| w.client().is_none()) {
+            return false;
+        }
         match &self.connected_flag_file {
             Some(flag) => flag.exists(),
             None => self.connected,
@@ -101,6 +192,9 @@ impl ChatSession for SimulatedSession {
         if !self.is_connected() {
             return Err(SessionError::NotConnected);
         }
+        if let Some(world) = &self.world {
+            world.admits()?;
+        }
         let fail = self
             .failures_left
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
@@ -123,6 +217,20 @@ impl ChatSession for SimulatedSession {
         self.record(chat)?;
         Ok(chat.clone())
     }
+
+    async fn open(&self) {
+        if let Some(world) = &self.world
+            && let Err(error) = world.open()
+        {
+            tracing::warn!(%error, "Could not connect to the simulated world.");
+        }
+    }
+
+    async fn close(&self) {
+        if let Some(world) = &self.world {
+            world.close();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -135,12 +243,15 @@ mod tests {
     async fn fails_first_n_then_succeeds_and_logs_each_delete() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("effects.log");
-        let session = SimulatedSession::new(&SimulatedConfig {
-            fail_first: 2,
-            failure: SimulatedFailure::Timeout,
-            effects_log: Some(log.clone()),
-            ..Default::default()
-        })
+        let session = SimulatedSession::new(
+            "test",
+            &SimulatedConfig {
+                fail_first: 2,
+                failure: SimulatedFailure::Timeout,
+                effects_log: Some(log.clone()),
+                ..Default::default()
+            },
+        )
         .unwrap();
         let chat = normalise_number("5511999999999").unwrap();
         assert_eq!(
@@ -163,10 +274,13 @@ mod tests {
 
     #[tokio::test]
     async fn disconnected_session_answers_not_connected() {
-        let session = SimulatedSession::new(&SimulatedConfig {
-            connected: false,
-            ..Default::default()
-        })
+        let session = SimulatedSession::new(
+            "test",
+            &SimulatedConfig {
+                connected: false,
+                ..Default::default()
+            },
+        )
         .unwrap();
         let chat = normalise_number("5511999999999").unwrap();
         assert_eq!(session.state(), SessionState::NotPaired);
@@ -180,10 +294,13 @@ mod tests {
     #[tokio::test]
     async fn numbers_resolve_as_scripted_and_jids_as_given() {
         let scripted = normalise_number("553187654321@s.whatsapp.net").unwrap();
-        let session = SimulatedSession::new(&SimulatedConfig {
-            resolve: [("5531987654321".to_owned(), scripted.clone())].into(),
-            ..Default::default()
-        })
+        let session = SimulatedSession::new(
+            "test",
+            &SimulatedConfig {
+                resolve: [("5531987654321".to_owned(), scripted.clone())].into(),
+                ..Default::default()
+            },
+        )
         .unwrap();
         let chat = normalise_number("5531987654321").unwrap();
         let by_number = session.delete_chat(&chat, true, Arc::new(Unfenced)).await;

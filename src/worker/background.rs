@@ -56,7 +56,11 @@ pub async fn reload_on_request(
             _ = hup => tracing::info!("SIGHUP received; reloading sessions."),
             _ = requested.notified() => tracing::info!("Reload requested; reloading sessions."),
         }
-        for instance in instances.iter() {
+        // Only this worker's: another worker holds the others' sessions.
+        let owned = instances
+            .iter()
+            .filter(|i| i.lease().generation().is_some());
+        for instance in owned {
             instance.session().reload().await;
         }
     }

@@ -1,6 +1,8 @@
-//! One broker connection's life: declare the topology, start a consumer per queue, and on a
-//! stop or a loss drain the commands in flight.
+//! One broker connection's life: declare the topology, consume the queues this worker serves,
+//! and on a stop or a loss drain the commands in flight. [`Serving`] holds what is served:
+//! instances are added and removed while a connection lives, as ownership moves.
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,10 +10,12 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::consume::{self, Consuming, Feed, QueueConsumer, Signals};
+use crate::bus::consume::{self, Consuming, Feed, QueueConsumer, RunningConsumer, Signals};
 use crate::bus::{self, BrokerError, Publisher, topology};
 use crate::config::Config;
 use crate::http::Readiness;
+use crate::ownership::Host;
+use crate::pipeline::Instance;
 
 /// How a connection's life ended.
 #[derive(Debug)]
@@ -23,10 +27,145 @@ pub enum Ended {
     Lost { consumed: bool, error: BrokerError },
 }
 
+/// The instances this worker serves, and the consumers of the live connection.
+pub struct Serving {
+    consuming: Arc<Consuming>,
+    grace: Duration,
+    state: tokio::sync::Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Instances whose queues are consumed whenever a connection is up.
+    owned: BTreeSet<String>,
+    live: Option<Live>,
+}
+
+/// The live connection's consumers, by queue.
+struct Live {
+    connection: Arc<lapin::Connection>,
+    publisher: Arc<Publisher>,
+    signals: Signals,
+    queues: HashMap<String, Queue>,
+}
+
+/// One queue's consumer, its signals and its commands in flight.
+struct Queue {
+    consumer: RunningConsumer,
+    signals: Signals,
+    tracker: TaskTracker,
+}
+
+impl Queue {
+    /// Stops taking deliveries (`cancel`: tells the broker so); in-flight commands may finish
+    /// within `grace`, then go back. False when some had to go back.
+    async fn stop(&self, cancel: bool, grace: Duration) -> bool {
+        if cancel {
+            self.consumer.cancel().await;
+        }
+        self.signals.stop_consuming.cancel();
+        self.tracker.close();
+        let finished = tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok();
+        if !finished {
+            self.signals.hard_stop.cancel();
+            self.tracker.wait().await;
+        }
+        finished
+    }
+}
+
+impl Serving {
+    pub fn new(consuming: Arc<Consuming>, grace: Duration) -> Self {
+        Self {
+            consuming,
+            grace,
+            state: Default::default(),
+        }
+    }
+
+    /// Serves every hosted instance for good (a lone worker).
+    pub async fn own_all(&self) {
+        let names = self.consuming.pipeline().instances().iter();
+        let mut state = self.state.lock().await;
+        state.owned = names.map(|i| i.name().to_owned()).collect();
+    }
+}
+
+#[async_trait::async_trait]
+impl Host for Serving {
+    async fn gain(&self, instance: &Arc<Instance>) {
+        instance.session().open().await;
+        let mut state = self.state.lock().await;
+        state.owned.insert(instance.name().to_owned());
+        if let Some(live) = &mut state.live {
+            let queue = self.consuming.names().instance_queue(instance.name());
+            let feed = Feed::Instance(instance.clone());
+            match start_queue(live, &self.consuming, queue, feed).await {
+                Ok((queue, running)) => {
+                    live.queues.insert(queue, running);
+                }
+                // The connection is failing: the next one starts it with the others.
+                Err(_) => live.signals.lost.cancel(),
+            }
+        }
+    }
+
+    async fn lose(&self, instance: &Arc<Instance>, graceful: bool) {
+        let queue = self.consuming.names().instance_queue(instance.name());
+        let running = {
+            let mut state = self.state.lock().await;
+            state.owned.remove(instance.name());
+            state
+                .live
+                .as_mut()
+                .and_then(|live| live.queues.remove(&queue))
+        };
+        if let Some(running) = running {
+            let grace = if graceful { self.grace } else { Duration::ZERO };
+            running.stop(true, grace).await;
+            running.consumer.close().await;
+        }
+        instance.session().close().await;
+    }
+}
+
+/// Starts one queue's consumer on the live connection.
+async fn start_queue(
+    live: &Live,
+    consuming: &Arc<Consuming>,
+    queue: String,
+    feed: Feed,
+) -> Result<(String, Queue), lapin::Error> {
+    let signals = Signals {
+        all_started: live.signals.all_started.clone(),
+        stop_consuming: live.signals.stop_consuming.child_token(),
+        hard_stop: live.signals.hard_stop.child_token(),
+        lost: live.signals.lost.clone(),
+    };
+    let tracker = TaskTracker::new();
+    let consumer = QueueConsumer {
+        consuming: consuming.clone(),
+        publisher: live.publisher.clone(),
+        queue: queue.clone(),
+        feed,
+        tracker: tracker.clone(),
+        signals: signals.clone(),
+    };
+    let consumer = consume::start(&live.connection, consumer).await?;
+    let running = Queue {
+        consumer,
+        signals,
+        tracker,
+    };
+    Ok((queue, running))
+}
+
 /// Connects (as the `generation`-th connection), consumes until `stop` or a loss, then drains.
 pub async fn serve(
     config: &Config,
-    consuming: &Arc<Consuming>,
+    serving: &Serving,
     readiness: &Readiness,
     stop: &CancellationToken,
     generation: u64,
@@ -35,6 +174,7 @@ pub async fn serve(
         consumed: false,
         error,
     };
+    let consuming = &serving.consuming;
     let name = format!("{} ({generation})", config.worker.name);
     let connection = match bus::connect(&config.broker, &name).await {
         Ok(connection) => Arc::new(connection),
@@ -62,31 +202,44 @@ pub async fn serve(
 
     let signals = Signals::default();
     watch_for_loss(&connection, signals.lost.clone());
-    let tracker = TaskTracker::new();
-    let started = start_consumers(&connection, consuming, publisher, &tracker, &signals).await;
-    let consumers = match started {
-        Ok(consumers) => consumers,
-        Err(error) => {
+    let mut live = Live {
+        connection: connection.clone(),
+        publisher,
+        signals: signals.clone(),
+        queues: HashMap::new(),
+    };
+    let consumers = {
+        let mut state = serving.state.lock().await;
+        let started = start_consumers(&mut live, consuming, &state.owned).await;
+        if let Err(error) = started {
             signals.stop_consuming.cancel();
             return lost(error.into());
         }
+        let consumers = live.queues.len();
+        state.live = Some(live);
+        consumers
     };
     signals.all_started.cancel();
     readiness.set_consuming(true);
-    tracing::info!(consumers = consumers.len(), "Consuming.");
+    tracing::info!(consumers, "Consuming.");
 
     let requested = tokio::select! {
         _ = stop.cancelled() => true,
         _ = signals.lost.cancelled() => false,
     };
     readiness.set_consuming(false);
-    signals.stop_consuming.cancel();
-    if requested {
-        for consumer in &consumers {
-            consumer.cancel().await;
+    let live = serving.state.lock().await.live.take();
+    if let Some(live) = live {
+        let grace = Duration::from_millis(config.worker.shutdown_grace_ms);
+        let stops = live.queues.values().map(|q| q.stop(requested, grace));
+        let finished = futures_util::future::join_all(stops).await;
+        if finished.contains(&false) {
+            tracing::warn!(
+                grace_ms = grace.as_millis() as u64,
+                "In-flight commands did not finish in time; handed them back."
+            );
         }
     }
-    drain(&tracker, &signals, config.worker.shutdown_grace_ms).await;
     let _ = connection.close(200, "worker stopping".into()).await;
     if requested {
         Ended::Stopped
@@ -98,41 +251,36 @@ pub async fn serve(
     }
 }
 
-/// A consumer for every instance queue and the unrouted queue, started many at a time (each
-/// is a channel and two round trips).
+/// A consumer for every owned instance queue and the unrouted and dead-letter queues, started
+/// many at a time (each is a channel and two round trips).
 async fn start_consumers(
-    connection: &lapin::Connection,
+    live: &mut Live,
     consuming: &Arc<Consuming>,
-    publisher: Arc<Publisher>,
-    tracker: &TaskTracker,
-    signals: &Signals,
-) -> Result<Vec<consume::RunningConsumer>, lapin::Error> {
+    owned: &BTreeSet<String>,
+) -> Result<(), lapin::Error> {
     let names = consuming.names();
     let mut queues: Vec<(String, Feed)> = consuming
         .pipeline()
         .instances()
         .iter()
+        .filter(|i| owned.contains(i.name()))
         .map(|i| (names.instance_queue(i.name()), Feed::Instance(i.clone())))
         .collect();
     queues.push((names.unrouted_queue(), Feed::Unrouted));
     queues.push((names.dead_queue(), Feed::DeadLettered));
-    let starts = queues.into_iter().map(|(queue, feed)| {
-        let queue = QueueConsumer {
-            consuming: consuming.clone(),
-            publisher: publisher.clone(),
-            queue,
-            feed,
-            tracker: tracker.clone(),
-            signals: signals.clone(),
-        };
-        consume::start(connection, queue)
-    });
-    futures_util::stream::iter(starts)
-        .buffer_unordered(64)
-        .collect::<Vec<_>>()
-        .await
+    let live_ref = &*live;
+    let starts = queues
         .into_iter()
+        .map(|(queue, feed)| start_queue(live_ref, consuming, queue, feed));
+    let started: Vec<_> = futures_util::stream::iter(starts)
+        .buffer_unordered(64)
         .collect()
+        .await;
+    for result in started {
+        let (queue, running) = result?;
+        live.queues.insert(queue, running);
+    }
+    Ok(())
 }
 
 /// Cancels `lost` when the connection reports an error.
@@ -146,18 +294,4 @@ fn watch_for_loss(connection: &lapin::Connection, lost: CancellationToken) {
             }
         }
     });
-}
-
-/// Lets in-flight commands finish within the grace period, then hands the rest back.
-async fn drain(tracker: &TaskTracker, signals: &Signals, grace_ms: u64) {
-    tracker.close();
-    let grace = Duration::from_millis(grace_ms);
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            grace_ms,
-            "In-flight commands did not finish in time; handing them back."
-        );
-        signals.hard_stop.cancel();
-        tracker.wait().await;
-    }
 }

@@ -9,6 +9,7 @@ pub mod reconnect;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -17,9 +18,10 @@ use crate::bus::consume::{Consuming, ConsumingOptions};
 use crate::config::Config;
 use crate::contract::Names;
 use crate::http::{self, Readiness};
+use crate::ownership::{self, Coordination};
 use crate::pipeline::Pipeline;
 use crate::telemetry;
-use connection::Ended;
+use connection::{Ended, Serving};
 use reconnect::Reconnect;
 
 /// What a started worker tells its caller.
@@ -77,13 +79,51 @@ pub async fn run(
         Names::new(&config.broker.namespace),
         consuming_options(&config, instances.len()),
     ));
+    let grace = Duration::from_millis(config.worker.shutdown_grace_ms);
+    let serving = Arc::new(Serving::new(consuming, grace));
+    // With shared ownership, a stop first hands every instance over (which needs the broker
+    // connection: in-flight commands finish and are answered), then closes the connection.
+    let connection_stop = if config.ownership.enabled {
+        let coordination = Coordination::connect(
+            &config.idempotency.redis_url,
+            &config.ownership_prefix(),
+            &format!(
+                "{}-{}",
+                config.worker.name,
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+        )
+        .await?;
+        tracing::info!(
+            member = coordination.member(),
+            "Sharing the instances with the other workers."
+        );
+        let coordinator = tokio::spawn(ownership::coordinate(
+            coordination,
+            ownership::Timing::of(&config.ownership),
+            instances.clone(),
+            serving.clone(),
+            stop.clone(),
+        ));
+        let connection_stop = CancellationToken::new();
+        let handed_over = connection_stop.clone();
+        tokio::spawn(async move {
+            let _ = coordinator.await;
+            handed_over.cancel();
+        });
+        connection_stop
+    } else {
+        serving.own_all().await;
+        metrics::gauge!(telemetry::OWNED_INSTANCES).set(instances.len() as f64);
+        stop.clone()
+    };
     let mut reconnect = Reconnect::default();
     let failed = loop {
         let ended = connection::serve(
             &config,
-            &consuming,
+            &serving,
             &readiness,
-            &stop,
+            &connection_stop,
             reconnect.connections(),
         )
         .await;
@@ -94,7 +134,7 @@ pub async fn run(
             Ended::Lost { consumed, error } => {
                 let delay = reconnect.delay_after(consumed);
                 tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "Broker connection lost; reconnecting.");
-                if !reconnect.wait(delay, &stop).await {
+                if !reconnect.wait(delay, &connection_stop).await {
                     break None;
                 }
                 metrics::counter!(telemetry::BROKER_RECONNECTS).increment(1);

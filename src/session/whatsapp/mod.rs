@@ -37,6 +37,7 @@ enum Msg {
         reply: oneshot::Sender<Result<ChatJid, SessionError>>,
     },
     Reload(oneshot::Sender<()>),
+    Close(oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -85,6 +86,15 @@ impl WhatsappSession {
     pub async fn start(instance: &str, options: SessionOptions) -> Self {
         let (mut actor, inbox, session) = Actor::new(instance, options);
         actor.open().await;
+        tokio::spawn(actor.run(inbox));
+        session
+    }
+
+    /// Starts the instance's actor with the session closed, until [`ChatSession::open`] (an
+    /// instance this worker may come to own).
+    pub fn closed(instance: &str, options: SessionOptions) -> Self {
+        let (actor, inbox, session) = Actor::new(instance, options);
+        actor.set(SessionState::Stopped, None);
         tokio::spawn(actor.run(inbox));
         session
     }
@@ -148,6 +158,14 @@ impl ChatSession for WhatsappSession {
 
     async fn reload(&self) {
         self.ask(Msg::Reload).await;
+    }
+
+    async fn open(&self) {
+        self.ask(Msg::Reload).await;
+    }
+
+    async fn close(&self) {
+        self.ask(Msg::Close).await;
     }
 
     async fn shutdown(&self) {
@@ -304,6 +322,12 @@ impl Actor {
                     if self.running.is_none() {
                         self.open().await;
                     }
+                    let _ = done.send(());
+                }
+                Msg::Close(done) => {
+                    self.stop_client().await;
+                    let paired = self.status.borrow().paired_as.clone();
+                    self.set(SessionState::Stopped, paired);
                     let _ = done.send(());
                 }
                 Msg::Shutdown(done) => {

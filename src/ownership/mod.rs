@@ -1,0 +1,400 @@
+//! Which worker owns which instance when several share the work. Every instance is owned by
+//! one live worker at a time through a lease in Redis with a fencing generation; only the owner
+//! consumes the instance's queue and holds its WhatsApp session. Each worker heartbeats its
+//! membership, renews its leases and computes the same balanced, sticky plan ([`assign`]) from
+//! what Redis holds; it takes free leases the plan gives it and hands over (stop consuming,
+//! finish or hand back what is in flight, close the session, then release) those it gives up.
+//!
+//! The lease is the fence every effect checks ([`Lease`]): held until a moment counted on this
+//! process's clock from when the renewal was *sent*, so it never outlives Redis's. While Redis
+//! does not answer, a worker keeps what it holds until those moments pass, then lets go of it
+//! (another worker may own it by then) and claims nothing new.
+//!
+//! One worker with the embedded store needs none of this: its leases are permanent.
+
+pub mod assign;
+mod coordination;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::OwnershipConfig;
+use crate::fence::{Fence, Fenced};
+use crate::pipeline::{Instance, Instances};
+use crate::telemetry;
+use assign::{Member, assign};
+pub use coordination::{Coordination, parse_holder};
+
+/// An instance's ownership as this worker knows it; the fence of every effect on it.
+pub struct Lease {
+    term: Mutex<Option<Term>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Term {
+    generation: u64,
+    /// `None`: held for good (a lone worker).
+    until: Option<Instant>,
+}
+
+impl Lease {
+    /// Held for as long as the process lives.
+    pub fn permanent() -> Self {
+        Self {
+            term: Mutex::new(Some(Term {
+                generation: 0,
+                until: None,
+            })),
+        }
+    }
+
+    /// Not held until a coordinator takes it.
+    pub fn vacant() -> Self {
+        Self {
+            term: Mutex::new(None),
+        }
+    }
+
+    fn set(&self, term: Option<Term>) {
+        *self.term.lock().unwrap_or_else(|e| e.into_inner()) = term;
+    }
+
+    fn term(&self) -> Option<Term> {
+        *self.term.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn extend(&self, until: Instant) {
+        if let Some(term) = self.term() {
+            self.set(Some(Term {
+                until: Some(until),
+                ..term
+            }));
+        }
+    }
+
+    /// The generation held, if the lease is held now.
+    pub fn generation(&self) -> Option<u64> {
+        self.check().ok().and(self.term()).map(|t| t.generation)
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        self.term()
+            .is_some_and(|t| t.until.is_some_and(|until| now >= until))
+    }
+}
+
+impl Fence for Lease {
+    fn check(&self) -> Result<(), Fenced> {
+        match self.term() {
+            None => Err(Fenced("this worker does not own the instance")),
+            Some(Term {
+                until: Some(until), ..
+            }) if Instant::now() >= until => Err(Fenced(
+                "this worker's lease on the instance could not be renewed in time",
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+/// What the worker does when it gains or loses an instance.
+#[async_trait::async_trait]
+pub trait Host: Send + Sync {
+    /// The lease is held: open the session, then consume the queue.
+    async fn gain(&self, instance: &Arc<Instance>);
+    /// Stop consuming; `graceful` lets in-flight commands finish within the grace period
+    /// (otherwise they go back at once); then close the session.
+    async fn lose(&self, instance: &Arc<Instance>, graceful: bool);
+}
+
+/// How the coordinator is tuned.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub lease: Duration,
+    pub tick: Duration,
+    pub capacity: u32,
+}
+
+impl Timing {
+    pub fn of(config: &OwnershipConfig) -> Self {
+        Self {
+            lease: Duration::from_millis(config.lease_ms),
+            tick: Duration::from_millis(config.tick_ms),
+            capacity: config.capacity,
+        }
+    }
+}
+
+/// An instance whose hand-over or loss has finished.
+struct Let {
+    instance: String,
+}
+
+/// Keeps this worker's share of the instances until `stop`, then hands all of it over.
+pub async fn coordinate(
+    coordination: Coordination,
+    timing: Timing,
+    instances: Arc<Instances>,
+    host: Arc<dyn Host>,
+    stop: CancellationToken,
+) {
+    let mut coordinator = Coordinator {
+        names: instances.iter().map(|i| i.name().to_owned()).collect(),
+        coordination,
+        timing,
+        instances,
+        host,
+        held: BTreeMap::new(),
+        letting_go: HashSet::new(),
+        plan: None,
+        reachable: true,
+    };
+    let (done, mut finished) = mpsc::unbounded_channel();
+    let mut leaving = false;
+    loop {
+        if !leaving && stop.is_cancelled() {
+            leaving = true;
+            tracing::info!(
+                instances = coordinator.held.len(),
+                "Handing every instance over."
+            );
+        }
+        coordinator.tick(leaving, &done).await;
+        if leaving && coordinator.held.is_empty() && coordinator.letting_go.is_empty() {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(coordinator.timing.tick) => {}
+            _ = stop.cancelled(), if !leaving => {}
+            Some(Let { instance }) = finished.recv() => coordinator.let_go(&instance),
+        }
+        while let Ok(Let { instance }) = finished.try_recv() {
+            coordinator.let_go(&instance);
+        }
+    }
+    metrics::gauge!(telemetry::OWNED_INSTANCES).set(0.0);
+}
+
+struct Coordinator {
+    coordination: Coordination,
+    timing: Timing,
+    instances: Arc<Instances>,
+    names: Vec<String>,
+    host: Arc<dyn Host>,
+    /// Leases held, with their generation (those being handed over included).
+    held: BTreeMap<String, u64>,
+    /// Instances being handed over or given up: nothing is taken again until that is done.
+    letting_go: HashSet<String>,
+    /// This worker's last plan, to count rebalances.
+    plan: Option<Vec<String>>,
+    reachable: bool,
+}
+
+impl Coordinator {
+    fn instance(&self, name: &str) -> Arc<Instance> {
+        self.instances
+            .get(name)
+            .expect("plans hold hosted instances only")
+            .clone()
+    }
+
+    fn let_go(&mut self, name: &str) {
+        self.held.remove(name);
+        self.letting_go.remove(name);
+    }
+
+    async fn tick(&mut self, leaving: bool, done: &mpsc::UnboundedSender<Let>) {
+        let asked_at = Instant::now();
+        let held: Vec<(&str, u64)> = self.held.iter().map(|(n, g)| (n.as_str(), *g)).collect();
+        let capacity = if leaving { 0 } else { self.timing.capacity };
+        let heartbeat =
+            self.coordination
+                .heartbeat(capacity, self.timing.lease, &held, &self.names);
+        let snapshot = match heartbeat.await {
+            Ok(snapshot) => snapshot,
+            Err(error) => {
+                if self.reachable {
+                    tracing::warn!(%error, "Redis does not answer: keeping the instances held while their leases last, taking none.");
+                }
+                self.reachable = false;
+                self.give_up_expired(done);
+                return;
+            }
+        };
+        self.reachable = true;
+        let until = asked_at + self.timing.lease;
+        let renewed: Vec<(String, bool)> = held
+            .iter()
+            .map(|(n, _)| (*n).to_owned())
+            .zip(snapshot.renewed.iter().copied())
+            .collect();
+        for (name, renewed) in renewed {
+            if renewed {
+                self.instance(&name).lease().extend(until);
+            } else {
+                self.lost(&name, "taken", done);
+            }
+        }
+        self.give_up_expired(done);
+        if leaving {
+            self.hand_over(self.held.keys().cloned().collect(), done);
+            self.report();
+            return;
+        }
+
+        let members: Vec<Member> = snapshot
+            .members
+            .iter()
+            .map(|(id, capacity)| Member {
+                id: id.clone(),
+                capacity: *capacity,
+            })
+            .collect();
+        let (mine, unheld) = {
+            let owners: HashMap<&str, &str> = self
+                .names
+                .iter()
+                .zip(&snapshot.holders)
+                .filter_map(|(name, holder)| Some((name.as_str(), holder.as_ref()?.0.as_str())))
+                .collect();
+            let plan = assign(&members, &self.names, &owners);
+            let mine: Vec<String> = plan
+                .get(self.coordination.member())
+                .map(|owned| owned.iter().map(|s| (*s).to_owned()).collect())
+                .unwrap_or_default();
+            let unheld: Vec<String> = mine
+                .iter()
+                .filter(|n| !owners.contains_key(n.as_str()))
+                .cloned()
+                .collect();
+            (mine, unheld)
+        };
+        if self.plan.as_ref().is_some_and(|before| *before != mine) {
+            metrics::counter!(telemetry::REBALANCES).increment(1);
+        }
+        let keep: HashSet<&String> = mine.iter().collect();
+        let give_up: Vec<String> = self
+            .held
+            .keys()
+            .filter(|n| !keep.contains(n))
+            .cloned()
+            .collect();
+        self.hand_over(give_up, done);
+        let free: Vec<&str> = unheld
+            .iter()
+            .filter(|n| !self.held.contains_key(*n) && !self.letting_go.contains(*n))
+            .map(String::as_str)
+            .collect();
+        if !free.is_empty() {
+            self.take(&free, asked_at).await;
+        }
+        self.plan = Some(mine);
+        self.report();
+    }
+
+    /// Takes the free leases the plan gives this worker, then starts serving them.
+    async fn take(&mut self, free: &[&str], asked_at: Instant) {
+        let acquired = match self.coordination.acquire(self.timing.lease, free).await {
+            Ok(acquired) => acquired,
+            Err(error) => {
+                tracing::warn!(%error, "Could not take instance leases; trying on the next tick.");
+                return;
+            }
+        };
+        let mut gained = vec![];
+        for (name, acquired) in free.iter().zip(acquired) {
+            let Some(acquired) = acquired else { continue };
+            let instance = self.instance(name);
+            instance.lease().set(Some(Term {
+                generation: acquired.generation,
+                until: Some(asked_at + self.timing.lease),
+            }));
+            self.held.insert((*name).to_owned(), acquired.generation);
+            if let Some((gap, released)) = acquired.gap {
+                let how = if released { "handover" } else { "failover" };
+                metrics::histogram!(telemetry::OWNERSHIP_GAP, "how" => how)
+                    .record(gap.as_secs_f64());
+            }
+            tracing::info!(instance = %name, generation = acquired.generation, "Instance owned.");
+            gained.push(instance);
+        }
+        let host = &self.host;
+        futures_util::future::join_all(gained.iter().map(|i| host.gain(i))).await;
+    }
+
+    /// Hands instances over: stop consuming, let in-flight work finish, close the session,
+    /// then release the lease (renewed meanwhile: they stay in `held` until released).
+    fn hand_over(&mut self, names: Vec<String>, done: &mpsc::UnboundedSender<Let>) {
+        for name in names {
+            if !self.letting_go.insert(name.clone()) {
+                continue;
+            }
+            let generation = self.held[&name];
+            let instance = self.instance(&name);
+            let host = self.host.clone();
+            let coordination = self.coordination.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                host.lose(&instance, true).await;
+                instance.lease().set(None);
+                if let Err(error) = coordination.release(&name, generation).await {
+                    tracing::warn!(%error, instance = %name, "Could not release the lease; it expires by itself.");
+                }
+                metrics::histogram!(telemetry::HANDOVER_DURATION)
+                    .record(started.elapsed().as_secs_f64());
+                tracing::info!(instance = %name, "Instance handed over.");
+                let _ = done.send(Let { instance: name });
+            });
+        }
+    }
+
+    /// Leases whose term passed without a renewal are lost.
+    fn give_up_expired(&mut self, done: &mpsc::UnboundedSender<Let>) {
+        let now = Instant::now();
+        let expired: Vec<String> = self
+            .held
+            .keys()
+            .filter(|n| self.instance(n).lease().expired(now))
+            .cloned()
+            .collect();
+        for name in expired {
+            self.lost(&name, "expired", done);
+        }
+    }
+
+    /// Someone else may own it now: fence it, stop at once, close the session.
+    fn lost(&mut self, name: &str, reason: &'static str, done: &mpsc::UnboundedSender<Let>) {
+        let instance = self.instance(name);
+        instance.lease().set(None);
+        self.held.remove(name);
+        metrics::counter!(telemetry::LEASES_LOST, "reason" => reason).increment(1);
+        tracing::warn!(instance = %name, reason, "Lease on the instance lost; stopping its work.");
+        if !self.letting_go.insert(name.to_owned()) {
+            return;
+        }
+        let host = self.host.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            host.lose(&instance, false).await;
+            let _ = done.send(Let {
+                instance: instance.name().to_owned(),
+            });
+        });
+    }
+
+    fn report(&self) {
+        let serving = self.held.len()
+            - self
+                .letting_go
+                .iter()
+                .filter(|n| self.held.contains_key(*n))
+                .count();
+        metrics::gauge!(telemetry::OWNED_INSTANCES).set(serving as f64);
+    }
+}
