@@ -379,8 +379,8 @@ impl TestWorker {
             .unwrap();
     }
 
-    /// Stops the worker and removes everything its namespace declared.
-    pub async fn stop(mut self) {
+    /// Stops the worker (as SIGTERM does) and waits until it has exited, leaving its queues.
+    pub async fn halt(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -391,6 +391,11 @@ impl TestWorker {
                 .unwrap()
                 .expect("worker exits cleanly");
         }
+    }
+
+    /// Stops the worker and removes everything its namespace declared.
+    pub async fn stop(mut self) {
+        self.halt().await;
         let ch = &self.channel;
         let n = &self.names;
         let mut queues = vec![n.unrouted_queue(), n.parked_queue(), n.dead_queue()];

@@ -1,0 +1,450 @@
+//! Several workers sharing the instances, on the real Redis and RabbitMQ: a balanced, sticky
+//! split; joins and leaves that move only what they must; failover after a worker dies without
+//! a word; what a worker does while Redis does not answer; and whole workers handing instances
+//! over without a 503 or a second session.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chat_delete_worker::config::Config;
+use chat_delete_worker::fence::Fence;
+use chat_delete_worker::ownership::{self, Coordination, Host, Timing};
+use chat_delete_worker::pipeline::request::normalise_number;
+use chat_delete_worker::pipeline::{Instance, Instances};
+use common::redis::PrivateRedis;
+use common::*;
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "secret-tok-scale";
+const LOCAL_REDIS: &str = "redis://127.0.0.1:6379";
+
+fn instances_toml(n: usize, world: &Path, extra: &str) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "[instances.inst{i:02}]\ntoken_sha256 = \"{}\"\nkind = \"simulated\"\nsimulated = {{ world_dir = \"{}\"{extra} }}\n",
+                hash(TOKEN),
+                world.display()
+            )
+        })
+        .collect()
+}
+
+/// The instances of one worker, with ownership on (sessions closed, leases vacant).
+async fn instances(n: usize, world: &Path) -> Arc<Instances> {
+    let toml = format!(
+        "[broker]\nnamespace = \"x\"\n[idempotency]\nbackend = \"redis\"\n[ownership]\nenabled = true\n{}",
+        instances_toml(n, world, "")
+    );
+    let config = Config::from_toml(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    Arc::new(Instances::from_config(&config).await.unwrap())
+}
+
+/// Who the hosts say owns what, shared by every coordinator of a test; a gain while another
+/// member serves the instance is an overlap.
+#[derive(Default)]
+struct Ledger {
+    serving: Mutex<BTreeMap<String, String>>,
+    overlaps: Mutex<Vec<String>>,
+    abrupt_losses: Mutex<Vec<String>>,
+}
+
+impl Ledger {
+    fn owners(&self) -> BTreeMap<String, String> {
+        self.serving.lock().unwrap().clone()
+    }
+
+    fn counts(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for member in self.owners().values() {
+            *counts.entry(member.clone()).or_default() += 1;
+        }
+        counts
+    }
+}
+
+struct RecordingHost {
+    member: String,
+    ledger: Arc<Ledger>,
+}
+
+#[async_trait::async_trait]
+impl Host for RecordingHost {
+    async fn gain(&self, instance: &Arc<Instance>) {
+        instance.session().open().await;
+        let previous = self
+            .ledger
+            .serving
+            .lock()
+            .unwrap()
+            .insert(instance.name().to_owned(), self.member.clone());
+        if let Some(previous) = previous {
+            self.ledger.overlaps.lock().unwrap().push(format!(
+                "{} gained while {previous} served it",
+                instance.name()
+            ));
+        }
+    }
+
+    async fn lose(&self, instance: &Arc<Instance>, graceful: bool) {
+        {
+            let mut serving = self.ledger.serving.lock().unwrap();
+            if serving.get(instance.name()) == Some(&self.member) {
+                serving.remove(instance.name());
+            }
+        }
+        if !graceful {
+            self.ledger.abrupt_losses.lock().unwrap().push(format!(
+                "{}:{}",
+                self.member,
+                instance.name()
+            ));
+        }
+        instance.session().close().await;
+    }
+}
+
+struct Member {
+    instances: Arc<Instances>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn join(
+    redis_url: &str,
+    prefix: &str,
+    name: &str,
+    n: usize,
+    world: &Path,
+    ledger: &Arc<Ledger>,
+    capacity: u32,
+) -> Member {
+    let coordination = Coordination::connect(redis_url, prefix, name)
+        .await
+        .unwrap();
+    let instances = instances(n, world).await;
+    let stop = CancellationToken::new();
+    let host = Arc::new(RecordingHost {
+        member: name.to_owned(),
+        ledger: ledger.clone(),
+    });
+    let timing = Timing {
+        lease: Duration::from_millis(1_500),
+        tick: Duration::from_millis(100),
+        capacity,
+    };
+    let task = tokio::spawn(ownership::coordinate(
+        coordination,
+        timing,
+        instances.clone(),
+        host,
+        stop.clone(),
+    ));
+    Member {
+        instances,
+        stop,
+        task,
+    }
+}
+
+async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn balanced(ledger: &Ledger, members: &[&str], n: usize) -> bool {
+    let counts = ledger.counts();
+    let owned: usize = counts.values().sum();
+    let each: Vec<usize> = members
+        .iter()
+        .map(|m| counts.get(*m).copied().unwrap_or(0))
+        .collect();
+    owned == n
+        && counts.keys().all(|m| members.contains(&m.as_str()))
+        && each.iter().max().unwrap() - each.iter().min().unwrap() <= 1
+}
+
+fn prefix(test: &str) -> String {
+    format!("test:own:{test}:{}:", uuid::Uuid::new_v4().simple())
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn instances_split_evenly_and_a_join_or_a_leave_moves_only_what_it_must() {
+    let world = tempfile::tempdir().unwrap();
+    let prefix = prefix("split");
+    let ledger = Arc::new(Ledger::default());
+    let n = 12;
+    let mut members = vec![];
+    for name in ["a", "b", "c"] {
+        members.push(join(LOCAL_REDIS, &prefix, name, n, world.path(), &ledger, 1).await);
+    }
+    wait_for("three members hold 4 each", || {
+        balanced(&ledger, &["a", "b", "c"], n)
+    })
+    .await;
+    let before = ledger.owners();
+
+    members.push(join(LOCAL_REDIS, &prefix, "d", n, world.path(), &ledger, 1).await);
+    wait_for("four members hold 3 each", || {
+        balanced(&ledger, &["a", "b", "c", "d"], n)
+    })
+    .await;
+    let after_join = ledger.owners();
+    let moved: Vec<&String> = before
+        .keys()
+        .filter(|i| before[*i] != after_join[*i])
+        .collect();
+    assert_eq!(moved.len(), 3, "a join moves only the newcomer's share");
+    assert!(moved.iter().all(|i| after_join[*i] == "d"));
+
+    // "b" leaves gracefully: it closes its sessions and releases its leases.
+    let b = members.remove(1);
+    b.stop.cancel();
+    tokio::time::timeout(WAIT, b.task).await.unwrap().unwrap();
+    assert!(b.instances.iter().all(|i| i.lease().check().is_err()));
+    wait_for("three members hold 4 each again", || {
+        balanced(&ledger, &["a", "c", "d"], n)
+    })
+    .await;
+    let after_leave = ledger.owners();
+    for (instance, owner) in &after_join {
+        if owner != "b" {
+            assert_eq!(&after_leave[instance], owner, "{instance} moved");
+        }
+    }
+    // Each instance's holder file names one client: nobody was replaced while serving.
+    assert!(ledger.overlaps.lock().unwrap().is_empty());
+    assert!(lines(&world.path().join("overlaps.log")).is_empty());
+    assert!(ledger.abrupt_losses.lock().unwrap().is_empty());
+    for m in members {
+        m.stop.cancel();
+        tokio::time::timeout(WAIT, m.task).await.unwrap().unwrap();
+    }
+    assert!(ledger.owners().is_empty(), "every instance handed back");
+}
+
+#[tokio::test]
+async fn capacity_weights_the_split() {
+    let world = tempfile::tempdir().unwrap();
+    let prefix = prefix("capacity");
+    let ledger = Arc::new(Ledger::default());
+    let big = join(LOCAL_REDIS, &prefix, "big", 12, world.path(), &ledger, 3).await;
+    let small = join(LOCAL_REDIS, &prefix, "small", 12, world.path(), &ledger, 1).await;
+    wait_for("9 and 3", || {
+        let counts = ledger.counts();
+        counts.get("big") == Some(&9) && counts.get("small") == Some(&3)
+    })
+    .await;
+    for m in [big, small] {
+        m.stop.cancel();
+        tokio::time::timeout(WAIT, m.task).await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_dead_worker_s_instances_fail_over_and_its_stale_leases_refuse_every_effect() {
+    let world = tempfile::tempdir().unwrap();
+    let prefix = prefix("failover");
+    let ledger = Arc::new(Ledger::default());
+    let n = 8;
+    let a = join(LOCAL_REDIS, &prefix, "a", n, world.path(), &ledger, 1).await;
+    let b = join(LOCAL_REDIS, &prefix, "b", n, world.path(), &ledger, 1).await;
+    wait_for("two members hold 4 each", || {
+        balanced(&ledger, &["a", "b"], n)
+    })
+    .await;
+    let generations: HashMap<String, u64> = b
+        .instances
+        .iter()
+        .filter_map(|i| Some((i.name().to_owned(), i.lease().generation()?)))
+        .collect();
+    assert_eq!(generations.len(), 4);
+
+    // "b" dies without a word: no hand-over, no release, its sessions stay "open".
+    b.task.abort();
+    let _ = b.task.await;
+    ledger
+        .serving
+        .lock()
+        .unwrap()
+        .retain(|_, owner| owner != "b");
+    wait_for("a holds everything", || {
+        ledger.counts().get("a") == Some(&n)
+    })
+    .await;
+    for (name, old) in &generations {
+        let instance = a.instances.get(name).unwrap();
+        assert!(instance.lease().generation().unwrap() > *old);
+        // Had "b" merely been paused, it could not act on its old lease.
+        let stale = b.instances.get(name).unwrap();
+        assert!(stale.lease().check().is_err(), "{name}: stale lease admits");
+        assert!(
+            stale
+                .session()
+                .delete_chat(
+                    &normalise_number("5511999999999").unwrap(),
+                    false,
+                    stale.lease().clone()
+                )
+                .await
+                .is_err()
+        );
+    }
+    assert!(lines(&world.path().join("overlaps.log")).is_empty());
+    // The new owner's session replaced the dead one's, as WhatsApp does.
+    assert_eq!(lines(&world.path().join("replaced.log")).len(), 4);
+    a.stop.cancel();
+    tokio::time::timeout(WAIT, a.task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn while_redis_does_not_answer_a_worker_keeps_its_leases_until_they_end_and_takes_nothing() {
+    let world = tempfile::tempdir().unwrap();
+    let mut redis = PrivateRedis::start(&[]).await;
+    let prefix = prefix("outage");
+    let ledger = Arc::new(Ledger::default());
+    let n = 6;
+    let a = join(&redis.url(), &prefix, "a", n, world.path(), &ledger, 1).await;
+    let b = join(&redis.url(), &prefix, "b", n, world.path(), &ledger, 1).await;
+    wait_for("two members hold 3 each", || {
+        balanced(&ledger, &["a", "b"], n)
+    })
+    .await;
+    let held_before = ledger.owners();
+
+    redis.stop().await;
+    // Right after the outage began the leases still run: nothing was let go.
+    assert_eq!(ledger.owners(), held_before);
+    assert!(ledger.abrupt_losses.lock().unwrap().is_empty());
+    // Once they end unrenewed, every instance is let go and fenced.
+    wait_for("every lease let go", || ledger.owners().is_empty()).await;
+    assert_eq!(ledger.abrupt_losses.lock().unwrap().len(), n);
+    for m in [&a, &b] {
+        assert!(m.instances.iter().all(|i| i.lease().check().is_err()));
+    }
+
+    redis.resume().await;
+    wait_for("taken again, evenly", || balanced(&ledger, &["a", "b"], n)).await;
+    assert!(ledger.overlaps.lock().unwrap().is_empty());
+    assert!(lines(&world.path().join("overlaps.log")).is_empty());
+    for m in [a, b] {
+        m.stop.cancel();
+        tokio::time::timeout(WAIT, m.task).await.unwrap().unwrap();
+    }
+}
+
+/// Commands `from..to`, spread over the 6 instances, each for its own chat.
+async fn publish(w: &TestWorker, from: usize, to: usize) {
+    for k in from..to {
+        let instance = format!("inst{:02}", k % 6);
+        let id = format!("cmd-{k}");
+        let body = format!(r#"{{"number": "55119{k:08}"}}"#);
+        w.publish(Command::new(&instance, &id, TOKEN, body.as_bytes()))
+            .await;
+    }
+}
+
+fn worker_config(ns: &str, dir: &Path, shared: &Path, redis_prefix: &str, name: &str) -> Config {
+    let toml = format!(
+        r#"
+[broker]
+url = "{amqp}"
+namespace = "{ns}"
+[http]
+port = 0
+bind = "127.0.0.1"
+[store]
+path = "{dir}"
+[worker]
+name = "{name}"
+shutdown_grace_ms = 5000
+[idempotency]
+backend = "redis"
+redis_url = "{LOCAL_REDIS}"
+key_prefix = "{redis_prefix}store:"
+[ownership]
+enabled = true
+key_prefix = "{redis_prefix}own:"
+lease_ms = 3000
+tick_ms = 200
+[pacing]
+deletes_per_minute = "unlimited"
+{instances}
+"#,
+        amqp = amqp_url(),
+        dir = dir.display(),
+        instances = instances_toml(
+            6,
+            &shared.join("world"),
+            &format!(
+                ", latency_ms = 20, effects_log = \"{}/effects.log\"",
+                shared.display()
+            )
+        ),
+    );
+    Config::from_toml(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"))
+}
+
+#[tokio::test]
+async fn two_workers_share_the_instances_and_one_leaving_causes_no_503_and_no_second_session() {
+    let ns = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let shared = tempfile::tempdir().unwrap();
+    let redis_prefix = prefix("workers");
+    let start = |name: &'static str| {
+        let dir = tempfile::tempdir().unwrap();
+        let config = worker_config(&ns, dir.path(), shared.path(), &redis_prefix, name);
+        TestWorker::start_with(config, ns.clone(), dir)
+    };
+    let mut first = start("first").await;
+    let second = start("second").await;
+
+    publish(&second, 0, 120).await;
+    // "first" leaves while commands keep coming; they wait for the new owner.
+    let leaving = async {
+        first.halt().await;
+    };
+    tokio::join!(leaving, publish(&second, 120, 240));
+
+    second
+        .events
+        .wait_until("every command answered", |all| {
+            all.iter()
+                .filter_map(message_id)
+                .collect::<BTreeSet<_>>()
+                .len()
+                >= 240
+        })
+        .await;
+    let events = second.events.all();
+    let statuses: BTreeMap<i64, usize> = events.iter().fold(BTreeMap::new(), |mut m, e| {
+        *m.entry(status(e)).or_default() += 1;
+        m
+    });
+    assert_eq!(statuses, BTreeMap::from([(200, 240)]), "{statuses:?}");
+    let answered_by: BTreeSet<String> = events
+        .iter()
+        .filter_map(|e| e.properties.app_id().as_ref().map(|a| a.to_string()))
+        .collect();
+    assert_eq!(answered_by.len(), 2, "both workers served: {answered_by:?}");
+    let effects = lines(&shared.path().join("effects.log"));
+    let chats: BTreeSet<&str> = effects.iter().filter_map(|l| l.split(' ').nth(1)).collect();
+    assert_eq!(effects.len(), 240, "one effect per command");
+    assert_eq!(chats.len(), 240);
+    assert!(lines(&shared.path().join("world/overlaps.log")).is_empty());
+    second.stop().await;
+}
