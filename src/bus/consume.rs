@@ -264,11 +264,14 @@ async fn consume_loop(mut deliveries: Deliveries, mut prefetch: Prefetch, queue:
     let limit = Arc::new(Semaphore::new(consuming.concurrency));
     loop {
         let next = tokio::select! {
+            biased;
             _ = stop_consuming.cancelled() => break,
             next = deliveries.next() => next,
         };
         let delivery = match next {
             Some(Ok(delivery)) => delivery,
+            // Cancelled on purpose (the queue is handed over).
+            _ if stop_consuming.is_cancelled() => break,
             Some(Err(error)) => {
                 tracing::warn!(%error, queue, "Consumer failed.");
                 lost.cancel();

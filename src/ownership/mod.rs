@@ -236,6 +236,9 @@ impl Coordinator {
         for (name, renewed) in renewed {
             if renewed {
                 self.instance(&name).lease().extend(until);
+            } else if self.letting_go.contains(&name) {
+                // Released by its hand-over a moment ago.
+                self.held.remove(&name);
             } else {
                 self.lost(&name, "taken", done);
             }

@@ -60,10 +60,11 @@ impl Queue {
     /// Stops taking deliveries (`cancel`: tells the broker so); in-flight commands may finish
     /// within `grace`, then go back. False when some had to go back.
     async fn stop(&self, cancel: bool, grace: Duration) -> bool {
+        // First, so the consumer's end is not taken for a lost connection.
+        self.signals.stop_consuming.cancel();
         if cancel {
             self.consumer.cancel().await;
         }
-        self.signals.stop_consuming.cancel();
         self.tracker.close();
         let finished = tokio::time::timeout(grace, self.tracker.wait())
             .await

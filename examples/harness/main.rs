@@ -14,6 +14,9 @@
 //! - `store-faults`: the Redis store (a private `redis-server` with an append-only file, at its
 //!   memory limit with `volatile-lru`, kept under pressure by keys with a TTL) is stopped and
 //!   restarted; duplicates as in `slow`.
+//! - `scale`: several workers share the instances (see [`scale`]).
+
+mod scale;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -35,6 +38,7 @@ enum Mode {
     BrokerRestart,
     Slow,
     StoreFaults,
+    Scale,
 }
 
 struct Args {
@@ -65,7 +69,10 @@ fn parse_args() -> Args {
                     "broker-restart" => Mode::BrokerRestart,
                     "slow" => Mode::Slow,
                     "store-faults" => Mode::StoreFaults,
-                    other => panic!("--mode crash|broker-restart|slow|store-faults, not {other}"),
+                    "scale" => Mode::Scale,
+                    other => {
+                        panic!("--mode crash|broker-restart|slow|store-faults|scale, not {other}")
+                    }
                 }
             }
             "--slow" => mode = Mode::Slow,
@@ -92,13 +99,17 @@ fn parse_args() -> Args {
         (Mode::Slow, true) => (160, 2, 3_000, 16),
         (Mode::StoreFaults, false) => (4000, 4, 20, 8),
         (Mode::StoreFaults, true) => (1200, 2, 20, 8),
+        // Disruptions are rounds of SIGKILL, SIGSTOP and SIGTERM; commands trickle in meanwhile.
+        (Mode::Scale, false) => (20_000, 2, 20, 4),
+        (Mode::Scale, true) => (4_000, 1, 20, 4),
     };
+    let instances = if mode == Mode::Scale { 60 } else { 4 };
     let get =
         |key: &str, default: usize| set.get(key).map_or(default, |v| v.parse().expect("number"));
     Args {
         mode,
         commands: get("commands", commands),
-        instances: get("instances", 4),
+        instances: get("instances", instances),
         disruptions: get("disruptions", disruptions),
         concurrency: get("concurrency", concurrency),
         latency_ms: get("latency-ms", latency_ms as usize) as u64,
@@ -127,6 +138,10 @@ const TOKEN: &str = "harness-token";
 #[tokio::main]
 async fn main() {
     let args = parse_args();
+    if args.mode == Mode::Scale {
+        let ok = scale::run(&args, args.disruptions).await;
+        std::process::exit(if ok { 0 } else { 1 });
+    }
     let dir = tempfile::tempdir().expect("temp dir");
     let ns = format!("harness{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let hash = hex::encode(chat_delete_worker::config::TokenHash::of(TOKEN.as_bytes()).0);
@@ -185,6 +200,7 @@ async fn main() {
                 rabbitmqctl(&["start_app"]).await;
                 rabbitmqctl(&["await_startup"]).await;
             }
+            Mode::Scale => unreachable!("scale runs on its own"),
             Mode::StoreFaults => {
                 let redis = redis.as_mut().expect("store-faults runs its own Redis");
                 redis.stop().await;
@@ -546,9 +562,15 @@ broker_delays_ms = [200, 1000]
             redis.url()
         ));
     }
+    let mut world = String::new();
+    if args.mode == Mode::Scale {
+        let (store, session) = scale::config_toml(ns, &dir.join("world"));
+        toml.push_str(&store);
+        world = session;
+    }
     for i in 0..args.instances {
         toml.push_str(&format!(
-            "[instances.inst{i}]\nkind = \"simulated\"\ntoken_sha256 = \"{hash}\"\nsimulated = {{ latency_ms = {latency}, effects_log = \"{}\" }}\n",
+            "[instances.inst{i}]\nkind = \"simulated\"\ntoken_sha256 = \"{hash}\"\nsimulated = {{ latency_ms = {latency}, effects_log = \"{}\"{world} }}\n",
             dir.join(format!("effects-inst{i}.log")).display(),
             latency = args.latency_ms,
         ));
