@@ -6,7 +6,7 @@
 //! overlaps (a replaced client that still acted).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use rand::seq::IndexedRandom;
@@ -357,7 +357,7 @@ async fn delete_keys(redis: &mut redis::aio::MultiplexedConnection, pattern: &st
 }
 
 /// The scale harness's part of the worker config: the Redis store and shared ownership.
-pub fn config_toml(ns: &str, world: &PathBuf) -> (String, String) {
+pub fn config_toml(ns: &str, world: &Path) -> (String, String) {
     (
         format!(
             "backend = \"redis\"\nkey_prefix = \"harness:{ns}:store:\"\n[ownership]\nenabled = true\nkey_prefix = \"harness:{ns}:own:\"\n"
