@@ -261,7 +261,8 @@ OPTIONAL_SECTIONS = ["[pacing]", 'deletes_per_minute = "unlimited"', "[idempoten
 FEATURES = {"optional_sections": True}
 
 
-def worker_config(ns, store, port, instances, prefetch, concurrency, redis=False, tag="", pacing=None):
+def worker_config(ns, store, port, instances, prefetch, concurrency, redis=False, tag="", pacing=None,
+                  ownership=False):
     lines = [
         "[broker]", f'url = "{ARGS.url}"', f'namespace = "{ns}"', f"prefetch = {prefetch}",
         'queue_type = "quorum"',
@@ -277,6 +278,8 @@ def worker_config(ns, store, port, instances, prefetch, concurrency, redis=False
     if redis:
         lines = [l for l in lines if l != 'backend = "embedded"']
         lines += ['backend = "redis"', f'redis_url = "{ARGS.redis_url}"', f'key_prefix = "{ns}:"']
+    if ownership:
+        lines += ["[ownership]", "enabled = true", f'key_prefix = "{ns}:own:"']
     extra = os.environ.get("BENCH_WORKER_EXTRA_TOML", "")
     if extra:
         lines.append(extra)
@@ -290,7 +293,8 @@ def worker_config(ns, store, port, instances, prefetch, concurrency, redis=False
 
 
 class Worker:
-    def __init__(self, ns, instances, prefetch, concurrency, store=None, redis=False, tag="", pacing=None):
+    def __init__(self, ns, instances, prefetch, concurrency, store=None, redis=False, tag="", pacing=None,
+                 ownership=False):
         self.ns = ns
         self.instances = instances
         self.port = free_port()
@@ -299,7 +303,7 @@ class Worker:
         self.prefetch = prefetch
         self.concurrency = concurrency
         self.config = worker_config(ns, self.store, self.port, instances, prefetch, concurrency, redis, tag,
-                                    pacing)
+                                    pacing, ownership)
         self.proc = None
 
     def binary(self):
@@ -491,15 +495,19 @@ def drain_run(worker, n, ready_timeout, drain_timeout, poll, perf_name=None):
 
 # --- the parts --------------------------------------------------------------------------------
 
-def part_ceiling(n, prefetch, label):
-    ns = new_ns("c")
+def one_queue(kind):
+    """A namespace with one instance queue, `bench`, and a results sink."""
+    ns = new_ns(kind)
     inst = instances_args(1, names=["bench"])
     NAMESPACES.append((ns, inst))
     run_tool(bench_tool("declare", "--ns", ns, *inst, "--sink", "1"), timeout=120)
-    preload(ns, inst, n, "c")
-    proc = spawn(bench_tool("ceiling", "--ns", ns, "--instance", "bench", "--prefetch", str(prefetch),
-                            "--n", str(n), "--token", TOKEN, "--timeout-s", str(ARGS.drain_timeout)),
-                 "ceiling.log")
+    return ns, inst
+
+
+def run_ceiling(ns, inst, prefetch, n, log_name):
+    """The bare loop over the preloaded queues of `inst`, each with `prefetch`."""
+    proc = spawn(bench_tool("ceiling", "--ns", ns, *inst, "--prefetch", str(prefetch), "--n", str(n),
+                            "--token", TOKEN, "--timeout-s", str(ARGS.drain_timeout)), log_name)
     cpu = CpuWindow(proc.pid)
     try:
         out, _ = proc.communicate(timeout=ARGS.drain_timeout + 30)
@@ -511,6 +519,13 @@ def part_ceiling(n, prefetch, label):
     if proc.returncode != 0 or res is None:
         raise BenchError(f"ceiling loop failed; see {proc.log_path}")
     res["cpu"] = cpu.close(own_cpu_s=res["cpu_s"])
+    return res
+
+
+def part_ceiling(n, prefetch, label):
+    ns, inst = one_queue("c")
+    preload(ns, inst, n, "c")
+    res = run_ceiling(ns, inst, prefetch, n, "ceiling.log")
     delete_namespace(ns, inst)
     log(f"{label}: {res['rate']:.0f} cmd/s (prefetch {prefetch}, svc p50 {res['svc_p50_ms']:.1f} ms)")
     return res
@@ -518,10 +533,7 @@ def part_ceiling(n, prefetch, label):
 
 def part_ceiling_latency(prefetch, seconds, rate):
     """The same steady-rate probe against the bare loop: what the broker alone adds."""
-    ns = new_ns("l")
-    inst = instances_args(1, names=["bench"])
-    NAMESPACES.append((ns, inst))
-    run_tool(bench_tool("declare", "--ns", ns, *inst, "--sink", "1"), timeout=120)
+    ns, inst = one_queue("l")
     n = int(round(rate * seconds))
     loop = spawn(bench_tool("ceiling", "--ns", ns, "--instance", "bench", "--prefetch", str(prefetch),
                             "--n", str(n), "--token", TOKEN, "--timeout-s", str(int(seconds) + 120)),
@@ -540,10 +552,7 @@ def part_ceiling_latency(prefetch, seconds, rate):
 
 
 def part_aiopika(n, prefetch):
-    ns = new_ns("p")
-    inst = instances_args(1, names=["bench"])
-    NAMESPACES.append((ns, inst))
-    run_tool(bench_tool("declare", "--ns", ns, *inst, "--sink", "1"), timeout=120)
+    ns, inst = one_queue("p")
     preload(ns, inst, n, "p")
     proc = spawn([sys.executable, os.path.join(HERE, "peer_aiopika.py"), "--url", ARGS.url, "--ns", ns,
                   "--instance", "bench", "--prefetch", str(prefetch), "--n", str(n), "--token", TOKEN,
@@ -643,6 +652,14 @@ def part_redis_replays(n, prefetch, concurrency):
     return {"fresh": runs[0], "replay": runs[1]}
 
 
+def retire(workers, ns, inst):
+    """Stops the workers of a Redis-store part and removes its queues and keys."""
+    for w in workers:
+        w.stop()
+    delete_namespace(ns, inst)
+    forget_redis_keys(ns)
+
+
 def part_shared_pacing(workers, per_minute, n):
     """Several workers with the Redis store, each hosting one instance of the same token, paced
     at `per_minute` for that token: the observed rate after the first minute's burst, against
@@ -679,15 +696,61 @@ def part_shared_pacing(workers, per_minute, n):
             time.sleep(0.2)
         shares = [total(w.metrics(), "chat_delete_commands_completed_total") for w in ws]
     finally:
-        for w in ws:
-            w.stop()
-        delete_namespace(ns, inst)
-        forget_redis_keys(ns)
+        retire(ws, ns, inst)
     rate = (total_n - c_from) / (now - t_from) * 60
     log(f"shared pacing: {workers} workers, one token at {per_minute}/min: {rate:.0f}/min after the burst "
         f"({rate / per_minute:.3f}x the budget); answered per worker {[int(x) for x in shares]}")
     return {"workers": workers, "per_minute": per_minute, "n": total_n, "rate_per_minute": rate,
             "ratio": rate / per_minute, "per_worker": shares}
+
+
+def part_scale_out(n, prefetch, concurrency, workers=3, instances=6):
+    """Several workers with the Redis store sharing the instances (ownership on): the backlog
+    is preloaded once every instance is owned, then drained by all of them together."""
+    ns = new_ns("s")
+    names = [f"shared{i}" for i in range(instances)]
+    inst = instances_args(instances, names=names)
+    NAMESPACES.append((ns, inst))
+    ws = [Worker(ns, names, prefetch, concurrency, redis=True, tag=f"-{i}", ownership=True) for i in range(workers)]
+    per = -(-n // instances)
+    total_n = per * instances
+    try:
+        for w in ws:
+            w.check()
+        ws[0].topology()
+        run_tool(bench_tool("sink", "--ns", ns), timeout=60)
+        for w in ws:
+            w.start()
+        deadline = time.monotonic() + 60
+        while True:
+            owned = [total(w.metrics(), "chat_delete_owned_instances") for w in ws]
+            if sum(owned) == instances and max(owned) - min(owned) <= 1:
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"scale-out: instances never split evenly ({owned})")
+            time.sleep(0.1)
+        preload(ns, inst, per, "s")
+        cpu = t_first = c_first = None
+        deadline = time.monotonic() + ARGS.drain_timeout
+        while True:
+            done = sum(total(w.metrics(), "chat_delete_commands_completed_total") for w in ws)
+            now = time.monotonic()
+            if t_first is None and done > 0:
+                t_first, c_first, cpu = now, done, CpuWindow()
+            if done >= total_n:
+                break
+            if now > deadline:
+                raise BenchError(f"scale-out: {done:.0f} of {total_n} answered in time")
+            time.sleep(0.025)
+        window = cpu.close()
+        shares = [total(w.metrics(), "chat_delete_commands_completed_total") for w in ws]
+    finally:
+        retire(ws, ns, inst)
+    rate = (total_n - c_first) / max(now - t_first, 1e-3)
+    log(f"scale-out: {workers} workers, {instances} instances: {rate:.0f} cmd/s; answered per worker "
+        f"{[int(x) for x in shares]}")
+    return {"workers": workers, "instances": instances, "n": total_n, "rate": rate, "per_worker": shares,
+            "cpu": window}
 
 
 def broker_open_files_limit():
@@ -745,9 +808,15 @@ def part_many(count, per_instance, prefetch, concurrency):
         w.stop()
     log(f"many: {loaded['rate']:.0f} cmd/s, ready with backlog in {loaded['ready_s']:.2f}s, "
         f"peak RSS {loaded['peak_rss_kb'] / 1024:.1f} MiB")
+    # The bare loop on the same queues with the worker's per-queue prefetch (lowered to fit
+    # worker.max_in_flight = 4096 over the instance queues and the unrouted one).
+    queue_prefetch = max(1, min(prefetch, 4096 // (count + 1)))
+    preload(ns, inst, per_instance, "mc")
+    ceiling = run_ceiling(ns, inst, queue_prefetch, n, "ceiling-many.log")
+    log(f"many-queue ceiling: {ceiling['rate']:.0f} cmd/s over {count} queues (prefetch {queue_prefetch} each)")
     delete_namespace(ns, inst)
     return {"count": count, "per_instance": per_instance, "cold_ready_s": cold_ready,
-            "rest_rss_kb": rest_kb, "loaded": loaded}
+            "rest_rss_kb": rest_kb, "loaded": loaded, "ceiling": ceiling, "queue_prefetch": queue_prefetch}
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -820,6 +889,12 @@ def report(r):
         row("Redis store: fresh / replays (after a restart)", f"{fr['rate']:,.0f} / {rr['rate']:,.0f} cmd/s",
             f"{fr['rate'] / ceil_rate:.2f}x / {rr['rate'] / ceil_rate:.2f}x ceiling",
             f"{rr['replays']:,.0f} answered from the store; replay CPU {rr['cpu_us_per_cmd']:.0f} us/cmd")
+    so = r.get("scale_out")
+    if so:
+        row(f"{so['workers']} workers sharing {so['instances']} instances (Redis store, ownership), N={so['n']:,}",
+            f"{so['rate']:,.0f} cmd/s", f"{so['rate'] / ceil_rate:.2f}x ceiling",
+            f"goal >= 0.8x; per worker {[int(x) for x in so['per_worker']]}; "
+            f"broker {so['cpu']['broker_cpu_s'] / so['cpu']['wall_s'] * 100:.0f}% CPU")
     if lat:
         row(f"latency at steady {lat['offered_rate']:,.0f}/s, publish -> result",
             f"p50 {lat['p50_ms']:.1f} / p99 {lat['p99_ms']:.1f} / p999 {lat['p999_ms']:.1f} ms", "",
@@ -836,8 +911,13 @@ def report(r):
         tag = f"{many['count']:,} instances x {many['per_instance']}"
         row(f"{tag}: start -> ready (cold declare)", f"{many['cold_ready_s']:.2f} s", "", "goal < 10 s")
         row(f"{tag}: start -> ready (queues exist, backlog)", f"{ld['ready_s']:.2f} s", "", "")
-        row(f"{tag}: throughput", f"{ld['rate']:,.0f} cmd/s", f"{ld['rate'] / ceil_rate:.2f}x ceiling",
-            f"prefetch {r['many_prefetch']}, concurrency {r['many_concurrency']} per instance")
+        mc = many["ceiling"]
+        row(f"{tag}: bare loop on the same queues", f"{mc['rate']:,.0f} cmd/s", f"{mc['rate'] / ceil_rate:.2f}x ceiling",
+            f"prefetch {many['queue_prefetch']} per queue; {mc['cpu_us_per_cmd']:.0f} us CPU/cmd")
+        row(f"{tag}: throughput", f"{ld['rate']:,.0f} cmd/s", f"{ld['rate'] / mc['rate']:.2f}x many-queue ceiling",
+            f"goal >= 0.8x; {ld['rate'] / ceil_rate:.2f}x the single-queue ceiling; "
+            f"prefetch {many['queue_prefetch']} per queue, concurrency {r['many_concurrency']}; "
+            f"{ld['cpu_us_per_cmd']:.0f} us CPU/cmd")
         row(f"{tag}: RSS at rest / peak under load", f"{many['rest_rss_kb'] / 1024:.1f} / {ld['peak_rss_kb'] / 1024:.1f} MiB",
             "", "goal < 100 MiB")
 
@@ -896,6 +976,7 @@ def main():
     ap.add_argument("--skip-many", action="store_true")
     ap.add_argument("--skip-replays", action="store_true")
     ap.add_argument("--skip-redis", action="store_true", help="skip the Redis-store fresh/replay drains")
+    ap.add_argument("--skip-scale-out", action="store_true", help="skip 3 workers sharing 6 instances (Redis store)")
     ap.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"))
     ap.add_argument("--shared-pacing", action="store_true", help="also run 3 workers with the Redis store "
                     "and one token at 600/min on 2,000 commands (about 3 minutes): the observed rate against the budget")
@@ -951,6 +1032,7 @@ def main():
     else:
         r["many"] = part_many(count, per, ARGS.many_prefetch, ARGS.many_concurrency)
     r["shared_pacing"] = part_shared_pacing(3, 600, 2000) if ARGS.shared_pacing else None
+    r["scale_out"] = None if ARGS.skip_scale_out else part_scale_out(n, ARGS.prefetch, conc)
     r["settings"] = ("pacing unlimited, embedded idempotency store" if FEATURES["optional_sections"]
                      else "this build has no [pacing]/[idempotency] settings")
     with open(os.path.join(OUT, "results.json"), "w") as f:

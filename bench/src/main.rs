@@ -416,9 +416,14 @@ async fn ceiling_one(st: &Ceiling, publisher: &Channel, delivery: lapin::message
     }
 }
 
+/// The bare loop on one queue (`--instance`), or on many (`--instances` / `--instance-count`),
+/// each queue on a channel of its own with the same prefetch, as the worker consumes them.
 async fn ceiling(a: &Args) -> Res<()> {
     let ns = a.req("ns")?;
-    let instance = a.str("instance", "bench");
+    let mut queues = a.instances()?;
+    if queues.is_empty() {
+        queues.push(a.str("instance", "bench"));
+    }
     let prefetch: u16 = a.num("prefetch", 500)?;
     let n: usize = a.num("n", 0)?;
     let token = a.req("token")?;
@@ -426,8 +431,6 @@ async fn ceiling(a: &Args) -> Res<()> {
     let conn = connect(&a.url(), "cdw-bench ceiling").await?;
     let publisher = conn.create_channel().await?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await?;
-    let consumer_ch = conn.create_channel().await?;
-    consumer_ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
     let st = Arc::new(Ceiling {
         events_exchange: format!("{ns}.events"),
         token_hash: Sha256::digest(token.as_bytes()).into(),
@@ -440,26 +443,34 @@ async fn ceiling(a: &Args) -> Res<()> {
         done: Notify::new(),
     });
     let cpu0 = self_cpu_s();
-    let mut consumer = consumer_ch
-        .basic_consume(
-            format!("{ns}.delete.{instance}").as_str().into(),
-            "cdw-bench-ceiling".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let reader_st = st.clone();
-    let reader = tokio::spawn(async move {
-        while let Some(Ok(delivery)) = consumer.next().await {
-            let st = reader_st.clone();
-            let publisher = publisher.clone();
-            // One task per delivery, as the worker does.
-            tokio::spawn(async move { ceiling_one(&st, &publisher, delivery).await });
-        }
-    });
+    let mut readers = vec![];
+    for instance in &queues {
+        let consumer_ch = conn.create_channel().await?;
+        consumer_ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        let mut consumer = consumer_ch
+            .basic_consume(
+                format!("{ns}.delete.{instance}").as_str().into(),
+                "cdw-bench-ceiling".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let reader_st = st.clone();
+        let publisher = publisher.clone();
+        readers.push(tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let st = reader_st.clone();
+                let publisher = publisher.clone();
+                // One task per delivery, as the worker does.
+                tokio::spawn(async move { ceiling_one(&st, &publisher, delivery).await });
+            }
+        }));
+    }
     let finished = tokio::time::timeout(Duration::from_secs(timeout_s), st.done.notified()).await;
     let cpu = self_cpu_s() - cpu0;
-    reader.abort();
+    for reader in readers {
+        reader.abort();
+    }
     if finished.is_err() {
         return Err(format!(
             "ceiling: only {} of {n} acked after {timeout_s} s",
@@ -475,7 +486,7 @@ async fn ceiling(a: &Args) -> Res<()> {
     println!(
         "RESULT {}",
         json!({
-            "what": "ceiling", "n": n, "prefetch": prefetch, "secs": secs, "rate": n as f64 / secs,
+            "what": "ceiling", "n": n, "queues": queues.len(), "prefetch": prefetch, "secs": secs, "rate": n as f64 / secs,
             "svc_p50_ms": percentile(&svc, 50.0) as f64 / 1000.0,
             "svc_p99_ms": percentile(&svc, 99.0) as f64 / 1000.0,
             "svc_max_ms": percentile(&svc, 100.0) as f64 / 1000.0,
