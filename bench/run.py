@@ -721,6 +721,8 @@ def part_scale_out(n, prefetch, concurrency, workers=3, instances=6):
         run_tool(bench_tool("sink", "--ns", ns), timeout=60)
         for w in ws:
             w.start()
+        for w in ws:
+            w.wait_ready(60)
         deadline = time.monotonic() + 60
         while True:
             owned = [total(w.metrics(), "chat_delete_owned_instances") for w in ws]
@@ -894,7 +896,7 @@ def report(r):
         row(f"{so['workers']} workers sharing {so['instances']} instances (Redis store, ownership), N={so['n']:,}",
             f"{so['rate']:,.0f} cmd/s", f"{so['rate'] / ceil_rate:.2f}x ceiling",
             f"goal >= 0.8x; per worker {[int(x) for x in so['per_worker']]}; "
-            f"broker {so['cpu']['broker_cpu_s'] / so['cpu']['wall_s'] * 100:.0f}% CPU")
+            f"box {so['cpu']['box_cpu_s'] / so['cpu']['wall_s'] * 100:.0f}% CPU of 2 cores")
     if lat:
         row(f"latency at steady {lat['offered_rate']:,.0f}/s, publish -> result",
             f"p50 {lat['p50_ms']:.1f} / p99 {lat['p99_ms']:.1f} / p999 {lat['p999_ms']:.1f} ms", "",
