@@ -192,7 +192,8 @@ async fn s3_server_stopped_mid_purge_then_resumed() {
     let started = start_server(&[bucket]);
     let guard = ServerGuard(started.pid);
     let raw = raw_store(&started.endpoint, bucket);
-    let total = 2_100;
+    // Enough pages that the pause lands before the last batch even when the machine is busy.
+    let total = 5_100;
     let keys = many_keys(&format!("kp/inst/{JID}"), total);
     seed(&raw, &keys).await;
 
