@@ -805,7 +805,7 @@ def part_many(count, per_instance, prefetch, concurrency):
     n = count * per_instance
     preload(ns, inst, per_instance, "m")
     try:
-        loaded = drain_run(w, n, ARGS.ready_timeout, ARGS.drain_timeout, 0.1)
+        loaded = drain_run(w, n, ARGS.ready_timeout, ARGS.drain_timeout, 0.1, perf_name="many")
     finally:
         w.stop()
     log(f"many: {loaded['rate']:.0f} cmd/s, ready with backlog in {loaded['ready_s']:.2f}s, "
@@ -973,7 +973,7 @@ def main():
     ap.add_argument("--latency-seconds", type=float)
     ap.add_argument("--latency-rate", type=float, default=1000)
     ap.add_argument("--worker-log", default=os.environ.get("RUST_LOG", "info"), help="RUST_LOG of the worker")
-    ap.add_argument("--perf", action="store_true", help="perf record the worker's first drain (in --out)")
+    ap.add_argument("--perf", action="store_true", help="perf record the worker's first drain and its many-instances drain (in --out)")
     ap.add_argument("--skip-aiopika", action="store_true")
     ap.add_argument("--skip-many", action="store_true")
     ap.add_argument("--skip-replays", action="store_true")
