@@ -446,5 +446,15 @@ async fn two_workers_share_the_instances_and_one_leaving_causes_no_503_and_no_se
     assert_eq!(effects.len(), 240, "one effect per command");
     assert_eq!(chats.len(), 240);
     assert!(lines(&shared.path().join("world/overlaps.log")).is_empty());
+    // Queues moved between the workers without either rebuilding its broker connection (a
+    // handed-over queue's cancelled consumer once looked like a lost connection).
+    let metrics = http_get(second.http_addr.unwrap(), "/metrics")
+        .await
+        .unwrap();
+    let reconnects: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("chat_delete_broker_reconnects_total") && !l.ends_with(" 0"))
+        .collect();
+    assert!(reconnects.is_empty(), "{reconnects:?}");
     second.stop().await;
 }
