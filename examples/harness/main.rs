@@ -161,21 +161,10 @@ async fn main() {
 
     let log = dir.path().join("worker.log");
     let mut worker = spawn_worker(&args.worker, &config, &log);
+    // Duplicates while the originals wait.
     let duplicates = args.duplicates().then(|| {
-        let (amqp, names, instances, n) = (
-            args.amqp.clone(),
-            names.clone(),
-            instances.clone(),
-            args.commands,
-        );
-        // Duplicates while the originals wait, a batch at a time.
-        tokio::spawn(async move {
-            for start in (0..n).step_by(50) {
-                let pause = rand::rng().random_range(50..400);
-                sleep(Duration::from_millis(pause)).await;
-                publish_commands(&amqp, &names, &instances, start..(start + 50).min(n), "dup")
-                    .await;
-            }
+        publish_in_batches(&args, &names, &instances, 50, "dup", || {
+            Duration::from_millis(rand::rng().random_range(50..400))
         })
     });
     let pressure = redis
@@ -341,6 +330,31 @@ async fn publish_commands(
     }
     channel.wait_for_confirms().await.unwrap();
     let _ = connection.close(200, "published".into()).await;
+}
+
+/// Publishes the commands `0..args.commands` in the background, `batch` at a time, each
+/// batch after a `pause()`.
+fn publish_in_batches(
+    args: &Args,
+    names: &chat_delete_worker::contract::Names,
+    instances: &[String],
+    batch: usize,
+    correlation: &'static str,
+    pause: impl Fn() -> Duration + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let (amqp, names, instances, n) = (
+        args.amqp.clone(),
+        names.clone(),
+        instances.to_vec(),
+        args.commands,
+    );
+    tokio::spawn(async move {
+        for start in (0..n).step_by(batch) {
+            sleep(pause()).await;
+            let ids = start..(start + batch).min(n);
+            publish_commands(&amqp, &names, &instances, ids, correlation).await;
+        }
+    })
 }
 
 struct Counts {

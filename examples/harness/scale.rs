@@ -3,7 +3,9 @@
 //! it, SIGTERM one and restart it; then a fourth worker joins and leaves. The harness watches
 //! the lease keys in Redis (every 100 ms) to time each failover (from the signal until another
 //! worker holds the instance) and the balance at rest; the simulated WhatsApp world counts
-//! overlaps (a replaced client that still acted).
+//! overlaps (a replaced client that still acted). `HARNESS_KEEP=1` keeps the working folder
+//! (configs, effect logs, the world, `workers.log`); `HARNESS_WORKER_LOG` sets the workers'
+//! `RUST_LOG` (default `warn`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -197,27 +199,9 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
     };
 
     // Commands keep coming through the whole run, a batch at a time.
-    let publisher = {
-        let (amqp, names, instances, n) = (
-            args.amqp.clone(),
-            names.clone(),
-            instances.clone(),
-            args.commands,
-        );
-        tokio::spawn(async move {
-            for start in (0..n).step_by(100) {
-                publish_commands(
-                    &amqp,
-                    &names,
-                    &instances,
-                    start..(start + 100).min(n),
-                    "scale",
-                )
-                .await;
-                sleep(Duration::from_millis(400)).await;
-            }
-        })
-    };
+    let publisher = publish_in_batches(args, &names, &instances, 100, "scale", || {
+        Duration::from_millis(400)
+    });
 
     let started = Instant::now();
     let mut workers = Workers {
@@ -244,33 +228,14 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
     let mut disruptions = 0;
     for _ in 0..rounds {
         // SIGKILL: no hand-over; the others take over once the leases end.
-        let victim = workers.pick();
-        let held = leases.held_by(&victim).await;
-        let at = Instant::now();
-        workers.signal(&victim, "-KILL");
-        workers.wait_exit(&victim).await;
-        let times = leases.failover(&victim, &held, at).await;
-        log(format!(
-            "SIGKILL {victim}: its {} instances taken over in at most {:.1}s",
-            times.len(),
-            times.iter().copied().fold(0.0, f64::max)
-        ));
+        let (_, times) = take_down(&mut workers, &mut leases, "KILL", &log).await;
         failovers.extend(times);
         disruptions += 1;
         workers.spawn();
         leases.settle(&live(&workers)).await;
 
         // SIGSTOP past the lease: it wakes up fenced, with nothing.
-        let victim = workers.pick();
-        let held = leases.held_by(&victim).await;
-        let at = Instant::now();
-        workers.signal(&victim, "-STOP");
-        let times = leases.failover(&victim, &held, at).await;
-        log(format!(
-            "SIGSTOP {victim}: its {} instances taken over in at most {:.1}s",
-            times.len(),
-            times.iter().copied().fold(0.0, f64::max)
-        ));
+        let (victim, times) = take_down(&mut workers, &mut leases, "STOP", &log).await;
         failovers.extend(times);
         disruptions += 1;
         workers.signal(&victim, "-CONT");
@@ -343,6 +308,30 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
         && drained
         && p99 <= 15.0
         && imbalance <= 1
+}
+
+/// Sends `signal` (KILL or STOP) to a worker, then times how long the others take to hold
+/// each instance it held. Answers the worker and those times.
+async fn take_down(
+    workers: &mut Workers<'_>,
+    leases: &mut Leases,
+    signal: &str,
+    log: &impl Fn(String),
+) -> (String, Vec<f64>) {
+    let victim = workers.pick();
+    let held = leases.held_by(&victim).await;
+    let at = Instant::now();
+    workers.signal(&victim, &format!("-{signal}"));
+    if signal == "KILL" {
+        workers.wait_exit(&victim).await;
+    }
+    let times = leases.failover(&victim, &held, at).await;
+    log(format!(
+        "SIG{signal} {victim}: its {} instances taken over in at most {:.1}s",
+        times.len(),
+        times.iter().copied().fold(0.0, f64::max)
+    ));
+    (victim, times)
 }
 
 async fn delete_keys(redis: &mut redis::aio::MultiplexedConnection, pattern: &str) {

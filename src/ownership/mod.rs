@@ -79,12 +79,18 @@ impl Lease {
 
     /// The generation held, if the lease is held now.
     pub fn generation(&self) -> Option<u64> {
-        self.check().ok().and(self.term()).map(|t| t.generation)
+        let term = self.term()?;
+        (!term.ended(Instant::now())).then_some(term.generation)
     }
 
     fn expired(&self, now: Instant) -> bool {
-        self.term()
-            .is_some_and(|t| t.until.is_some_and(|until| now >= until))
+        self.term().is_some_and(|t| t.ended(now))
+    }
+}
+
+impl Term {
+    fn ended(&self, now: Instant) -> bool {
+        self.until.is_some_and(|until| now >= until)
     }
 }
 
@@ -92,9 +98,7 @@ impl Fence for Lease {
     fn check(&self) -> Result<(), Fenced> {
         match self.term() {
             None => Err(Fenced("this worker does not own the instance")),
-            Some(Term {
-                until: Some(until), ..
-            }) if Instant::now() >= until => Err(Fenced(
+            Some(term) if term.ended(Instant::now()) => Err(Fenced(
                 "this worker's lease on the instance could not be renewed in time",
             )),
             Some(_) => Ok(()),

@@ -231,7 +231,7 @@ pub async fn serve(
     readiness.set_consuming(false);
     let live = serving.state.lock().await.live.take();
     if let Some(live) = live {
-        let grace = Duration::from_millis(config.worker.shutdown_grace_ms);
+        let grace = serving.grace;
         let stops = live.queues.values().map(|q| q.stop(requested, grace));
         let finished = futures_util::future::join_all(stops).await;
         if finished.contains(&false) {

@@ -325,20 +325,23 @@ impl Actor {
                     let _ = done.send(());
                 }
                 Msg::Close(done) => {
-                    self.stop_client().await;
-                    let paired = self.status.borrow().paired_as.clone();
-                    self.set(SessionState::Stopped, paired);
+                    self.close().await;
                     let _ = done.send(());
                 }
                 Msg::Shutdown(done) => {
-                    self.stop_client().await;
-                    let paired = self.status.borrow().paired_as.clone();
-                    self.set(SessionState::Stopped, paired);
+                    self.close().await;
                     let _ = done.send(());
                     break;
                 }
             }
         }
+    }
+
+    /// Stops the client; the session stays paired (its file is kept) for a later open.
+    async fn close(&mut self) {
+        self.stop_client().await;
+        let paired = self.status.borrow().paired_as.clone();
+        self.set(SessionState::Stopped, paired);
     }
 
     /// Resolves the chat, then sends its delete if the fence still holds.
