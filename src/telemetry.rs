@@ -27,6 +27,7 @@ pub const STORE_AVAILABLE: &str = "chat_delete_store_available";
 pub const STORE_WAITS: &str = "chat_delete_store_waits_total";
 pub const CLAIM_RENEWALS: &str = "chat_delete_claim_renewals_total";
 pub const FENCED: &str = "chat_delete_fenced_total";
+pub const FENCED_SESSION_WRITES: &str = "chat_delete_fenced_session_writes_total";
 pub const OWNED_INSTANCES: &str = "chat_delete_owned_instances";
 pub const REBALANCES: &str = "chat_delete_rebalances_total";
 pub const OWNERSHIP_GAP: &str = "chat_delete_ownership_gap_seconds";
@@ -107,6 +108,10 @@ fn describe() {
     describe_counter!(
         FENCED,
         "Commands stopped before an effect because their idempotency claim or this worker's lease on the instance was no longer held; handed back."
+    );
+    describe_counter!(
+        FENCED_SESSION_WRITES,
+        "Writes to a shared (PostgreSQL) WhatsApp session refused by the database because another owner opened the session since."
     );
     describe_gauge!(
         OWNED_INSTANCES,

@@ -56,6 +56,8 @@ pub fn is_refused_declaration(error: &lapin::Error) -> bool {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
+    #[error("broker address: {0}")]
+    Url(String),
     #[error("cannot read TLS file {0}: {1}")]
     TlsFile(String, std::io::Error),
     #[error("AMQP error: {0}")]
@@ -80,9 +82,12 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
-    /// Everything but a bad TLS file or a refused topology can succeed on another try.
+    /// Everything but a bad address, a bad TLS file or a refused topology can succeed on another try.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, BrokerError::TlsFile(..) | BrokerError::Topology(_))
+        !matches!(
+            self,
+            BrokerError::Url(_) | BrokerError::TlsFile(..) | BrokerError::Topology(_)
+        )
     }
 }
 

@@ -45,6 +45,8 @@ pub struct Config {
     pub pacing: PacingConfig,
     #[serde(default)]
     pub ownership: OwnershipConfig,
+    #[serde(default)]
+    pub sessions: SessionsConfig,
     /// Accounts by name; an account's token (TokenAccount) is valid for every instance it owns.
     #[serde(default)]
     pub accounts: BTreeMap<String, AccountConfig>,
@@ -219,6 +221,19 @@ impl Config {
                 "must be between 1 and a third of ownership.lease_ms",
             ));
         }
+        if self.sessions.store == SessionStoreKind::Postgres && self.sessions.postgres_url.is_none()
+        {
+            return Err(invalid(
+                "sessions.postgres_url".into(),
+                "required when sessions.store = \"postgres\"",
+            ));
+        }
+        if let Some(node) = self.broker.nodes.iter().find(|n| !is_host_port(n)) {
+            return Err(invalid(
+                "broker.nodes".into(),
+                &format!("`{node}` is not host:port"),
+            ));
+        }
         self.media.validate().map_err(|e| ConfigError::Invalid {
             key: format!("media.{}", e.key),
             message: e.message,
@@ -259,6 +274,11 @@ impl Config {
                 .join(format!("{instance}.db"))
         })
     }
+}
+
+fn is_host_port(node: &str) -> bool {
+    node.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
 }
 
 fn is_valid_namespace(ns: &str) -> bool {

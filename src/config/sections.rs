@@ -71,6 +71,14 @@ pub struct BrokerConfig {
     /// PKCS#12 client identity for mutual TLS, and its password.
     pub client_identity_file: Option<PathBuf>,
     pub client_identity_password: Option<String>,
+    /// Other nodes of the same cluster, as `host:port`: after a lost connection the worker
+    /// tries the next address in turn (credentials, vhost and TLS come from `url`).
+    pub nodes: Vec<String>,
+    /// RabbitMQ's HTTP API (`http://host:15672`, same credentials as `url`). When set, queues
+    /// are declared with only the arguments that can never change, and the delivery limit,
+    /// dead-lettering and leader placement are applied as policies (operators may change them
+    /// later without redeclaring anything).
+    pub management_url: Option<String>,
 }
 
 impl Default for BrokerConfig {
@@ -84,6 +92,8 @@ impl Default for BrokerConfig {
             ca_file: None,
             client_identity_file: None,
             client_identity_password: None,
+            nodes: Vec::new(),
+            management_url: None,
         }
     }
 }
@@ -197,6 +207,33 @@ impl Default for OwnershipConfig {
             capacity: 1,
         }
     }
+}
+
+/// Where WhatsApp sessions (keys, identity, app-state versions) are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    pub store: SessionStoreKind,
+    /// `postgres://user:password@host/db`; may come from `CDW__SESSIONS__POSTGRES_URL`.
+    pub postgres_url: Option<String>,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self {
+            store: SessionStoreKind::Sqlite,
+            postgres_url: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionStoreKind {
+    /// One SQLite file per instance under `store.path/sessions` (one host).
+    Sqlite,
+    /// PostgreSQL: every worker that gains an instance can open its session.
+    Postgres,
 }
 
 #[derive(Debug, Clone, Deserialize)]

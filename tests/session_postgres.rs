@@ -1,0 +1,375 @@
+//! WhatsApp sessions in PostgreSQL (the real server on this machine): the storage traits behave
+//! as the crate's own SQLite store does (the same assertions run against both), and a writer
+//! whose ownership is older than the session's current opener is refused by the database.
+
+use std::sync::Arc;
+
+use chat_delete_worker::session::postgres::{PgSessionError, PgSessions};
+use whatsapp_rust::bytes::Bytes;
+use whatsapp_rust::store::SqliteStore;
+use whatsapp_rust::wacore::appstate::hash::HashState;
+use whatsapp_rust::wacore::appstate::processor::AppStateMutationMAC;
+use whatsapp_rust::wacore::store::traits::{
+    AppStateSyncKey, Backend, DeviceInfo, DeviceListRecord, DeviceStore, LidPnMappingEntry,
+    MsgSecretEntry, ProtocolStore, SignalStore,
+};
+
+fn postgres_url() -> String {
+    std::env::var("CDW_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn mapping(lid: &str, phone: &str, updated_at: i64) -> LidPnMappingEntry {
+    LidPnMappingEntry {
+        lid: lid.into(),
+        phone_number: phone.into(),
+        created_at: 1,
+        updated_at,
+        learning_source: "usync".into(),
+    }
+}
+
+/// What the client relies on, asked through the traits only.
+async fn exercise(store: &dyn Backend) {
+    // Device: created once, then saved and loaded whole.
+    assert!(!store.exists().await.unwrap());
+    store.create().await.unwrap();
+    assert!(store.exists().await.unwrap());
+    let mut device = store.load().await.unwrap().expect("a created device loads");
+    device.push_name = "Clean-up bot".into();
+    device.registration_id = 4242;
+    store.save(&device).await.unwrap();
+    let loaded = store.load().await.unwrap().unwrap();
+    assert_eq!(loaded.push_name, "Clean-up bot");
+    assert_eq!(loaded.registration_id, 4242);
+    assert_eq!(
+        loaded.identity_key.public_key.public_key_bytes(),
+        device.identity_key.public_key.public_key_bytes()
+    );
+
+    // Identities and sessions.
+    let address = "5511999990001.0:1";
+    store.put_identity(address, [7; 32]).await.unwrap();
+    assert_eq!(store.load_identity(address).await.unwrap(), Some([7; 32]));
+    store.delete_identity(address).await.unwrap();
+    assert_eq!(store.load_identity(address).await.unwrap(), None);
+    let first: Arc<str> = "5511999990001@s.whatsapp.net.0".into();
+    store
+        .put_sessions_batch(&[(first.clone(), Bytes::from_static(b"one"))])
+        .await
+        .unwrap();
+    store.put_session(&first, b"two").await.unwrap();
+    assert_eq!(
+        store.get_session(&first).await.unwrap(),
+        Some(Bytes::from_static(b"two"))
+    );
+    assert!(store.has_session(&first).await.unwrap());
+    store.delete_session(&first).await.unwrap();
+    assert!(!store.has_session(&first).await.unwrap());
+
+    // Prekeys: the highest id, the uploaded flag, removal.
+    assert_eq!(store.get_max_prekey_id().await.unwrap(), 0);
+    store
+        .store_prekeys_batch(
+            &[(9, Bytes::from_static(b"p9")), (10, Bytes::from_static(b"p10"))],
+            false,
+        )
+        .await
+        .unwrap();
+    store.store_prekey(2, b"p2", true).await.unwrap();
+    assert_eq!(store.get_max_prekey_id().await.unwrap(), 10);
+    store.mark_prekeys_uploaded(&[9, 10]).await.unwrap();
+    assert_eq!(
+        store.load_prekey(10).await.unwrap(),
+        Some(Bytes::from_static(b"p10"))
+    );
+    store.remove_prekey(10).await.unwrap();
+    assert_eq!(store.load_prekey(10).await.unwrap(), None);
+    assert_eq!(store.get_max_prekey_id().await.unwrap(), 9);
+
+    // Signed prekeys and sender keys.
+    store.store_signed_prekey(3, b"s3").await.unwrap();
+    store.store_signed_prekey(1, b"s1").await.unwrap();
+    let mut all = store.load_all_signed_prekeys().await.unwrap();
+    all.sort();
+    assert_eq!(all, vec![(1, b"s1".to_vec()), (3, b"s3".to_vec())]);
+    store.remove_signed_prekey(1).await.unwrap();
+    assert_eq!(store.load_signed_prekey(1).await.unwrap(), None);
+    store.put_sender_key("group::sender", b"sk").await.unwrap();
+    assert_eq!(
+        store.get_sender_key("group::sender").await.unwrap(),
+        Some(b"sk".to_vec())
+    );
+    store.delete_sender_key("group::sender").await.unwrap();
+    assert_eq!(store.get_sender_key("group::sender").await.unwrap(), None);
+
+    // App state: sync keys, versions, mutation MACs.
+    assert_eq!(store.get_latest_sync_key_id().await.unwrap(), None);
+    let key = AppStateSyncKey {
+        key_data: vec![1; 32],
+        fingerprint: vec![4],
+        timestamp: 99,
+    };
+    store.set_sync_key(&[0, 1], key.clone()).await.unwrap();
+    store.set_sync_key(&[0, 2], key.clone()).await.unwrap();
+    assert_eq!(
+        store.get_sync_key(&[0, 2]).await.unwrap().unwrap().key_data,
+        vec![1; 32]
+    );
+    assert_eq!(
+        store.get_latest_sync_key_id().await.unwrap(),
+        Some(vec![0, 2])
+    );
+    assert_eq!(store.get_version("regular_high").await.unwrap().version, 0);
+    let state = HashState {
+        version: 17,
+        ..Default::default()
+    };
+    store.set_version("regular_high", state).await.unwrap();
+    assert_eq!(store.get_version("regular_high").await.unwrap().version, 17);
+    let macs = [
+        AppStateMutationMAC {
+            index_mac: vec![1; 32],
+            value_mac: vec![10],
+        },
+        AppStateMutationMAC {
+            index_mac: vec![2; 32],
+            value_mac: vec![20],
+        },
+    ];
+    store
+        .put_mutation_macs("regular_high", 17, &macs)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .get_mutation_mac("regular_high", &[2; 32])
+            .await
+            .unwrap(),
+        Some(vec![20])
+    );
+    let found = store
+        .get_mutation_macs("regular_high", &[[1; 32], [3; 32]])
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    store
+        .delete_mutation_macs("regular_high", &[vec![1; 32]])
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .get_mutation_mac("regular_high", &[1; 32])
+            .await
+            .unwrap(),
+        None
+    );
+    store.clear_mutation_macs("regular_high").await.unwrap();
+    assert_eq!(
+        store
+            .get_mutation_mac("regular_high", &[2; 32])
+            .await
+            .unwrap(),
+        None
+    );
+
+    // Sender key devices of a group.
+    let group = "120363000000000001@g.us";
+    store
+        .set_sender_key_status(group, &[("a:1@s.whatsapp.net", true), ("b:2@lid", false)])
+        .await
+        .unwrap();
+    let mut devices = store.get_sender_key_devices(group).await.unwrap();
+    devices.sort();
+    assert_eq!(
+        devices,
+        vec![
+            ("a:1@s.whatsapp.net".to_string(), true),
+            ("b:2@lid".to_string(), false)
+        ]
+    );
+    store
+        .delete_sender_key_device_rows(&["b:2@lid"])
+        .await
+        .unwrap();
+    assert_eq!(store.get_sender_key_devices(group).await.unwrap().len(), 1);
+    store.clear_all_sender_key_devices().await.unwrap();
+    assert!(store.get_sender_key_devices(group).await.unwrap().is_empty());
+
+    // LID <-> phone mappings: a LID that moves to another number leaves the old one.
+    store
+        .put_lid_mapping(&mapping("100001", "5511999990001", 10))
+        .await
+        .unwrap();
+    store
+        .put_lid_mappings(&[
+            mapping("100002", "5511999990002", 20),
+            mapping("100001", "5511999990003", 30),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .get_lid_mapping("100001")
+            .await
+            .unwrap()
+            .unwrap()
+            .phone_number,
+        "5511999990003"
+    );
+    assert_eq!(
+        store.get_pn_mapping("5511999990002").await.unwrap().unwrap().lid,
+        "100002"
+    );
+    assert!(store.get_pn_mapping("5511999990001").await.unwrap().is_none());
+    assert_eq!(store.get_all_lid_mappings().await.unwrap().len(), 2);
+
+    // Base keys, device lists, group metadata.
+    store.save_base_key("addr", "m1", b"base").await.unwrap();
+    assert!(store.has_same_base_key("addr", "m1", b"base").await.unwrap());
+    assert!(!store.has_same_base_key("addr", "m1", b"other").await.unwrap());
+    store.delete_base_key("addr", "m1").await.unwrap();
+    assert!(!store.has_same_base_key("addr", "m1", b"base").await.unwrap());
+    let record = DeviceListRecord {
+        user: "5511999990001".into(),
+        devices: vec![DeviceInfo::new(0, None), DeviceInfo::new(3, Some(1))],
+        timestamp: 5,
+        phash: Some("2:abc".into()),
+        raw_id: None,
+    };
+    store.update_device_list(record).await.unwrap();
+    let got = store.get_devices("5511999990001").await.unwrap().unwrap();
+    assert_eq!(got.devices.len(), 2);
+    assert_eq!(got.phash.as_deref(), Some("2:abc"));
+    store.delete_devices("5511999990001").await.unwrap();
+    assert!(store.get_devices("5511999990001").await.unwrap().is_none());
+    store.put_group_metadata(group, b"v1").await.unwrap();
+    store.put_group_metadata(group, b"v2").await.unwrap();
+    assert_eq!(
+        store.get_group_metadata(group).await.unwrap(),
+        Some(b"v2".to_vec())
+    );
+
+    // Trusted-contact tokens: each writer owns its field; newer wins; expiry needs both stale.
+    store
+        .touch_tc_token_sender_timestamp("100001@lid", 50)
+        .await
+        .unwrap();
+    store
+        .store_received_tc_token("100001@lid", b"tok", 40)
+        .await
+        .unwrap();
+    store
+        .touch_tc_token_sender_timestamp("100001@lid", 45)
+        .await
+        .unwrap();
+    let token = store.get_tc_token("100001@lid").await.unwrap().unwrap();
+    assert_eq!(
+        (token.token.as_slice(), token.token_timestamp, token.sender_timestamp),
+        (&b"tok"[..], 40, Some(50))
+    );
+    store
+        .store_received_tc_token("100001@lid", b"old", 30)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_tc_token("100001@lid").await.unwrap().unwrap().token,
+        b"tok"
+    );
+    assert_eq!(
+        store.get_all_tc_token_jids().await.unwrap(),
+        vec!["100001@lid".to_string()]
+    );
+    assert_eq!(store.delete_expired_tc_tokens(41, 40).await.unwrap(), 0);
+    assert_eq!(store.delete_expired_tc_tokens(41, 51).await.unwrap(), 1);
+
+    // Sent messages are taken once.
+    store.store_sent_message("chat", "id1", b"payload").await.unwrap();
+    assert_eq!(
+        store.take_sent_message("chat", "id1").await.unwrap(),
+        Some(b"payload".to_vec())
+    );
+    assert_eq!(store.take_sent_message("chat", "id1").await.unwrap(), None);
+
+    // Message secrets: "never" and later deadlines win; expiry spares "never".
+    let secret = |expires_at, message_ts| MsgSecretEntry {
+        chat: "chat@s.whatsapp.net".into(),
+        sender: "me@s.whatsapp.net".into(),
+        msg_id: "M1".into(),
+        secret: [9; 32],
+        expires_at,
+        message_ts,
+    };
+    assert_eq!(store.put_msg_secrets(vec![secret(100, 7)]).await.unwrap(), 1);
+    store.put_msg_secrets(vec![secret(50, 0)]).await.unwrap();
+    assert_eq!(
+        store
+            .get_msg_secret_with_ts("chat@s.whatsapp.net", "me@s.whatsapp.net", "M1")
+            .await
+            .unwrap(),
+        Some((vec![9; 32], 7))
+    );
+    assert_eq!(store.delete_expired_msg_secrets(99).await.unwrap(), 0);
+    assert_eq!(store.delete_expired_msg_secrets(100).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn the_crate_s_sqlite_store_passes_the_storage_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("session.db");
+    let store = SqliteStore::new(&path.to_string_lossy()).await.unwrap();
+    exercise(&store).await;
+}
+
+#[tokio::test]
+async fn the_postgres_store_passes_the_same_storage_checks() {
+    let sessions = PgSessions::connect(&postgres_url()).await.unwrap();
+    let store = sessions.open(&unique("contract"), 1).await.unwrap();
+    exercise(&store).await;
+}
+
+#[tokio::test]
+async fn a_writer_from_an_older_ownership_is_refused_by_the_database() {
+    let sessions = PgSessions::connect(&postgres_url()).await.unwrap();
+    let instance = unique("fence");
+    let old = sessions.open(&instance, 3).await.unwrap();
+    old.create().await.unwrap();
+    old.put_session("peer", b"from the old owner").await.unwrap();
+
+    // Another worker gains the instance with a newer lease, then the old one wakes up.
+    let new = sessions.open(&instance, 4).await.unwrap();
+    let refused = old.put_session("peer", b"stale").await.unwrap_err();
+    assert!(refused.to_string().contains("database"), "{refused}");
+    assert!(
+        old.take_sent_message("c", "m").await.is_err(),
+        "reads that write are fenced too"
+    );
+    assert_eq!(
+        new.get_session("peer").await.unwrap(),
+        Some(Bytes::from_static(b"from the old owner"))
+    );
+    new.put_session("peer", b"from the new owner").await.unwrap();
+
+    // The old owner cannot take the session back with its old generation.
+    match sessions.open(&instance, 3).await {
+        Err(PgSessionError::Superseded { held: 4, ours: 3 }) => {}
+        other => panic!("expected Superseded, got {:?}", other.map(|s| s.token())),
+    }
+    // A reader (the CLI's `instances`) sees everything and writes nothing.
+    let reader = sessions.reader(&instance);
+    assert!(reader.exists().await.unwrap());
+    assert!(reader.put_session("peer", b"reader").await.is_err());
+    assert_eq!(
+        new.get_session("peer").await.unwrap(),
+        Some(Bytes::from_static(b"from the new owner"))
+    );
+
+    // Re-opening with the same generation (a lone worker reopening) fences the earlier opening.
+    let again = sessions.open(&instance, 4).await.unwrap();
+    assert!(new.put_session("peer", b"x").await.is_err());
+    again.put_session("peer", b"y").await.unwrap();
+}
