@@ -3,8 +3,16 @@
 //! whose ownership is older than the session's current opener is refused by the database.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use chat_delete_worker::ownership::Lease;
+use chat_delete_worker::pipeline::request::normalise_number;
 use chat_delete_worker::session::postgres::{PgSessionError, PgSessions};
+use chat_delete_worker::session::whatsapp;
+use chat_delete_worker::session::{
+    ChatSession, SessionError, SessionOptions, SessionState, SessionStore, WhatsappSession,
+};
+use whatsapp_rust::Jid;
 use whatsapp_rust::bytes::Bytes;
 use whatsapp_rust::store::SqliteStore;
 use whatsapp_rust::wacore::appstate::hash::HashState;
@@ -328,7 +336,7 @@ async fn the_crate_s_sqlite_store_passes_the_storage_checks() {
 #[tokio::test]
 async fn the_postgres_store_passes_the_same_storage_checks() {
     let sessions = PgSessions::connect(&postgres_url()).await.unwrap();
-    let store = sessions.open(&unique("contract"), 1).await.unwrap();
+    let store = sessions.open(&unique("contract"), Some(1)).await.unwrap();
     exercise(&store).await;
 }
 
@@ -336,12 +344,12 @@ async fn the_postgres_store_passes_the_same_storage_checks() {
 async fn a_writer_from_an_older_ownership_is_refused_by_the_database() {
     let sessions = PgSessions::connect(&postgres_url()).await.unwrap();
     let instance = unique("fence");
-    let old = sessions.open(&instance, 3).await.unwrap();
+    let old = sessions.open(&instance, Some(3)).await.unwrap();
     old.create().await.unwrap();
     old.put_session("peer", b"from the old owner").await.unwrap();
 
     // Another worker gains the instance with a newer lease, then the old one wakes up.
-    let new = sessions.open(&instance, 4).await.unwrap();
+    let new = sessions.open(&instance, Some(4)).await.unwrap();
     let refused = old.put_session("peer", b"stale").await.unwrap_err();
     assert!(refused.to_string().contains("database"), "{refused}");
     assert!(
@@ -355,12 +363,12 @@ async fn a_writer_from_an_older_ownership_is_refused_by_the_database() {
     new.put_session("peer", b"from the new owner").await.unwrap();
 
     // The old owner cannot take the session back with its old generation.
-    match sessions.open(&instance, 3).await {
+    match sessions.open(&instance, Some(3)).await {
         Err(PgSessionError::Superseded { held: 4, ours: 3 }) => {}
         other => panic!("expected Superseded, got {:?}", other.map(|s| s.token())),
     }
     // A reader (the CLI's `instances`) sees everything and writes nothing.
-    let reader = sessions.reader(&instance);
+    let reader = sessions.reader(&instance).await.unwrap();
     assert!(reader.exists().await.unwrap());
     assert!(reader.put_session("peer", b"reader").await.is_err());
     assert_eq!(
@@ -368,8 +376,85 @@ async fn a_writer_from_an_older_ownership_is_refused_by_the_database() {
         Some(Bytes::from_static(b"from the new owner"))
     );
 
-    // Re-opening with the same generation (a lone worker reopening) fences the earlier opening.
-    let again = sessions.open(&instance, 4).await.unwrap();
+    // Re-opening with the same generation (a lone worker reopening), or the CLI taking the
+    // session over at the current one, fences the earlier opening.
+    let again = sessions.open(&instance, Some(4)).await.unwrap();
     assert!(new.put_session("peer", b"x").await.is_err());
     again.put_session("peer", b"y").await.unwrap();
+    let cli = sessions.open(&instance, None).await.unwrap();
+    assert_eq!(cli.token().0, 4);
+    assert!(again.put_session("peer", b"z").await.is_err());
+    cli.put_session("peer", b"paired again").await.unwrap();
+}
+
+fn pg_options(sessions: &PgSessions, instance: &str, owner: Option<Arc<Lease>>) -> SessionOptions {
+    SessionOptions {
+        store: SessionStore::Postgres {
+            sessions: sessions.clone(),
+            instance: instance.to_owned(),
+        },
+        owner,
+        delete_timeout: Duration::from_secs(5),
+        shutdown_deadline: Duration::from_secs(2),
+        // Nothing listens on port 1: connecting fails at once, offline.
+        transport_url: Some("ws://127.0.0.1:1".into()),
+        lookup: whatsapp::LookupLimits {
+            cache_ttl: Duration::from_secs(60),
+            per_minute: 60,
+        },
+    }
+}
+
+/// The real whatsapp-rust client over the PostgreSQL store, offline: a never-paired instance
+/// gets its device created in the database and answers "not connected" (503).
+#[tokio::test]
+async fn the_real_client_opens_a_never_paired_session_from_postgres() {
+    let sessions = PgSessions::connect(&postgres_url()).await.unwrap();
+    let instance = unique("never-paired");
+    let options = pg_options(&sessions, &instance, Some(Arc::new(Lease::permanent())));
+    let session = WhatsappSession::start(&instance, options.clone()).await;
+    assert_eq!(session.state(), SessionState::NotPaired);
+    let chat = normalise_number("5511999999999").unwrap();
+    let refused = session
+        .delete_chat(&chat, false, Arc::new(Lease::permanent()))
+        .await;
+    assert_eq!(refused, Err(SessionError::NotConnected));
+    let reader = sessions.reader(&instance).await.unwrap();
+    assert!(reader.exists().await.unwrap(), "the client created its device row");
+    assert_eq!(whatsapp::inspect(&options).await.unwrap(), None);
+    session.shutdown().await;
+}
+
+/// `instances` reads a paired session's number without taking the session from its holder;
+/// `unpair` takes it over (the holder's writes are refused from then on) and removes it.
+#[tokio::test]
+async fn inspect_reads_without_taking_over_and_unpair_removes_the_session() {
+    let sessions = PgSessions::connect(&postgres_url()).await.unwrap();
+    let instance = unique("paired");
+    let options = pg_options(&sessions, &instance, None);
+    let hold = whatsapp::SessionHold::acquire(&options).await.unwrap();
+    let bot = whatsapp::build_bot(&options, &hold, &[], None, |_| {})
+        .await
+        .unwrap();
+    let client = bot.client();
+    client
+        .persistence_manager()
+        .modify_device(|device| device.pn = Some(Jid::pn("5511988887777".to_owned())))
+        .await;
+    client.persistence_manager().flush().await.unwrap();
+    let whatsapp::SessionHold::Database(holder) = &hold else {
+        panic!("a database session is held in the database")
+    };
+
+    assert_eq!(
+        whatsapp::inspect(&options).await.unwrap().as_deref(),
+        Some("+5511988887777")
+    );
+    holder.put_session("peer", b"still mine").await.unwrap();
+
+    drop(bot);
+    assert!(whatsapp::unpair(&options).await.unwrap());
+    assert!(holder.put_session("peer", b"late").await.is_err());
+    assert_eq!(whatsapp::inspect(&options).await.unwrap(), None);
+    assert!(!whatsapp::unpair(&options).await.unwrap());
 }

@@ -11,7 +11,7 @@ use chat_delete_worker::pipeline::request::normalise_number;
 use chat_delete_worker::session::whatsapp::mutation::DeleteChat;
 use chat_delete_worker::session::whatsapp::{self, Directory, SessionLock};
 use chat_delete_worker::session::{
-    ChatSession, SessionError, SessionOptions, SessionState, WhatsappSession,
+    ChatSession, SessionError, SessionOptions, SessionState, SessionStore, WhatsappSession,
 };
 use common::*;
 use whatsapp_rust::prelude::Event;
@@ -26,7 +26,8 @@ const TOKEN: &str = "secret-tok-wa";
 
 fn options(dir: &std::path::Path, name: &str) -> SessionOptions {
     SessionOptions {
-        store_path: dir.join(format!("{name}.db")),
+        store: SessionStore::Sqlite(dir.join(format!("{name}.db"))),
+        owner: None,
         delete_timeout: Duration::from_secs(5),
         shutdown_deadline: Duration::from_secs(2),
         // Nothing listens on port 1: connecting fails at once, offline.
@@ -38,9 +39,20 @@ fn options(dir: &std::path::Path, name: &str) -> SessionOptions {
     }
 }
 
+fn store_path(options: &SessionOptions) -> std::path::PathBuf {
+    match &options.store {
+        SessionStore::Sqlite(path) => path.clone(),
+        SessionStore::Postgres { .. } => unreachable!("these tests keep sessions in files"),
+    }
+}
+
+async fn hold(options: &SessionOptions) -> whatsapp::SessionHold {
+    whatsapp::SessionHold::acquire(options).await.unwrap()
+}
+
 /// Writes a paired device (its phone number) into a session file, as pairing would.
 async fn seed_paired(options: &SessionOptions, number: &str) {
-    let bot = whatsapp::build_bot(options, &[], None, |_| {})
+    let bot = whatsapp::build_bot(options, &hold(options).await, &[], None, |_| {})
         .await
         .unwrap();
     let client = bot.client();
@@ -110,7 +122,7 @@ async fn app_state_keys_without_a_connection_are_not_connected_through_the_real_
     let timeout = Duration::from_secs(5);
 
     // Never paired: the crate has no app-state key, which is "not connected" for us.
-    let bot = whatsapp::build_bot(&options, &[], None, |_| {})
+    let bot = whatsapp::build_bot(&options, &hold(&options).await, &[], None, |_| {})
         .await
         .unwrap();
     let result = whatsapp::Device::send(&bot.client(), &mutation, timeout).await;
@@ -118,7 +130,7 @@ async fn app_state_keys_without_a_connection_are_not_connected_through_the_real_
     drop(bot);
 
     // With a key in the store, the real delete gets as far as the connection.
-    let store = whatsapp_rust::store::SqliteStore::new(&options.store_path.to_string_lossy())
+    let store = whatsapp_rust::store::SqliteStore::new(&store_path(&options).to_string_lossy())
         .await
         .unwrap();
     store
@@ -133,7 +145,7 @@ async fn app_state_keys_without_a_connection_are_not_connected_through_the_real_
         .await
         .unwrap();
     drop(store);
-    let bot = whatsapp::build_bot(&options, &[], None, |_| {})
+    let bot = whatsapp::build_bot(&options, &hold(&options).await, &[], None, |_| {})
         .await
         .unwrap();
     let client = bot.client();
@@ -175,7 +187,7 @@ async fn a_paired_session_survives_a_restart_and_a_dead_endpoint_keeps_it_down()
     );
     assert_eq!(session.state(), SessionState::Connecting);
     // While the worker holds the session, nobody else may open it.
-    assert!(SessionLock::acquire(&options.store_path).is_err());
+    assert!(SessionLock::acquire(&store_path(&options)).is_err());
     let chat = normalise_number("5511999999999").unwrap();
     assert_eq!(
         session
@@ -195,7 +207,7 @@ async fn a_paired_session_survives_a_restart_and_a_dead_endpoint_keeps_it_down()
 
     // Restarted: the paired-ness is read back from the file.
     assert!(
-        SessionLock::acquire(&options.store_path).is_ok(),
+        SessionLock::acquire(&store_path(&options)).is_ok(),
         "the lock is released"
     );
     let again = WhatsappSession::start("paired", options.clone()).await;
@@ -204,7 +216,7 @@ async fn a_paired_session_survives_a_restart_and_a_dead_endpoint_keeps_it_down()
 
     // Unpairing removes the file (WhatsApp cannot be told offline).
     assert!(whatsapp::unpair(&options).await.unwrap());
-    assert!(!options.store_path.exists());
+    assert!(!store_path(&options).exists());
     assert_eq!(whatsapp::inspect(&options).await.unwrap(), None);
 }
 
@@ -248,7 +260,7 @@ async fn events_drive_the_state_and_parking_stops_the_client() {
     wait_state(&session, SessionState::LoggedOut).await;
     // Parked: the client is stopped and its file released, so no retry storm.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while SessionLock::acquire(&options.store_path).is_err() {
+    while SessionLock::acquire(&store_path(&options)).is_err() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the parked client keeps its file"

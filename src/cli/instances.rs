@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use super::pair::whatsapp_options;
 use crate::config::{Config, InstanceKind};
 use crate::http;
+use crate::session::SessionStore;
 use crate::session::whatsapp::{OpenError, inspect};
 
 /// Asks the running worker; falls back to reading the session files.
@@ -19,10 +20,13 @@ pub async fn run(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
                     InstanceKind::Simulated => ("simulated".to_owned(), None, None),
                     InstanceKind::Whatsapp => {
                         let options = whatsapp_options(config, name)?;
-                        let changed = std::fs::metadata(&options.store_path)
-                            .and_then(|m| m.modified())
-                            .ok()
-                            .map(|t| chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339());
+                        let changed = match &options.store {
+                            SessionStore::Sqlite(path) => std::fs::metadata(path)
+                                .and_then(|m| m.modified())
+                                .ok()
+                                .map(|t| chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339()),
+                            SessionStore::Postgres { .. } => None,
+                        };
                         match inspect(&options).await {
                             Ok(Some(number)) => ("paired".to_owned(), Some(number), changed),
                             Ok(None) => ("not_paired".to_owned(), None, changed),

@@ -11,8 +11,9 @@ use whatsapp_rust::prelude::{Event, EventKind};
 
 use crate::config::{Config, InstanceKind};
 use crate::session::SessionOptions;
+use crate::session::postgres::PgSessions;
 use crate::session::whatsapp::{
-    OpenError, SessionLock, app_state_ready, build_bot, paired_as, unpair,
+    OpenError, SessionHold, app_state_ready, build_bot, paired_as, unpair,
 };
 use whatsapp_rust::pair_code::PairCodeOptions;
 
@@ -27,7 +28,8 @@ pub fn whatsapp_options(config: &Config, instance: &str) -> anyhow::Result<Sessi
         "instance {instance} is {:?}, not a whatsapp instance",
         cfg.kind
     );
-    Ok(SessionOptions::of(config, instance))
+    let database = PgSessions::from_config(config)?;
+    Ok(SessionOptions::of(config, instance, database.as_ref()))
 }
 
 /// `pair <instance>`: links the instance and says how to make a running worker pick it up.
@@ -41,7 +43,7 @@ pub async fn run_pair(
     let number = pair(&options, phone, &mut std::io::stdout(), limit).await?;
     println!(
         "Instance {instance} is paired as {number}; its session is saved in {}.\nReload a running worker: kill -HUP <pid>, or POST /admin/reload on its HTTP port.",
-        options.store_path.display()
+        options.store
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -50,9 +52,9 @@ pub async fn run_pair(
 pub async fn run_unpair(config: &Config, instance: &str) -> anyhow::Result<ExitCode> {
     let options = whatsapp_options(config, instance)?;
     if unpair(&options).await? {
-        println!("Instance {instance} is unpaired; its session file is removed.");
+        println!("Instance {instance} is unpaired; its session is removed.");
     } else {
-        println!("Instance {instance} has no session file.");
+        println!("Instance {instance} has no session.");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -151,7 +153,7 @@ impl PairFlow {
     }
 }
 
-/// Pairs the session at `options.store_path` and stays until the phone's app state (the chat
+/// Pairs the session at `options.store` and stays until the phone's app state (the chat
 /// list deletes are built on) is synced and saved; returns the linked number.
 pub async fn pair(
     options: &SessionOptions,
@@ -159,10 +161,11 @@ pub async fn pair(
     out: &mut (impl Write + Send),
     limit: Duration,
 ) -> Result<String, PairError> {
-    let _lock = SessionLock::acquire(&options.store_path)?;
+    let hold = SessionHold::acquire(options).await?;
     let (events, mut inbox) = mpsc::unbounded_channel();
     let bot = build_bot(
         options,
+        &hold,
         &[
             EventKind::PairingQrCode,
             EventKind::PairingCode,
@@ -246,7 +249,8 @@ mod tests {
     async fn pairing_a_session_in_use_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let options = SessionOptions {
-            store_path: dir.path().join("a.db"),
+            store: crate::session::SessionStore::Sqlite(dir.path().join("a.db")),
+            owner: None,
             delete_timeout: Duration::from_secs(1),
             shutdown_deadline: Duration::from_secs(1),
             transport_url: Some("ws://127.0.0.1:1".into()),
@@ -255,7 +259,7 @@ mod tests {
                 per_minute: 60,
             },
         };
-        let _held = SessionLock::acquire(&options.store_path).unwrap();
+        let _held = crate::session::whatsapp::SessionLock::acquire(&dir.path().join("a.db")).unwrap();
         let err = pair(&options, None, &mut Vec::new(), Duration::from_secs(1))
             .await
             .unwrap_err();

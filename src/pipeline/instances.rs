@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::config::{Config, InstanceKind, TokenHash};
 use crate::ownership::Lease;
 use crate::session::{ChatSession, SessionOptions, SimulatedSession, WhatsappSession};
+use crate::session::postgres::PgSessions;
 
 use super::auth::InstanceCredentials;
 use super::envelope::Envelope;
@@ -26,20 +27,20 @@ impl Instance {
         credentials: InstanceCredentials,
         session: Arc<dyn ChatSession>,
     ) -> Self {
-        Self::with_lease(name, credentials, session, Lease::permanent())
+        Self::with_lease(name, credentials, session, Arc::new(Lease::permanent()))
     }
 
     fn with_lease(
         name: &str,
         credentials: InstanceCredentials,
         session: Arc<dyn ChatSession>,
-        lease: Lease,
+        lease: Arc<Lease>,
     ) -> Self {
         Self {
             name: name.to_owned(),
             credentials,
             session,
-            lease: Arc::new(lease),
+            lease,
         }
     }
 
@@ -79,27 +80,27 @@ impl Instances {
     /// vacant until this worker takes the instance.
     pub async fn from_config(config: &Config) -> std::io::Result<Self> {
         let shared = config.ownership.enabled;
+        let database = PgSessions::from_config(config).map_err(std::io::Error::other)?;
         let mut by_name = BTreeMap::new();
         for (name, cfg) in &config.instances {
+            let lease = Arc::new(match shared {
+                true => Lease::vacant(),
+                false => Lease::permanent(),
+            });
+            let options = || SessionOptions {
+                owner: Some(lease.clone()),
+                ..SessionOptions::of(config, name, database.as_ref())
+            };
             let session: Arc<dyn ChatSession> = match cfg.kind {
                 InstanceKind::Simulated => Arc::new(SimulatedSession::new(name, &cfg.simulated)?),
-                InstanceKind::Whatsapp if shared => Arc::new(WhatsappSession::closed(
-                    name,
-                    SessionOptions::of(config, name),
-                )),
-                InstanceKind::Whatsapp => {
-                    let options = SessionOptions::of(config, name);
-                    Arc::new(WhatsappSession::start(name, options).await)
+                InstanceKind::Whatsapp if shared => {
+                    Arc::new(WhatsappSession::closed(name, options()))
                 }
+                InstanceKind::Whatsapp => Arc::new(WhatsappSession::start(name, options()).await),
             };
-            let lease = if shared {
-                Lease::vacant()
-            } else {
-                if cfg.kind == InstanceKind::Simulated {
-                    session.open().await;
-                }
-                Lease::permanent()
-            };
+            if !shared && cfg.kind == InstanceKind::Simulated {
+                session.open().await;
+            }
             let account_token = cfg
                 .account
                 .as_ref()

@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use std::sync::Arc;
 
 use crate::fence::{Fence, Fenced};
+use crate::ownership::Lease;
 use crate::pipeline::request::ChatJid;
 
 /// What an instance's session looks like from outside.
@@ -26,10 +27,36 @@ pub struct SessionStatus {
     pub changed_at: DateTime<Utc>,
 }
 
-/// How to reach one session.
+/// Where one instance's session is kept.
 #[derive(Debug, Clone)]
+pub enum SessionStore {
+    /// A SQLite file, held with a file lock (one host).
+    Sqlite(PathBuf),
+    /// A row set in PostgreSQL, fenced by ownership generation (any host).
+    Postgres {
+        sessions: postgres::PgSessions,
+        instance: String,
+    },
+}
+
+impl std::fmt::Display for SessionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionStore::Sqlite(path) => write!(f, "{}", path.display()),
+            SessionStore::Postgres { instance, .. } => {
+                write!(f, "the PostgreSQL session store (instance {instance})")
+            }
+        }
+    }
+}
+
+/// How to reach one session.
+#[derive(Clone)]
 pub struct SessionOptions {
-    pub store_path: PathBuf,
+    pub store: SessionStore,
+    /// The worker's lease on the instance: a shared session is opened as its generation.
+    /// `None` for the CLI, which takes the session over at the current generation.
+    pub owner: Option<Arc<Lease>>,
     /// Our bound on one delete (the crate's own IQ timeout is 75 s).
     pub delete_timeout: Duration,
     /// Time given to a client to flush and disconnect before it is aborted.
@@ -41,11 +68,24 @@ pub struct SessionOptions {
 }
 
 impl SessionOptions {
-    /// A configured instance's session settings.
-    pub fn of(config: &crate::config::Config, instance: &str) -> Self {
+    /// A configured instance's session settings; `database` is the shared session store when
+    /// the config selects one.
+    pub fn of(
+        config: &crate::config::Config,
+        instance: &str,
+        database: Option<&postgres::PgSessions>,
+    ) -> Self {
         let worker = &config.worker;
+        let store = match database {
+            Some(sessions) => SessionStore::Postgres {
+                sessions: sessions.clone(),
+                instance: instance.to_owned(),
+            },
+            None => SessionStore::Sqlite(config.session_store_path(instance)),
+        };
         Self {
-            store_path: config.session_store_path(instance),
+            store,
+            owner: None,
             delete_timeout: Duration::from_millis(worker.delete_timeout_ms),
             shutdown_deadline: Duration::from_millis(worker.shutdown_grace_ms),
             transport_url: config

@@ -58,6 +58,8 @@ pub enum PgSessionError {
 #[derive(Clone)]
 pub struct PgSessions {
     pool: Pool,
+    /// Set once the tables exist (created on first use).
+    schema: Arc<tokio::sync::OnceCell<()>>,
 }
 
 impl std::fmt::Debug for PgSessions {
@@ -67,8 +69,25 @@ impl std::fmt::Debug for PgSessions {
 }
 
 impl PgSessions {
+    /// The configured session database, if sessions are kept in PostgreSQL.
+    pub fn from_config(
+        config: &crate::config::Config,
+    ) -> std::result::Result<Option<Self>, PgSessionError> {
+        match (&config.sessions.store, &config.sessions.postgres_url) {
+            (crate::config::SessionStoreKind::Postgres, Some(url)) => Self::new(url).map(Some),
+            _ => Ok(None),
+        }
+    }
+
     /// Connects and creates the tables if they are missing.
     pub async fn connect(url: &str) -> std::result::Result<Self, PgSessionError> {
+        let sessions = Self::new(url)?;
+        sessions.ready().await?;
+        Ok(sessions)
+    }
+
+    /// A pool that connects on first use.
+    pub fn new(url: &str) -> std::result::Result<Self, PgSessionError> {
         let config: tokio_postgres::Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| PgSessionError::Connect(e.to_string()))?;
@@ -83,15 +102,26 @@ impl PgSessions {
             .max_size(8)
             .build()
             .map_err(|e| PgSessionError::Connect(e.to_string()))?;
-        let sessions = Self { pool };
-        let mut client = sessions.client().await?;
-        // Several workers starting at once: one creates, the others wait and find it there.
-        let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock(7262393021)", &[])
-            .await?;
-        tx.batch_execute(SCHEMA).await?;
-        tx.commit().await?;
-        Ok(sessions)
+        Ok(Self {
+            pool,
+            schema: Default::default(),
+        })
+    }
+
+    async fn ready(&self) -> std::result::Result<(), PgSessionError> {
+        self.schema
+            .get_or_try_init(|| async {
+                let mut client = self.client().await?;
+                // Several workers starting at once: one creates, the others find it there.
+                let tx = client.transaction().await?;
+                tx.execute("SELECT pg_advisory_xact_lock(7262393021)", &[])
+                    .await?;
+                tx.batch_execute(SCHEMA).await?;
+                tx.commit().await?;
+                Ok(())
+            })
+            .await
+            .map(drop)
     }
 
     async fn client(&self) -> std::result::Result<deadpool_postgres::Object, PgSessionError> {
@@ -101,38 +131,59 @@ impl PgSessions {
             .map_err(|e| PgSessionError::Connect(e.to_string()))
     }
 
-    /// Opens an instance's session for writing as owner `generation`: refused when a newer
-    /// generation opened it; otherwise every earlier opener's writes are refused from now on.
+    /// Opens an instance's session for writing as owner `generation` (`None`: at the current
+    /// generation, as the CLI does): refused when a newer generation opened it; otherwise every
+    /// earlier opener's writes are refused from now on.
     pub async fn open(
         &self,
         instance: &str,
-        generation: u64,
+        generation: Option<u64>,
     ) -> std::result::Result<PgStore, PgSessionError> {
-        let generation = i64::try_from(generation).unwrap_or(i64::MAX);
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                "INSERT INTO cdw_wa_owner AS o (instance, generation, opening) VALUES ($1, $2, 1)
-                 ON CONFLICT (instance) DO UPDATE
-                   SET generation = EXCLUDED.generation, opening = o.opening + 1
-                   WHERE o.generation <= EXCLUDED.generation
-                 RETURNING opening",
-                &[&instance, &generation],
-            )
-            .await?;
-        match row {
-            Some(row) => Ok(self.store(instance, generation, row.get(0))),
-            None => Err(PgSessionError::Superseded {
-                held: self.generation(instance).await?.unwrap_or_default(),
-                ours: generation,
-            }),
-        }
+        self.ready().await?;
+        let client = self.client().await?;
+        let row = match generation {
+            Some(generation) => {
+                let generation = i64::try_from(generation).unwrap_or(i64::MAX);
+                let row = client
+                    .query_opt(
+                        "INSERT INTO cdw_wa_owner AS o (instance, generation, opening)
+                         VALUES ($1, $2, 1)
+                         ON CONFLICT (instance) DO UPDATE
+                           SET generation = EXCLUDED.generation, opening = o.opening + 1
+                           WHERE o.generation <= EXCLUDED.generation
+                         RETURNING generation, opening",
+                        &[&instance, &generation],
+                    )
+                    .await?;
+                match row {
+                    Some(row) => row,
+                    None => {
+                        return Err(PgSessionError::Superseded {
+                            held: self.generation(instance).await?.unwrap_or_default(),
+                            ours: generation,
+                        });
+                    }
+                }
+            }
+            None => {
+                client
+                    .query_one(
+                        "INSERT INTO cdw_wa_owner AS o (instance, generation, opening)
+                         VALUES ($1, 0, 1)
+                         ON CONFLICT (instance) DO UPDATE SET opening = o.opening + 1
+                         RETURNING generation, opening",
+                        &[&instance],
+                    )
+                    .await?
+            }
+        };
+        Ok(self.store(instance, row.get(0), row.get(1)))
     }
 
     /// Reads an instance's session without taking it over (every write is refused).
-    pub fn reader(&self, instance: &str) -> PgStore {
-        self.store(instance, -1, -1)
+    pub async fn reader(&self, instance: &str) -> std::result::Result<PgStore, PgSessionError> {
+        self.ready().await?;
+        Ok(self.store(instance, -1, -1))
     }
 
     fn store(&self, instance: &str, generation: i64, opening: i64) -> PgStore {

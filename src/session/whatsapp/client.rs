@@ -1,6 +1,6 @@
-//! Everything about one whatsapp-rust client that is not the actor: opening the session file
-//! (with its lock), building the client, reading its state from events, deleting a chat, and
-//! the CLI's inspect and unpair.
+//! Everything about one whatsapp-rust client that is not the actor: holding the session (a
+//! file lock, or a fenced opening in PostgreSQL), building the client, reading its state from
+//! events, deleting a chat, and the CLI's inspect and unpair.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -19,7 +19,9 @@ use super::Device;
 use super::mutation::DeleteChat;
 use super::resolve::{Account, Directory};
 use crate::pipeline::request::{ChatJid, JidServer};
-use crate::session::{SessionError, SessionOptions, SessionState};
+use crate::session::postgres::{PgSessionError, PgStore};
+use crate::session::{SessionError, SessionOptions, SessionState, SessionStore};
+use whatsapp_rust::wacore::store::traits::{Backend, DeviceStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -27,14 +29,47 @@ pub enum OpenError {
     Folder(std::io::Error),
     #[error("session file {0} is in use by another process (a running worker or `pair`)")]
     Busy(PathBuf),
+    #[error("{0}")]
+    Database(PgSessionError),
+    #[error("this worker no longer owns the instance")]
+    NotOwner,
     #[error("cannot open the session store: {0}")]
     Store(String),
     #[error("cannot build the WhatsApp client: {0}")]
     Build(String),
 }
 
-/// An exclusive hold on a session file, released on drop (and by the OS if we die).
-pub struct SessionLock(#[allow(dead_code)] File);
+impl From<PgSessionError> for OpenError {
+    fn from(e: PgSessionError) -> Self {
+        OpenError::Database(e)
+    }
+}
+
+/// An exclusive hold on a session: a file lock (released on drop, and by the OS if we die), or
+/// an opening of the shared store (which refuses every earlier opener's writes).
+pub enum SessionHold {
+    File(#[allow(dead_code)] File),
+    Database(PgStore),
+}
+
+impl SessionHold {
+    /// Takes the session: as the owner's lease generation when there is an owner.
+    pub async fn acquire(options: &SessionOptions) -> Result<Self, OpenError> {
+        let generation = match &options.owner {
+            Some(lease) => Some(lease.generation().ok_or(OpenError::NotOwner)?),
+            None => None,
+        };
+        match &options.store {
+            SessionStore::Sqlite(path) => SessionLock::acquire(path).map(|l| Self::File(l.0)),
+            SessionStore::Postgres { sessions, instance } => {
+                Ok(Self::Database(sessions.open(instance, generation).await?))
+            }
+        }
+    }
+}
+
+/// An exclusive hold on a session file.
+pub struct SessionLock(File);
 
 impl SessionLock {
     pub fn acquire(store_path: &Path) -> Result<Self, OpenError> {
@@ -51,18 +86,26 @@ impl SessionLock {
     }
 }
 
-/// Builds (but does not start) a client over the session file. `on_event` receives the
+/// Builds (but does not start) a client over the held session. `on_event` receives the
 /// connection and pairing events.
 pub async fn build_bot(
     options: &SessionOptions,
+    hold: &SessionHold,
     extra_events: &[EventKind],
     pair_phone: Option<&str>,
     on_event: impl Fn(Arc<Event>) + Send + Sync + 'static,
 ) -> Result<Bot, OpenError> {
-    let url = options.store_path.to_string_lossy();
-    let store = SqliteStore::new(&url)
-        .await
-        .map_err(|e| OpenError::Store(e.to_string()))?;
+    let store: Arc<dyn Backend> = match (hold, &options.store) {
+        (SessionHold::Database(store), _) => Arc::new(store.clone()),
+        (SessionHold::File(_), SessionStore::Sqlite(path)) => Arc::new(
+            SqliteStore::new(&path.to_string_lossy())
+                .await
+                .map_err(|e| OpenError::Store(e.to_string()))?,
+        ),
+        (SessionHold::File(_), SessionStore::Postgres { .. }) => {
+            return Err(OpenError::Store("a file lock on a database session".into()));
+        }
+    };
     let mut kinds = vec![
         EventKind::Connected,
         EventKind::Disconnected,
@@ -74,7 +117,7 @@ pub async fn build_bot(
     kinds.extend_from_slice(extra_events);
     let on_event = Arc::new(on_event);
     let mut builder = Bot::builder()
-        .with_backend(store)
+        .with_backend_arc(store)
         .skip_history_sync()
         .on_event_for(&kinds, move |event, _client| {
             on_event(event);
@@ -260,24 +303,51 @@ impl Directory for Arc<Client> {
     }
 }
 
-/// The session file's own view, for CLI commands run beside (not inside) the worker.
+/// The session's own view, for CLI commands run beside (not inside) the worker; a shared
+/// session is read without being taken over.
 pub async fn inspect(options: &SessionOptions) -> Result<Option<String>, OpenError> {
-    if !options.store_path.exists() {
-        return Ok(None);
+    match &options.store {
+        SessionStore::Sqlite(path) => {
+            if !path.exists() {
+                return Ok(None);
+            }
+            let hold = SessionHold::acquire(options).await?;
+            let bot = build_bot(options, &hold, &[], None, |_| {}).await?;
+            Ok(paired_as(&bot.client()))
+        }
+        SessionStore::Postgres { sessions, instance } => {
+            let device = sessions
+                .reader(instance)
+                .await?
+                .load()
+                .await
+                .map_err(|e| OpenError::Store(e.to_string()))?;
+            Ok(device.and_then(|d| d.pn).map(|jid| format!("+{}", jid.user)))
+        }
     }
-    let _lock = SessionLock::acquire(&options.store_path)?;
-    let bot = build_bot(options, &[], None, |_| {}).await?;
-    Ok(paired_as(&bot.client()))
+}
+
+/// Whether the instance has a session to unpair.
+async fn has_session(options: &SessionOptions) -> Result<bool, OpenError> {
+    match &options.store {
+        SessionStore::Sqlite(path) => Ok(path.exists()),
+        SessionStore::Postgres { sessions, instance } => sessions
+            .reader(instance)
+            .await?
+            .exists()
+            .await
+            .map_err(|e| OpenError::Store(e.to_string())),
+    }
 }
 
 /// Unlinks the device (best effort: WhatsApp is told when it can be reached) and removes the
-/// session file.
+/// session.
 pub async fn unpair(options: &SessionOptions) -> Result<bool, OpenError> {
-    if !options.store_path.exists() {
+    if !has_session(options).await? {
         return Ok(false);
     }
-    let lock = SessionLock::acquire(&options.store_path)?;
-    let bot = build_bot(options, &[], None, |_| {}).await?;
+    let hold = SessionHold::acquire(options).await?;
+    let bot = build_bot(options, &hold, &[], None, |_| {}).await?;
     let client = bot.client();
     if client.pn().is_some() {
         let handle = bot.spawn();
@@ -298,12 +368,21 @@ pub async fn unpair(options: &SessionOptions) -> Result<bool, OpenError> {
         drop(bot);
     }
     drop(client);
-    for suffix in ["", "-wal", "-shm"] {
-        let mut path = options.store_path.as_os_str().to_owned();
-        path.push(suffix);
-        let _ = std::fs::remove_file(PathBuf::from(path));
+    match (&hold, &options.store) {
+        (SessionHold::Database(store), _) => store
+            .erase()
+            .await
+            .map_err(|e| OpenError::Store(e.to_string()))?,
+        (SessionHold::File(_), SessionStore::Sqlite(path)) => {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut path = path.as_os_str().to_owned();
+                path.push(suffix);
+                let _ = std::fs::remove_file(PathBuf::from(path));
+            }
+        }
+        (SessionHold::File(_), SessionStore::Postgres { .. }) => {}
     }
-    drop(lock);
+    drop(hold);
     Ok(true)
 }
 

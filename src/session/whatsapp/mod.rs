@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use whatsapp_rust::prelude::{BotHandle, Event};
 
 pub use client::{
-    OpenError, SessionLock, app_state_ready, build_bot, inspect, next_state, paired_as, unpair,
+    OpenError, SessionHold, SessionLock, app_state_ready, build_bot, inspect, next_state, paired_as, unpair,
 };
 pub use resolve::{Account, Directory, LookupLimits};
 
@@ -59,7 +59,7 @@ struct Running {
     device: Arc<dyn Device>,
     caught_up: bool,
     handle: Option<BotHandle>,
-    _lock: Option<SessionLock>,
+    _hold: Option<SessionHold>,
 }
 
 /// The handle the pipeline holds; the actor owns the client.
@@ -107,7 +107,7 @@ impl WhatsappSession {
             device,
             caught_up: false,
             handle: None,
-            _lock: None,
+            _hold: None,
         });
         actor.set(SessionState::Connected, None);
         tokio::spawn(actor.run(inbox));
@@ -240,8 +240,8 @@ impl Actor {
         if self.running.is_some() {
             return;
         }
-        let lock = match SessionLock::acquire(&self.options.store_path) {
-            Ok(lock) => lock,
+        let hold = match SessionHold::acquire(&self.options).await {
+            Ok(hold) => hold,
             Err(error) => {
                 tracing::warn!(instance = %self.instance, %error, "WhatsApp session not opened.");
                 return;
@@ -249,7 +249,10 @@ impl Actor {
         };
         let events = self.events.clone();
         // Events arrive on the crate's tasks; the actor applies them in order.
-        let bot = build_bot(&self.options, &[], None, move |event| events.deliver(event)).await;
+        let bot = build_bot(&self.options, &hold, &[], None, move |event| {
+            events.deliver(event)
+        })
+        .await;
         let bot = match bot {
             Ok(bot) => bot,
             Err(error) => {
@@ -272,7 +275,7 @@ impl Actor {
             device: Arc::new(client),
             caught_up: false,
             handle: Some(bot.spawn()),
-            _lock: Some(lock),
+            _hold: Some(hold),
         });
     }
 
@@ -442,7 +445,8 @@ mod tests {
             sent: Mutex::new(vec![]),
         });
         let options = SessionOptions {
-            store_path: PathBuf::from("unused.db"),
+            store: crate::session::SessionStore::Sqlite(PathBuf::from("unused.db")),
+            owner: None,
             delete_timeout: Duration::from_secs(5),
             shutdown_deadline: Duration::from_secs(1),
             transport_url: None,
