@@ -19,7 +19,7 @@ use whatsapp_rust::wacore::appstate::hash::HashState;
 use whatsapp_rust::wacore::appstate::processor::AppStateMutationMAC;
 use whatsapp_rust::wacore::store::traits::{
     AppStateSyncKey, Backend, DeviceInfo, DeviceListRecord, DeviceStore, LidPnMappingEntry,
-    MsgSecretEntry, ProtocolStore, SignalStore,
+    AppSyncStore, MsgSecretEntry, MsgSecretStore, ProtocolStore, SignalStore,
 };
 
 fn postgres_url() -> String {
@@ -457,4 +457,122 @@ async fn inspect_reads_without_taking_over_and_unpair_removes_the_session() {
     assert!(holder.put_session("peer", b"late").await.is_err());
     assert_eq!(whatsapp::inspect(&options).await.unwrap(), None);
     assert!(!whatsapp::unpair(&options).await.unwrap());
+}
+
+/// A session kept in a SQLite file moves into PostgreSQL whole: what the client reads back
+/// through the traits is the same on both sides.
+#[tokio::test]
+async fn a_sqlite_session_migrates_into_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    let source = SqliteStore::new(&path.to_string_lossy()).await.unwrap();
+    source.create().await.unwrap();
+    let mut device = source.load().await.unwrap().unwrap();
+    device.pn = Some(Jid::pn("5511977776666".to_owned()));
+    source.save(&device).await.unwrap();
+    source.put_identity("a.0:1", [3; 32]).await.unwrap();
+    source.put_session("a.0:1", b"ratchet").await.unwrap();
+    source.store_prekey(5, b"pk5", true).await.unwrap();
+    source.store_prekey(6, b"pk6", false).await.unwrap();
+    source.store_signed_prekey(1, b"spk").await.unwrap();
+    source.put_sender_key("g::a", b"sk").await.unwrap();
+    let key = |n: u8| AppStateSyncKey {
+        key_data: vec![n; 32],
+        fingerprint: vec![n],
+        timestamp: i64::from(n),
+    };
+    source.set_sync_key(&[0, 9], key(9)).await.unwrap();
+    source.set_sync_key(&[0, 3], key(3)).await.unwrap();
+    let state = HashState {
+        version: 42,
+        ..Default::default()
+    };
+    source.set_version("regular", state).await.unwrap();
+    let mac = AppStateMutationMAC {
+        index_mac: vec![4; 32],
+        value_mac: vec![44],
+    };
+    source.put_mutation_macs("regular", 42, &[mac]).await.unwrap();
+    source
+        .set_sender_key_status("g@g.us", &[("a:1@lid", true)])
+        .await
+        .unwrap();
+    source
+        .put_lid_mapping(&mapping("777", "5511977776666", 5))
+        .await
+        .unwrap();
+    source.save_base_key("a.0:1", "m", b"bk").await.unwrap();
+    source.put_group_metadata("g@g.us", b"meta").await.unwrap();
+    source
+        .store_received_tc_token("777@lid", b"tc", 10)
+        .await
+        .unwrap();
+    source.store_sent_message("c", "s1", b"sent").await.unwrap();
+    source
+        .put_msg_secrets(vec![MsgSecretEntry {
+            chat: "c".into(),
+            sender: "me".into(),
+            msg_id: "m1".into(),
+            secret: [5; 32],
+            expires_at: 0,
+            message_ts: 9,
+        }])
+        .await
+        .unwrap();
+    drop(source);
+
+    let sessions = PgSessions::connect(&postgres_url()).await.unwrap();
+    let instance = unique("migrated");
+    let target = sessions.open(&instance, None).await.unwrap();
+    let rows = chat_delete_worker::session::migrate::copy_sqlite_session(&path, &target)
+        .await
+        .unwrap();
+    assert!(rows >= 17, "{rows}");
+
+    let moved = target.load().await.unwrap().unwrap();
+    assert_eq!(moved.pn.unwrap().user, "5511977776666");
+    assert_eq!(
+        moved.identity_key.public_key.public_key_bytes(),
+        device.identity_key.public_key.public_key_bytes()
+    );
+    assert_eq!(target.load_identity("a.0:1").await.unwrap(), Some([3; 32]));
+    assert_eq!(
+        target.get_session("a.0:1").await.unwrap(),
+        Some(Bytes::from_static(b"ratchet"))
+    );
+    assert_eq!(target.get_max_prekey_id().await.unwrap(), 6);
+    assert_eq!(target.load_signed_prekey(1).await.unwrap(), Some(b"spk".to_vec()));
+    assert_eq!(target.get_sender_key("g::a").await.unwrap(), Some(b"sk".to_vec()));
+    assert_eq!(
+        target.get_latest_sync_key_id().await.unwrap(),
+        Some(vec![0, 9]),
+        "the highest key id stays the latest"
+    );
+    assert_eq!(target.get_version("regular").await.unwrap().version, 42);
+    assert_eq!(
+        target.get_mutation_mac("regular", &[4; 32]).await.unwrap(),
+        Some(vec![44])
+    );
+    assert_eq!(
+        target.get_sender_key_devices("g@g.us").await.unwrap(),
+        vec![("a:1@lid".to_string(), true)]
+    );
+    assert_eq!(
+        target.get_pn_mapping("5511977776666").await.unwrap().unwrap().lid,
+        "777"
+    );
+    assert!(target.has_same_base_key("a.0:1", "m", b"bk").await.unwrap());
+    assert_eq!(
+        target.get_group_metadata("g@g.us").await.unwrap(),
+        Some(b"meta".to_vec())
+    );
+    assert_eq!(target.get_tc_token("777@lid").await.unwrap().unwrap().token, b"tc");
+    assert_eq!(
+        target.take_sent_message("c", "s1").await.unwrap(),
+        Some(b"sent".to_vec())
+    );
+    assert_eq!(
+        target.get_msg_secret_with_ts("c", "me", "m1").await.unwrap(),
+        Some((vec![5; 32], 9))
+    );
 }

@@ -3,6 +3,7 @@
 //! queue, [`pair`] (pair, unpair) and `instances` for WhatsApp sessions, `setup` (topology,
 //! check-config, token-hash). Each returns its exit code.
 
+mod migrate;
 mod instances;
 pub mod pair;
 pub mod parked;
@@ -115,6 +116,9 @@ enum Command {
     /// Log a `whatsapp` instance out (when WhatsApp can be reached) and remove its session file.
     /// Stop the worker hosting it first.
     Unpair { instance: String },
+    /// Move `whatsapp` instances' SQLite session files (all, or those named) into the
+    /// PostgreSQL session store of `[sessions]`. Stop the workers using the files first.
+    MigrateSessions { instances: Vec<String> },
     /// Inspect the parking queue, or move parked commands back for another try.
     Parked {
         #[command(subcommand)]
@@ -192,6 +196,7 @@ async fn dispatch(config: Config, command: Command) -> anyhow::Result<ExitCode> 
             pair::run_pair(&config, &instance, phone.as_deref(), limit).await
         }
         Command::Unpair { instance } => pair::run_unpair(&config, &instance).await,
+        Command::MigrateSessions { instances } => migrate::run(&config, &instances).await,
         Command::Instances { json } => instances::run(&config, json).await,
         Command::Publish {
             instance,

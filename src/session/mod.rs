@@ -1,5 +1,6 @@
 //! The `ChatSession` boundary: one WhatsApp connection per instance, real or simulated.
 
+pub mod migrate;
 pub mod postgres;
 mod simulated;
 pub mod whatsapp;
