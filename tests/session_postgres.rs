@@ -576,3 +576,37 @@ async fn a_sqlite_session_migrates_into_postgres() {
         Some((vec![5; 32], 9))
     );
 }
+
+/// A worker frozen in the middle of a write (SIGSTOP while its transaction holds the owner
+/// row) does not keep the next owner from opening the session for longer than a few seconds,
+/// and its write does not land once it resumes.
+#[tokio::test]
+async fn a_frozen_writer_does_not_block_the_next_owner() {
+    let sessions = PgSessions::connect(&postgres_url()).await.unwrap();
+    let instance = unique("frozen");
+    let old = sessions.open(&instance, Some(1)).await.unwrap();
+    old.put_session("peer", b"before").await.unwrap();
+
+    // The frozen worker: one of the store's connections, in a transaction that share-locked
+    // the owner row (as every write does first), then went quiet.
+    let frozen = sessions.client().await.unwrap();
+    frozen.batch_execute("BEGIN").await.unwrap();
+    frozen
+        .query(
+            "SELECT 1 FROM cdw_wa_owner WHERE instance = $1 FOR SHARE",
+            &[&instance],
+        )
+        .await
+        .unwrap();
+
+    let new = tokio::time::timeout(Duration::from_secs(15), sessions.open(&instance, Some(2)))
+        .await
+        .expect("the next owner opens within seconds")
+        .unwrap();
+    assert!(frozen.batch_execute("COMMIT").await.is_err() || frozen.is_closed());
+    assert!(old.put_session("peer", b"stale").await.is_err());
+    assert_eq!(
+        new.get_session("peer").await.unwrap(),
+        Some(Bytes::from_static(b"before"))
+    );
+}

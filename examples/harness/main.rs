@@ -50,6 +50,33 @@ struct Args {
     latency_ms: u64,
     worker: PathBuf,
     amqp: String,
+    /// `--cluster` (scale mode): the 3-node cluster of `scripts/cluster` and shared sessions.
+    cluster: Option<Cluster>,
+}
+
+/// Where the cluster run's parts are, from the environment `scripts/scale-harness` sets.
+struct Cluster {
+    /// The other nodes, `host:port` (the first is `AMQP_URL`).
+    nodes: Vec<String>,
+    management_url: String,
+    postgres_url: String,
+    /// `scripts/cluster`, to stop and start nodes.
+    script: PathBuf,
+}
+
+impl Cluster {
+    fn from_env() -> Self {
+        let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("--cluster needs {name}"));
+        Self {
+            nodes: var("HARNESS_CLUSTER_NODES")
+                .split(',')
+                .map(str::to_owned)
+                .collect(),
+            management_url: var("HARNESS_MANAGEMENT_URL"),
+            postgres_url: var("HARNESS_POSTGRES_URL"),
+            script: PathBuf::from(var("HARNESS_CLUSTER_SCRIPT")),
+        }
+    }
 }
 
 /// Claims last this long in `slow` mode, shorter than a delete.
@@ -58,6 +85,7 @@ const SLOW_LEASE_SECS: u64 = 2;
 fn parse_args() -> Args {
     let mut mode = Mode::Crash;
     let mut quick = false;
+    let mut cluster = false;
     let mut set: HashMap<String, String> = HashMap::new();
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -78,6 +106,7 @@ fn parse_args() -> Args {
             "--slow" => mode = Mode::Slow,
             "--store-faults" => mode = Mode::StoreFaults,
             "--quick" => quick = true,
+            "--cluster" => cluster = true,
             "--commands" | "--instances" | "--disruptions" | "--kills" | "--concurrency"
             | "--latency-ms" | "--worker" => {
                 set.insert(
@@ -119,6 +148,7 @@ fn parse_args() -> Args {
         ),
         amqp: std::env::var("AMQP_URL")
             .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+        cluster: cluster.then(Cluster::from_env),
     }
 }
 
@@ -550,6 +580,7 @@ shutdown_grace_ms = 2000
 url = "{amqp}"
 namespace = "{ns}"
 prefetch = {concurrency}
+{cluster}
 [http]
 enabled = false
 [store]
@@ -565,7 +596,17 @@ broker_delays_ms = [200, 1000]
         concurrency = args.concurrency,
         amqp = args.amqp,
         dir = dir.display(),
+        cluster = args.cluster.as_ref().map_or(String::new(), |c| format!(
+            "nodes = {:?}\nmanagement_url = \"{}\"\n",
+            c.nodes, c.management_url
+        )),
     );
+    if let Some(cluster) = &args.cluster {
+        toml.push_str(&format!(
+            "[sessions]\nstore = \"postgres\"\npostgres_url = \"{}\"\n",
+            cluster.postgres_url
+        ));
+    }
     toml.push_str("[idempotency]\n");
     if args.mode == Mode::Slow {
         toml.push_str(&format!("lease_secs = {SLOW_LEASE_SECS}\n"));

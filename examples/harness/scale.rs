@@ -226,6 +226,7 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
 
     let mut failovers = vec![];
     let mut disruptions = 0;
+    let mut node_restarts = 0;
     for _ in 0..rounds {
         // SIGKILL: no hand-over; the others take over once the leases end.
         let (_, times) = take_down(&mut workers, &mut leases, "KILL", &log).await;
@@ -254,6 +255,22 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
         disruptions += 1;
         workers.spawn();
         leases.settle(&live(&workers)).await;
+
+        // A broker node stops (the leader of some instance queues) and comes back. The
+        // harness publishes and collects through node 1, so the nodes taken down are 2 and 3.
+        if let Some(cluster) = &args.cluster {
+            let node = 2 + node_restarts % 2;
+            let led = leaders_on(cluster, node, &ns);
+            let at = Instant::now();
+            cluster_command(cluster, &["stop-node", &node.to_string()]).await;
+            log(format!("node {node} stopped (it led {led} of the queues)"));
+            cluster_command(cluster, &["start-node", &node.to_string()]).await;
+            log(format!(
+                "node {node} back after {:.1}s",
+                at.elapsed().as_secs_f64()
+            ));
+            node_restarts += 1;
+        }
     }
     let fourth = workers.spawn();
     let spread4 = leases.settle(&live(&workers)).await;
@@ -297,8 +314,12 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
     }
     cleanup(&args.amqp, &names, &instances, &results_queue).await;
     delete_keys(&mut leases.redis, &format!("harness:{ns}:*")).await;
+    let cluster = match &args.cluster {
+        Some(_) => format!(" node_restarts={node_restarts}"),
+        None => String::new(),
+    };
     println!(
-        "lost={} double_effects={} overlaps={overlaps} failover_p99_s={p99:.1} imbalance={imbalance} kills={disruptions}",
+        "lost={} double_effects={} overlaps={overlaps} failover_p99_s={p99:.1} imbalance={imbalance} kills={disruptions}{cluster}",
         counts.lost, counts.double_effects
     );
     counts.lost == 0
@@ -332,6 +353,28 @@ async fn take_down(
         times.iter().copied().fold(0.0, f64::max)
     ));
     (victim, times)
+}
+
+async fn cluster_command(cluster: &super::Cluster, args: &[&str]) {
+    let status = tokio::process::Command::new(&cluster.script)
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .await
+        .expect("scripts/cluster runs");
+    assert!(status.success(), "scripts/cluster {args:?} failed");
+}
+
+/// How many of the namespace's queues have their leader on `node`.
+fn leaders_on(cluster: &super::Cluster, node: usize, ns: &str) -> usize {
+    let out = std::process::Command::new(&cluster.script)
+        .args(["ctl", &node.to_string(), "-q", "list_queues", "name", "leader"])
+        .output()
+        .expect("scripts/cluster ctl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(ns) && l.contains(&format!("cdw{node}@")))
+        .count()
 }
 
 async fn delete_keys(redis: &mut redis::aio::MultiplexedConnection, pattern: &str) {

@@ -4,6 +4,7 @@
 
 pub mod connect;
 pub mod consume;
+pub mod policies;
 pub mod prefetch;
 pub mod publisher;
 pub mod reply;
@@ -58,6 +59,8 @@ pub fn is_refused_declaration(error: &lapin::Error) -> bool {
 pub enum BrokerError {
     #[error("broker address: {0}")]
     Url(String),
+    #[error("cannot apply the queue policies: {0}")]
+    Policy(String),
     #[error("cannot read TLS file {0}: {1}")]
     TlsFile(String, std::io::Error),
     #[error("AMQP error: {0}")]

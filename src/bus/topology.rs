@@ -4,6 +4,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, ExchangeKind};
 
+use super::policies::{Policy, escape};
 use crate::config::{BrokerConfig, QueueType};
 use crate::contract::Names;
 
@@ -83,10 +84,12 @@ pub enum Holds {
     Copies,
 }
 
-/// Every exchange and queue of the namespace, in declaration order.
+/// Every exchange and queue of the namespace, in declaration order, and (with
+/// `broker.management_url`) the policies that carry what the queues' arguments otherwise would.
 pub struct Topology {
     exchanges: Vec<(String, ExchangeKind, FieldTable)>,
     pub queues: Vec<QueueSpec>,
+    pub policies: Vec<Policy>,
 }
 
 impl QueueSpec {
@@ -127,8 +130,14 @@ impl Topology {
             holds,
             instance: false,
         };
+        let by_policy = cfg.management_url.is_some();
+        // With policies, the queues carry only what can never change.
+        let arguments = |target: DeadLetterTarget<'_>| match by_policy {
+            true => vec![],
+            false => undeliverable_args(cfg, target),
+        };
         let dead = names.dead_exchange();
-        let to_dead = || undeliverable_args(cfg, DeadLetterTarget::Exchange(&dead));
+        let to_dead = || arguments(DeadLetterTarget::Exchange(&dead));
         let mut exchanges = vec![
             (
                 names.unrouted_exchange(),
@@ -168,7 +177,7 @@ impl Topology {
             // too, they go to the parking stream as they are.
             spec(
                 names.dead_queue(),
-                queue(undeliverable_args(cfg, DeadLetterTarget::Queue(&parked))),
+                queue(arguments(DeadLetterTarget::Queue(&parked))),
                 Some((names.dead_exchange(), "")),
                 Holds::Commands,
             ),
@@ -189,10 +198,7 @@ impl Topology {
             // routing key.
             let mut args = vec![("x-message-ttl", AMQPValue::LongLongInt(delay as i64))];
             let commands = names.commands_exchange();
-            args.extend(undeliverable_args(
-                cfg,
-                DeadLetterTarget::Exchange(&commands),
-            ));
+            args.extend(arguments(DeadLetterTarget::Exchange(&commands)));
             queues.push(spec(
                 names.retry_queue(delay),
                 queue(args),
@@ -213,7 +219,15 @@ impl Topology {
                 )
             });
         }
-        Self { exchanges, queues }
+        let policies = match by_policy {
+            true => policies(cfg, names),
+            false => vec![],
+        };
+        Self {
+            exchanges,
+            queues,
+            policies,
+        }
     }
 
     /// Declares everything; declaring again with the same arguments is a no-op, so every
@@ -252,6 +266,50 @@ impl Topology {
         futures_util::future::try_join_all(declares).await?;
         Ok(())
     }
+}
+
+/// The namespace's policies: every command queue dead-letters to the dead exchange; the dead
+/// queue to the parking stream; the retry queues back to the commands exchange. Their patterns
+/// are disjoint where it matters: the more specific ones have the higher priority.
+fn policies(cfg: &BrokerConfig, names: &Names) -> Vec<Policy> {
+    let delete = format!("^{}\\.delete\\.", escape(names.namespace()));
+    let commands = names.commands_exchange();
+    let dead = names.dead_exchange();
+    let parked = names.parked_queue();
+    let policy = |suffix: &str, pattern: String, priority, target| {
+        let arguments = match target {
+            Some(target) => undeliverable_args(cfg, target),
+            None => vec![],
+        };
+        Policy::of_arguments(
+            format!("{}.{suffix}", names.namespace()),
+            pattern,
+            priority,
+            &arguments,
+        )
+    };
+    vec![
+        policy(
+            "commands",
+            delete.clone(),
+            1,
+            Some(DeadLetterTarget::Exchange(&dead)),
+        ),
+        policy(
+            "dead",
+            format!("^{}$", escape(&names.dead_queue())),
+            2,
+            Some(DeadLetterTarget::Queue(&parked)),
+        ),
+        policy(
+            "retry",
+            format!("{delete}retry\\."),
+            2,
+            Some(DeadLetterTarget::Exchange(&commands)),
+        ),
+        // The parking stream keeps everything: only where its leader goes.
+        policy("parked", format!("^{}$", escape(&parked)), 2, None),
+    ]
 }
 
 /// Declares one queue and its binding.

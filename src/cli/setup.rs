@@ -15,6 +15,7 @@ pub async fn declare_topology(config: &Config, upgrade: bool) -> anyhow::Result<
     let instances: Vec<&str> = config.instances.keys().map(String::as_str).collect();
     let tiers = topology::retry_tiers(&config.retry.broker_delays_ms);
     let topology = topology::Topology::new(&config.broker, &names, &instances, &tiers);
+    bus::policies::apply(&config.broker, &topology.policies).await?;
     if upgrade {
         let upgraded = bus::upgrade::upgrade(&connection, &topology).await?;
         for (queue, moved) in &upgraded.queues {

@@ -70,6 +70,9 @@ impl Names {
             namespace: namespace.to_owned(),
         }
     }
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
     /// Direct exchange; routing key = instance name.
     pub fn commands_exchange(&self) -> String {
         format!("{}.commands", self.namespace)

@@ -92,7 +92,13 @@ impl Instances {
                 ..SessionOptions::of(config, name, database.as_ref())
             };
             let session: Arc<dyn ChatSession> = match cfg.kind {
-                InstanceKind::Simulated => Arc::new(SimulatedSession::new(name, &cfg.simulated)?),
+                InstanceKind::Simulated => {
+                    let session = SimulatedSession::new(name, &cfg.simulated)?;
+                    Arc::new(match &database {
+                        Some(db) => session.in_database(name, db.clone(), lease.clone()),
+                        None => session,
+                    })
+                }
                 InstanceKind::Whatsapp if shared => {
                     Arc::new(WhatsappSession::closed(name, options()))
                 }

@@ -41,6 +41,10 @@ CREATE TABLE IF NOT EXISTS cdw_wa_kv (
     PRIMARY KEY (instance, space, grp, key)
 );";
 
+/// How long a write transaction may sit idle (its worker paused) before the server ends it;
+/// well under an ownership lease.
+const IDLE_IN_WRITE_MS: u32 = 3_000;
+
 /// Why a session could not be opened, or a write was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PgSessionError {
@@ -88,9 +92,17 @@ impl PgSessions {
 
     /// A pool that connects on first use.
     pub fn new(url: &str) -> std::result::Result<Self, PgSessionError> {
-        let config: tokio_postgres::Config = url
+        let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| PgSessionError::Connect(e.to_string()))?;
+        // A worker frozen inside a write (SIGSTOP, a long pause) holds the owner row's share
+        // lock; the server ends such a transaction, so the next owner's opening waits seconds
+        // rather than for as long as the freeze lasts. The frozen write then fails to commit.
+        let options = format!(
+            "{} -c idle_in_transaction_session_timeout={IDLE_IN_WRITE_MS}",
+            config.get_options().unwrap_or_default()
+        );
+        config.options(options.trim());
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -124,7 +136,8 @@ impl PgSessions {
             .map(drop)
     }
 
-    async fn client(&self) -> std::result::Result<deadpool_postgres::Object, PgSessionError> {
+    /// A connection of the pool, with the store's session settings.
+    pub async fn client(&self) -> std::result::Result<deadpool_postgres::Object, PgSessionError> {
         self.pool
             .get()
             .await
@@ -370,6 +383,11 @@ impl PgStore {
         )])
         .await
         .map(drop)
+    }
+
+    /// A small fenced write of the worker's own (the simulated session records its deletes).
+    pub async fn note(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.put("note", "", key, value).await
     }
 
     /// The generation and opening this store writes as.

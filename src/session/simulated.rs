@@ -7,9 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::{SimulatedConfig, SimulatedFailure};
-use crate::fence::Fence;
+use crate::fence::{Fence, Fenced};
+use crate::ownership::Lease;
 use crate::pipeline::request::ChatJid;
 
+use super::postgres::{PgSessions, PgStore};
 use super::{ChatSession, SessionError, SessionState};
 
 pub struct SimulatedSession {
@@ -22,6 +24,16 @@ pub struct SimulatedSession {
     connected_flag_file: Option<std::path::PathBuf>,
     resolve: std::collections::BTreeMap<String, ChatJid>,
     world: Option<World>,
+    shared: Option<Shared>,
+}
+
+/// A simulated session kept in the shared session store: opened as the lease's generation,
+/// and every delete first records itself there, so the database refuses a stale owner's.
+struct Shared {
+    instance: String,
+    sessions: PgSessions,
+    lease: Arc<Lease>,
+    held: tokio::sync::Mutex<Option<PgStore>>,
 }
 
 /// A stand-in for WhatsApp's servers shared by every worker: a folder where each instance's
@@ -135,7 +147,19 @@ impl SimulatedSession {
             connected_flag_file: cfg.connected_flag_file.clone(),
             resolve: cfg.resolve.clone(),
             world,
+            shared: None,
         })
+    }
+
+    /// Keeps the session in the shared store, owned through `lease`.
+    pub fn in_database(mut self, instance: &str, sessions: PgSessions, lease: Arc<Lease>) -> Self {
+        self.shared = Some(Shared {
+            instance: instance.to_owned(),
+            sessions,
+            lease,
+            held: Default::default(),
+        });
+        self
     }
 
     /// Deletes performed so far.
@@ -195,6 +219,15 @@ impl ChatSession for SimulatedSession {
         if let Some(world) = &self.world {
             world.admits()?;
         }
+        if let Some(shared) = &self.shared {
+            let held = shared.held.lock().await;
+            let store = held.as_ref().ok_or(SessionError::NotConnected)?;
+            if store.note("last-delete", chat.as_str().as_bytes()).await.is_err() {
+                return Err(SessionError::Fenced(Fenced(
+                    "the session store refused the write: another owner opened the session",
+                )));
+            }
+        }
         let fail = self
             .failures_left
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
@@ -219,6 +252,14 @@ impl ChatSession for SimulatedSession {
     }
 
     async fn open(&self) {
+        if let Some(shared) = &self.shared
+            && let Some(generation) = shared.lease.generation()
+        {
+            match shared.sessions.open(&shared.instance, Some(generation)).await {
+                Ok(store) => *shared.held.lock().await = Some(store),
+                Err(error) => tracing::warn!(%error, "Could not open the shared session."),
+            }
+        }
         if let Some(world) = &self.world
             && let Err(error) = world.open()
         {
@@ -229,6 +270,9 @@ impl ChatSession for SimulatedSession {
     async fn close(&self) {
         if let Some(world) = &self.world {
             world.close();
+        }
+        if let Some(shared) = &self.shared {
+            *shared.held.lock().await = None;
         }
     }
 }

@@ -185,9 +185,11 @@ pub async fn serve(
     let names = consuming.names();
     let instance_names: Vec<&str> = instances.iter().map(|i| i.name()).collect();
     let tiers = topology::retry_tiers(&config.retry.broker_delays_ms);
-    let declared = topology::Topology::new(&config.broker, names, &instance_names, &tiers)
-        .declare(&connection)
-        .await;
+    let topology = topology::Topology::new(&config.broker, names, &instance_names, &tiers);
+    if let Err(error) = bus::policies::apply(&config.broker, &topology.policies).await {
+        return lost(error);
+    }
+    let declared = topology.declare(&connection).await;
     if let Err(e) = declared {
         return lost(if bus::is_refused_declaration(&e) {
             BrokerError::Topology(e)
