@@ -1,9 +1,9 @@
 //! WhatsApp sessions in PostgreSQL, so that any worker that gains an instance can open its
 //! session: whatsapp-rust's storage traits over one key-value table.
 //!
-//! Fencing happens in the database, not only before the call: opening a session records the
-//! opener's ownership generation and an opening count for the instance, and every write runs in
-//! a transaction that first checks (`FOR SHARE`) that both are still the ones it opened with.
+//! Fencing happens in the database, not only before the call: opening a session counts an
+//! opening for the instance (recording the opener's ownership generation), and every write runs
+//! in a transaction that first checks (`FOR SHARE`) that its opening is still the latest.
 //! A worker that lost the instance without knowing (paused past its lease, cut off) has every
 //! write refused once the new owner opened the session, however late its writes arrive.
 
@@ -52,8 +52,6 @@ pub enum PgSessionError {
     Connect(String),
     #[error("session database error: {0}")]
     Database(#[from] tokio_postgres::Error),
-    #[error("the session is held by a newer owner (generation {held}, ours {ours})")]
-    Superseded { held: i64, ours: i64 },
     #[error("fenced: instance {0} was opened by another owner since")]
     Fenced(String),
 }
@@ -112,6 +110,8 @@ impl PgSessions {
         );
         let pool = Pool::builder(manager)
             .max_size(8)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(std::time::Duration::from_secs(10)))
             .build()
             .map_err(|e| PgSessionError::Connect(e.to_string()))?;
         Ok(Self {
@@ -144,52 +144,31 @@ impl PgSessions {
             .map_err(|e| PgSessionError::Connect(e.to_string()))
     }
 
-    /// Opens an instance's session for writing as owner `generation` (`None`: at the current
-    /// generation, as the CLI does): refused when a newer generation opened it; otherwise every
-    /// earlier opener's writes are refused from now on.
+    /// Opens an instance's session for writing, as owner `generation` (`None`: the CLI, which
+    /// keeps the generation recorded). From now on every earlier opener's writes are refused.
+    /// The fence is the opening count, which only the database assigns: a worker opens only
+    /// while it holds the instance's lease, so openings follow ownership. Lease generations
+    /// are recorded, not compared: they restart if Redis loses its keys, and a comparison
+    /// would then lock every session out.
     pub async fn open(
         &self,
         instance: &str,
         generation: Option<u64>,
     ) -> std::result::Result<PgStore, PgSessionError> {
         self.ready().await?;
-        let client = self.client().await?;
-        let row = match generation {
-            Some(generation) => {
-                let generation = i64::try_from(generation).unwrap_or(i64::MAX);
-                let row = client
-                    .query_opt(
-                        "INSERT INTO cdw_wa_owner AS o (instance, generation, opening)
-                         VALUES ($1, $2, 1)
-                         ON CONFLICT (instance) DO UPDATE
-                           SET generation = EXCLUDED.generation, opening = o.opening + 1
-                           WHERE o.generation <= EXCLUDED.generation
-                         RETURNING generation, opening",
-                        &[&instance, &generation],
-                    )
-                    .await?;
-                match row {
-                    Some(row) => row,
-                    None => {
-                        return Err(PgSessionError::Superseded {
-                            held: self.generation(instance).await?.unwrap_or_default(),
-                            ours: generation,
-                        });
-                    }
-                }
-            }
-            None => {
-                client
-                    .query_one(
-                        "INSERT INTO cdw_wa_owner AS o (instance, generation, opening)
-                         VALUES ($1, 0, 1)
-                         ON CONFLICT (instance) DO UPDATE SET opening = o.opening + 1
-                         RETURNING generation, opening",
-                        &[&instance],
-                    )
-                    .await?
-            }
-        };
+        let generation = generation.map(|g| i64::try_from(g).unwrap_or(i64::MAX));
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "INSERT INTO cdw_wa_owner AS o (instance, generation, opening)
+                 VALUES ($1, coalesce($2::bigint, 0), 1)
+                 ON CONFLICT (instance) DO UPDATE
+                   SET generation = coalesce($2::bigint, o.generation), opening = o.opening + 1
+                 RETURNING generation, opening",
+                &[&instance, &generation],
+            )
+            .await?;
         Ok(self.store(instance, row.get(0), row.get(1)))
     }
 
@@ -208,21 +187,6 @@ impl PgSessions {
         }
     }
 
-    /// The generation that last opened the instance's session.
-    pub async fn generation(
-        &self,
-        instance: &str,
-    ) -> std::result::Result<Option<i64>, PgSessionError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                "SELECT generation FROM cdw_wa_owner WHERE instance = $1",
-                &[&instance],
-            )
-            .await?;
-        Ok(row.map(|r| r.get(0)))
-    }
 }
 
 /// One instance's session, as opened by one owner.
@@ -302,8 +266,8 @@ impl PgStore {
         let held = tx
             .query_opt(
                 "SELECT 1 FROM cdw_wa_owner
-                 WHERE instance = $1 AND generation = $2 AND opening = $3 FOR SHARE",
-                &[&&*self.instance, &self.generation, &self.opening],
+                 WHERE instance = $1 AND opening = $2 FOR SHARE",
+                &[&&*self.instance, &self.opening],
             )
             .await
             .map_err(db)?;
