@@ -183,7 +183,10 @@ async fn queue_settings_come_from_policies_and_leaders_spread_over_the_nodes() {
             }
             None => {
                 let dead = channel
-                    .basic_get(names.dead_queue().as_str().into(), BasicGetOptions::default())
+                    .basic_get(
+                        names.dead_queue().as_str().into(),
+                        BasicGetOptions::default(),
+                    )
                     .await
                     .unwrap();
                 if dead.is_some() {

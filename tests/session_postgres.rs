@@ -18,8 +18,8 @@ use whatsapp_rust::store::SqliteStore;
 use whatsapp_rust::wacore::appstate::hash::HashState;
 use whatsapp_rust::wacore::appstate::processor::AppStateMutationMAC;
 use whatsapp_rust::wacore::store::traits::{
-    AppStateSyncKey, Backend, DeviceInfo, DeviceListRecord, DeviceStore, LidPnMappingEntry,
-    AppSyncStore, MsgSecretEntry, MsgSecretStore, ProtocolStore, SignalStore,
+    AppStateSyncKey, AppSyncStore, Backend, DeviceInfo, DeviceListRecord, DeviceStore,
+    LidPnMappingEntry, MsgSecretEntry, MsgSecretStore, ProtocolStore, SignalStore,
 };
 
 fn postgres_url() -> String {
@@ -83,7 +83,10 @@ async fn exercise(store: &dyn Backend) {
     assert_eq!(store.get_max_prekey_id().await.unwrap(), 0);
     store
         .store_prekeys_batch(
-            &[(9, Bytes::from_static(b"p9")), (10, Bytes::from_static(b"p10"))],
+            &[
+                (9, Bytes::from_static(b"p9")),
+                (10, Bytes::from_static(b"p10")),
+            ],
             false,
         )
         .await
@@ -206,7 +209,13 @@ async fn exercise(store: &dyn Backend) {
         .unwrap();
     assert_eq!(store.get_sender_key_devices(group).await.unwrap().len(), 1);
     store.clear_all_sender_key_devices().await.unwrap();
-    assert!(store.get_sender_key_devices(group).await.unwrap().is_empty());
+    assert!(
+        store
+            .get_sender_key_devices(group)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // LID <-> phone mappings: a LID that moves to another number leaves the old one.
     store
@@ -230,18 +239,44 @@ async fn exercise(store: &dyn Backend) {
         "5511999990003"
     );
     assert_eq!(
-        store.get_pn_mapping("5511999990002").await.unwrap().unwrap().lid,
+        store
+            .get_pn_mapping("5511999990002")
+            .await
+            .unwrap()
+            .unwrap()
+            .lid,
         "100002"
     );
-    assert!(store.get_pn_mapping("5511999990001").await.unwrap().is_none());
+    assert!(
+        store
+            .get_pn_mapping("5511999990001")
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(store.get_all_lid_mappings().await.unwrap().len(), 2);
 
     // Base keys, device lists, group metadata.
     store.save_base_key("addr", "m1", b"base").await.unwrap();
-    assert!(store.has_same_base_key("addr", "m1", b"base").await.unwrap());
-    assert!(!store.has_same_base_key("addr", "m1", b"other").await.unwrap());
+    assert!(
+        store
+            .has_same_base_key("addr", "m1", b"base")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .has_same_base_key("addr", "m1", b"other")
+            .await
+            .unwrap()
+    );
     store.delete_base_key("addr", "m1").await.unwrap();
-    assert!(!store.has_same_base_key("addr", "m1", b"base").await.unwrap());
+    assert!(
+        !store
+            .has_same_base_key("addr", "m1", b"base")
+            .await
+            .unwrap()
+    );
     let record = DeviceListRecord {
         user: "5511999990001".into(),
         devices: vec![DeviceInfo::new(0, None), DeviceInfo::new(3, Some(1))],
@@ -277,7 +312,11 @@ async fn exercise(store: &dyn Backend) {
         .unwrap();
     let token = store.get_tc_token("100001@lid").await.unwrap().unwrap();
     assert_eq!(
-        (token.token.as_slice(), token.token_timestamp, token.sender_timestamp),
+        (
+            token.token.as_slice(),
+            token.token_timestamp,
+            token.sender_timestamp
+        ),
         (&b"tok"[..], 40, Some(50))
     );
     store
@@ -285,7 +324,12 @@ async fn exercise(store: &dyn Backend) {
         .await
         .unwrap();
     assert_eq!(
-        store.get_tc_token("100001@lid").await.unwrap().unwrap().token,
+        store
+            .get_tc_token("100001@lid")
+            .await
+            .unwrap()
+            .unwrap()
+            .token,
         b"tok"
     );
     assert_eq!(
@@ -296,7 +340,10 @@ async fn exercise(store: &dyn Backend) {
     assert_eq!(store.delete_expired_tc_tokens(41, 51).await.unwrap(), 1);
 
     // Sent messages are taken once.
-    store.store_sent_message("chat", "id1", b"payload").await.unwrap();
+    store
+        .store_sent_message("chat", "id1", b"payload")
+        .await
+        .unwrap();
     assert_eq!(
         store.take_sent_message("chat", "id1").await.unwrap(),
         Some(b"payload".to_vec())
@@ -312,7 +359,10 @@ async fn exercise(store: &dyn Backend) {
         expires_at,
         message_ts,
     };
-    assert_eq!(store.put_msg_secrets(vec![secret(100, 7)]).await.unwrap(), 1);
+    assert_eq!(
+        store.put_msg_secrets(vec![secret(100, 7)]).await.unwrap(),
+        1
+    );
     store.put_msg_secrets(vec![secret(50, 0)]).await.unwrap();
     assert_eq!(
         store
@@ -346,7 +396,9 @@ async fn a_writer_from_an_older_opening_is_refused_by_the_database() {
     let instance = unique("fence");
     let old = sessions.open(&instance, Some(3)).await.unwrap();
     old.create().await.unwrap();
-    old.put_session("peer", b"from the old owner").await.unwrap();
+    old.put_session("peer", b"from the old owner")
+        .await
+        .unwrap();
 
     // Another worker gains the instance with a newer lease, then the old one wakes up.
     let new = sessions.open(&instance, Some(4)).await.unwrap();
@@ -360,7 +412,9 @@ async fn a_writer_from_an_older_opening_is_refused_by_the_database() {
         new.get_session("peer").await.unwrap(),
         Some(Bytes::from_static(b"from the old owner"))
     );
-    new.put_session("peer", b"from the new owner").await.unwrap();
+    new.put_session("peer", b"from the new owner")
+        .await
+        .unwrap();
 
     // A reader (the CLI's `instances`) sees everything and writes nothing.
     let reader = sessions.reader(&instance).await.unwrap();
@@ -415,7 +469,10 @@ async fn the_real_client_opens_a_never_paired_session_from_postgres() {
         .await;
     assert_eq!(refused, Err(SessionError::NotConnected));
     let reader = sessions.reader(&instance).await.unwrap();
-    assert!(reader.exists().await.unwrap(), "the client created its device row");
+    assert!(
+        reader.exists().await.unwrap(),
+        "the client created its device row"
+    );
     assert_eq!(whatsapp::inspect(&options).await.unwrap(), None);
     session.shutdown().await;
 }
@@ -487,7 +544,10 @@ async fn a_sqlite_session_migrates_into_postgres() {
         index_mac: vec![4; 32],
         value_mac: vec![44],
     };
-    source.put_mutation_macs("regular", 42, &[mac]).await.unwrap();
+    source
+        .put_mutation_macs("regular", 42, &[mac])
+        .await
+        .unwrap();
     source
         .set_sender_key_status("g@g.us", &[("a:1@lid", true)])
         .await
@@ -536,8 +596,14 @@ async fn a_sqlite_session_migrates_into_postgres() {
         Some(Bytes::from_static(b"ratchet"))
     );
     assert_eq!(target.get_max_prekey_id().await.unwrap(), 6);
-    assert_eq!(target.load_signed_prekey(1).await.unwrap(), Some(b"spk".to_vec()));
-    assert_eq!(target.get_sender_key("g::a").await.unwrap(), Some(b"sk".to_vec()));
+    assert_eq!(
+        target.load_signed_prekey(1).await.unwrap(),
+        Some(b"spk".to_vec())
+    );
+    assert_eq!(
+        target.get_sender_key("g::a").await.unwrap(),
+        Some(b"sk".to_vec())
+    );
     assert_eq!(
         target.get_latest_sync_key_id().await.unwrap(),
         Some(vec![0, 9]),
@@ -553,7 +619,12 @@ async fn a_sqlite_session_migrates_into_postgres() {
         vec![("a:1@lid".to_string(), true)]
     );
     assert_eq!(
-        target.get_pn_mapping("5511977776666").await.unwrap().unwrap().lid,
+        target
+            .get_pn_mapping("5511977776666")
+            .await
+            .unwrap()
+            .unwrap()
+            .lid,
         "777"
     );
     assert!(target.has_same_base_key("a.0:1", "m", b"bk").await.unwrap());
@@ -561,13 +632,19 @@ async fn a_sqlite_session_migrates_into_postgres() {
         target.get_group_metadata("g@g.us").await.unwrap(),
         Some(b"meta".to_vec())
     );
-    assert_eq!(target.get_tc_token("777@lid").await.unwrap().unwrap().token, b"tc");
+    assert_eq!(
+        target.get_tc_token("777@lid").await.unwrap().unwrap().token,
+        b"tc"
+    );
     assert_eq!(
         target.take_sent_message("c", "s1").await.unwrap(),
         Some(b"sent".to_vec())
     );
     assert_eq!(
-        target.get_msg_secret_with_ts("c", "me", "m1").await.unwrap(),
+        target
+            .get_msg_secret_with_ts("c", "me", "m1")
+            .await
+            .unwrap(),
         Some((vec![5; 32], 9))
     );
 }
@@ -622,7 +699,10 @@ async fn a_simulated_session_in_the_shared_store_is_fenced_by_the_database() {
     tokio::time::timeout(Duration::from_secs(10), old.open())
         .await
         .expect("opens");
-    assert_eq!(old.delete_chat(&chat, false, lease.clone()).await, Ok(chat.clone()));
+    assert_eq!(
+        old.delete_chat(&chat, false, lease.clone()).await,
+        Ok(chat.clone())
+    );
 
     let new = SimulatedSession::new(&instance, &SimulatedConfig::default())
         .unwrap()

@@ -66,7 +66,8 @@ struct Cluster {
 
 impl Cluster {
     fn from_env() -> Self {
-        let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("--cluster needs {name}"));
+        let var =
+            |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("--cluster needs {name}"));
         Self {
             nodes: var("HARNESS_CLUSTER_NODES")
                 .split(',')

@@ -368,7 +368,14 @@ async fn cluster_command(cluster: &super::Cluster, args: &[&str]) {
 /// How many of the namespace's queues have their leader on `node`.
 fn leaders_on(cluster: &super::Cluster, node: usize, ns: &str) -> usize {
     let out = std::process::Command::new(&cluster.script)
-        .args(["ctl", &node.to_string(), "-q", "list_queues", "name", "leader"])
+        .args([
+            "ctl",
+            &node.to_string(),
+            "-q",
+            "list_queues",
+            "name",
+            "leader",
+        ])
         .output()
         .expect("scripts/cluster ctl");
     String::from_utf8_lossy(&out.stdout)

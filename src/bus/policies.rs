@@ -122,7 +122,10 @@ mod tests {
             1,
             &[
                 ("x-delivery-limit", AMQPValue::LongLongInt(20)),
-                ("x-dead-letter-exchange", AMQPValue::LongString("chat.dead".into())),
+                (
+                    "x-dead-letter-exchange",
+                    AMQPValue::LongString("chat.dead".into()),
+                ),
             ],
         );
         assert_eq!(policy.pattern, "^chat\\.v2\\.delete\\.");

@@ -37,7 +37,9 @@ pub async fn run(config: &Config, only: &[String]) -> anyhow::Result<ExitCode> {
         // A worker (or `pair`) holding the file must stop first.
         let _lock = SessionLock::acquire(&path)?;
         if database.reader(name).await?.exists().await? {
-            println!("{name}: already in PostgreSQL; left as it is (unpair it there first to replace it).");
+            println!(
+                "{name}: already in PostgreSQL; left as it is (unpair it there first to replace it)."
+            );
             failed = true;
             continue;
         }
@@ -45,7 +47,10 @@ pub async fn run(config: &Config, only: &[String]) -> anyhow::Result<ExitCode> {
         let rows = copy_sqlite_session(&path, &target)
             .await
             .with_context(|| format!("migrating {name}"))?;
-        println!("{name}: {rows} rows moved from {} to PostgreSQL.", path.display());
+        println!(
+            "{name}: {rows} rows moved from {} to PostgreSQL.",
+            path.display()
+        );
     }
     Ok(if failed {
         ExitCode::FAILURE

@@ -3,8 +3,8 @@
 //! queue, [`pair`] (pair, unpair) and `instances` for WhatsApp sessions, `setup` (topology,
 //! check-config, token-hash). Each returns its exit code.
 
-mod migrate;
 mod instances;
+mod migrate;
 pub mod pair;
 pub mod parked;
 pub mod publish;

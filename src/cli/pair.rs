@@ -259,7 +259,8 @@ mod tests {
                 per_minute: 60,
             },
         };
-        let _held = crate::session::whatsapp::SessionLock::acquire(&dir.path().join("a.db")).unwrap();
+        let _held =
+            crate::session::whatsapp::SessionLock::acquire(&dir.path().join("a.db")).unwrap();
         let err = pair(&options, None, &mut Vec::new(), Duration::from_secs(1))
             .await
             .unwrap_err();

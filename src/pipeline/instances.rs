@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use crate::config::{Config, InstanceKind, TokenHash};
 use crate::ownership::Lease;
-use crate::session::{ChatSession, SessionOptions, SimulatedSession, WhatsappSession};
 use crate::session::postgres::PgSessions;
+use crate::session::{ChatSession, SessionOptions, SimulatedSession, WhatsappSession};
 
 use super::auth::InstanceCredentials;
 use super::envelope::Envelope;

@@ -111,7 +111,10 @@ pub async fn copy_sqlite_session(path: &Path, target: &PgStore) -> Result<u64, M
             count(1);
         }
     }
-    for name in keys(conn, &format!("SELECT name AS k FROM app_state_versions {D}"))? {
+    for name in keys(
+        conn,
+        &format!("SELECT name AS k FROM app_state_versions {D}"),
+    )? {
         target
             .set_version(&name, source.get_version(&name).await?)
             .await?;
@@ -157,13 +160,19 @@ pub async fn copy_sqlite_session(path: &Path, target: &PgStore) -> Result<u64, M
             .await?;
         count(1);
     }
-    for user in keys(conn, &format!("SELECT user_id AS k FROM device_registry {D}"))? {
+    for user in keys(
+        conn,
+        &format!("SELECT user_id AS k FROM device_registry {D}"),
+    )? {
         if let Some(record) = source.get_devices(&user).await? {
             target.update_device_list(record).await?;
             count(1);
         }
     }
-    for group in keys(conn, &format!("SELECT group_jid AS k FROM group_metadata {D}"))? {
+    for group in keys(
+        conn,
+        &format!("SELECT group_jid AS k FROM group_metadata {D}"),
+    )? {
         if let Some(blob) = source.get_group_metadata(&group).await? {
             target.put_group_metadata(&group, &blob).await?;
             count(1);
@@ -181,7 +190,9 @@ pub async fn copy_sqlite_session(path: &Path, target: &PgStore) -> Result<u64, M
     );
     for key in keys(conn, &sent)? {
         let [chat, id, payload] = parts(&key)?;
-        target.store_sent_message(chat, id, &bytes(payload)?).await?;
+        target
+            .store_sent_message(chat, id, &bytes(payload)?)
+            .await?;
         count(1);
     }
     let pending = format!(

@@ -186,7 +186,6 @@ impl PgSessions {
             opening,
         }
     }
-
 }
 
 /// One instance's session, as opened by one owner.
@@ -546,7 +545,10 @@ impl AppSyncStore for PgStore {
         version: u64,
         mutations: &[AppStateMutationMAC],
     ) -> Result<()> {
-        let keys: Vec<String> = mutations.iter().map(|m| hex::encode(&m.index_mac)).collect();
+        let keys: Vec<String> = mutations
+            .iter()
+            .map(|m| hex::encode(&m.index_mac))
+            .collect();
         let values: Vec<&[u8]> = mutations.iter().map(|m| m.value_mac.as_slice()).collect();
         let version = i64::try_from(version).unwrap_or(i64::MAX);
         self.write(&[(
@@ -606,7 +608,13 @@ impl ProtocolStore for PgStore {
             "INSERT INTO cdw_wa_kv (instance, space, grp, key, value, flag)
              SELECT $1, $2, $3, d, '', f FROM unnest($4::text[], $5::bool[]) AS e(d, f)
              ON CONFLICT (instance, space, grp, key) DO UPDATE SET flag = EXCLUDED.flag",
-            &[&&*self.instance, &SENDER_KEY_DEVICE, &group_jid, &devices, &flags],
+            &[
+                &&*self.instance,
+                &SENDER_KEY_DEVICE,
+                &group_jid,
+                &devices,
+                &flags,
+            ],
         )])
         .await
         .map(drop)
@@ -959,7 +967,12 @@ impl MsgSecretStore for PgStore {
             .query_opt(
                 "SELECT value, ts2 FROM cdw_wa_kv
                  WHERE instance = $1 AND space = $2 AND grp = $3 AND key = $4",
-                &[&&*self.instance, &MSG_SECRET, &chat, &joined(&[sender, msg_id])],
+                &[
+                    &&*self.instance,
+                    &MSG_SECRET,
+                    &chat,
+                    &joined(&[sender, msg_id]),
+                ],
             )
             .await
             .map_err(db)?;

@@ -222,7 +222,11 @@ impl ChatSession for SimulatedSession {
         if let Some(shared) = &self.shared {
             let held = shared.held.lock().await;
             let store = held.as_ref().ok_or(SessionError::NotConnected)?;
-            if store.note("last-delete", chat.as_str().as_bytes()).await.is_err() {
+            if store
+                .note("last-delete", chat.as_str().as_bytes())
+                .await
+                .is_err()
+            {
                 return Err(SessionError::Fenced(Fenced(
                     "the session store refused the write: another owner opened the session",
                 )));
@@ -255,7 +259,11 @@ impl ChatSession for SimulatedSession {
         if let Some(shared) = &self.shared
             && let Some(generation) = shared.lease.generation()
         {
-            match shared.sessions.open(&shared.instance, Some(generation)).await {
+            match shared
+                .sessions
+                .open(&shared.instance, Some(generation))
+                .await
+            {
                 Ok(store) => *shared.held.lock().await = Some(store),
                 Err(error) => tracing::warn!(%error, "Could not open the shared session."),
             }

@@ -322,7 +322,9 @@ pub async fn inspect(options: &SessionOptions) -> Result<Option<String>, OpenErr
                 .load()
                 .await
                 .map_err(|e| OpenError::Store(e.to_string()))?;
-            Ok(device.and_then(|d| d.pn).map(|jid| format!("+{}", jid.user)))
+            Ok(device
+                .and_then(|d| d.pn)
+                .map(|jid| format!("+{}", jid.user)))
         }
     }
 }

@@ -18,7 +18,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use whatsapp_rust::prelude::{BotHandle, Event};
 
 pub use client::{
-    OpenError, SessionHold, SessionLock, app_state_ready, build_bot, inspect, next_state, paired_as, unpair,
+    OpenError, SessionHold, SessionLock, app_state_ready, build_bot, inspect, next_state,
+    paired_as, unpair,
 };
 pub use resolve::{Account, Directory, LookupLimits};
 
