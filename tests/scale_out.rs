@@ -414,6 +414,18 @@ async fn two_workers_share_the_instances_and_one_leaving_causes_no_503_and_no_se
     let second = start("second").await;
 
     publish(&second, 0, 120).await;
+    // Only once it has served some (on a loaded machine its consumers may start late).
+    second
+        .events
+        .wait_until("the first worker answered", |all| {
+            all.iter().any(|e| {
+                e.properties
+                    .app_id()
+                    .as_ref()
+                    .is_some_and(|a| a.as_str() == "first")
+            })
+        })
+        .await;
     // "first" leaves while commands keep coming; they wait for the new owner.
     let leaving = async {
         first.halt().await;
