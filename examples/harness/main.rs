@@ -653,18 +653,13 @@ fn spawn_worker(bin: &Path, config: &Path, log: &Path) -> Child {
 }
 
 async fn rabbitmqctl(args: &[&str]) {
-    run_quietly("rabbitmqctl".as_ref(), args).await;
-}
-
-/// Runs a command to completion, output discarded; it must succeed.
-async fn run_quietly(program: &Path, args: &[&str]) {
-    let status = Command::new(program)
+    let status = Command::new("rabbitmqctl")
         .args(args)
         .stdout(Stdio::null())
         .status()
         .await
-        .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
-    assert!(status.success(), "{} {args:?} failed", program.display());
+        .expect("rabbitmqctl");
+    assert!(status.success(), "rabbitmqctl {args:?} failed");
 }
 
 async fn connect(url: &str) -> Connection {
