@@ -653,13 +653,18 @@ fn spawn_worker(bin: &Path, config: &Path, log: &Path) -> Child {
 }
 
 async fn rabbitmqctl(args: &[&str]) {
-    let status = Command::new("rabbitmqctl")
+    run_quietly("rabbitmqctl".as_ref(), args).await;
+}
+
+/// Runs a command to completion, output discarded; it must succeed.
+async fn run_quietly(program: &Path, args: &[&str]) {
+    let status = Command::new(program)
         .args(args)
         .stdout(Stdio::null())
         .status()
         .await
-        .expect("rabbitmqctl");
-    assert!(status.success(), "rabbitmqctl {args:?} failed");
+        .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+    assert!(status.success(), "{} {args:?} failed", program.display());
 }
 
 async fn connect(url: &str) -> Connection {

@@ -262,9 +262,9 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
             let node = 2 + node_restarts % 2;
             let led = leaders_on(cluster, node, &ns);
             let at = Instant::now();
-            cluster_command(cluster, &["stop-node", &node.to_string()]).await;
+            run_quietly(&cluster.script, &["stop-node", &node.to_string()]).await;
             log(format!("node {node} stopped (it led {led} of the queues)"));
-            cluster_command(cluster, &["start-node", &node.to_string()]).await;
+            run_quietly(&cluster.script, &["start-node", &node.to_string()]).await;
             log(format!(
                 "node {node} back after {:.1}s",
                 at.elapsed().as_secs_f64()
@@ -353,16 +353,6 @@ async fn take_down(
         times.iter().copied().fold(0.0, f64::max)
     ));
     (victim, times)
-}
-
-async fn cluster_command(cluster: &super::Cluster, args: &[&str]) {
-    let status = tokio::process::Command::new(&cluster.script)
-        .args(args)
-        .stdout(Stdio::null())
-        .status()
-        .await
-        .expect("scripts/cluster runs");
-    assert!(status.success(), "scripts/cluster {args:?} failed");
 }
 
 /// How many of the namespace's queues have their leader on `node`.

@@ -5,16 +5,14 @@ use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
 
 use super::BrokerError;
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, host_port};
 
 /// The addresses to try: `url`, then each of `nodes` with `url`'s credentials, vhost and TLS.
 pub fn addresses(cfg: &BrokerConfig) -> Result<Vec<AMQPUri>, BrokerError> {
     let first: AMQPUri = cfg.url.parse().map_err(BrokerError::Url)?;
     let mut all = vec![first.clone()];
     for node in &cfg.nodes {
-        let (host, port) = node
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h, p.parse().ok()?)))
+        let (host, port) = host_port(node)
             .ok_or_else(|| BrokerError::Url(format!("`{node}` is not host:port")))?;
         let mut uri = first.clone();
         uri.authority.host = host.to_owned();

@@ -228,7 +228,7 @@ impl Config {
                 "required when sessions.store = \"postgres\"",
             ));
         }
-        if let Some(node) = self.broker.nodes.iter().find(|n| !is_host_port(n)) {
+        if let Some(node) = self.broker.nodes.iter().find(|n| host_port(n).is_none()) {
             return Err(invalid(
                 "broker.nodes".into(),
                 &format!("`{node}` is not host:port"),
@@ -276,9 +276,10 @@ impl Config {
     }
 }
 
-fn is_host_port(node: &str) -> bool {
-    node.rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+/// A `broker.nodes` entry: `host:port`.
+pub fn host_port(node: &str) -> Option<(&str, u16)> {
+    let (host, port) = node.rsplit_once(':')?;
+    Some((host, port.parse().ok()?)).filter(|_| !host.is_empty())
 }
 
 fn is_valid_namespace(ns: &str) -> bool {

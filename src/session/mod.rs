@@ -33,7 +33,7 @@ pub struct SessionStatus {
 pub enum SessionStore {
     /// A SQLite file, held with a file lock (one host).
     Sqlite(PathBuf),
-    /// A row set in PostgreSQL, fenced by ownership generation (any host).
+    /// Rows in PostgreSQL, each opening fencing the earlier ones (any host).
     Postgres {
         sessions: postgres::PgSessions,
         instance: String,
@@ -55,8 +55,8 @@ impl std::fmt::Display for SessionStore {
 #[derive(Clone)]
 pub struct SessionOptions {
     pub store: SessionStore,
-    /// The worker's lease on the instance: a shared session is opened as its generation.
-    /// `None` for the CLI, which takes the session over at the current generation.
+    /// The worker's lease on the instance: a session opens only while it holds (a shared one
+    /// records its generation). `None` for the CLI, which takes the session over as it is.
     pub owner: Option<Arc<Lease>>,
     /// Our bound on one delete (the crate's own IQ timeout is 75 s).
     pub delete_timeout: Duration,

@@ -291,17 +291,36 @@ impl PgStore {
         .map(drop)
     }
 
+    /// One row of a read: not fenced (a stale reader changes nothing).
+    async fn read_one(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
+        self.client()
+            .await?
+            .query_opt(sql, params)
+            .await
+            .map_err(db)
+    }
+
+    /// A value stored as JSON.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        space: &str,
+        grp: &str,
+        key: &str,
+    ) -> Result<Option<T>> {
+        self.get(space, grp, key)
+            .await?
+            .map(|bytes| parse(&bytes))
+            .transpose()
+    }
+
     async fn get(&self, space: &str, grp: &str, key: &str) -> Result<Option<Vec<u8>>> {
         let row = self
-            .client()
-            .await?
-            .query_opt(
+            .read_one(
                 "SELECT value FROM cdw_wa_kv
                  WHERE instance = $1 AND space = $2 AND grp = $3 AND key = $4",
                 &[&&*self.instance, &space, &grp, &key],
             )
-            .await
-            .map_err(db)?;
+            .await?;
         Ok(row.map(|r| r.get(0)))
     }
 
@@ -412,15 +431,12 @@ impl SignalStore for PgStore {
 
     async fn has_signal_state_for_user(&self, user: &str) -> Result<bool> {
         let row = self
-            .client()
-            .await?
-            .query_opt(
+            .read_one(
                 "SELECT 1 FROM cdw_wa_kv WHERE instance = $1 AND space IN ($2, $3)
                  AND (key LIKE $4 || '@%' OR key LIKE $4 || ':%') LIMIT 1",
                 &[&&*self.instance, &SESSION, &IDENTITY, &user],
             )
-            .await
-            .map_err(db)?;
+            .await?;
         Ok(row.is_some())
     }
 
@@ -508,10 +524,7 @@ impl SignalStore for PgStore {
 #[async_trait]
 impl AppSyncStore for PgStore {
     async fn get_sync_key(&self, key_id: &[u8]) -> Result<Option<AppStateSyncKey>> {
-        match self.get(SYNC_KEY, "", &hex::encode(key_id)).await? {
-            Some(bytes) => parse(&bytes).map(Some),
-            None => Ok(None),
-        }
+        self.get_json(SYNC_KEY, "", &hex::encode(key_id)).await
     }
 
     async fn set_sync_key(&self, key_id: &[u8], key: AppStateSyncKey) -> Result<()> {
@@ -529,10 +542,7 @@ impl AppSyncStore for PgStore {
     }
 
     async fn get_version(&self, name: &str) -> Result<HashState> {
-        match self.get(VERSION, "", name).await? {
-            Some(bytes) => parse(&bytes),
-            None => Ok(HashState::default()),
-        }
+        Ok(self.get_json(VERSION, "", name).await?.unwrap_or_default())
     }
 
     async fn set_version(&self, name: &str, state: HashState) -> Result<()> {
@@ -579,15 +589,12 @@ impl AppSyncStore for PgStore {
 
     async fn get_latest_sync_key_id(&self) -> Result<Option<Vec<u8>>> {
         let row = self
-            .client()
-            .await?
-            .query_opt(
+            .read_one(
                 "SELECT key FROM cdw_wa_kv WHERE instance = $1 AND space = $2
                  ORDER BY ts DESC, key DESC LIMIT 1",
                 &[&&*self.instance, &SYNC_KEY],
             )
-            .await
-            .map_err(db)?;
+            .await?;
         row.map(|r| hex::decode(r.get::<_, String>(0)))
             .transpose()
             .map_err(|e| StoreError::Serialization(Box::new(e)))
@@ -641,29 +648,23 @@ impl ProtocolStore for PgStore {
 
     async fn get_lid_mapping(&self, lid: &str) -> Result<Option<LidPnMappingEntry>> {
         let row = self
-            .client()
-            .await?
-            .query_opt(
+            .read_one(
                 "SELECT value FROM cdw_wa_kv WHERE instance = $1 AND space = $2 AND key = $3",
                 &[&&*self.instance, &LID, &lid],
             )
-            .await
-            .map_err(db)?;
+            .await?;
         row.map(|r| parse(r.get::<_, &[u8]>(0))).transpose()
     }
 
     async fn get_pn_mapping(&self, phone: &str) -> Result<Option<LidPnMappingEntry>> {
         // The phone number is the row's group: the most recently updated LID wins.
         let row = self
-            .client()
-            .await?
-            .query_opt(
+            .read_one(
                 "SELECT value FROM cdw_wa_kv WHERE instance = $1 AND space = $2 AND grp = $3
                  ORDER BY ts DESC LIMIT 1",
                 &[&&*self.instance, &LID, &phone],
             )
-            .await
-            .map_err(db)?;
+            .await?;
         row.map(|r| parse(r.get::<_, &[u8]>(0))).transpose()
     }
 
@@ -723,10 +724,7 @@ impl ProtocolStore for PgStore {
     }
 
     async fn get_devices(&self, user: &str) -> Result<Option<DeviceListRecord>> {
-        match self.get(DEVICES, "", user).await? {
-            Some(bytes) => parse(&bytes).map(Some),
-            None => Ok(None),
-        }
+        self.get_json(DEVICES, "", user).await
     }
 
     async fn delete_devices(&self, user: &str) -> Result<()> {
@@ -747,14 +745,11 @@ impl ProtocolStore for PgStore {
 
     async fn get_tc_token(&self, jid: &str) -> Result<Option<TcTokenEntry>> {
         let row = self
-            .client()
-            .await?
-            .query_opt(
+            .read_one(
                 "SELECT value, ts, ts2 FROM cdw_wa_kv WHERE instance = $1 AND space = $2 AND key = $3",
                 &[&&*self.instance, &TC_TOKEN, &jid],
             )
-            .await
-            .map_err(db)?;
+            .await?;
         Ok(row.map(|r| TcTokenEntry {
             token: r.get(0),
             token_timestamp: r.get(1),
@@ -962,9 +957,7 @@ impl MsgSecretStore for PgStore {
         msg_id: &str,
     ) -> Result<Option<(Vec<u8>, i64)>> {
         let row = self
-            .client()
-            .await?
-            .query_opt(
+            .read_one(
                 "SELECT value, ts2 FROM cdw_wa_kv
                  WHERE instance = $1 AND space = $2 AND grp = $3 AND key = $4",
                 &[
@@ -974,8 +967,7 @@ impl MsgSecretStore for PgStore {
                     &joined(&[sender, msg_id]),
                 ],
             )
-            .await
-            .map_err(db)?;
+            .await?;
         Ok(row.map(|r| (r.get(0), r.get::<_, Option<i64>>(1).unwrap_or(0))))
     }
 
@@ -992,10 +984,7 @@ impl DeviceStore for PgStore {
     }
 
     async fn load(&self) -> Result<Option<Device>> {
-        match self.get(DEVICE, "", "").await? {
-            Some(bytes) => parse(&bytes).map(Some),
-            None => Ok(None),
-        }
+        self.get_json(DEVICE, "", "").await
     }
 
     async fn exists(&self) -> Result<bool> {

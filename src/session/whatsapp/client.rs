@@ -48,7 +48,7 @@ impl From<PgSessionError> for OpenError {
 /// An exclusive hold on a session: a file lock (released on drop, and by the OS if we die), or
 /// an opening of the shared store (which refuses every earlier opener's writes).
 pub enum SessionHold {
-    File(#[allow(dead_code)] File),
+    File { _lock: SessionLock, path: PathBuf },
     Database(PgStore),
 }
 
@@ -60,7 +60,10 @@ impl SessionHold {
             None => None,
         };
         match &options.store {
-            SessionStore::Sqlite(path) => SessionLock::acquire(path).map(|l| Self::File(l.0)),
+            SessionStore::Sqlite(path) => Ok(Self::File {
+                _lock: SessionLock::acquire(path)?,
+                path: path.clone(),
+            }),
             SessionStore::Postgres { sessions, instance } => {
                 Ok(Self::Database(sessions.open(instance, generation).await?))
             }
@@ -69,7 +72,7 @@ impl SessionHold {
 }
 
 /// An exclusive hold on a session file.
-pub struct SessionLock(File);
+pub struct SessionLock(#[allow(dead_code)] File);
 
 impl SessionLock {
     pub fn acquire(store_path: &Path) -> Result<Self, OpenError> {
@@ -95,16 +98,13 @@ pub async fn build_bot(
     pair_phone: Option<&str>,
     on_event: impl Fn(Arc<Event>) + Send + Sync + 'static,
 ) -> Result<Bot, OpenError> {
-    let store: Arc<dyn Backend> = match (hold, &options.store) {
-        (SessionHold::Database(store), _) => Arc::new(store.clone()),
-        (SessionHold::File(_), SessionStore::Sqlite(path)) => Arc::new(
+    let store: Arc<dyn Backend> = match hold {
+        SessionHold::Database(store) => Arc::new(store.clone()),
+        SessionHold::File { path, .. } => Arc::new(
             SqliteStore::new(&path.to_string_lossy())
                 .await
                 .map_err(|e| OpenError::Store(e.to_string()))?,
         ),
-        (SessionHold::File(_), SessionStore::Postgres { .. }) => {
-            return Err(OpenError::Store("a file lock on a database session".into()));
-        }
     };
     let mut kinds = vec![
         EventKind::Connected,
@@ -142,7 +142,11 @@ pub async fn build_bot(
 
 /// The number a client is linked to, `+<digits>`.
 pub fn paired_as(client: &Client) -> Option<String> {
-    client.pn().map(|jid| format!("+{}", jid.user))
+    client.pn().as_ref().map(number)
+}
+
+fn number(jid: &Jid) -> String {
+    format!("+{}", jid.user)
 }
 
 /// The state an event moves a session to, if any.
@@ -322,9 +326,7 @@ pub async fn inspect(options: &SessionOptions) -> Result<Option<String>, OpenErr
                 .load()
                 .await
                 .map_err(|e| OpenError::Store(e.to_string()))?;
-            Ok(device
-                .and_then(|d| d.pn)
-                .map(|jid| format!("+{}", jid.user)))
+            Ok(device.and_then(|d| d.pn).as_ref().map(number))
         }
     }
 }
@@ -370,19 +372,18 @@ pub async fn unpair(options: &SessionOptions) -> Result<bool, OpenError> {
         drop(bot);
     }
     drop(client);
-    match (&hold, &options.store) {
-        (SessionHold::Database(store), _) => store
+    match &hold {
+        SessionHold::Database(store) => store
             .erase()
             .await
             .map_err(|e| OpenError::Store(e.to_string()))?,
-        (SessionHold::File(_), SessionStore::Sqlite(path)) => {
+        SessionHold::File { path, .. } => {
             for suffix in ["", "-wal", "-shm"] {
                 let mut path = path.as_os_str().to_owned();
                 path.push(suffix);
                 let _ = std::fs::remove_file(PathBuf::from(path));
             }
         }
-        (SessionHold::File(_), SessionStore::Postgres { .. }) => {}
     }
     drop(hold);
     Ok(true)
