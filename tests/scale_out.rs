@@ -51,6 +51,8 @@ struct Ledger {
     serving: Mutex<BTreeMap<String, String>>,
     overlaps: Mutex<Vec<String>>,
     abrupt_losses: Mutex<Vec<String>>,
+    /// Gains whose lease had ended by the time the session was open.
+    late_opens: Mutex<Vec<String>>,
 }
 
 impl Ledger {
@@ -70,12 +72,26 @@ impl Ledger {
 struct RecordingHost {
     member: String,
     ledger: Arc<Ledger>,
+    /// An instance whose session takes this long to open (a database that makes it wait).
+    slow_open: Option<(String, Duration)>,
 }
 
 #[async_trait::async_trait]
 impl Host for RecordingHost {
     async fn gain(&self, instance: &Arc<Instance>) {
+        if let Some((slow, delay)) = &self.slow_open
+            && slow == instance.name()
+        {
+            tokio::time::sleep(*delay).await;
+        }
         instance.session().open().await;
+        if instance.lease().check().is_err() {
+            self.ledger
+                .late_opens
+                .lock()
+                .unwrap()
+                .push(instance.name().to_owned());
+        }
         let previous = self
             .ledger
             .serving
@@ -123,6 +139,20 @@ async fn join(
     ledger: &Arc<Ledger>,
     capacity: u32,
 ) -> Member {
+    join_slow(redis_url, prefix, name, n, world, ledger, capacity, None).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn join_slow(
+    redis_url: &str,
+    prefix: &str,
+    name: &str,
+    n: usize,
+    world: &Path,
+    ledger: &Arc<Ledger>,
+    capacity: u32,
+    slow_open: Option<(String, Duration)>,
+) -> Member {
     let coordination = Coordination::connect(redis_url, prefix, name)
         .await
         .unwrap();
@@ -131,6 +161,7 @@ async fn join(
     let host = Arc::new(RecordingHost {
         member: name.to_owned(),
         ledger: ledger.clone(),
+        slow_open,
     });
     let timing = Timing {
         lease: Duration::from_millis(1_500),
@@ -236,6 +267,42 @@ async fn instances_split_evenly_and_a_join_or_a_leave_moves_only_what_it_must() 
         tokio::time::timeout(WAIT, m.task).await.unwrap().unwrap();
     }
     assert!(ledger.owners().is_empty(), "every instance handed back");
+}
+
+/// Found by the cluster harness: a session open that waited on the database longer than the
+/// lease held up the coordinator, so every lease of the worker ran out; another worker took
+/// them, and the slow open then connected anyway, knocking out the new owner's session.
+#[tokio::test]
+async fn a_slow_session_open_neither_holds_up_other_leases_nor_connects_after_its_lease_ended() {
+    let world = tempfile::tempdir().unwrap();
+    let prefix = prefix("slow-open");
+    let ledger = Arc::new(Ledger::default());
+    let n = 4;
+    // Opening inst00 takes twice the lease (1.5 s).
+    let slow = Some(("inst00".to_owned(), Duration::from_secs(3)));
+    let a = join_slow(LOCAL_REDIS, &prefix, "a", n, world.path(), &ledger, 1, slow).await;
+    wait_for("a serves every instance", || {
+        ledger.counts().get("a") == Some(&n)
+    })
+    .await;
+    assert!(
+        ledger.late_opens.lock().unwrap().is_empty(),
+        "leases ran out while a session opened: {:?}",
+        ledger.late_opens.lock().unwrap()
+    );
+    assert!(lines(&world.path().join("overlaps.log")).is_empty());
+    a.stop.cancel();
+    tokio::time::timeout(WAIT, a.task).await.unwrap().unwrap();
+
+    // A session whose lease is not held (ended, or never taken) does not connect.
+    let stale = instances(1, world.path()).await;
+    let stale = stale.get("inst00").unwrap();
+    assert!(stale.lease().check().is_err());
+    stale.session().open().await;
+    assert!(
+        !world.path().join("inst00.holder").exists(),
+        "a session without its lease connected"
+    );
 }
 
 #[tokio::test]

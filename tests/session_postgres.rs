@@ -694,7 +694,8 @@ async fn a_simulated_session_in_the_shared_store_is_fenced_by_the_database() {
     let lease = Arc::new(Lease::permanent());
     let old = SimulatedSession::new(&instance, &SimulatedConfig::default())
         .unwrap()
-        .in_database(&instance, sessions.clone(), lease.clone());
+        .owned_through(lease.clone())
+        .in_database(&instance, sessions.clone());
     let chat = normalise_number("5511999999999").unwrap();
     tokio::time::timeout(Duration::from_secs(10), old.open())
         .await
@@ -706,7 +707,8 @@ async fn a_simulated_session_in_the_shared_store_is_fenced_by_the_database() {
 
     let new = SimulatedSession::new(&instance, &SimulatedConfig::default())
         .unwrap()
-        .in_database(&instance, sessions.clone(), lease.clone());
+        .owned_through(lease.clone())
+        .in_database(&instance, sessions.clone());
     new.open().await;
     assert!(matches!(
         old.delete_chat(&chat, false, lease.clone()).await,

@@ -157,6 +157,7 @@ pub async fn coordinate(
         letting_go: HashSet::new(),
         plan: None,
         reachable: true,
+        turns: HashMap::new(),
     };
     let (done, mut finished) = mpsc::unbounded_channel();
     let mut leaving = false;
@@ -197,6 +198,9 @@ struct Coordinator {
     /// This worker's last plan, to count rebalances.
     plan: Option<Vec<String>>,
     reachable: bool,
+    /// Per instance: its gains and losses run one at a time, in the order they were started
+    /// (a slow session open must not hold up the renewals of every other lease).
+    turns: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl Coordinator {
@@ -205,6 +209,10 @@ impl Coordinator {
             .get(name)
             .expect("plans hold hosted instances only")
             .clone()
+    }
+
+    fn turn(&mut self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.turns.entry(name.to_owned()).or_default().clone()
     }
 
     fn let_go(&mut self, name: &str) {
@@ -313,7 +321,6 @@ impl Coordinator {
                 return;
             }
         };
-        let mut gained = vec![];
         for (name, acquired) in free.iter().zip(acquired) {
             let Some(acquired) = acquired else { continue };
             let instance = self.instance(name);
@@ -328,10 +335,15 @@ impl Coordinator {
                     .record(gap.as_secs_f64());
             }
             tracing::info!(instance = %name, generation = acquired.generation, "Instance owned.");
-            gained.push(instance);
+            let (host, turn) = (self.host.clone(), self.turn(name));
+            tokio::spawn(async move {
+                let _turn = turn.lock().await;
+                // Lost (or lost and taken again) while waiting for its turn: not this gain's.
+                if instance.lease().generation() == Some(acquired.generation) {
+                    host.gain(&instance).await;
+                }
+            });
         }
-        let host = &self.host;
-        futures_util::future::join_all(gained.iter().map(|i| host.gain(i))).await;
     }
 
     /// Hands instances over: stop consuming, let in-flight work finish, close the session,
@@ -346,8 +358,10 @@ impl Coordinator {
             let host = self.host.clone();
             let coordination = self.coordination.clone();
             let done = done.clone();
+            let turn = self.turn(&name);
             tokio::spawn(async move {
                 let started = Instant::now();
+                let _turn = turn.lock().await;
                 host.lose(&instance, true).await;
                 instance.lease().set(None);
                 if let Err(error) = coordination.release(&name, generation).await {
@@ -387,7 +401,9 @@ impl Coordinator {
         }
         let host = self.host.clone();
         let done = done.clone();
+        let turn = self.turn(name);
         tokio::spawn(async move {
+            let _turn = turn.lock().await;
             host.lose(&instance, false).await;
             let _ = done.send(Let {
                 instance: instance.name().to_owned(),

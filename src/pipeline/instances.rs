@@ -93,9 +93,12 @@ impl Instances {
             };
             let session: Arc<dyn ChatSession> = match cfg.kind {
                 InstanceKind::Simulated => {
-                    let session = SimulatedSession::new(name, &cfg.simulated)?;
+                    let mut session = SimulatedSession::new(name, &cfg.simulated)?;
+                    if shared {
+                        session = session.owned_through(lease.clone());
+                    }
                     Arc::new(match &database {
-                        Some(db) => session.in_database(name, db.clone(), lease.clone()),
+                        Some(db) => session.in_database(name, db.clone()),
                         None => session,
                     })
                 }

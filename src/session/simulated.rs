@@ -25,6 +25,8 @@ pub struct SimulatedSession {
     resolve: std::collections::BTreeMap<String, ChatJid>,
     world: Option<World>,
     shared: Option<Shared>,
+    /// With several workers: connecting is an effect, made only while this lease holds.
+    owner: Option<Arc<Lease>>,
 }
 
 /// A simulated session kept in the shared session store: opened as the lease's generation,
@@ -32,7 +34,6 @@ pub struct SimulatedSession {
 struct Shared {
     instance: String,
     sessions: PgSessions,
-    lease: Arc<Lease>,
     held: tokio::sync::Mutex<Option<PgStore>>,
 }
 
@@ -148,15 +149,21 @@ impl SimulatedSession {
             resolve: cfg.resolve.clone(),
             world,
             shared: None,
+            owner: None,
         })
     }
 
-    /// Keeps the session in the shared store, owned through `lease`.
-    pub fn in_database(mut self, instance: &str, sessions: PgSessions, lease: Arc<Lease>) -> Self {
+    /// Opens only while `lease` holds (several workers share the instances).
+    pub fn owned_through(mut self, lease: Arc<Lease>) -> Self {
+        self.owner = Some(lease);
+        self
+    }
+
+    /// Keeps the session in the shared store, opened as the owner's lease generation.
+    pub fn in_database(mut self, instance: &str, sessions: PgSessions) -> Self {
         self.shared = Some(Shared {
             instance: instance.to_owned(),
             sessions,
-            lease,
             held: Default::default(),
         });
         self
@@ -256,17 +263,31 @@ impl ChatSession for SimulatedSession {
     }
 
     async fn open(&self) {
-        if let Some(shared) = &self.shared
-            && let Some(generation) = shared.lease.generation()
-        {
-            match shared
-                .sessions
-                .open(&shared.instance, Some(generation))
-                .await
-            {
+        let generation = match &self.owner {
+            Some(lease) => match lease.generation() {
+                Some(generation) => Some(generation),
+                None => return,
+            },
+            None => None,
+        };
+        if let Some(shared) = &self.shared {
+            match shared.sessions.open(&shared.instance, generation).await {
                 Ok(store) => *shared.held.lock().await = Some(store),
-                Err(error) => tracing::warn!(%error, "Could not open the shared session."),
+                Err(error) => {
+                    tracing::warn!(%error, "Could not open the shared session.");
+                    return;
+                }
             }
+        }
+        // Connecting replaces whichever client is connected: a lease that ended while the
+        // store was being opened must not knock out the instance's new owner.
+        if self
+            .owner
+            .as_ref()
+            .is_some_and(|l| l.generation() != generation)
+        {
+            self.close().await;
+            return;
         }
         if let Some(world) = &self.world
             && let Err(error) = world.open()

@@ -65,7 +65,13 @@ impl SessionHold {
                 path: path.clone(),
             }),
             SessionStore::Postgres { sessions, instance } => {
-                Ok(Self::Database(sessions.open(instance, generation).await?))
+                let store = sessions.open(instance, generation).await?;
+                // The open may have waited on the database: a lease that ended meanwhile must
+                // not go on to connect (connecting knocks out the instance's new owner).
+                match &options.owner {
+                    Some(lease) if lease.generation() != generation => Err(OpenError::NotOwner),
+                    _ => Ok(Self::Database(store)),
+                }
             }
         }
     }
