@@ -197,7 +197,13 @@ pub async fn serve(
             BrokerError::Amqp(e)
         });
     }
-    let publisher = match Publisher::open(&connection, &names.events_exchange()).await {
+    // Results go out on a connection of their own: lapin's I/O loop walks every channel of a
+    // connection for each frame it sends, and the consuming one has a channel per queue.
+    let results = match bus::connect(&config.broker, &format!("{name} results")).await {
+        Ok(results) => Arc::new(results),
+        Err(error) => return lost(error),
+    };
+    let publisher = match Publisher::open(&results, &names.events_exchange()).await {
         Ok(publisher) => Arc::new(publisher),
         Err(error) => return lost(error),
     };
@@ -205,6 +211,7 @@ pub async fn serve(
 
     let signals = Signals::default();
     watch_for_loss(&connection, signals.lost.clone());
+    watch_for_loss(&results, signals.lost.clone());
     let mut live = Live {
         connection: connection.clone(),
         publisher,
@@ -244,6 +251,7 @@ pub async fn serve(
         }
     }
     let _ = connection.close(200, "worker stopping".into()).await;
+    let _ = results.close(200, "worker stopping".into()).await;
     if requested {
         Ended::Stopped
     } else {
