@@ -7,6 +7,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use chat_delete_worker::fence::Fence;
 use chat_delete_worker::ownership::{self, Coordination, Host, Timing};
 use chat_delete_worker::pipeline::request::normalise_number;
 use chat_delete_worker::pipeline::{Instance, Instances};
+use chat_delete_worker::session::Opening;
 use common::redis::PrivateRedis;
 use common::*;
 use tokio_util::sync::CancellationToken;
@@ -53,6 +55,7 @@ struct Ledger {
     abrupt_losses: Mutex<Vec<String>>,
     /// Gains whose lease had ended by the time the session was open.
     late_opens: Mutex<Vec<String>>,
+    failed_opens: Mutex<Vec<String>>,
 }
 
 impl Ledger {
@@ -74,11 +77,26 @@ struct RecordingHost {
     ledger: Arc<Ledger>,
     /// An instance whose session takes this long to open (a database that makes it wait).
     slow_open: Option<(String, Duration)>,
+    /// An instance whose session fails to open this many times (a database that is down).
+    failing_open: Option<(String, AtomicU32)>,
 }
 
 #[async_trait::async_trait]
 impl Host for RecordingHost {
-    async fn gain(&self, instance: &Arc<Instance>) {
+    async fn gain(&self, instance: &Arc<Instance>) -> Opening {
+        if let Some((failing, left)) = &self.failing_open
+            && failing == instance.name()
+            && left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            self.ledger
+                .failed_opens
+                .lock()
+                .unwrap()
+                .push(instance.name().to_owned());
+            return Opening::Failed;
+        }
         if let Some((slow, delay)) = &self.slow_open
             && slow == instance.name()
         {
@@ -104,6 +122,7 @@ impl Host for RecordingHost {
                 instance.name()
             ));
         }
+        Opening::Done
     }
 
     async fn lose(&self, instance: &Arc<Instance>, graceful: bool) {
@@ -139,11 +158,14 @@ async fn join(
     ledger: &Arc<Ledger>,
     capacity: u32,
 ) -> Member {
-    join_slow(redis_url, prefix, name, n, world, ledger, capacity, None).await
+    join_troubled(
+        redis_url, prefix, name, n, world, ledger, capacity, None, None,
+    )
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn join_slow(
+async fn join_troubled(
     redis_url: &str,
     prefix: &str,
     name: &str,
@@ -152,6 +174,7 @@ async fn join_slow(
     ledger: &Arc<Ledger>,
     capacity: u32,
     slow_open: Option<(String, Duration)>,
+    failing_open: Option<(String, u32)>,
 ) -> Member {
     let coordination = Coordination::connect(redis_url, prefix, name)
         .await
@@ -162,6 +185,7 @@ async fn join_slow(
         member: name.to_owned(),
         ledger: ledger.clone(),
         slow_open,
+        failing_open: failing_open.map(|(name, n)| (name, AtomicU32::new(n))),
     });
     let timing = Timing {
         lease: Duration::from_millis(1_500),
@@ -280,7 +304,18 @@ async fn a_slow_session_open_neither_holds_up_other_leases_nor_connects_after_it
     let n = 4;
     // Opening inst00 takes twice the lease (1.5 s).
     let slow = Some(("inst00".to_owned(), Duration::from_secs(3)));
-    let a = join_slow(LOCAL_REDIS, &prefix, "a", n, world.path(), &ledger, 1, slow).await;
+    let a = join_troubled(
+        LOCAL_REDIS,
+        &prefix,
+        "a",
+        n,
+        world.path(),
+        &ledger,
+        1,
+        slow,
+        None,
+    )
+    .await;
     wait_for("a serves every instance", || {
         ledger.counts().get("a") == Some(&n)
     })
@@ -303,6 +338,45 @@ async fn a_slow_session_open_neither_holds_up_other_leases_nor_connects_after_it
         !world.path().join("inst00.holder").exists(),
         "a session without its lease connected"
     );
+}
+
+/// A session that could not be opened (its database down) is opened again while the lease
+/// holds, rather than left closed until the instance moves.
+#[tokio::test]
+async fn a_session_that_failed_to_open_is_opened_again_while_the_lease_holds() {
+    let world = tempfile::tempdir().unwrap();
+    let prefix = prefix("reopen");
+    let ledger = Arc::new(Ledger::default());
+    let failing = Some(("inst01".to_owned(), 2));
+    let a = join_troubled(
+        LOCAL_REDIS,
+        &prefix,
+        "a",
+        2,
+        world.path(),
+        &ledger,
+        1,
+        None,
+        failing,
+    )
+    .await;
+    wait_for("a serves both instances", || {
+        ledger.counts().get("a") == Some(&2)
+    })
+    .await;
+    assert_eq!(ledger.failed_opens.lock().unwrap().len(), 2);
+    assert!(ledger.abrupt_losses.lock().unwrap().is_empty());
+    a.stop.cancel();
+    tokio::time::timeout(WAIT, a.task).await.unwrap().unwrap();
+
+    // What a session answers when its database is down: tried again, not left closed.
+    use chat_delete_worker::session::postgres::PgSessions;
+    use chat_delete_worker::session::{ChatSession, SimulatedSession};
+    let unreachable = PgSessions::new("postgres://postgres@127.0.0.1:1/none").unwrap();
+    let session = SimulatedSession::new("inst00", &Default::default())
+        .unwrap()
+        .in_database("inst00", unreachable);
+    assert_eq!(session.open().await, Opening::Failed);
 }
 
 #[tokio::test]

@@ -26,9 +26,15 @@ use tokio_util::sync::CancellationToken;
 use crate::config::OwnershipConfig;
 use crate::fence::{Fence, Fenced};
 use crate::pipeline::{Instance, Instances};
+use crate::session::Opening;
 use crate::telemetry;
 use assign::{Member, assign};
 pub use coordination::{Coordination, parse_holder};
+
+/// A session that could not be opened is tried again after this, doubling up to `REOPEN_MAX`,
+/// for as long as the lease holds.
+const REOPEN_FIRST: Duration = Duration::from_secs(1);
+const REOPEN_MAX: Duration = Duration::from_secs(30);
 
 /// An instance's ownership as this worker knows it; the fence of every effect on it.
 pub struct Lease {
@@ -109,8 +115,10 @@ impl Fence for Lease {
 /// What the worker does when it gains or loses an instance.
 #[async_trait::async_trait]
 pub trait Host: Send + Sync {
-    /// The lease is held: open the session, then consume the queue.
-    async fn gain(&self, instance: &Arc<Instance>);
+    /// The lease is held: open the session, then consume the queue. When the session could
+    /// not be opened the queue is left alone (its commands wait there) and the gain is tried
+    /// again later.
+    async fn gain(&self, instance: &Arc<Instance>) -> Opening;
     /// Stop consuming; `graceful` lets in-flight commands finish within the grace period
     /// (otherwise they go back at once); then close the session.
     async fn lose(&self, instance: &Arc<Instance>, graceful: bool);
@@ -337,10 +345,21 @@ impl Coordinator {
             tracing::info!(instance = %name, generation = acquired.generation, "Instance owned.");
             let (host, turn) = (self.host.clone(), self.turn(name));
             tokio::spawn(async move {
-                let _turn = turn.lock().await;
-                // Lost (or lost and taken again) while waiting for its turn: not this gain's.
-                if instance.lease().generation() == Some(acquired.generation) {
-                    host.gain(&instance).await;
+                let mut wait = REOPEN_FIRST;
+                loop {
+                    {
+                        let _turn = turn.lock().await;
+                        // Lost (or lost and taken again) meanwhile: not this gain's.
+                        if instance.lease().generation() != Some(acquired.generation) {
+                            return;
+                        }
+                        if host.gain(&instance).await == Opening::Done {
+                            return;
+                        }
+                    }
+                    tracing::warn!(instance = %instance.name(), retry_in_ms = wait.as_millis() as u64, "Session could not be opened; its commands wait in the queue.");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(REOPEN_MAX);
                 }
             });
         }

@@ -174,6 +174,15 @@ impl SessionState {
     }
 }
 
+/// How opening a session went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// Open, or nothing a second try would change (never paired; the lease is gone).
+    Done,
+    /// The session's store could not be reached or held: worth trying again.
+    Failed,
+}
+
 #[async_trait::async_trait]
 pub trait ChatSession: Send + Sync {
     fn state(&self) -> SessionState;
@@ -193,7 +202,9 @@ pub trait ChatSession: Send + Sync {
     async fn reload(&self) {}
 
     /// Opens the session: this worker just took the instance over.
-    async fn open(&self) {}
+    async fn open(&self) -> Opening {
+        Opening::Done
+    }
 
     /// Closes the session (flushing what it keeps) without stopping for good: this worker
     /// hands the instance over, and may take it again later.

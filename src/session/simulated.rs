@@ -12,7 +12,7 @@ use crate::ownership::Lease;
 use crate::pipeline::request::ChatJid;
 
 use super::postgres::{PgSessions, PgStore};
-use super::{ChatSession, SessionError, SessionState};
+use super::{ChatSession, Opening, SessionError, SessionState};
 
 pub struct SimulatedSession {
     connected: bool,
@@ -262,11 +262,11 @@ impl ChatSession for SimulatedSession {
         Ok(chat.clone())
     }
 
-    async fn open(&self) {
+    async fn open(&self) -> Opening {
         let generation = match &self.owner {
             Some(lease) => match lease.generation() {
                 Some(generation) => Some(generation),
-                None => return,
+                None => return Opening::Done,
             },
             None => None,
         };
@@ -275,7 +275,7 @@ impl ChatSession for SimulatedSession {
                 Ok(store) => *shared.held.lock().await = Some(store),
                 Err(error) => {
                     tracing::warn!(%error, "Could not open the shared session.");
-                    return;
+                    return Opening::Failed;
                 }
             }
         }
@@ -287,13 +287,15 @@ impl ChatSession for SimulatedSession {
             .is_some_and(|l| l.generation() != generation)
         {
             self.close().await;
-            return;
+            return Opening::Done;
         }
         if let Some(world) = &self.world
             && let Err(error) = world.open()
         {
             tracing::warn!(%error, "Could not connect to the simulated world.");
+            return Opening::Failed;
         }
+        Opening::Done
     }
 
     async fn close(&self) {

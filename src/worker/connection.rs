@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::http::Readiness;
 use crate::ownership::Host;
 use crate::pipeline::Instance;
+use crate::session::Opening;
 
 /// How a connection's life ended.
 #[derive(Debug)]
@@ -96,8 +97,10 @@ impl Serving {
 
 #[async_trait::async_trait]
 impl Host for Serving {
-    async fn gain(&self, instance: &Arc<Instance>) {
-        instance.session().open().await;
+    async fn gain(&self, instance: &Arc<Instance>) -> Opening {
+        if instance.session().open().await == Opening::Failed {
+            return Opening::Failed;
+        }
         let mut state = self.state.lock().await;
         state.owned.insert(instance.name().to_owned());
         if let Some(live) = &mut state.live {
@@ -111,6 +114,7 @@ impl Host for Serving {
                 Err(_) => live.signals.lost.cancel(),
             }
         }
+        Opening::Done
     }
 
     async fn lose(&self, instance: &Arc<Instance>, graceful: bool) {

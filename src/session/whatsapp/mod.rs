@@ -23,7 +23,7 @@ pub use client::{
 };
 pub use resolve::{Account, Directory, LookupLimits};
 
-use super::{ChatSession, SessionError, SessionOptions, SessionState, SessionStatus};
+use super::{ChatSession, Opening, SessionError, SessionOptions, SessionState, SessionStatus};
 use crate::fence::Fence;
 use crate::pipeline::request::ChatJid;
 use client::operator_hint;
@@ -37,7 +37,7 @@ enum Msg {
         fence: Arc<dyn Fence>,
         reply: oneshot::Sender<Result<ChatJid, SessionError>>,
     },
-    Reload(oneshot::Sender<()>),
+    Reload(oneshot::Sender<Opening>),
     Close(oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -124,11 +124,11 @@ impl WhatsappSession {
         self.events.deliver(Arc::new(event));
     }
 
-    async fn ask(&self, msg: impl FnOnce(oneshot::Sender<()>) -> Msg) {
+    /// Sends `msg` and waits for the actor's answer (`None` once the actor has stopped).
+    async fn ask<T>(&self, msg: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Option<T> {
         let (reply, done) = oneshot::channel();
-        if self.mailbox.send(msg(reply)).await.is_ok() {
-            let _ = done.await;
-        }
+        self.mailbox.send(msg(reply)).await.ok()?;
+        done.await.ok()
     }
 }
 
@@ -161,8 +161,8 @@ impl ChatSession for WhatsappSession {
         self.ask(Msg::Reload).await;
     }
 
-    async fn open(&self) {
-        self.ask(Msg::Reload).await;
+    async fn open(&self) -> Opening {
+        self.ask(Msg::Reload).await.unwrap_or(Opening::Done)
     }
 
     async fn close(&self) {
@@ -237,15 +237,13 @@ impl Actor {
     }
 
     /// Opens the session file; starts the client when it holds a paired device.
-    async fn open(&mut self) {
-        if self.running.is_some() {
-            return;
-        }
+    async fn open(&mut self) -> Opening {
         let hold = match SessionHold::acquire(&self.options).await {
             Ok(hold) => hold,
+            Err(OpenError::NotOwner) => return Opening::Done,
             Err(error) => {
                 tracing::warn!(instance = %self.instance, %error, "WhatsApp session not opened.");
-                return;
+                return Opening::Failed;
             }
         };
         let events = self.events.clone();
@@ -258,7 +256,7 @@ impl Actor {
             Ok(bot) => bot,
             Err(error) => {
                 tracing::error!(instance = %self.instance, %error, "WhatsApp session could not be opened.");
-                return;
+                return Opening::Failed;
             }
         };
         let client = bot.client();
@@ -269,7 +267,7 @@ impl Actor {
                 self.instance
             );
             self.set(SessionState::NotPaired, None);
-            return;
+            return Opening::Done;
         };
         self.set(SessionState::Connecting, Some(number));
         self.running = Some(Running {
@@ -278,6 +276,7 @@ impl Actor {
             handle: Some(bot.spawn()),
             _hold: Some(hold),
         });
+        Opening::Done
     }
 
     /// Disconnects (flushing the session) within the deadline, then aborts.
@@ -323,10 +322,11 @@ impl Actor {
                     let _ = reply.send(self.delete(&chat, lookup, &*fence).await);
                 }
                 Msg::Reload(done) => {
-                    if self.running.is_none() {
-                        self.open().await;
-                    }
-                    let _ = done.send(());
+                    let opening = match self.running {
+                        None => self.open().await,
+                        Some(_) => Opening::Done,
+                    };
+                    let _ = done.send(opening);
                 }
                 Msg::Close(done) => {
                     self.close().await;
