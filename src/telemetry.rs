@@ -54,7 +54,7 @@ fn describe() {
     describe_histogram!(
         STAGE_DURATION,
         Unit::Seconds,
-        "Time spent per pipeline stage (session_delete, media_purge, publish_confirm)."
+        "Time spent per pipeline stage (claim, session_delete, media_purge, remember, publish_confirm)."
     );
     describe_gauge!(IN_FLIGHT, "Commands being processed right now.");
     describe_counter!(

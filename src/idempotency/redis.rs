@@ -34,9 +34,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 const OPERATIONS: &str = r#"
 local index = KEYS[1]
 
--- A fresh record of this request, claimed by `claim`.
+-- A fresh record of this request, claimed by `claim`, where there is none (or only an
+-- expired one, which the caller deletes first).
 local function create(key, fp, claim, lease_ms, keep_ms, id)
-  redis.call('DEL', key)
   redis.call('HSET', key, 'fp', fp, 'lease_owner', claim, 'lease_until', now + lease_ms,
     'chat_deleted', '0', 'expires', now + keep_ms)
   redis.call('ZADD', index, now + keep_ms, id)
@@ -48,6 +48,7 @@ function op.begin(key, fp, claim, lease_ms, keep_ms, id)
   lease_ms, keep_ms = tonumber(lease_ms), tonumber(keep_ms)
   local r = redis.call('HMGET', key, 'fp', 'result', 'lease_owner', 'lease_until', 'chat_deleted', 'expires')
   if not r[1] or (r[6] and tonumber(r[6]) <= now) then
+    if r[1] then redis.call('DEL', key) end
     create(key, fp, claim, lease_ms, keep_ms, id)
     return {'claimed', '0'}
   end
@@ -88,15 +89,22 @@ function op.mark(key, fp, claim, lease_ms, keep_ms, id)
   return {'ok'}
 end
 
+-- The lease fields stay: once there is a result nothing reads them. The record is kept for the
+-- keep time from its claim; only an answer that came later than a hundredth of it moves the
+-- expiry (and its place in the index), so a quick answer costs no index update.
 function op.remember(key, fp, claim, result, keep_ms, id)
   keep_ms = tonumber(keep_ms)
-  local r = redis.call('HMGET', key, 'fp', 'result', 'lease_owner')
+  local r = redis.call('HMGET', key, 'fp', 'result', 'expires')
   if r[1] and r[1] ~= fp then return {'superseded'} end
-  if r[3] == claim then redis.call('HDEL', key, 'lease_owner', 'lease_until') end
   if r[2] then return {'kept', r[2]} end
-  redis.call('HSET', key, 'fp', fp, 'result', result, 'expires', now + keep_ms)
-  redis.call('ZADD', index, now + keep_ms, id)
-  redis.call('PERSIST', key)
+  local expires = tonumber(r[3])
+  if not expires or now + keep_ms - expires > keep_ms / 100 then
+    expires = now + keep_ms
+    redis.call('ZADD', index, expires, id)
+  end
+  redis.call('HSET', key, 'fp', fp, 'result', result, 'expires', expires)
+  -- A record of an earlier version, kept alive by a TTL, is ours to time now.
+  if r[1] and not r[3] then redis.call('PERSIST', key) end
   return {'stored'}
 end
 
@@ -586,6 +594,83 @@ mod tests {
         let _: () = ::redis::cmd("DEL")
             .arg(keys)
             .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    /// A result answered soon after its claim keeps the claim's expiry (no index update); one
+    /// answered later than a hundredth of the keep time is kept for the keep time from then.
+    /// Either way the expiry field and the index agree, which the sweep relies on.
+    #[tokio::test]
+    async fn a_late_answer_moves_the_expiry_and_a_quick_one_does_not() {
+        let (store, prefix) = store().await;
+        let mut conn = store.connection.clone();
+        let fp = Fingerprint("a".into());
+        let done = Remembered {
+            outcome: Outcome::InvalidNumber,
+            attempts: 1,
+        };
+        let mut expiry = async |id: &str| -> (u64, u64) {
+            let field: u64 = ::redis::cmd("HGET")
+                .arg(format!("{prefix}{id}"))
+                .arg("expires")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let score: u64 = ::redis::cmd("ZSCORE")
+                .arg(&prefix)
+                .arg(id)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            (field, score)
+        };
+        let mut held = Vec::new();
+        for id in ["quick", "late"] {
+            let Ok(Begin::Claimed { claim, .. }) = store.begin(id, &fp).await else {
+                panic!("not claimed");
+            };
+            held.push(Held {
+                id: id.into(),
+                claim,
+                fingerprint: fp.clone(),
+            });
+        }
+        let (claimed, indexed) = expiry("quick").await;
+        assert_eq!(claimed, indexed);
+        let (late, _) = expiry("late").await;
+        // As if "quick" was claimed a second ago (within a hundredth of the keep time, 600 s)
+        // and "late" a minute ago.
+        let claimed = claimed - 1_000;
+        let mut pipe = ::redis::pipe();
+        for (id, at) in [("quick", claimed), ("late", late - 60_000)] {
+            pipe.hset(format!("{prefix}{id}"), "expires", at)
+                .zadd(&prefix, id, at);
+        }
+        let _: () = pipe
+            .query_async(&mut store.connection.clone())
+            .await
+            .unwrap();
+
+        for h in &held {
+            assert_eq!(store.remember(h, &done).await.unwrap(), done);
+        }
+        assert_eq!(
+            expiry("quick").await,
+            (claimed, claimed),
+            "a quick answer moves nothing"
+        );
+        let (moved, indexed) = expiry("late").await;
+        assert_eq!(moved, indexed);
+        assert!(
+            moved >= late,
+            "kept the keep time from the answer: {moved} < {late}"
+        );
+        let _: () = ::redis::cmd("DEL")
+            .arg(&prefix)
+            .arg(format!("{prefix}quick"))
+            .arg(format!("{prefix}late"))
+            .query_async(&mut store.connection.clone())
             .await
             .unwrap();
     }

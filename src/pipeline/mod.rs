@@ -166,6 +166,8 @@ pub struct Pipeline {
     max_body_bytes: usize,
     retry: RetryConfig,
     session_delete_duration: metrics::Histogram,
+    claim_duration: metrics::Histogram,
+    remember_duration: metrics::Histogram,
 }
 
 impl Pipeline {
@@ -206,6 +208,8 @@ impl Pipeline {
             max_body_bytes: config.worker.max_body_bytes,
             retry: config.retry.clone(),
             session_delete_duration: telemetry::stage_duration("session_delete"),
+            claim_duration: telemetry::stage_duration("claim"),
+            remember_duration: telemetry::stage_duration("remember"),
         })
     }
 
@@ -255,6 +259,7 @@ impl Pipeline {
             .memory
             .call(Patience::Bounded, log, || store.begin(id, &fingerprint))
             .await;
+        self.claim_duration.record(asked_at.elapsed().as_secs_f64());
         let (claim, chat_deleted) = match begun {
             Ok(Begin::Claimed {
                 claim,
@@ -344,10 +349,13 @@ impl Pipeline {
         };
         let store = self.memory.store();
         let remember = || store.remember(claim.held(), &result);
+        let started = Instant::now();
         let remembered = match patience {
             Patience::Bounded => self.memory.call(patience, log, remember).await,
             Patience::Unbounded => self.memory.record(&claim.held().id, log, remember).await,
         };
+        self.remember_duration
+            .record(started.elapsed().as_secs_f64());
         match remembered {
             Ok(kept) if kept == result => answer,
             Ok(kept) => replay(kept, None),
