@@ -23,6 +23,7 @@ pub const INSTANCE_CONNECTED: &str = "chat_delete_instance_connected";
 pub const INSTANCE_STATE: &str = "chat_delete_instance_state";
 pub const BROKER_CONNECTED: &str = "chat_delete_broker_connected";
 pub const BROKER_RECONNECTS: &str = "chat_delete_broker_reconnects_total";
+pub const CONSUMER_STALLS: &str = "chat_delete_consumer_stalls_total";
 pub const STORE_AVAILABLE: &str = "chat_delete_store_available";
 pub const STORE_WAITS: &str = "chat_delete_store_waits_total";
 pub const CLAIM_RENEWALS: &str = "chat_delete_claim_renewals_total";
@@ -92,6 +93,10 @@ fn describe() {
     describe_counter!(
         BROKER_RECONNECTS,
         "Broker connections re-established after a loss."
+    );
+    describe_counter!(
+        CONSUMER_STALLS,
+        "Reconnections because a queue held commands while its idle consumer got none."
     );
     describe_gauge!(
         STORE_AVAILABLE,

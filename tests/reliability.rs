@@ -8,6 +8,8 @@ use chat_delete_worker::cli::parked;
 use chat_delete_worker::config::BrokerConfig;
 use common::*;
 use lapin::types::AMQPValue;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 const TOKEN: &str = "secret-tok-rel";
 const ACCOUNT: &str = "secret-tok-rel-account";
@@ -333,4 +335,115 @@ async fn a_session_that_never_connects_is_parked_then_replayed_to_success() {
             .is_empty()
     );
     w.stop().await;
+}
+
+/// The broker's deliveries stop reaching the worker while everything else on its connection
+/// flows (RabbitMQ can leave a quorum queue's deliveries checked out to a consumer after a
+/// leader change, rabbitmq-server#15473; here a relay drops them): the worker sees commands
+/// waiting for its idle consumer, reconnects, and they are answered.
+// Several threads: the relay must run while a connection through it is being made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_the_broker_stopped_feeding_is_started_again() {
+    let relay = Relay::to(&amqp_url()).await;
+    let w = TestWorker::start_tuned(&config(Store::Embedded, ""), |c| {
+        c.broker.url = relay.url.clone();
+        c.broker.stall_after_ms = 1_000;
+        c.broker.prefetch = 1;
+    })
+    .await;
+    relay.drop_deliveries_on_open_connections();
+    // The first is dropped on its way and fills the prefetch; the second waits in the queue.
+    for id in ["stalled-1", "stalled-2"] {
+        w.publish(Command::new("alpha", id, TOKEN, OK)).await;
+    }
+    let answered = w
+        .events
+        .wait_until("both answered", |all| all.len() >= 2)
+        .await;
+    assert!(answered.iter().all(|d| status(d) == 200));
+    assert_eq!(deletes(&w), 2);
+    let metrics = http_get(w.http_addr.unwrap(), "/metrics").await.unwrap();
+    let stalls = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("chat_delete_consumer_stalls_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(stalls.is_some_and(|n| n >= 1.0), "{metrics}");
+    w.stop().await;
+}
+
+/// A TCP relay to the broker that can drop the deliveries (`basic.deliver` and its content
+/// frames) of the connections open so far, passing everything else.
+struct Relay {
+    url: String,
+    dropping: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+}
+
+impl Relay {
+    async fn to(amqp_url: &str) -> Self {
+        let rest = amqp_url.split_once('@').expect("user@host in the URL").1;
+        let (upstream, vhost) = rest.split_once('/').unwrap_or((rest, ""));
+        let upstream = upstream.to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "amqp://guest:guest@{}/{vhost}",
+            listener.local_addr().unwrap()
+        );
+        let dropping: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let connections = dropping.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(broker) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let dropping = Arc::new(AtomicBool::new(false));
+                connections.lock().unwrap().push(dropping.clone());
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_broker, mut to_broker) = broker.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_client, &mut to_broker).await;
+                });
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut pending = Vec::new();
+                    let mut buf = vec![0; 64 * 1024];
+                    // Channels whose delivery content is being dropped.
+                    let mut skipping = std::collections::HashSet::new();
+                    while let Ok(n @ 1..) = from_broker.read(&mut buf).await {
+                        pending.extend_from_slice(&buf[..n]);
+                        let mut out = Vec::new();
+                        // Frame: type (1), channel (2), size (4), payload, end (1).
+                        while pending.len() >= 7 {
+                            let size = u32::from_be_bytes(pending[3..7].try_into().unwrap());
+                            let len = 8 + size as usize;
+                            if pending.len() < len {
+                                break;
+                            }
+                            let frame: Vec<u8> = pending.drain(..len).collect();
+                            let channel = u16::from_be_bytes([frame[1], frame[2]]);
+                            let deliver = frame[0] == 1 && frame[7..11] == [0, 60, 0, 60];
+                            if frame[0] == 1 {
+                                skipping.remove(&channel);
+                            }
+                            if deliver && dropping.load(Ordering::SeqCst) {
+                                skipping.insert(channel);
+                            }
+                            if !skipping.contains(&channel) {
+                                out.extend_from_slice(&frame);
+                            }
+                        }
+                        if to_client.write_all(&out).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Self { url, dropping }
+    }
+
+    fn drop_deliveries_on_open_connections(&self) {
+        for dropping in self.dropping.lock().unwrap().iter() {
+            dropping.store(true, Ordering::SeqCst);
+        }
+    }
 }

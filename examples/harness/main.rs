@@ -790,7 +790,7 @@ async fn wait_drained(
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let connection = connect(url).await;
-        let mut empty = true;
+        let mut waiting = vec![];
         for instance in instances {
             let channel = connection.create_channel().await.unwrap();
             let q = channel
@@ -804,11 +804,22 @@ async fn wait_drained(
                 )
                 .await
                 .unwrap();
-            empty &= q.message_count() == 0;
+            if q.message_count() > 0 {
+                waiting.push(format!(
+                    "{instance}: {} ready, {} consumers",
+                    q.message_count(),
+                    q.consumer_count()
+                ));
+            }
         }
         let _ = connection.close(200, "checked".into()).await;
-        if empty || Instant::now() > deadline {
-            return empty;
+        if waiting.is_empty() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            // Which queues nobody serves tells a worker's fault from the broker's.
+            eprintln!("harness: commands still queued: {}", waiting.join("; "));
+            return false;
         }
         sleep(Duration::from_millis(200)).await;
     }

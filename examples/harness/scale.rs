@@ -283,6 +283,18 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
     publisher.await.expect("commands published");
     let results = collect_results(&args.amqp, &results_queue, args.commands, 1).await;
     let drained = wait_drained(&args.amqp, &names, &instances).await;
+    if !drained {
+        let holders = leases.holders().await;
+        let holders: Vec<String> = instances
+            .iter()
+            .zip(holders)
+            .map(|(i, h)| format!("{i}={}", h.as_deref().unwrap_or("-")))
+            .collect();
+        eprintln!("harness: lease holders: {}", holders.join(" "));
+        if let Some(cluster) = &args.cluster {
+            broker_view(cluster, &ns);
+        }
+    }
     let imbalance = leases.settle(&live(&workers)).await;
     for name in live(&workers) {
         workers.signal(&name, "-TERM");
@@ -372,6 +384,43 @@ fn leaders_on(cluster: &super::Cluster, node: usize, ns: &str) -> usize {
         .lines()
         .filter(|l| l.starts_with(ns) && l.contains(&format!("cdw{node}@")))
         .count()
+}
+
+/// What the broker says of the namespace's queues and consumers, for a run that left commands
+/// queued.
+fn broker_view(cluster: &super::Cluster, ns: &str) {
+    for what in [
+        &[
+            "list_queues",
+            "name",
+            "leader",
+            "messages_ready",
+            "messages_unacknowledged",
+            "consumers",
+            "single_active_consumer_tag",
+        ][..],
+        &[
+            "list_consumers",
+            "queue_name",
+            "consumer_tag",
+            "active",
+            "activity_status",
+            "prefetch_count",
+            "channel_pid",
+        ][..],
+    ] {
+        let out = std::process::Command::new(&cluster.script)
+            .args(["ctl", "1", "-q"])
+            .args(what)
+            .output()
+            .expect("scripts/cluster ctl");
+        for line in String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with(ns))
+        {
+            eprintln!("harness: broker: {line}");
+        }
+    }
 }
 
 async fn delete_keys(redis: &mut redis::aio::MultiplexedConnection, pattern: &str) {

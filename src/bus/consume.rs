@@ -3,6 +3,8 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -125,6 +127,50 @@ pub struct Signals {
     pub lost: CancellationToken,
 }
 
+/// A queue consumer's deliveries not yet settled, and when it last took one or settled one:
+/// what tells an idle consumer.
+pub struct Activity {
+    origin: Instant,
+    last_ms: AtomicU64,
+    held: AtomicUsize,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            held: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = self.origin.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn took(&self) {
+        self.held.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+    }
+
+    fn settled(&self) {
+        self.held.fetch_sub(1, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// How long the consumer has had nothing to do; `None` while it holds a delivery.
+    pub fn idle_for(&self) -> Option<Duration> {
+        if self.held.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        Some(self.origin.elapsed().saturating_sub(last))
+    }
+}
+
 /// What a queue feeds the pipeline.
 #[derive(Clone)]
 pub enum Feed {
@@ -144,6 +190,7 @@ pub struct QueueConsumer {
     pub feed: Feed,
     pub tracker: TaskTracker,
     pub signals: Signals,
+    pub activity: Arc<Activity>,
 }
 
 /// Starts the consumer of one queue on its own channel.
@@ -250,6 +297,7 @@ async fn consume_loop(mut deliveries: Deliveries, mut prefetch: Prefetch, queue:
         feed,
         tracker,
         signals,
+        activity,
     } = queue;
     let Signals {
         all_started,
@@ -282,6 +330,7 @@ async fn consume_loop(mut deliveries: Deliveries, mut prefetch: Prefetch, queue:
                 break;
             }
         };
+        activity.took();
         if let Feed::Instance(instance) = &feed
             && instance.lease().check().is_err()
         {
@@ -314,6 +363,7 @@ async fn consume_loop(mut deliveries: Deliveries, mut prefetch: Prefetch, queue:
         let feed = feed.clone();
         let hard_stop = hard_stop.clone();
         let lost = lost.clone();
+        let done = activity.clone();
         tracker.spawn(async move {
             let _permit = permit;
             // Boxed: a command's future is large, and a spawned future is copied whole.
@@ -321,6 +371,7 @@ async fn consume_loop(mut deliveries: Deliveries, mut prefetch: Prefetch, queue:
                 &consuming, &publisher, &feed, delivery, &hard_stop, &lost,
             ))
             .await;
+            done.settled();
         });
     }
 }

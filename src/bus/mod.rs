@@ -82,6 +82,10 @@ pub enum BrokerError {
     Unroutable(String),
     #[error("the broker connection was lost")]
     ConnectionLost,
+    #[error("the broker stopped feeding the consumer of {0}: commands wait there while it idles")]
+    ConsumerStalled(String),
+    #[error("the broker did not answer on the consuming connection within {0} ms")]
+    Unanswered(u64),
 }
 
 impl BrokerError {

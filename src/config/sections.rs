@@ -79,6 +79,10 @@ pub struct BrokerConfig {
     /// dead-lettering and leader placement are applied as policies (operators may change them
     /// later without redeclaring anything).
     pub management_url: Option<String>,
+    /// A queue that holds commands while its idle consumer got nothing for this long is taken
+    /// for one the broker stopped feeding (RabbitMQ can strand a consumer's deliveries after a
+    /// quorum-queue leader change): the worker reconnects. 0 turns the check off.
+    pub stall_after_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -94,6 +98,7 @@ impl Default for BrokerConfig {
             client_identity_password: None,
             nodes: Vec::new(),
             management_url: None,
+            stall_after_ms: 30_000,
         }
     }
 }

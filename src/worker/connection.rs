@@ -7,16 +7,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::consume::{self, Consuming, Feed, QueueConsumer, RunningConsumer, Signals};
+use crate::bus::consume::{
+    self, Activity, Consuming, Feed, QueueConsumer, RunningConsumer, Signals,
+};
 use crate::bus::{self, BrokerError, Publisher, topology};
 use crate::config::Config;
 use crate::http::Readiness;
 use crate::ownership::Host;
 use crate::pipeline::Instance;
 use crate::session::Opening;
+use crate::telemetry;
 
 /// How a connection's life ended.
 #[derive(Debug)]
@@ -55,6 +60,7 @@ struct Queue {
     consumer: RunningConsumer,
     signals: Signals,
     tracker: TaskTracker,
+    activity: Arc<Activity>,
 }
 
 impl Queue {
@@ -150,6 +156,7 @@ async fn start_queue(
         lost: live.signals.lost.clone(),
     };
     let tracker = TaskTracker::new();
+    let activity = Arc::new(Activity::default());
     let consumer = QueueConsumer {
         consuming: consuming.clone(),
         publisher: live.publisher.clone(),
@@ -157,12 +164,14 @@ async fn start_queue(
         feed,
         tracker: tracker.clone(),
         signals: signals.clone(),
+        activity: activity.clone(),
     };
     let consumer = consume::start(&live.connection, consumer).await?;
     let running = Queue {
         consumer,
         signals,
         tracker,
+        activity,
     };
     Ok((queue, running))
 }
@@ -237,9 +246,15 @@ pub async fn serve(
     readiness.set_consuming(true);
     tracing::info!(consumers, "Consuming.");
 
+    let stall_after = Duration::from_millis(config.broker.stall_after_ms);
+    let mut stalled = None;
     let requested = tokio::select! {
         _ = stop.cancelled() => true,
         _ = signals.lost.cancelled() => false,
+        error = watch_for_stalls(serving, &connection, stall_after) => {
+            stalled = Some(error);
+            false
+        }
     };
     readiness.set_consuming(false);
     let live = serving.state.lock().await.live.take();
@@ -254,16 +269,106 @@ pub async fn serve(
             );
         }
     }
-    let _ = connection.close(200, "worker stopping".into()).await;
-    let _ = results.close(200, "worker stopping".into()).await;
+    // Bounded: a broker that never answers the close must not hold up the next connection.
+    let closes = [&connection, &results].map(|c| c.close(200, "worker stopping".into()));
+    let _ = tokio::time::timeout(CLOSE_WAIT, futures_util::future::join_all(closes)).await;
     if requested {
         Ended::Stopped
     } else {
         Ended::Lost {
             consumed: true,
-            error: BrokerError::ConnectionLost,
+            error: stalled.unwrap_or(BrokerError::ConnectionLost),
         }
     }
+}
+
+/// How long a closing connection waits for the broker's answer.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// Ends when a queue holds commands while its consumer, the queue's only one, had nothing to
+/// do for `after`, or when the broker does not answer that look within `after` (never when
+/// `after` is 0). A consumer the broker stopped feeding gets nothing more on its channel
+/// (RabbitMQ can leave a quorum queue's deliveries checked out to it after a leader change,
+/// rabbitmq-server#15473); a new connection ends that. With another consumer on the queue,
+/// ours may be waiting its turn: not a stall.
+async fn watch_for_stalls(
+    serving: &Serving,
+    connection: &lapin::Connection,
+    after: Duration,
+) -> BrokerError {
+    if after.is_zero() {
+        return std::future::pending().await;
+    }
+    // Idle counts from the start of this connection's consuming, and a queue looked at is
+    // looked at again only after another `after`.
+    let started = tokio::time::Instant::now();
+    let mut looked_at: HashMap<String, tokio::time::Instant> = HashMap::new();
+    loop {
+        tokio::time::sleep(after / 2).await;
+        if started.elapsed() < after {
+            continue;
+        }
+        let idle: Vec<String> = {
+            let state = serving.state.lock().await;
+            let Some(live) = &state.live else { continue };
+            live.queues
+                .iter()
+                .filter(|(_, q)| q.activity.idle_for().is_some_and(|idle| idle >= after))
+                .filter(|(name, _)| looked_at.get(*name).is_none_or(|at| at.elapsed() >= after))
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        if idle.is_empty() {
+            continue;
+        }
+        let now = tokio::time::Instant::now();
+        looked_at.extend(idle.iter().map(|queue| (queue.clone(), now)));
+        let wait_ms = after.as_millis() as u64;
+        let stalled = match tokio::time::timeout(after, waiting_commands(connection, idle)).await {
+            Ok(None) => continue,
+            Ok(Some((queue, ready))) => {
+                tracing::warn!(
+                    queue,
+                    ready,
+                    idle_ms = wait_ms,
+                    "Commands wait in a queue whose consumer gets nothing; reconnecting."
+                );
+                BrokerError::ConsumerStalled(queue)
+            }
+            Err(_) => BrokerError::Unanswered(wait_ms),
+        };
+        metrics::counter!(telemetry::CONSUMER_STALLS).increment(1);
+        return stalled;
+    }
+}
+
+/// The first of `queues` holding commands with one consumer (ours), and how many it holds.
+async fn waiting_commands(
+    connection: &lapin::Connection,
+    queues: Vec<String>,
+) -> Option<(String, u32)> {
+    let channel = connection.create_channel().await.ok()?;
+    let mut found = None;
+    for queue in queues {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let declared = channel
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await;
+        match declared {
+            Ok(q) if q.message_count() > 0 && q.consumer_count() <= 1 => {
+                found = Some((queue, q.message_count()));
+                break;
+            }
+            Ok(_) => {}
+            // The channel is gone (a queue deleted meanwhile): look again next time.
+            Err(_) => return None,
+        }
+    }
+    let _ = channel.close(200, "looked".into()).await;
+    found
 }
 
 /// A consumer for every owned instance queue and the unrouted and dead-letter queues, started

@@ -264,6 +264,11 @@ impl<'a> Command<'a> {
 impl TestWorker {
     /// Starts a worker whose config is `instances_toml` plus a unique namespace and data folder.
     pub async fn start(extra_toml: &str) -> Self {
+        Self::start_tuned(extra_toml, |_| {}).await
+    }
+
+    /// As [`Self::start`], with settings of the sections `start` writes changed by `tune`.
+    pub async fn start_tuned(extra_toml: &str, tune: impl FnOnce(&mut Config)) -> Self {
         let _ = captured_logs();
         let ns = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let dir = tempfile::tempdir().unwrap();
@@ -273,7 +278,8 @@ impl TestWorker {
             dir.path().display(),
             extra_toml.replace("{dir}", &dir.path().display().to_string()),
         );
-        let config = Config::from_toml(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        let mut config = Config::from_toml(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        tune(&mut config);
         Self::start_with(config, ns, dir).await
     }
 
