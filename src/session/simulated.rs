@@ -67,7 +67,7 @@ impl World {
             .create(true)
             .append(true)
             .open(self.dir.join(file))
-            .and_then(|mut f| writeln!(f, "{now} {} {line}", self.instance));
+            .and_then(|mut f| append_line(&mut f, &format!("{now} {} {line}", self.instance)));
         if let Err(error) = logged {
             tracing::warn!(%error, "Could not write to the simulated world's log.");
         }
@@ -190,12 +190,18 @@ impl SimulatedSession {
             let now = chrono::Utc::now().timestamp_micros();
             let mut file = log.lock().unwrap_or_else(|e| e.into_inner());
             // Durable before the delete counts as done: the crash harness reads this log.
-            writeln!(file, "{now} {chat}")
+            append_line(&mut *file, &format!("{now} {chat}"))
                 .and_then(|()| file.sync_data())
                 .map_err(|e| SessionError::Server(format!("effects log: {}", e.kind())))?;
         }
         Ok(())
     }
+}
+
+/// Appends `line` in one write: a process killed between the pieces `writeln!` writes one by
+/// one would leave a torn line that the next one runs into (the harnesses read these logs).
+fn append_line(file: &mut impl Write, line: &str) -> std::io::Result<()> {
+    file.write_all(format!("{line}\n").as_bytes())
 }
 
 #[async_trait::async_trait]
@@ -382,5 +388,29 @@ mod tests {
         assert_eq!(by_number, Ok(scripted));
         let as_given = session.delete_chat(&chat, false, Arc::new(Unfenced)).await;
         assert_eq!(as_given, Ok(chat));
+    }
+
+    /// Counts the writes it gets: a line in several is a line a kill can tear.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_effect_line_is_written_in_one_piece() {
+        let mut file = Writes::default();
+        append_line(&mut file, "1733000000000000 5511999999999@s.whatsapp.net").unwrap();
+        assert_eq!(
+            file.0,
+            [b"1733000000000000 5511999999999@s.whatsapp.net\n".to_vec()]
+        );
     }
 }
