@@ -397,7 +397,6 @@ fn broker_view(cluster: &super::Cluster, ns: &str) {
             "messages_ready",
             "messages_unacknowledged",
             "consumers",
-            "single_active_consumer_tag",
         ][..],
         &[
             "list_consumers",
@@ -414,6 +413,12 @@ fn broker_view(cluster: &super::Cluster, ns: &str) {
             .args(what)
             .output()
             .expect("scripts/cluster ctl");
+        if !out.status.success() {
+            eprintln!(
+                "harness: broker: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
         for line in String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter(|l| l.starts_with(ns))
