@@ -84,12 +84,6 @@ async fn declared(
     cfg
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// `reply_to` pointing at a queue that refuses every publish (full, `reject-publish`) or at a
 /// queue that does not exist: each command is still answered on the events exchange and
 /// acked, the connection is never rebuilt, and a later command with a good `reply_to` gets its

@@ -13,16 +13,6 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 
 const TOKEN: &str = "secret-tok-ops";
 
-/// The value of one series in Prometheus text, 0 when absent.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn metrics_and_health_reflect_known_traffic() {
     let cfg = format!(

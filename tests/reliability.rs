@@ -363,11 +363,8 @@ async fn a_consumer_the_broker_stopped_feeding_is_started_again() {
     assert!(answered.iter().all(|d| status(d) == 200));
     assert_eq!(deletes(&w), 2);
     let metrics = http_get(w.http_addr.unwrap(), "/metrics").await.unwrap();
-    let stalls = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("chat_delete_consumer_stalls_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok());
-    assert!(stalls.is_some_and(|n| n >= 1.0), "{metrics}");
+    let stalls = metric(&metrics, "chat_delete_consumer_stalls_total ");
+    assert!(stalls >= 1.0, "{metrics}");
     w.stop().await;
 }
 
