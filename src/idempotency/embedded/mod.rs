@@ -2,11 +2,12 @@
 //! Writes from all commands go through one writer thread ([`writer`]) that groups them into
 //! shared transactions; records are a compact binary layout ([`codec`]).
 //!
-//! Claims live in the writer's memory until there is something to keep (the chat delete
-//! happened, a result, a released claim's fingerprint): a lease means nothing after the process
-//! is gone, and only this process can have the file open, so a command that is answered at once
-//! costs one record write, not two. Replays and conflicts are read from the committed records
-//! by the asking task itself ([`writer::settled`]).
+//! Claims live in memory until there is something to keep (the chat delete happened, a
+//! result, a released claim's fingerprint): a lease means nothing after the process is gone,
+//! and only this process can have the file open, so a command that is answered at once costs
+//! one record write, not two. Unless the writer is busy, the asking task decides its own begin,
+//! from the claims in memory and the committed records ([`writer::Claims`]), instead of waiting
+//! behind a commit.
 
 mod codec;
 mod writer;
@@ -16,15 +17,12 @@ use std::sync::{Arc, RwLock, mpsc};
 
 use tokio::sync::oneshot;
 
-use super::{
-    Begin, Fingerprint, Held, IdempotencyStore, Lifetimes, Remembered, SettledHint, StoreError,
-};
-use writer::{Change, Op, SharedDb, Writer, Written};
+use super::{Begin, Fingerprint, Held, IdempotencyStore, Lifetimes, Remembered, StoreError};
+use writer::{Change, Claims, Op, Writer, Written};
 
 pub struct EmbeddedStore {
     ops: mpsc::Sender<(String, Op)>,
-    db: SharedDb,
-    hint: SettledHint,
+    claims: Arc<Claims>,
 }
 
 impl EmbeddedStore {
@@ -37,12 +35,12 @@ impl EmbeddedStore {
         let db = Arc::new(RwLock::new(Some(db)));
         let (ops, rx) = mpsc::channel();
         let process = uuid::Uuid::new_v4().simple().to_string();
-        let writer = Writer::new(db.clone(), path.to_owned(), process, lifetimes);
+        let claims = Arc::new(Claims::new(db, process, lifetimes));
+        let writer = Writer::new(claims.clone(), path.to_owned());
         std::thread::Builder::new()
             .name("idempotency-writer".into())
             .spawn(move || writer.run(rx))?;
-        let hint = SettledHint::default();
-        Ok(Self { ops, db, hint })
+        Ok(Self { ops, claims })
     }
 
     /// Sends an operation and waits for its answer.
@@ -66,13 +64,10 @@ impl EmbeddedStore {
 #[async_trait::async_trait]
 impl IdempotencyStore for EmbeddedStore {
     async fn begin(&self, id: &str, fingerprint: &Fingerprint) -> Result<Begin, StoreError> {
-        // A replay (re-running a batch) is read here, without waiting for the writer.
-        if self.hint.should_look() {
-            let settled = writer::settled(&self.db, id, fingerprint);
-            self.hint.looked(settled.is_some());
-            if let Some(settled) = settled {
-                return Ok(settled);
-            }
+        if !self.claims.writer_is_busy()
+            && let Some(decided) = self.claims.begin(id, fingerprint)
+        {
+            return decided;
         }
         let fingerprint = fingerprint.clone();
         self.ask(id, |reply| Op::Begin { fingerprint, reply })
@@ -185,6 +180,33 @@ mod tests {
             }
         ));
         assert!(store.ping().await);
+    }
+
+    /// A command is claimed while the writer is busy committing others' results: it starts
+    /// at once instead of waiting out another group's fsync.
+    #[tokio::test]
+    async fn a_claim_does_not_wait_behind_a_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb"), L).unwrap();
+        let a = Fingerprint("a".into());
+        let x = held("x", store.begin("x", &a).await.unwrap(), &a);
+        let (release, stalled) = std::sync::mpsc::channel();
+        store.ops.send((String::new(), Op::Stall(stalled))).unwrap();
+
+        let begun = tokio::time::timeout(Duration::from_secs(10), store.begin("y", &a)).await;
+        assert!(
+            matches!(begun, Ok(Ok(Begin::Claimed { .. }))),
+            "claimed while the writer is busy: {begun:?}"
+        );
+        assert_eq!(store.begin("x", &a).await.unwrap(), Begin::Busy);
+
+        drop(release);
+        let done = Remembered {
+            outcome: Outcome::InvalidNumber,
+            attempts: 1,
+        };
+        store.remember(&x, &done).await.unwrap();
+        assert_eq!(store.begin("x", &a).await.unwrap(), Begin::Replay(done));
     }
 
     #[tokio::test]

@@ -3,12 +3,14 @@
 //! group, and every caller hears back only after its write is durable; an answer that reads a
 //! write of the same group waits for its commit too. A failed commit fails every write of its
 //! group, and the file is opened again before the next one (redb asks for that after an I/O
-//! error). Answers that no write can change any more are read beside it ([`settled`]).
+//! error). At a trickle, claims are decided beside it ([`Claims::begin`]), so a command does
+//! not wait behind another group's fsync to start.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::path::PathBuf;
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, mpsc};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, mpsc};
 use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -47,23 +49,106 @@ fn read(db: &SharedDb) -> RwLockReadGuard<'_, Option<Database>> {
     db.read().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The answer to a begin when the committed records already settle it: a result kept for this
-/// request (a replay) or a record of another request (a conflict). Until the record expires,
-/// no write changes either (results are never replaced, fingerprints never rewritten), so no
-/// claim in the writer's memory can disagree; and a read sees only committed writes, so nothing
-/// is replayed that could still be lost. Anything else is the writer's to decide.
-pub(super) fn settled(db: &SharedDb, id: &str, fingerprint: &Fingerprint) -> Option<Begin> {
+/// The latest state of one claimed id that is not (or not yet) on disk.
+#[derive(Debug, Clone)]
+pub(super) struct Entry {
+    record: Record,
+    /// Written in the group being committed: a begin that reads it waits for the commit, so
+    /// nothing is replayed that could still be lost.
+    unsettled: bool,
+}
+
+/// What the writer and the commands share: the file, and the ids whose latest state is in
+/// memory (live claims, and writes of the group being committed). An id absent from `pending`
+/// has all its writes committed, so its committed record is its state.
+pub(super) struct Claims {
+    pub(super) db: SharedDb,
+    pending: Mutex<HashMap<String, Entry>>,
+    process: String,
+    lifetimes: Lifetimes,
+    /// The writer's last commit carried a busy group: claims are cheaper answered by it, in
+    /// bulk, than read one by one beside it.
+    busy: AtomicBool,
+}
+
+impl Claims {
+    pub(super) fn new(db: SharedDb, process: String, lifetimes: Lifetimes) -> Self {
+        Self {
+            db,
+            pending: Mutex::default(),
+            process,
+            lifetimes,
+            busy: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether begins should go to the writer: under load a read transaction per command
+    /// costs more CPU than the hand-off, and waiting behind a commit costs little; at a
+    /// trickle that wait is most of a command's latency.
+    pub(super) fn writer_is_busy(&self) -> bool {
+        self.busy.load(Ordering::Relaxed)
+    }
+
+    fn pending(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Decides a begin in the asking task: from the claim in memory, else from the committed
+    /// record. `None` when the writer must decide: the id has a write being committed, or the
+    /// file is closed after a failed commit.
+    pub(super) fn begin(
+        &self,
+        id: &str,
+        fingerprint: &Fingerprint,
+    ) -> Option<Result<Begin, StoreError>> {
+        // Held across the read, so two deliveries of one id cannot both claim it.
+        let mut pending = self.pending();
+        let existing = match pending.get(id) {
+            Some(entry) if entry.unsettled => return None,
+            Some(entry) => Some(entry.record.clone()),
+            None => match committed(&self.db, id)? {
+                Ok(record) => record,
+                Err(corrupt) => return Some(Err(corrupt)),
+            },
+        };
+        let (begin, claimed) = self.decide(existing, fingerprint, now_ms());
+        if let Some(record) = claimed {
+            let unsettled = false;
+            pending.insert(id.to_owned(), Entry { record, unsettled });
+        }
+        Some(Ok(begin))
+    }
+
+    fn decide(
+        &self,
+        existing: Option<Record>,
+        fingerprint: &Fingerprint,
+        now: u64,
+    ) -> (Begin, Option<Record>) {
+        // Leases of another process are dead: only one process can have this file open.
+        let dead_owner = |owner: &str| !owner.starts_with(&self.process);
+        let claim = new_claim(&self.process);
+        decide_begin(
+            existing,
+            fingerprint,
+            &claim,
+            now,
+            self.lifetimes,
+            dead_owner,
+        )
+    }
+}
+
+/// The committed record of `id`, or why it is unreadable; `None` when the file cannot be read
+/// now (the writer reports that).
+fn committed(db: &SharedDb, id: &str) -> Option<Result<Option<Record>, StoreError>> {
     let open = read(db);
     let txn = open.as_ref()?.begin_read().ok()?;
-    let value = txn.open_table(RECORDS).ok()?.get(id).ok()??;
-    let record = decode(value.value()).ok()?;
-    if record.expires_ms <= now_ms() {
-        return None;
-    }
-    if &record.fingerprint != fingerprint {
-        return Some(Begin::Conflict);
-    }
-    record.result.map(Begin::Replay)
+    let value = txn.open_table(RECORDS).ok()?.get(id).ok()?;
+    Some(match value {
+        Some(bytes) => decode(bytes.value()).map(Some).map_err(StoreError::Corrupt),
+        None => Ok(None),
+    })
 }
 
 /// Opens (or creates) the file; fails if another process has it open.
@@ -99,6 +184,9 @@ pub(super) enum Op {
     },
     /// Whether the file can be read (`/readyz`).
     Ping { reply: oneshot::Sender<bool> },
+    /// Holds the writer until the sender is dropped, as a slow fsync would (tests).
+    #[cfg(test)]
+    Stall(mpsc::Receiver<()>),
 }
 
 pub(super) enum Change {
@@ -126,12 +214,9 @@ pub(super) enum Written {
 
 /// The writer thread's state.
 pub(super) struct Writer {
-    db: SharedDb,
+    claims: Arc<Claims>,
     path: PathBuf,
-    process: String,
     lifetimes: Lifetimes,
-    /// Records of claimed ids whose latest state is only in memory, by id.
-    pending: HashMap<String, Record>,
     last_sweep: Instant,
     /// Where the next sweep goes on walking the records (`None`: from the start).
     sweep_from: Option<String>,
@@ -174,19 +259,19 @@ impl Deferred {
                 Op::Renew { reply, .. } => drop(reply.send(Err(fail(&error)))),
                 Op::Write { reply, .. } => drop(reply.send(Err(fail(&error)))),
                 Op::Ping { reply } => drop(reply.send(false)),
+                #[cfg(test)]
+                Op::Stall(_) => {}
             }
         }
     }
 }
 
 impl Writer {
-    pub(super) fn new(db: SharedDb, path: PathBuf, process: String, lifetimes: Lifetimes) -> Self {
+    pub(super) fn new(claims: Arc<Claims>, path: PathBuf) -> Self {
         Self {
-            db,
+            lifetimes: claims.lifetimes,
+            claims,
             path,
-            process,
-            lifetimes,
-            pending: HashMap::new(),
             last_sweep: Instant::now(),
             sweep_from: None,
             puts_since_sweep: 0,
@@ -198,25 +283,44 @@ impl Writer {
     pub(super) fn run(mut self, rx: mpsc::Receiver<(String, Op)>) {
         let mut busy = false;
         while let Ok(first) = rx.recv() {
-            let mut deferred = Deferred::default();
-            let committed = self.apply_group(first, &rx, busy, &mut deferred);
-            busy = matches!(committed, Ok(writes) if writes >= BUSY_GROUP);
-            if let Err(error) = &committed {
-                tracing::warn!(%error, "Idempotency store commit failed; reopening the file.");
-                // redb wants the file opened again after an I/O error; the claims in memory
-                // stay valid.
-                self.close();
-            }
-            deferred.release(committed.err().map(Arc::new));
+            let written = self.commit_group(first, &rx, busy);
+            busy = written.is_some_and(|writes| writes >= BUSY_GROUP);
+            self.claims.busy.store(busy, Ordering::Relaxed);
         }
+    }
+
+    /// One group: applied, committed, settled, answered. Returns the number of records
+    /// written, `None` when the commit failed.
+    fn commit_group(
+        &mut self,
+        first: (String, Op),
+        rx: &mpsc::Receiver<(String, Op)>,
+        busy: bool,
+    ) -> Option<usize> {
+        let mut deferred = Deferred::default();
+        let committed = self.apply_group(first, rx, busy, &mut deferred);
+        if let Err(error) = &committed {
+            tracing::warn!(%error, "Idempotency store commit failed; reopening the file.");
+            // redb wants the file opened again after an I/O error; the claims in memory stay
+            // valid.
+            self.close();
+        }
+        self.settle(&deferred.written);
+        let written = committed.as_ref().ok().copied();
+        deferred.release(committed.err().map(Arc::new));
+        written
     }
 
     /// A write transaction on the open file, opened again after a failed commit.
     fn begin_write(&self) -> Result<redb::WriteTransaction, redb::Error> {
-        if let Some(db) = read(&self.db).as_ref() {
+        if let Some(db) = read(&self.claims.db).as_ref() {
             return Ok(db.begin_write()?);
         }
-        let mut slot = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        let mut slot = self
+            .claims
+            .db
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         if slot.is_none() {
             *slot = Some(open(&self.path)?);
         }
@@ -224,7 +328,28 @@ impl Writer {
     }
 
     fn close(&self) {
-        *self.db.write().unwrap_or_else(PoisonError::into_inner) = None;
+        *self
+            .claims
+            .db
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// After a group's commit (or its failure): what it wrote is on disk (or not at all), so
+    /// its ids leave memory unless a live claim holds them.
+    fn settle(&self, written: &HashSet<String>) {
+        let now = now_ms();
+        let mut pending = self.claims.pending();
+        for id in written {
+            let Some(entry) = pending.get_mut(id) else {
+                continue;
+            };
+            if entry.record.lease_owner.is_some() && entry.record.lease_until_ms > now {
+                entry.unsettled = false;
+            } else {
+                pending.remove(id);
+            }
+        }
     }
 
     /// Applies `first` and whatever else is queued (lingering for more when `busy`) in one
@@ -270,7 +395,7 @@ impl Writer {
             }
             if self.last_sweep.elapsed() >= SWEEP_EVERY {
                 self.last_sweep = Instant::now();
-                writes += usize::from(self.sweep(&mut records, now)?);
+                writes += usize::from(self.sweep(&mut records, now, &mut deferred.written)?);
             }
         }
         if writes > 0 {
@@ -302,9 +427,15 @@ impl Writer {
             let _ = reply.send(true);
             return Ok(false);
         }
+        #[cfg(test)]
+        if let Op::Stall(until) = op {
+            let _ = until.recv();
+            return Ok(false);
+        }
+        let mut pending = self.claims.pending();
         // A claim in memory is newer than anything on disk: no need to read it.
-        let existing = match self.pending.get(&id) {
-            Some(claimed) => Some(claimed.clone()),
+        let existing = match pending.get(&id) {
+            Some(entry) => Some(entry.record.clone()),
             None => match records.get(id.as_str())?.map(|b| decode(b.value())) {
                 Some(Ok(record)) => Some(record),
                 Some(Err(e)) => {
@@ -313,7 +444,7 @@ impl Writer {
                         Op::Begin { reply, .. } => drop(reply.send(Err(corrupt))),
                         Op::Renew { reply, .. } => drop(reply.send(Err(corrupt))),
                         Op::Write { reply, .. } => drop(reply.send(Err(corrupt))),
-                        Op::Ping { .. } => unreachable!("answered above"),
+                        _ => unreachable!("answered above"),
                     }
                     return Ok(false);
                 }
@@ -322,25 +453,15 @@ impl Writer {
         };
         let (change, reply) = match op {
             Op::Begin { fingerprint, reply } => {
-                // Leases of another process are dead: only one process can have this file
-                // open.
-                let dead_owner = |owner: &str| !owner.starts_with(&self.process);
-                let claim = new_claim(&self.process);
-                let (begin, claimed) = decide_begin(
-                    existing,
-                    &fingerprint,
-                    &claim,
-                    now,
-                    self.lifetimes,
-                    dead_owner,
-                );
-                if deferred.written.contains(&id) {
+                let (begin, claimed) = self.claims.decide(existing, &fingerprint, now);
+                let unsettled = deferred.written.contains(&id);
+                if unsettled {
                     deferred.begins.push((reply, begin));
                 } else {
                     let _ = reply.send(Ok(begin));
                 }
                 if let Some(record) = claimed {
-                    self.pending.insert(id, record);
+                    pending.insert(id, Entry { record, unsettled });
                 }
                 return Ok(false);
             }
@@ -351,13 +472,14 @@ impl Writer {
             } => {
                 let renewed = self.renew(existing, &claim, fingerprint, now);
                 if let Some(record) = renewed.clone() {
-                    self.pending.insert(id, record);
+                    let unsettled = deferred.written.contains(&id);
+                    pending.insert(id, Entry { record, unsettled });
                 }
                 let _ = reply.send(Ok(renewed.is_some()));
                 return Ok(false);
             }
             Op::Write { change, reply } => (change, reply),
-            Op::Ping { .. } => unreachable!("answered above"),
+            _ => unreachable!("answered above"),
         };
         let (written, write) = match self.changed(existing, change, now) {
             Ok(changed) => changed,
@@ -372,12 +494,9 @@ impl Writer {
         };
         records.insert(id.as_str(), encode(&record).as_slice())?;
         self.puts_since_sweep += 1;
-        // Another delivery's live claim stays in memory; ours ends here.
-        if record.lease_owner.is_some() {
-            self.pending.insert(id.clone(), record);
-        } else {
-            self.pending.remove(&id);
-        }
+        // In memory until the commit is over ([`Writer::settle`]).
+        let unsettled = true;
+        pending.insert(id.clone(), Entry { record, unsettled });
         deferred.written.insert(id);
         Ok(true)
     }
@@ -472,17 +591,21 @@ impl Writer {
     /// Forgets expired records, walking on from where the last sweep stopped, and writes out
     /// claims past their lease (a delivery stuck or dropped), so memory holds only live work
     /// and a late `remember` still finds its record. Returns whether anything changed.
-    fn sweep(&mut self, records: &mut Records<'_>, now: u64) -> Result<bool, redb::Error> {
+    fn sweep(
+        &mut self,
+        records: &mut Records<'_>,
+        now: u64,
+        written: &mut HashSet<String>,
+    ) -> Result<bool, redb::Error> {
         let mut changed = false;
-        let lapsed: Vec<(String, Record)> = self
-            .pending
-            .extract_if(|_, r| r.lease_until_ms <= now)
-            .collect();
-        let mut written = HashSet::new();
-        for (id, record) in lapsed {
-            records.insert(id.as_str(), encode(&record).as_slice())?;
-            written.insert(id);
-            changed = true;
+        // Written out, and out of memory once committed ([`Writer::settle`]).
+        for (id, entry) in self.claims.pending().iter_mut() {
+            if entry.record.lease_until_ms <= now && !entry.unsettled {
+                records.insert(id.as_str(), encode(&entry.record).as_slice())?;
+                entry.unsettled = true;
+                written.insert(id.clone());
+                changed = true;
+            }
         }
         // Walking twice as many records as were written since the last sweep keeps up with
         // any write rate.
@@ -509,14 +632,15 @@ impl Writer {
         }
         // A walk that ran out of records starts over next time.
         self.sweep_from = (seen == budget).then_some(last);
-        for id in expired {
-            // A claim in memory, or one this sweep just wrote out, is not the old record.
-            if !self.pending.contains_key(&id) && !written.contains(&id) {
-                records.remove(id.as_str())?;
-                changed = true;
-            }
+        // A claim in memory (or one this sweep just wrote out) is not the old record. A claim
+        // made after this look read the record as expired, as if it were gone already.
+        let pending = self.claims.pending();
+        expired.retain(|id| !pending.contains_key(id));
+        drop(pending);
+        for id in &expired {
+            records.remove(id.as_str())?;
         }
-        Ok(changed)
+        Ok(changed || !expired.is_empty())
     }
 }
 
@@ -534,7 +658,7 @@ mod tests {
     fn writer(dir: &tempfile::TempDir) -> Writer {
         let path = dir.path().join("s.redb");
         let db = Arc::new(RwLock::new(Some(open(&path).unwrap())));
-        Writer::new(db, path, "p".into(), L)
+        Writer::new(Arc::new(Claims::new(db, "p".into(), L)), path)
     }
 
     fn fp(s: &str) -> Fingerprint {
@@ -571,14 +695,7 @@ mod tests {
         for op in ops {
             tx.send(op).unwrap();
         }
-        let mut deferred = Deferred::default();
-        let committed = writer.apply_group(first, &rx, false, &mut deferred);
-        if committed.is_err() {
-            writer.close();
-        }
-        let ok = committed.is_ok();
-        deferred.release(committed.err().map(Arc::new));
-        ok
+        writer.commit_group(first, &rx, false).is_some()
     }
 
     fn claim_of(answer: oneshot::Receiver<Result<Begin, StoreError>>) -> String {
@@ -626,17 +743,19 @@ mod tests {
         ));
     }
 
-    /// Replays and conflicts read beside the writer come from committed records only: not
-    /// from a claim in the writer's memory, a write still in its transaction, or an expired
-    /// record.
+    /// A begin beside the writer decides from the claims in memory and the committed records,
+    /// and leaves to the writer an id whose write is not committed yet.
     #[test]
-    fn settled_answers_come_from_committed_records_only() {
+    fn begins_beside_the_writer_read_claims_and_committed_records_only() {
         let dir = tempfile::tempdir().unwrap();
         let mut writer = writer(&dir);
-        let (op, _) = begin("a");
-        group(&mut writer, vec![("claimed", op)]);
-        assert_eq!(settled(&writer.db, "claimed", &fp("a")), None);
-        assert_eq!(settled(&writer.db, "claimed", &fp("b")), None);
+        let claims = writer.claims.clone();
+        let begin_beside = |id: &str, f: &str| claims.begin(id, &fp(f)).map(Result::unwrap);
+        let Some(Begin::Claimed { claim, .. }) = begin_beside("x", "a") else {
+            panic!("a fresh id is claimed")
+        };
+        assert_eq!(begin_beside("x", "a"), Some(Begin::Busy));
+        assert_eq!(begin_beside("x", "b"), Some(Begin::Conflict));
 
         let done = Remembered {
             outcome: Outcome::InvalidNumber,
@@ -651,19 +770,43 @@ mod tests {
             let expired = encode(&record(now_ms() - 1, Some(done.clone())));
             records.insert("expired", expired.as_slice()).unwrap();
         }
-        assert_eq!(
-            settled(&writer.db, "done", &mine),
-            None,
-            "not committed yet"
-        );
+        let unread = |id| committed(&claims.db, id).unwrap().unwrap().is_none();
+        assert!(unread("done"), "not committed yet");
         txn.commit().unwrap();
         assert_eq!(
-            settled(&writer.db, "done", &mine),
-            Some(Begin::Replay(done))
+            claims.begin("done", &mine).unwrap().unwrap(),
+            Begin::Replay(done)
         );
-        assert_eq!(settled(&writer.db, "done", &other), Some(Begin::Conflict));
-        assert_eq!(settled(&writer.db, "expired", &mine), None);
-        assert_eq!(settled(&writer.db, "expired", &other), None);
+        assert_eq!(
+            claims.begin("done", &other).unwrap().unwrap(),
+            Begin::Conflict
+        );
+        assert!(matches!(
+            claims.begin("expired", &other),
+            Some(Ok(Begin::Claimed { .. }))
+        ));
+
+        // A result in the group being committed: the writer answers, after the commit.
+        let (remembered, _) = write(remember(&claim, "a", Outcome::InvalidNumber));
+        let (tx, rx) = mpsc::channel();
+        let mut deferred = Deferred::default();
+        writer
+            .apply_group(("x".into(), remembered), &rx, false, &mut deferred)
+            .unwrap();
+        drop(tx);
+        assert!(
+            claims.begin("x", &fp("a")).is_none(),
+            "unsettled: the writer decides"
+        );
+        writer.settle(&deferred.written);
+        assert!(matches!(
+            claims.begin("x", &fp("a")),
+            Some(Ok(Begin::Replay(_)))
+        ));
+        assert!(
+            !claims.pending().contains_key("x"),
+            "answered: out of memory"
+        );
     }
 
     /// Writes after a claim do not depend on the record still being there, never overwrite
@@ -737,16 +880,26 @@ mod tests {
             // Claimed again in memory (its lease runs): the sweep leaves it to the claim.
             let mut claim = record(now + 1, None);
             claim.lease_until_ms = now + 1;
-            writer.pending.insert("reclaimed".into(), claim);
-            assert!(writer.sweep(&mut records, now).unwrap());
+            let unsettled = false;
+            let entry = Entry {
+                record: claim,
+                unsettled,
+            };
+            writer.claims.pending().insert("reclaimed".into(), entry);
+            let mut written = HashSet::new();
+            assert!(writer.sweep(&mut records, now, &mut written).unwrap());
             assert!(records.get("old").unwrap().is_none());
             assert!(records.get("live").unwrap().is_some());
             assert!(records.get("reclaimed").unwrap().is_some());
             assert_eq!(writer.sweep_from, None, "the walk reached the end");
-            // A claim past its lease goes to disk and leaves memory.
-            writer.pending.get_mut("reclaimed").unwrap().lease_until_ms = now;
-            writer.sweep(&mut records, now).unwrap();
-            assert!(writer.pending.is_empty());
+            // A claim past its lease goes to disk, and leaves memory once committed.
+            let mut pending = writer.claims.pending();
+            pending.get_mut("reclaimed").unwrap().record.lease_until_ms = now;
+            drop(pending);
+            writer.sweep(&mut records, now, &mut written).unwrap();
+            assert_eq!(written, HashSet::from(["reclaimed".to_owned()]));
+            writer.settle(&written);
+            assert!(writer.claims.pending().is_empty());
             let stored = decode(records.get("reclaimed").unwrap().unwrap().value()).unwrap();
             assert_eq!(stored.expires_ms, now + 1);
         }
