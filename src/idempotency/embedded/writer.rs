@@ -216,7 +216,6 @@ pub(super) enum Written {
 pub(super) struct Writer {
     claims: Arc<Claims>,
     path: PathBuf,
-    lifetimes: Lifetimes,
     last_sweep: Instant,
     /// Where the next sweep goes on walking the records (`None`: from the start).
     sweep_from: Option<String>,
@@ -269,7 +268,6 @@ impl Deferred {
 impl Writer {
     pub(super) fn new(claims: Arc<Claims>, path: PathBuf) -> Self {
         Self {
-            lifetimes: claims.lifetimes,
             claims,
             path,
             last_sweep: Instant::now(),
@@ -281,10 +279,9 @@ impl Writer {
     }
 
     pub(super) fn run(mut self, rx: mpsc::Receiver<(String, Op)>) {
-        let mut busy = false;
         while let Ok(first) = rx.recv() {
-            let written = self.commit_group(first, &rx, busy);
-            busy = written.is_some_and(|writes| writes >= BUSY_GROUP);
+            let written = self.commit_group(first, &rx, self.claims.writer_is_busy());
+            let busy = written.is_some_and(|writes| writes >= BUSY_GROUP);
             self.claims.busy.store(busy, Ordering::Relaxed);
         }
     }
@@ -444,7 +441,9 @@ impl Writer {
                         Op::Begin { reply, .. } => drop(reply.send(Err(corrupt))),
                         Op::Renew { reply, .. } => drop(reply.send(Err(corrupt))),
                         Op::Write { reply, .. } => drop(reply.send(Err(corrupt))),
-                        _ => unreachable!("answered above"),
+                        Op::Ping { .. } => unreachable!("answered above"),
+                        #[cfg(test)]
+                        Op::Stall(_) => unreachable!("answered above"),
                     }
                     return Ok(false);
                 }
@@ -479,7 +478,9 @@ impl Writer {
                 return Ok(false);
             }
             Op::Write { change, reply } => (change, reply),
-            _ => unreachable!("answered above"),
+            Op::Ping { .. } => unreachable!("answered above"),
+            #[cfg(test)]
+            Op::Stall(_) => unreachable!("answered above"),
         };
         let (written, write) = match self.changed(existing, change, now) {
             Ok(changed) => changed,
@@ -510,7 +511,7 @@ impl Writer {
         fingerprint: Fingerprint,
         now: u64,
     ) -> Option<Record> {
-        let lease_until_ms = now + self.lifetimes.lease.as_millis() as u64;
+        let lease_until_ms = now + self.claims.lifetimes.lease.as_millis() as u64;
         let Some(mut record) = existing else {
             return Some(self.fresh(fingerprint, Some(claim), now));
         };
@@ -526,10 +527,10 @@ impl Writer {
 
     /// A new record of this request.
     fn fresh(&self, fingerprint: Fingerprint, claim: Option<&str>, now: u64) -> Record {
-        let lease_until_ms = now + self.lifetimes.lease.as_millis() as u64;
+        let lease_until_ms = now + self.claims.lifetimes.lease.as_millis() as u64;
         Record {
             fingerprint,
-            expires_ms: now + self.lifetimes.keep.as_millis() as u64,
+            expires_ms: now + self.claims.lifetimes.keep.as_millis() as u64,
             lease_owner: claim.map(str::to_owned),
             lease_until_ms,
             chat_deleted: false,
@@ -575,7 +576,7 @@ impl Writer {
                 record.result = Some(result);
                 // Kept for the keep time from now (a command retried for long is kept longer
                 // than its first claim said).
-                let keep_until = now + self.lifetimes.keep.as_millis() as u64;
+                let keep_until = now + self.claims.lifetimes.keep.as_millis() as u64;
                 record.expires_ms = record.expires_ms.max(keep_until);
             }
             Change::Release { .. } => {
