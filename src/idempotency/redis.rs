@@ -1,7 +1,8 @@
 //! The Redis store, for several workers sharing idempotency records. Each record is a hash
 //! updated by Lua scripts, so a claim is atomic across workers; Redis's own clock times the
-//! leases, so workers' clocks need not agree. Operations from all commands share script calls:
-//! those queued while earlier calls are out go together in the next one.
+//! leases, so workers' clocks need not agree. Operations from all commands share script calls,
+//! and looks for settled answers share pipelines: those queued while earlier calls are out go
+//! together in the next one.
 //!
 //! Records carry their expiry as a field and in one sorted set (the key that is the prefix
 //! alone: an id is never empty), swept by the workers, rather than as a key TTL: under a
@@ -148,9 +149,9 @@ return #due
 /// at once while there is more to do).
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 const SWEEP_BATCH: usize = 1_000;
-/// Most operations sent in one script call, and most calls on their way at once. Operations
-/// queue while calls are out, so under load each call carries many (one script run and one
-/// round trip for all of them); a lone operation goes out at once, alone.
+/// Most operations (or looks) sent in one call, and most calls of each kind on their way at
+/// once. They queue while calls are out, so under load each call carries many (one script run,
+/// or one read of a pipeline, and one round trip for all of them); a lone one goes out at once.
 const BATCH_MAX: usize = 256;
 const CALLS_IN_FLIGHT: usize = 4;
 /// Expiry times are on Redis's clock: a settled answer is read only from a record that this
@@ -169,9 +170,19 @@ struct Operation {
     reply: oneshot::Sender<Result<Vec<String>, StoreError>>,
 }
 
+/// A record's fingerprint, result and expiry, as a look reads them.
+type Settled = (Option<String>, Option<String>, Option<u64>);
+
+/// One look for a settled answer on its way to Redis.
+struct Look {
+    key: String,
+    reply: oneshot::Sender<Result<Settled, StoreError>>,
+}
+
 pub struct RedisStore {
     connection: ConnectionManager,
     operations: mpsc::UnboundedSender<Operation>,
+    looks: mpsc::UnboundedSender<Look>,
     prefix: String,
     process: String,
     lifetimes: Lifetimes,
@@ -196,11 +207,26 @@ impl RedisStore {
             prefix.to_owned(),
             Script::new(&format!("{NOW}{SWEEP}")),
         ));
+        let script = Arc::new(Script::new(&format!("{NOW}{OPERATIONS}")));
         let (operations, queued) = mpsc::unbounded_channel();
-        tokio::spawn(send_batches(connection.clone(), prefix.to_owned(), queued));
+        let (to_script, owned_prefix) = (connection.clone(), prefix.to_owned());
+        tokio::spawn(send_batches(queued, move |batch| {
+            run_script(
+                script.clone(),
+                owned_prefix.clone(),
+                to_script.clone(),
+                batch,
+            )
+        }));
+        let (looks, queued) = mpsc::unbounded_channel();
+        let to_read = connection.clone();
+        tokio::spawn(send_batches(queued, move |batch| {
+            read_records(to_read.clone(), batch)
+        }));
         Ok(Self {
             connection,
             operations,
+            looks,
             prefix: prefix.to_owned(),
             process: uuid::Uuid::new_v4().simple().to_string(),
             lifetimes,
@@ -213,22 +239,21 @@ impl RedisStore {
         self.connection.clone()
     }
 
-    /// A replay or a conflict read with a plain `HMGET` (no script), when the record settles
-    /// it: a result is never replaced and a fingerprint never rewritten before the record
-    /// expires. Records of earlier versions (timed by a TTL) are left to the script.
+    /// A replay or a conflict read with a plain `HMGET` (no script; in whatever pipeline it
+    /// joins), when the record settles it: a result is never replaced and a fingerprint never
+    /// rewritten before the record expires. Records of earlier versions (timed by a TTL) are
+    /// left to the script.
     async fn settled(
         &self,
         id: &str,
         fingerprint: &Fingerprint,
     ) -> Result<Option<Begin>, StoreError> {
-        let (stored, result, expires): (Option<String>, Option<String>, Option<u64>) =
-            ::redis::cmd("HMGET")
-                .arg(format!("{}{id}", self.prefix))
-                .arg("fp")
-                .arg("result")
-                .arg("expires")
-                .query_async(&mut self.connection.clone())
-                .await?;
+        let (reply, answer) = oneshot::channel();
+        let key = format!("{}{id}", self.prefix);
+        self.looks
+            .send(Look { key, reply })
+            .map_err(|_| stopped())?;
+        let (stored, result, expires) = answer.await.map_err(|_| stopped())??;
         let (Some(stored), Some(expires)) = (stored, expires) else {
             return Ok(None);
         };
@@ -263,7 +288,6 @@ impl RedisStore {
             b,
             reply,
         };
-        let stopped = || StoreError::Corrupt("the Redis batching task stopped".into());
         self.operations.send(operation).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
@@ -285,41 +309,46 @@ impl RedisStore {
     }
 }
 
-/// Sends queued operations to Redis, as many as are waiting in each script call.
-async fn send_batches(
-    connection: ConnectionManager,
-    prefix: String,
-    mut queued: mpsc::UnboundedReceiver<Operation>,
-) {
-    let script = Arc::new(Script::new(&format!("{NOW}{OPERATIONS}")));
+fn stopped() -> StoreError {
+    StoreError::Corrupt("the Redis batching task stopped".into())
+}
+
+/// Sends what is queued in calls made by `call`: all that waits (up to `BATCH_MAX`) when a
+/// call may go out goes in it.
+async fn send_batches<T, F, Sending>(mut queued: mpsc::UnboundedReceiver<T>, mut call: F)
+where
+    T: Send + 'static,
+    F: FnMut(Vec<T>) -> Sending,
+    Sending: Future<Output = ()> + Send + 'static,
+{
     let calls = Arc::new(Semaphore::new(CALLS_IN_FLIGHT));
     while let Some(first) = queued.recv().await {
-        let Ok(call) = calls.clone().acquire_owned().await else {
+        let Ok(place) = calls.clone().acquire_owned().await else {
             return;
         };
         let mut batch = vec![first];
         while batch.len() < BATCH_MAX {
             match queued.try_recv() {
-                Ok(operation) => batch.push(operation),
+                Ok(next) => batch.push(next),
                 Err(_) => break,
             }
         }
-        let (script, prefix, connection) = (script.clone(), prefix.clone(), connection.clone());
+        let sending = call(batch);
         tokio::spawn(async move {
-            run_script(&script, &prefix, connection, batch).await;
-            drop(call);
+            sending.await;
+            drop(place);
         });
     }
 }
 
 /// Runs a batch of operations in one script call.
 async fn run_script(
-    script: &Script,
-    prefix: &str,
+    script: Arc<Script>,
+    prefix: String,
     mut connection: ConnectionManager,
     scripted: Vec<Operation>,
 ) {
-    let mut invocation = script.key(prefix);
+    let mut invocation = script.key(&prefix);
     for op in &scripted {
         invocation.key(format!("{prefix}{}", op.id));
         invocation
@@ -330,27 +359,52 @@ async fn run_script(
             .arg(&op.b)
             .arg(&op.id);
     }
-    let answers = invocation.invoke_async(&mut connection).await;
-    answer_each(scripted, answers);
+    let answers: ::redis::RedisResult<Vec<Vec<String>>> =
+        invocation.invoke_async(&mut connection).await;
+    let answers = answers.map(|each| each.into_iter().map(failed_alone).collect());
+    answer_each(scripted.into_iter().map(|op| op.reply).collect(), answers);
 }
 
-/// Hands each operation its answer, or the error of the call that carried it.
-fn answer_each(ops: Vec<Operation>, answers: Result<Vec<Vec<String>>, ::redis::RedisError>) {
+/// Reads the records of a batch of looks in one pipeline; each look fails alone.
+async fn read_records(mut connection: ConnectionManager, looks: Vec<Look>) {
+    let mut pipe = ::redis::pipe();
+    for look in &looks {
+        pipe.cmd("HMGET")
+            .arg(&look.key)
+            .arg("fp")
+            .arg("result")
+            .arg("expires");
+    }
+    let answers: ::redis::RedisResult<Vec<::redis::RedisResult<Settled>>> =
+        pipe.ignore_errors().query_async(&mut connection).await;
+    let answers = answers.map(|each| {
+        let each = each.into_iter();
+        each.map(|answer| answer.map_err(StoreError::Redis))
+            .collect()
+    });
+    answer_each(looks.into_iter().map(|look| look.reply).collect(), answers);
+}
+
+/// Hands each caller its answer, or the error of the call that carried them all.
+fn answer_each<A>(
+    replies: Vec<oneshot::Sender<Result<A, StoreError>>>,
+    answers: ::redis::RedisResult<Vec<Result<A, StoreError>>>,
+) {
     match answers {
-        Ok(answers) if answers.len() == ops.len() => {
-            for (op, answer) in ops.into_iter().zip(answers) {
-                let _ = op.reply.send(failed_alone(answer));
+        Ok(answers) if answers.len() == replies.len() => {
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(answer);
             }
         }
         Ok(answers) => {
-            let wrong = format!("{} answers to {} operations", answers.len(), ops.len());
-            for op in ops {
-                let _ = op.reply.send(Err(StoreError::Corrupt(wrong.clone())));
+            let wrong = format!("{} answers to {} requests", answers.len(), replies.len());
+            for reply in replies {
+                let _ = reply.send(Err(StoreError::Corrupt(wrong.clone())));
             }
         }
         Err(error) => {
-            for op in ops {
-                let _ = op.reply.send(Err(StoreError::Redis(error.clone())));
+            for reply in replies {
+                let _ = reply.send(Err(StoreError::Redis(error.clone())));
             }
         }
     }
@@ -510,9 +564,9 @@ mod tests {
         )
     }
 
-    /// Operations sent together share script calls, yet each gets its own answer: one claim per
-    /// id however many ask at once, and a record Redis refuses to read fails only its own
-    /// operation.
+    /// Operations sent together share script calls and looks share pipelines, yet each gets its
+    /// own answer: one claim per id however many ask at once, and a record Redis refuses to
+    /// read fails only its own operation or look.
     #[tokio::test]
     async fn batched_operations_answer_one_by_one() {
         let (store, prefix) = store().await;
@@ -565,6 +619,18 @@ mod tests {
         let other = Fingerprint("b".into());
         let conflicts = join_all(ids[..100].iter().map(|id| store.begin(id, &other))).await;
         assert!(conflicts.iter().all(|b| matches!(b, Ok(Begin::Conflict))));
+        // The conflicts were all read, so every begin now looks first: the pipeline of looks
+        // that carries a record Redis refuses to read answers every other look.
+        let mut replaying: Vec<&str> = ids[..100].iter().map(String::as_str).collect();
+        replaying.insert(50, "wrongtype");
+        let again = join_all(replaying.iter().map(|id| store.begin(id, &fp))).await;
+        for (id, begin) in replaying.iter().zip(&again) {
+            match (*id, begin) {
+                ("wrongtype", Err(StoreError::Redis(_))) => {}
+                (_, Ok(Begin::Replay(r))) if r == &done => {}
+                other => panic!("unexpected answer {other:?}"),
+            }
+        }
 
         // Renewals always go through the script: the batch that carries a record Redis
         // refuses to read answers every other renewal.
