@@ -290,9 +290,9 @@ pub async fn serve(
     }
 }
 
-/// Most hosted instances whose results share the consuming connection. One queue: 12 µs less
-/// CPU per command than with a connection of its own; 200 queues: the same; 1,000: 60 µs more
-/// (2026-12-03/04, `scripts/bench`).
+/// Most hosted instances whose results share the consuming connection. Worker CPU per command,
+/// shared against a connection of their own: one queue 50-78 against 74-92 µs; 64 and 200
+/// queues even; 1,000 queues about 60 µs more (2026-12-03/04, `bench/run.py`; README).
 const RESULTS_SHARE_CONNECTION_UP_TO: usize = 64;
 
 /// How long a closing connection waits for the broker's answer.
