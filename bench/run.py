@@ -10,9 +10,13 @@ ratio measured in the same run:
             each worker drain's ratio to the ceilings around it is reported
   replays   the same N commands (same ids, same bodies) again, after a restart
   redis     the worker with the Redis store: N fresh, then the same N replayed after a restart
-  latency   publish -> result at a steady rate, against the running worker
+  latency   publish -> result at a steady rate, against the running worker, in turn with the bare
+            loop (--latency-pairs; the median probe is reported)
   aiopika   the Python peer (bench/peer_aiopika.py) on N preloaded commands
   many      K instances x M commands: start -> ready (cold and with a backlog), throughput, RSS
+  floors    the bare loop with one step of the worker added: a Redis look per command (after
+            the Redis drains), a synced append before each publish (in the latency probe);
+            what those steps cost any implementation, printed on the line before the last
 
 Drains are detected by counting (the ceiling and the peer count their acks, the worker's
 /metrics counts answered commands); every wait is a bounded poll. Child processes are killed
@@ -426,12 +430,27 @@ def stages(samples):
     return out
 
 
+# How often a drain's end is looked for, once it is near.
+FINE_POLL = 0.025
+
+
+def next_poll(done, target, t_from, c_from, now, cap):
+    """The pause before the next scrape of a draining worker: sparse mid-drain (each scrape costs
+    the worker and this script CPU that the broker would otherwise have; at 40 scrapes a second
+    that was 5-10 us per command), tight near the end, which the scrape that sees it times."""
+    if t_from is None or done <= c_from:
+        return FINE_POLL
+    left = (target - done) * (now - t_from) / (done - c_from)
+    return min(cap, max(FINE_POLL, left / 2))
+
+
 def drain_run(worker, n, ready_timeout, drain_timeout, poll, perf_name=None):
     """Starts the worker on a preloaded backlog; measures ready, drain, CPU and memory.
 
     /metrics is polled from the start (the HTTP port is up before the broker connection), so
     the drain is timed from the first answered command to the last, even when the worker starts
-    answering before it reports ready (many queues with a backlog). With `--perf`, the worker
+    answering before it reports ready (many queues with a backlog); `poll` is the longest pause
+    between scrapes (`next_poll`). With `--perf`, the worker
     is sampled with `perf record` (cpu-clock) during the drain."""
     worker.start()
     pid = worker.proc.pid
@@ -474,7 +493,7 @@ def drain_run(worker, n, ready_timeout, drain_timeout, poll, perf_name=None):
             if c >= n:
                 t_done = seen
                 break
-            time.sleep(poll if t_first is not None else 0.01)
+            time.sleep(next_poll(c, n, t_first, c_first, seen, poll) if t_first is not None else 0.01)
     finally:
         if perf is not None:
             stop(perf, 30, signal.SIGINT)
@@ -519,10 +538,11 @@ def one_queue(kind):
     return ns, inst
 
 
-def run_ceiling(ns, inst, prefetch, n, log_name):
-    """The bare loop over the preloaded queues of `inst`, each with `prefetch`."""
+def run_ceiling(ns, inst, prefetch, n, log_name, before=()):
+    """The bare loop over the preloaded queues of `inst`, each with `prefetch`; `before`: a step
+    before each publish (`--sync-file F` or `--redis-url U`)."""
     proc = spawn(bench_tool("ceiling", "--ns", ns, *inst, "--prefetch", str(prefetch), "--n", str(n),
-                            "--token", TOKEN, "--timeout-s", str(ARGS.drain_timeout)), log_name)
+                            "--token", TOKEN, "--timeout-s", str(ARGS.drain_timeout), *before), log_name)
     cpu = CpuWindow(proc.pid)
     try:
         out, _ = proc.communicate(timeout=ARGS.drain_timeout + 30)
@@ -537,21 +557,27 @@ def run_ceiling(ns, inst, prefetch, n, log_name):
     return res
 
 
-def part_ceiling(n, prefetch, label):
+def part_ceiling(n, prefetch, label, look=False):
+    """The bare loop's drain; with `look`, each command first reads a record from Redis."""
     ns, inst = one_queue("c")
     preload(ns, inst, n, "c")
-    res = run_ceiling(ns, inst, prefetch, n, "ceiling.log")
+    before = ("--redis-url", ARGS.redis_url) if look else ()
+    res = run_ceiling(ns, inst, prefetch, n, "ceiling.log", before)
     delete_namespace(ns, inst)
+    if look:
+        forget_redis_keys(ns)
     log(f"{label}: {res['rate']:.0f} cmd/s (prefetch {prefetch}, svc p50 {res['svc_p50_ms']:.1f} ms)")
     return res
 
 
-def part_ceiling_latency(prefetch, seconds, rate):
-    """The same steady-rate probe against the bare loop: what the broker alone adds."""
+def part_ceiling_latency(prefetch, seconds, rate, sync=False):
+    """The same steady-rate probe against the bare loop: what the broker alone adds; with
+    `sync`, each command is first appended to a file and synced, as the worker remembers it."""
     ns, inst = one_queue("l")
     n = int(round(rate * seconds))
+    before = ("--sync-file", os.path.join(OUT, f"{ns}.sync")) if sync else ()
     loop = spawn(bench_tool("ceiling", "--ns", ns, "--instance", "bench", "--prefetch", str(prefetch),
-                            "--n", str(n), "--token", TOKEN, "--timeout-s", str(int(seconds) + 120)),
+                            "--n", str(n), "--token", TOKEN, "--timeout-s", str(int(seconds) + 120), *before),
                  "ceiling-latency.log")
     try:
         res = run_tool(bench_tool("latency", "--ns", ns, "--instance", "bench", "--rate", str(rate),
@@ -561,8 +587,10 @@ def part_ceiling_latency(prefetch, seconds, rate):
         # Only the probe's figures matter here; the loop has answered everything it was sent.
         stop(loop, 10)
     delete_namespace(ns, inst)
-    log(f"latency of the bare loop at {rate}/s: p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, "
-        f"p999 {res['p999_ms']:.1f} ms")
+    if sync:
+        os.remove(os.path.join(OUT, f"{ns}.sync"))
+    log(f"latency of the bare loop{' with a synced append' if sync else ''} at {rate}/s: p50 {res['p50_ms']:.1f} ms, "
+        f"p99 {res['p99_ms']:.1f} ms, p999 {res['p999_ms']:.1f} ms")
     return res
 
 
@@ -600,7 +628,7 @@ def part_worker(n, prefetch, concurrency, lat_seconds, lat_rate, label="worker",
     run_tool(bench_tool("sink", "--ns", ns), timeout=60)
     preload(ns, inst, n, "w")
     try:
-        first = drain_run(w, n, 60, ARGS.drain_timeout, 0.025, perf_name="worker" if more else None)
+        first = drain_run(w, n, 60, ARGS.drain_timeout, 0.25, perf_name="worker" if more else None)
     finally:
         w.stop()
     log(f"{label}: {first['rate']:.0f} cmd/s (prefetch {prefetch}, concurrency {concurrency}); "
@@ -616,7 +644,7 @@ def part_worker(n, prefetch, concurrency, lat_seconds, lat_rate, label="worker",
     if not ARGS.skip_replays:
         preload(ns, inst, n, "w")  # the very same ids and bodies
         try:
-            replay = drain_run(w, n, 60, ARGS.drain_timeout, 0.025, perf_name="replays")
+            replay = drain_run(w, n, 60, ARGS.drain_timeout, 0.25, perf_name="replays")
         finally:
             w.stop()
         log(f"replays: {replay['rate']:.0f} cmd/s, {replay['replays']:.0f} answered from the store; "
@@ -624,24 +652,46 @@ def part_worker(n, prefetch, concurrency, lat_seconds, lat_rate, label="worker",
 
     latency = None
     if lat_seconds > 0:
-        # The bare loop's probe just before and just after the worker's: the disk and the
-        # broker are slower right after a drain, and each probe should meet the same machine.
-        bare = [part_ceiling_latency(prefetch, lat_seconds, lat_rate)]
+        latency = latency_pairs(w, ns, prefetch, lat_seconds, lat_rate)
+    delete_namespace(ns, inst)
+    return first, replay, latency, store_files
+
+
+def latency_pairs(w, ns, prefetch, seconds, rate):
+    """The worker's steady-rate probe, alternated with the bare loop's (`--latency-pairs`): the
+    bare loop's own p99 moves several-fold within minutes here, so each worker probe is set
+    against the bare-loop probes just before and after it, and the median probe is reported,
+    as the throughput drains are."""
+    bare = [part_ceiling_latency(prefetch, seconds, rate)]
+    probes = []
+    for i in range(max(1, ARGS.latency_pairs)):
         w.start()
         try:
             w.wait_ready(60)
-            latency = run_tool(bench_tool("latency", "--ns", ns, "--instance", "bench", "--rate", str(lat_rate),
-                                          "--seconds", str(lat_seconds), "--token", TOKEN, "--id-prefix",
-                                          f"lat{RUN_ID}"), timeout=lat_seconds + 120, log_name="latency.log")
-            latency["stages_ms"] = stages(w.metrics())
+            probe = run_tool(bench_tool("latency", "--ns", ns, "--instance", "bench", "--rate", str(rate),
+                                        "--seconds", str(seconds), "--token", TOKEN, "--id-prefix",
+                                        f"lat{RUN_ID}-{i}"), timeout=seconds + 120, log_name="latency.log")
+            probe["stages_ms"] = stages(w.metrics())
         finally:
             w.stop()
-        log(f"latency at {lat_rate}/s: p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms, "
-            f"p999 {latency['p999_ms']:.1f} ms; stages (mean, p99 ms): {latency['stages_ms']}")
-        bare.append(part_ceiling_latency(prefetch, lat_seconds, lat_rate))
-        latency["bare"] = bare
-    delete_namespace(ns, inst)
-    return first, replay, latency, store_files
+        log(f"latency at {rate}/s: p50 {probe['p50_ms']:.1f} ms, p99 {probe['p99_ms']:.1f} ms, "
+            f"p999 {probe['p999_ms']:.1f} ms; stages (mean, p99 ms): {probe['stages_ms']}")
+        if i == 0 and not ARGS.skip_floors:
+            # The floor's probe between the worker's and the next bare loop's.
+            synced = part_ceiling_latency(prefetch, seconds, rate, sync=True)
+        bare.append(part_ceiling_latency(prefetch, seconds, rate))
+        around = (bare[-2]["p99_ms"] + bare[-1]["p99_ms"]) / 2
+        probe["bare"] = bare[-2:]
+        probe["p99_ratio"] = probe["p99_ms"] / around
+        probes.append(probe)
+        log(f"latency pair {i + 1}: p99 {probe['p99_ratio']:.2f}x the bare loop's around it ({around:.1f} ms)")
+    # The lower median when there are two.
+    latency = sorted(probes, key=lambda p: p["p99_ratio"])[(len(probes) - 1) // 2]
+    latency["ratios"] = [p["p99_ratio"] for p in probes]
+    if not ARGS.skip_floors:
+        synced["p99_ratio"] = synced["p99_ms"] / ((bare[0]["p99_ms"] + bare[1]["p99_ms"]) / 2)
+        latency["synced"] = synced
+    return latency
 
 
 def forget_redis_keys(ns):
@@ -664,7 +714,7 @@ def part_redis_replays(n, prefetch, concurrency):
     for name in ("redis-fresh", "redis-replays"):
         preload(ns, inst, n, "w")
         try:
-            runs.append(drain_run(w, n, 60, ARGS.drain_timeout, 0.025, perf_name=name))
+            runs.append(drain_run(w, n, 60, ARGS.drain_timeout, 0.25, perf_name=name))
         finally:
             w.stop()
     delete_namespace(ns, inst)
@@ -777,7 +827,7 @@ def part_scale_out(n, prefetch, concurrency, workers=3, instances=6):
                 break
             if now > deadline:
                 raise BenchError(f"scale-out: {done:.0f} of {total_n} answered in time")
-            time.sleep(0.025)
+            time.sleep(next_poll(done, total_n, t_first, c_first, now, 0.25))
         window = cpu.close() if cpu else None
         shares = [total(w.metrics(), "chat_delete_commands_completed_total") for w in ws]
     finally:
@@ -857,7 +907,7 @@ def part_many(count, per_instance, prefetch, concurrency):
     for i in range(ARGS.many_pairs):
         preload(ns, inst, per_instance, f"m{i}")
         try:
-            drains.append(drain_run(w, n, ARGS.ready_timeout, ARGS.drain_timeout, 0.5,
+            drains.append(drain_run(w, n, ARGS.ready_timeout, ARGS.drain_timeout, 1.0,
                                     perf_name="many" if i == 0 else None))
         finally:
             w.stop()
@@ -956,6 +1006,12 @@ def report(r):
             f"from the store; fresh / replay CPU {fr['cpu_us_per_cmd']:.0f} / {rr['cpu_us_per_cmd']:.0f} us/cmd "
             f"(+ {fr['cpu']['other_cpu_s'] * 1e6 / fr['n']:.0f} / {rr['cpu']['other_cpu_s'] * 1e6 / rr['n']:.0f} "
             f"us/cmd outside the worker and the broker: Redis)")
+        lk = red.get("looked")
+        if lk:
+            row("  bare loop with one Redis look per command", f"{lk['rate']:,.0f} cmd/s",
+                f"{lk['rate'] / red_ceiling:.2f}x ceiling",
+                f"the least any Redis replay costs: the loop reads a record with HMGET (pipelined) before "
+                f"publishing; {lk['cpu_us_per_cmd']:.0f} us CPU/cmd")
     so = r.get("scale_out")
     if so:
         row(f"{so['workers']} workers sharing {so['instances']} instances (Redis store, ownership), N={so['n']:,}",
@@ -970,10 +1026,21 @@ def report(r):
             f"{lat['received']:,} of {lat['n']:,} results; max {lat['max_ms']:.1f} ms; "
             f"publisher held {lat['achieved_publish_rate']:,.0f}/s")
     cls = lat["bare"] if lat else []
+    if lat and len(lat["ratios"]) > 1:
+        row("  p99 against the bare loop's around each probe", "", f"median {lat['p99_ratio']:.2f}x",
+            "probes in turn with the bare loop's: " + " / ".join(f"{x:.2f}" for x in lat["ratios"]) +
+            "; the median probe is the row above")
     for when, cl in zip(("before", "after"), cls):
         row(f"  same probe against the bare loop, just {when}",
             f"p50 {cl['p50_ms']:.1f} / p99 {cl['p99_ms']:.1f} / p999 {cl['p999_ms']:.1f} ms",
             "", f"{cl['received']:,} of {cl['n']:,} results; max {cl['max_ms']:.1f} ms")
+    sy = lat.get("synced") if lat else None
+    if sy:
+        row("  the bare loop with a synced append before each publish",
+            f"p50 {sy['p50_ms']:.1f} / p99 {sy['p99_ms']:.1f} / p999 {sy['p999_ms']:.1f} ms",
+            f"p99 {sy['p99_ratio']:.2f}x", "the least any durable remember costs: one fdatasync (grouped) in "
+            f"series before the publish; probed after the first worker probe, against the bare loop's around "
+            f"that; {sy['received']:,} of {sy['n']:,} results")
     if not many and r.get("many_skipped"):
         row(f"{ARGS.instances or ('200' if ARGS.quick else '1000')} instances", "n/a", "", r["many_skipped"])
     if many:
@@ -1005,7 +1072,7 @@ def report(r):
     replay_ratios = ([rep["rate"] / ceil_rate] if replay_ok else []) + \
         ([red["replay"]["rate"] / red_ceiling] if red_ok else [])
     replay_ratio = min(replay_ratios) if replay_ratios else None
-    lat_ratio = lat["p99_ms"] / (sum(c["p99_ms"] for c in cls) / len(cls)) if lat and cls else None
+    lat_ratio = lat["p99_ratio"] if lat else None
     many_ratio = many["loaded"]["ratio"] if many else None
     sp = r.get("shared_pacing")
     if sp:
@@ -1014,6 +1081,14 @@ def report(r):
               f"(goal within 5 %); per worker {[int(x) for x in sp['per_worker']]}")
     if not many and r.get("many_skipped"):
         print(f"1,000 instances: n/a, {r['many_skipped']}")
+    floors = []
+    if red and red.get("looked"):
+        floors.append(f"bare_redis_look_ratio={red['looked']['rate'] / red_ceiling:.2f}")
+    if sy:
+        floors.append(f"bare_synced_p99_ratio={sy['p99_ratio']:.2f}")
+    if floors:
+        # What the goals' own steps cost the bare loop, in the same run (not a result of the worker).
+        print("floors: " + " ".join(floors))
     print(f"ratio_to_ceiling={ratio_ceiling:.2f} ratio_to_aiopika={fmt(ratio_py, '{:.2f}')} "
           f"rss_1000_mib={fmt(rss_1000, '{:.1f}')} ready_1000_s={fmt(ready_1000, '{:.2f}')} "
           f"replay_ratio={fmt(replay_ratio, '{:.2f}')} latency_p99_ratio={fmt(lat_ratio, '{:.2f}')} "
@@ -1045,12 +1120,16 @@ def main():
     ap.add_argument("--many-concurrency", type=int, default=32, help="default: the worker's default")
     ap.add_argument("--latency-seconds", type=float)
     ap.add_argument("--latency-rate", type=float, default=1000)
+    ap.add_argument("--latency-pairs", type=int, help="worker latency probes, each between two of the bare "
+                    "loop's (the median ratio is reported; default 3, 1 with --quick)")
     ap.add_argument("--worker-log", default=os.environ.get("RUST_LOG", "info"), help="RUST_LOG of the worker")
     ap.add_argument("--perf", action="store_true", help="perf record the worker's first drain and its many-instances drain (in --out)")
     ap.add_argument("--skip-aiopika", action="store_true")
     ap.add_argument("--skip-many", action="store_true")
     ap.add_argument("--skip-replays", action="store_true")
     ap.add_argument("--skip-redis", action="store_true", help="skip the Redis-store fresh/replay drains")
+    ap.add_argument("--skip-floors", action="store_true", help="skip the bare loop with one Redis look per "
+                    "command, and with a synced append before each publish (what those steps cost alone)")
     ap.add_argument("--skip-scale-out", action="store_true", help="skip 3 workers sharing 6 instances (Redis store)")
     ap.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"))
     ap.add_argument("--shared-pacing", action="store_true", help="also run 3 workers with the Redis store "
@@ -1065,7 +1144,9 @@ def main():
     n = ARGS.n or (20_000 if q else 100_000)
     count = ARGS.instances or (200 if q else 1000)
     per = ARGS.per_instance or (50 if q else 100)
-    lat_s = ARGS.latency_seconds if ARGS.latency_seconds is not None else (10 if q else 30)
+    lat_s = ARGS.latency_seconds if ARGS.latency_seconds is not None else (10 if q else 20)
+    if ARGS.latency_pairs is None:
+        ARGS.latency_pairs = 1 if q else 3
     conc = ARGS.concurrency or ARGS.prefetch
     py_prefetch = ARGS.aiopika_prefetch
     RUN_ID = secrets.token_hex(3)
@@ -1097,6 +1178,9 @@ def main():
         r["ceiling"].append(part_ceiling(n, ARGS.prefetch, f"ceiling run {i + 2}"))
     r["redis"] = None if ARGS.skip_redis or ARGS.skip_replays else part_redis_replays(n, ARGS.prefetch, conc)
     if r["redis"]:
+        if not ARGS.skip_floors:
+            r["redis"]["looked"] = part_ceiling(n, ARGS.prefetch, "bare loop with a Redis look per command",
+                                                look=True)
         r["ceiling"].append(part_ceiling(n, ARGS.prefetch, "ceiling after the Redis drains"))
     if not ARGS.skip_aiopika:
         r["aiopika"] = part_aiopika(ARGS.aiopika_n or min(n, 50_000), py_prefetch)

@@ -6,6 +6,10 @@
 //! - `sink`     only the results sink: a queue bound to `<ns>.events` with `#`.
 //! - `preload`  publishes persistent commands with confirms (at most `--window` unconfirmed).
 //! - `ceiling`  the bare lapin loop: consume, check, publish a result with a confirm, then ack.
+//!              With `--sync-file F`, each command first appends a record to F and waits for its
+//!              `fdatasync` (grouped with the others waiting); with `--redis-url U`, each first
+//!              reads one record with `HMGET` (in a pipeline with the others waiting). Either
+//!              prices one step of the worker alone: what any worker that takes it must pay.
 //! - `latency`  publishes at a steady rate and times each result event from publish to arrival.
 //! - `cleanup`  deletes every queue and exchange of a namespace.
 //!
@@ -22,7 +26,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -311,6 +315,7 @@ async fn preload(a: &Args) -> Res<()> {
 // ---------------------------------------------------------------------------------------------
 
 struct Ceiling {
+    before: Before,
     events_exchange: String,
     token_hash: [u8; 32],
     acked: AtomicUsize,
@@ -320,6 +325,95 @@ struct Ceiling {
     first: OnceLock<Instant>,
     last: Mutex<Option<Instant>>,
     done: Notify,
+}
+
+/// What the bare loop does before publishing a result.
+enum Before {
+    Nothing,
+    /// Hands a record to the syncing thread; answered once it is on disk.
+    Sync(std::sync::mpsc::Sender<(Vec<u8>, oneshot::Sender<()>)>),
+    /// Asks the looking task for one Redis read; answered with its reply.
+    Look(mpsc::UnboundedSender<oneshot::Sender<()>>),
+}
+
+impl Before {
+    async fn run(&self, record: &[u8]) {
+        let (done, wait) = oneshot::channel();
+        match self {
+            Before::Nothing => return,
+            Before::Sync(to) => to.send((record.to_vec(), done)).expect("the syncing thread runs"),
+            Before::Look(to) => to.send(done).expect("the looking task runs"),
+        }
+        wait.await.expect("an answer");
+    }
+}
+
+/// Group commit at its simplest: whatever is waiting when a sync ends goes in the next one.
+fn start_syncing(path: &str) -> Res<std::sync::mpsc::Sender<(Vec<u8>, oneshot::Sender<()>)>> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let (to, from) = std::sync::mpsc::channel::<(Vec<u8>, oneshot::Sender<()>)>();
+    std::thread::spawn(move || {
+        while let Ok(first) = from.recv() {
+            let mut group = vec![first];
+            group.extend(from.try_iter().take(1023));
+            for (record, _) in &group {
+                file.write_all(record).expect("append");
+            }
+            file.sync_data().expect("fdatasync");
+            for (_, done) in group {
+                let _ = done.send(());
+            }
+        }
+    });
+    Ok(to)
+}
+
+/// Reads as the worker's Redis store looks for a settled answer: one `HMGET` per command, those
+/// waiting sent in one pipeline (up to 256), four pipelines in flight.
+async fn start_looking(url: &str, key: String) -> Res<mpsc::UnboundedSender<oneshot::Sender<()>>> {
+    let client = redis::Client::open(url)?;
+    let connection = client.get_multiplexed_async_connection().await?;
+    // A remembered answer of about the worker's size.
+    let mut set = connection.clone();
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("fp")
+        .arg("f".repeat(64))
+        .arg("result")
+        .arg("r".repeat(320))
+        .arg("expires")
+        .arg(u64::MAX / 2)
+        .query_async(&mut set)
+        .await?;
+    let (to, mut from) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
+    tokio::spawn(async move {
+        let places = Arc::new(Semaphore::new(4));
+        while let Some(first) = from.recv().await {
+            let place = places.clone().acquire_owned().await.expect("never closed");
+            let mut batch = vec![first];
+            while batch.len() < 256 {
+                match from.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            let mut pipe = redis::pipe();
+            for _ in &batch {
+                pipe.cmd("HMGET").arg(&key).arg("fp").arg("result").arg("expires");
+            }
+            let mut connection = connection.clone();
+            tokio::spawn(async move {
+                let read: redis::RedisResult<Vec<Vec<Option<String>>>> = pipe.query_async(&mut connection).await;
+                read.expect("HMGET");
+                for done in batch {
+                    let _ = done.send(());
+                }
+                drop(place);
+            });
+        }
+    });
+    Ok(to)
 }
 
 fn valid_number(input: &str) -> Option<String> {
@@ -384,6 +478,7 @@ async fn ceiling_one(st: &Ceiling, publisher: &Channel, delivery: lapin::message
         .with_delivery_mode(2)
         .with_headers(headers);
     let routing_key = format!("{event_type}.{instance}");
+    st.before.run(&body).await;
     let published = async {
         let confirm = publisher
             .basic_publish(
@@ -431,7 +526,13 @@ async fn ceiling(a: &Args) -> Res<()> {
     let conn = connect(&a.url(), "cdw-bench ceiling").await?;
     let publisher = conn.create_channel().await?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+    let before = match (a.0.get("sync-file"), a.0.get("redis-url")) {
+        (Some(path), _) => Before::Sync(start_syncing(path)?),
+        (None, Some(url)) => Before::Look(start_looking(url, format!("{ns}:probe")).await?),
+        (None, None) => Before::Nothing,
+    };
     let st = Arc::new(Ceiling {
+        before,
         events_exchange: format!("{ns}.events"),
         token_hash: Sha256::digest(token.as_bytes()).into(),
         acked: AtomicUsize::new(0),
