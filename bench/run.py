@@ -437,7 +437,7 @@ FINE_POLL = 0.025
 def next_poll(done, target, t_from, c_from, now, cap):
     """The pause before the next scrape of a draining worker: sparse mid-drain (each scrape costs
     the worker and this script CPU that the broker would otherwise have; at 40 scrapes a second
-    that was 5-10 us per command), tight near the end, which the scrape that sees it times."""
+    that was 4-5 us per command), tight near the end, which the scrape that sees it times."""
     if t_from is None or done <= c_from:
         return FINE_POLL
     left = (target - done) * (now - t_from) / (done - c_from)
@@ -450,8 +450,8 @@ def drain_run(worker, n, ready_timeout, drain_timeout, poll, perf_name=None):
     /metrics is polled from the start (the HTTP port is up before the broker connection), so
     the drain is timed from the first answered command to the last, even when the worker starts
     answering before it reports ready (many queues with a backlog); `poll` is the longest pause
-    between scrapes (`next_poll`). With `--perf`, the worker
-    is sampled with `perf record` (cpu-clock) during the drain."""
+    between scrapes (`next_poll`). With `--perf`, the worker is sampled with `perf record`
+    (cpu-clock) during the drain."""
     worker.start()
     pid = worker.proc.pid
     t_ready = t_first = t_done = None
@@ -662,8 +662,7 @@ def latency_pairs(w, ns, prefetch, seconds, rate):
     bare loop's own p99 moves several-fold within minutes here, so each worker probe is set
     against the bare-loop probes just before and after it, and the median probe is reported,
     as the throughput drains are."""
-    bare = [part_ceiling_latency(prefetch, seconds, rate)]
-    probes = []
+    bare, probes, synced = [part_ceiling_latency(prefetch, seconds, rate)], [], None
     for i in range(max(1, ARGS.latency_pairs)):
         w.start()
         try:
@@ -681,6 +680,8 @@ def latency_pairs(w, ns, prefetch, seconds, rate):
             synced = part_ceiling_latency(prefetch, seconds, rate, sync=True)
         bare.append(part_ceiling_latency(prefetch, seconds, rate))
         around = (bare[-2]["p99_ms"] + bare[-1]["p99_ms"]) / 2
+        if i == 0 and synced:
+            synced["p99_ratio"] = synced["p99_ms"] / around
         probe["bare"] = bare[-2:]
         probe["p99_ratio"] = probe["p99_ms"] / around
         probes.append(probe)
@@ -688,9 +689,7 @@ def latency_pairs(w, ns, prefetch, seconds, rate):
     # The lower median when there are two.
     latency = sorted(probes, key=lambda p: p["p99_ratio"])[(len(probes) - 1) // 2]
     latency["ratios"] = [p["p99_ratio"] for p in probes]
-    if not ARGS.skip_floors:
-        synced["p99_ratio"] = synced["p99_ms"] / ((bare[0]["p99_ms"] + bare[1]["p99_ms"]) / 2)
-        latency["synced"] = synced
+    latency["synced"] = synced
     return latency
 
 

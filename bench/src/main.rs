@@ -338,16 +338,20 @@ enum Before {
 
 impl Before {
     async fn run(&self, record: &[u8]) {
-        // The plain ceiling must not pay for the channel.
-        if let Before::Nothing = self {
-            return;
-        }
-        let (done, wait) = oneshot::channel();
-        match self {
-            Before::Nothing => unreachable!("returned above"),
-            Before::Sync(to) => to.send((record.to_vec(), done)).expect("the syncing thread runs"),
-            Before::Look(to) => to.send(done).expect("the looking task runs"),
-        }
+        // The plain ceiling makes no channel.
+        let wait = match self {
+            Before::Nothing => return,
+            Before::Sync(to) => {
+                let (done, wait) = oneshot::channel();
+                to.send((record.to_vec(), done)).expect("the syncing thread runs");
+                wait
+            }
+            Before::Look(to) => {
+                let (done, wait) = oneshot::channel();
+                to.send(done).expect("the looking task runs");
+                wait
+            }
+        };
         wait.await.expect("an answer");
     }
 }
