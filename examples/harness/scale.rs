@@ -3,9 +3,10 @@
 //! it, SIGTERM one and restart it; then a fourth worker joins and leaves. The harness watches
 //! the lease keys in Redis (every 100 ms) to time each failover (from the signal until another
 //! worker holds the instance) and the balance at rest; the simulated WhatsApp world counts
-//! overlaps (a replaced client that still acted). `HARNESS_KEEP=1` keeps the working folder
-//! (configs, effect logs, the world, `workers.log`); `HARNESS_WORKER_LOG` sets the workers'
-//! `RUST_LOG` (default `warn`).
+//! overlaps (a replaced client that acted after its fence check) and refused deletes (under
+//! way when their client was replaced). `HARNESS_KEEP=1` keeps the working folder (configs,
+//! effect logs, the world, each worker's log `w<n>.log`); `HARNESS_WORKER_LOG` sets the
+//! workers' `RUST_LOG` (default `warn`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -33,7 +34,7 @@ impl Workers<'_> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join("workers.log"))
+            .open(self.dir.join(format!("{name}.log")))
             .expect("log file");
         let child = tokio::process::Command::new(self.bin)
             .args(["--config", self.config.to_str().unwrap(), "run"])
@@ -292,7 +293,7 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
             .collect();
         eprintln!("harness: lease holders: {}", holders.join(" "));
         if let Some(cluster) = &args.cluster {
-            broker_view(cluster, &ns);
+            broker_view(cluster, &ns).await;
         }
     }
     let imbalance = leases.settle(&live(&workers)).await;
@@ -302,14 +303,30 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
     }
 
     let counts = account(args, dir.path(), &instances, &results, 1);
+    if counts.lost > 0 {
+        // Which commands, on which instances, and what the broker still holds, to trace them.
+        let answered: HashSet<&str> = results.iter().map(|(id, _, _)| id.as_str()).collect();
+        let lost: Vec<String> = (0..args.commands)
+            .filter(|i| !answered.contains(format!("h-{i}").as_str()))
+            .map(|i| format!("h-{i}@{}", instances[i % instances.len()]))
+            .collect();
+        eprintln!("harness: lost: {}", lost.join(" "));
+        if let Some(cluster) = &args.cluster {
+            broker_view(cluster, &ns).await;
+        }
+    }
     let not_200 = results
         .iter()
         .filter(|(_, _, answer)| !answer.starts_with("200 "))
         .count();
-    let overlaps = std::fs::read_to_string(dir.path().join("world/overlaps.log"))
-        .unwrap_or_default()
-        .lines()
-        .count();
+    let logged = |name: &str| {
+        std::fs::read_to_string(dir.path().join("world").join(name))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    // A refused delete was under way when its client was replaced (see the simulated world).
+    let (overlaps, refused) = (logged("overlaps.log"), logged("refused.log"));
     failovers.sort_by(f64::total_cmp);
     let p99 = percentile(&failovers, 0.99);
     eprintln!(
@@ -331,7 +348,7 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
         None => String::new(),
     };
     println!(
-        "lost={} double_effects={} overlaps={overlaps} failover_p99_s={p99:.1} imbalance={imbalance} kills={disruptions}{cluster}",
+        "lost={} double_effects={} overlaps={overlaps} failover_p99_s={p99:.1} imbalance={imbalance} kills={disruptions}{cluster} refused={refused}",
         counts.lost, counts.double_effects
     );
     counts.lost == 0
@@ -386,46 +403,55 @@ fn leaders_on(cluster: &super::Cluster, node: usize, ns: &str) -> usize {
         .count()
 }
 
-/// What the broker says of the namespace's queues and consumers, for a run that left commands
-/// queued.
-fn broker_view(cluster: &super::Cluster, ns: &str) {
-    for what in [
-        &[
-            "list_queues",
-            "name",
-            "leader",
-            "messages_ready",
-            "messages_unacknowledged",
-            "consumers",
-        ][..],
-        &[
+/// What the broker says of the namespace's queues (with what they hold dead-lettered but not
+/// yet moved, which no AMQP count shows) and consumers, for a run that lost commands or left
+/// them queued.
+async fn broker_view(cluster: &super::Cluster, ns: &str) {
+    let url = format!(
+        "{}/api/queues/%2F?columns=name,leader,messages,messages_ready,messages_unacknowledged,messages_dlx,consumers",
+        cluster.management_url
+    );
+    let queues = match management_get(&url).await {
+        Ok(queues) => queues,
+        Err(error) => {
+            eprintln!("harness: broker: {error}");
+            serde_json::Value::Null
+        }
+    };
+    for q in queues.as_array().into_iter().flatten() {
+        if q["name"].as_str().is_some_and(|n| n.starts_with(ns)) {
+            eprintln!("harness: broker: {q}");
+        }
+    }
+    let out = std::process::Command::new(&cluster.script)
+        .args([
+            "ctl",
+            "1",
+            "-q",
             "list_consumers",
             "queue_name",
             "consumer_tag",
-            "active",
-            "activity_status",
-            "prefetch_count",
-            "channel_pid",
-        ][..],
-    ] {
-        let out = std::process::Command::new(&cluster.script)
-            .args(["ctl", "1", "-q"])
-            .args(what)
-            .output()
-            .expect("scripts/cluster ctl");
-        if !out.status.success() {
-            eprintln!(
-                "harness: broker: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        for line in String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.starts_with(ns))
-        {
-            eprintln!("harness: broker: {line}");
-        }
+        ])
+        .args(["active", "activity_status", "prefetch_count", "channel_pid"])
+        .output()
+        .expect("scripts/cluster ctl");
+    for line in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(ns))
+    {
+        eprintln!("harness: broker: {line}");
     }
+}
+
+async fn management_get(url: &str) -> Result<serde_json::Value, String> {
+    let response = reqwest::Client::new()
+        .get(url)
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let text = response.text().await.map_err(|e| e.to_string())?;
+    serde_json::from_str(&text).map_err(|e| format!("{url}: {e}"))
 }
 
 async fn delete_keys(redis: &mut redis::aio::MultiplexedConnection, pattern: &str) {

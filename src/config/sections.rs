@@ -373,8 +373,9 @@ pub struct SimulatedConfig {
     /// its own `<digits>@s.whatsapp.net`.
     pub resolve: std::collections::BTreeMap<String, crate::pipeline::request::ChatJid>,
     /// A folder standing for WhatsApp's servers, shared by every worker: the session is
-    /// connected only while it is the instance's latest client there, and a delete by a client
-    /// another one replaced is logged to `overlaps.log` (harnesses count them).
+    /// connected only while it is the instance's latest client there. A delete by a client
+    /// another one replaced is refused and logged: to `overlaps.log` when the client checked
+    /// its fence after it was replaced, else to `refused.log` (harnesses count both).
     pub world_dir: Option<PathBuf>,
 }
 

@@ -40,8 +40,8 @@ struct Shared {
 /// A stand-in for WhatsApp's servers shared by every worker: a folder where each instance's
 /// file names the client connected to it. Opening a session replaces whichever client was
 /// connected (as WhatsApp does, and `replaced.log` says so); a delete from a client that is
-/// not the connected one is an overlap (two sessions acting for one instance), written to
-/// `overlaps.log` and refused.
+/// not the connected one is refused, and written to `overlaps.log` (two sessions acting for
+/// one instance) unless it was under way before the replacement ([`World::admits`]).
 struct World {
     dir: std::path::PathBuf,
     instance: String,
@@ -94,9 +94,12 @@ impl World {
         }
     }
 
-    /// Whether this client may act: it is the connected one. A client that was replaced
-    /// and acts anyway is an overlap.
-    fn admits(&self) -> Result<(), SessionError> {
+    /// Whether this client may act: it is the connected one. A replaced client is refused,
+    /// as WhatsApp refuses it. If its fence was checked after it was replaced, the worker's
+    /// fencing failed: an overlap. If before, the act was already under way when the next
+    /// owner connected (a pause between check and act that no client-side check can close):
+    /// refused at the resource, logged to `refused.log`.
+    fn admits(&self, fence_checked_at: i64) -> Result<(), SessionError> {
         let Some(client) = self.client() else {
             return Err(SessionError::NotConnected);
         };
@@ -104,11 +107,24 @@ impl World {
         if holder == client {
             return Ok(());
         }
-        self.log(
-            "overlaps.log",
-            &format!("{client} acted while {holder} was connected"),
-        );
+        let under_way = self
+            .replaced_at(&client)
+            .is_some_and(|replaced_at| fence_checked_at <= replaced_at);
+        let log = if under_way {
+            "refused.log"
+        } else {
+            "overlaps.log"
+        };
+        self.log(log, &format!("{client} acted while {holder} was connected"));
         Err(SessionError::NotConnected)
+    }
+
+    /// When `client` was replaced (µs), from `replaced.log`.
+    fn replaced_at(&self, client: &str) -> Option<i64> {
+        let text = std::fs::read_to_string(self.dir.join("replaced.log")).ok()?;
+        let replaced = format!(" {} {client} by ", self.instance);
+        text.lines()
+            .find_map(|line| line.split_once(&replaced)?.0.parse().ok())
     }
 }
 
@@ -225,12 +241,13 @@ impl ChatSession for SimulatedSession {
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
+        let fence_checked_at = chrono::Utc::now().timestamp_micros();
         fence.check().map_err(SessionError::Fenced)?;
         if !self.is_connected() {
             return Err(SessionError::NotConnected);
         }
         if let Some(world) = &self.world {
-            world.admits()?;
+            world.admits(fence_checked_at)?;
         }
         if let Some(shared) = &self.shared {
             let held = shared.held.lock().await;
@@ -388,6 +405,52 @@ mod tests {
         assert_eq!(by_number, Ok(scripted));
         let as_given = session.delete_chat(&chat, false, Arc::new(Unfenced)).await;
         assert_eq!(as_given, Ok(chat));
+    }
+
+    /// Lets the effect go on, then has another client take the session over: the replacement
+    /// lands between the fence check and the act, as when the worker is paused (SIGSTOP) right
+    /// after its check and the instance's next owner connects meanwhile.
+    struct ReplacedAfterTheCheck(SimulatedSession);
+
+    impl Fence for ReplacedAfterTheCheck {
+        fn check(&self) -> Result<(), Fenced> {
+            use futures_util::FutureExt;
+            self.0.open().now_or_never().expect("nothing to wait for");
+            Ok(())
+        }
+    }
+
+    fn lines_of(path: &std::path::Path) -> usize {
+        std::fs::read_to_string(path).map_or(0, |t| t.lines().count())
+    }
+
+    #[tokio::test]
+    async fn a_replaced_client_is_refused_and_only_a_delete_begun_after_the_replacement_is_an_overlap()
+     {
+        let world = tempfile::tempdir().unwrap();
+        let cfg = SimulatedConfig {
+            world_dir: Some(world.path().to_owned()),
+            ..Default::default()
+        };
+        let old = SimulatedSession::new("inst", &cfg).unwrap();
+        old.open().await;
+        let next = SimulatedSession::new("inst", &cfg).unwrap();
+        let chat = normalise_number("5511999999999").unwrap();
+
+        // Under way when the next owner connected: the world refuses it, as WhatsApp refuses a
+        // replaced client, and the worker's fence did its part.
+        let under_way = old
+            .delete_chat(&chat, false, Arc::new(ReplacedAfterTheCheck(next)))
+            .await;
+        assert_eq!(under_way, Err(SessionError::NotConnected));
+        assert_eq!(lines_of(&world.path().join("refused.log")), 1);
+        assert_eq!(lines_of(&world.path().join("overlaps.log")), 0);
+
+        // Begun after the replacement (a fence that let it through): an overlap.
+        let begun_after = old.delete_chat(&chat, false, Arc::new(Unfenced)).await;
+        assert_eq!(begun_after, Err(SessionError::NotConnected));
+        assert_eq!(lines_of(&world.path().join("overlaps.log")), 1);
+        assert_eq!(old.deletes(), 0);
     }
 
     /// Counts the writes it gets: a line in several is a line a kill can tear.
