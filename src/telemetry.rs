@@ -34,6 +34,7 @@ pub const REBALANCES: &str = "chat_delete_rebalances_total";
 pub const OWNERSHIP_GAP: &str = "chat_delete_ownership_gap_seconds";
 pub const HANDOVER_DURATION: &str = "chat_delete_handover_seconds";
 pub const LEASES_LOST: &str = "chat_delete_leases_lost_total";
+pub const SESSIONS_RECONNECTED: &str = "chat_delete_sessions_reconnected_total";
 pub const MEDIA_OBJECTS_DELETED: &str = "chat_delete_media_objects_deleted_total";
 pub const MEDIA_BYTES_DELETED: &str = "chat_delete_media_bytes_deleted_total";
 
@@ -139,6 +140,10 @@ fn describe() {
     describe_counter!(
         LEASES_LOST,
         "Instance leases lost without handing them over, by reason (taken, expired); their work stopped at once."
+    );
+    describe_counter!(
+        SESSIONS_RECONNECTED,
+        "Sessions connected again because another client replaced them while this worker held the instance (a worker that lost the lease without knowing, caught in its connect)."
     );
     describe_counter!(MEDIA_OBJECTS_DELETED, "Media objects deleted by purges.");
     describe_counter!(

@@ -11,12 +11,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chat_delete_worker::config::Config;
-use chat_delete_worker::fence::Fence;
+use chat_delete_worker::config::{Config, SimulatedConfig};
+use chat_delete_worker::fence::{Fence, Unfenced};
 use chat_delete_worker::ownership::{self, Coordination, Host, Timing};
 use chat_delete_worker::pipeline::request::normalise_number;
 use chat_delete_worker::pipeline::{Instance, Instances};
-use chat_delete_worker::session::Opening;
+use chat_delete_worker::session::{ChatSession, Opening, SimulatedSession};
 use common::redis::PrivateRedis;
 use common::*;
 use tokio_util::sync::CancellationToken;
@@ -449,6 +449,61 @@ async fn a_dead_worker_s_instances_fail_over_and_its_stale_leases_refuse_every_e
     assert!(lines(&world.path().join("overlaps.log")).is_empty());
     // The new owner's session replaced the dead one's, as WhatsApp does.
     assert_eq!(lines(&world.path().join("replaced.log")).len(), 4);
+    a.stop.cancel();
+    tokio::time::timeout(WAIT, a.task).await.unwrap().unwrap();
+}
+
+/// A worker paused in the middle of connecting an instance it had just taken (after its lease
+/// check) wakes after the next owner connected and completes its connect: WhatsApp lets the
+/// newer connection replace the owner's. The owner, still holding the lease, connects again.
+#[tokio::test]
+async fn an_owner_whose_client_a_stale_connect_replaced_connects_again() {
+    let world = tempfile::tempdir().unwrap();
+    let prefix = prefix("stale-connect");
+    let ledger = Arc::new(Ledger::default());
+    let a = join(LOCAL_REDIS, &prefix, "a", 1, world.path(), &ledger, 1).await;
+    wait_for("a serves inst00", || {
+        ledger.owners().get("inst00").map(String::as_str) == Some("a")
+    })
+    .await;
+    let instance = a.instances.get("inst00").unwrap().clone();
+    let chat = normalise_number("5511999999999").unwrap();
+    let delete = || {
+        instance
+            .session()
+            .delete_chat(&chat, false, instance.lease().clone())
+    };
+    assert!(delete().await.is_ok());
+
+    // The paused worker's connect completes: a client without the lease replaces a's.
+    let stale = SimulatedSession::new(
+        "inst00",
+        &SimulatedConfig {
+            world_dir: Some(world.path().to_owned()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    stale.open().await;
+    assert!(delete().await.is_err(), "the replaced client was admitted");
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while delete().await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never: the owner deletes again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        stale
+            .delete_chat(&chat, false, Arc::new(Unfenced))
+            .await
+            .is_err()
+    );
+    // The owner's refused deletes are not overlaps; the stale client's late delete is.
+    assert!(!lines(&world.path().join("refused.log")).is_empty());
+    assert_eq!(lines(&world.path().join("overlaps.log")).len(), 1);
     a.stop.cancel();
     tokio::time::timeout(WAIT, a.task).await.unwrap().unwrap();
 }

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::OwnershipConfig;
 use crate::fence::{Fence, Fenced};
 use crate::pipeline::{Instance, Instances};
-use crate::session::Opening;
+use crate::session::{Opening, SessionState};
 use crate::telemetry;
 use assign::{Member, assign};
 pub use coordination::{Coordination, parse_holder};
@@ -166,6 +166,7 @@ pub async fn coordinate(
         plan: None,
         reachable: true,
         turns: HashMap::new(),
+        reconnected: HashMap::new(),
     };
     let (done, mut finished) = mpsc::unbounded_channel();
     let mut leaving = false;
@@ -209,6 +210,8 @@ struct Coordinator {
     /// Per instance: its gains and losses run one at a time, in the order they were started
     /// (a slow session open must not hold up the renewals of every other lease).
     turns: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// Per instance: the lease generation under which its replaced session was connected again.
+    reconnected: HashMap<String, u64>,
 }
 
 impl Coordinator {
@@ -264,6 +267,7 @@ impl Coordinator {
             }
         }
         self.give_up_expired(done);
+        self.connect_replaced_again();
         if leaving {
             self.hand_over(self.held.keys().cloned().collect(), done);
             self.report();
@@ -390,6 +394,42 @@ impl Coordinator {
                     .record(started.elapsed().as_secs_f64());
                 tracing::info!(instance = %name, "Instance handed over.");
                 let _ = done.send(Let { instance: name });
+            });
+        }
+    }
+
+    /// A session replaced while this worker holds its lease was replaced by a worker that lost
+    /// the lease without knowing yet (paused between its lease check and its connect, which
+    /// WhatsApp does not fence): the owner connects again. Once per lease: a client that
+    /// replaces it again is not one of ours, and two clients taking turns is the "replaced"
+    /// loop operators dread; that session stays `replaced` for the operator.
+    fn connect_replaced_again(&mut self) {
+        let replaced: Vec<(String, u64)> = self
+            .held
+            .iter()
+            .filter(|(name, generation)| {
+                !self.letting_go.contains(*name)
+                    && self.reconnected.get(*name) != Some(generation)
+                    && self.instance(name).session().state() == SessionState::Replaced
+            })
+            .map(|(name, generation)| (name.clone(), *generation))
+            .collect();
+        for (name, generation) in replaced {
+            self.reconnected.insert(name.clone(), generation);
+            let instance = self.instance(&name);
+            let turn = self.turn(&name);
+            tokio::spawn(async move {
+                let _turn = turn.lock().await;
+                let session = instance.session();
+                if instance.lease().generation() != Some(generation)
+                    || session.state() != SessionState::Replaced
+                {
+                    return;
+                }
+                metrics::counter!(telemetry::SESSIONS_RECONNECTED).increment(1);
+                tracing::warn!(instance = %instance.name(), "Another client took over the session while this worker holds the instance; connecting again.");
+                session.close().await;
+                session.open().await;
             });
         }
     }

@@ -94,12 +94,21 @@ impl World {
         }
     }
 
+    /// Whether this client is open but another one connected since.
+    fn was_replaced(&self) -> bool {
+        self.client().is_some_and(|client| {
+            std::fs::read_to_string(self.holder_file()).map_or(true, |holder| holder != client)
+        })
+    }
+
     /// Whether this client may act: it is the connected one. A replaced client is refused,
     /// as WhatsApp refuses it. If its fence was checked after it was replaced, the worker's
     /// fencing failed: an overlap. If before, the act was already under way when the next
     /// owner connected (a pause between check and act that no client-side check can close):
     /// refused at the resource, logged to `refused.log`.
-    fn admits(&self, fence_checked_at: i64) -> Result<(), SessionError> {
+    /// A refused client whose worker still holds the lease is the owner, knocked out by a
+    /// worker that connected after its own lease ended (that connect is the overlap).
+    fn admits(&self, fence_checked_at: i64, owner: bool) -> Result<(), SessionError> {
         let Some(client) = self.client() else {
             return Err(SessionError::NotConnected);
         };
@@ -107,9 +116,10 @@ impl World {
         if holder == client {
             return Ok(());
         }
-        let under_way = self
-            .replaced_at(&client)
-            .is_some_and(|replaced_at| fence_checked_at <= replaced_at);
+        let under_way = owner
+            || self
+                .replaced_at(&client)
+                .is_some_and(|replaced_at| fence_checked_at <= replaced_at);
         let log = if under_way {
             "refused.log"
         } else {
@@ -223,7 +233,9 @@ fn append_line(file: &mut impl Write, line: &str) -> std::io::Result<()> {
 #[async_trait::async_trait]
 impl ChatSession for SimulatedSession {
     fn state(&self) -> SessionState {
-        if self.is_connected() {
+        if self.world.as_ref().is_some_and(World::was_replaced) {
+            SessionState::Replaced
+        } else if self.is_connected() {
             SessionState::Connected
         } else {
             SessionState::NotPaired
@@ -247,7 +259,11 @@ impl ChatSession for SimulatedSession {
             return Err(SessionError::NotConnected);
         }
         if let Some(world) = &self.world {
-            world.admits(fence_checked_at)?;
+            let owner = self
+                .owner
+                .as_ref()
+                .is_some_and(|l| l.generation().is_some());
+            world.admits(fence_checked_at, owner)?;
         }
         if let Some(shared) = &self.shared {
             let held = shared.held.lock().await;
@@ -312,11 +328,26 @@ impl ChatSession for SimulatedSession {
             self.close().await;
             return Opening::Done;
         }
-        if let Some(world) = &self.world
-            && let Err(error) = world.open()
-        {
-            tracing::warn!(%error, "Could not connect to the simulated world.");
-            return Opening::Failed;
+        if let Some(world) = &self.world {
+            if let Err(error) = world.open() {
+                tracing::warn!(%error, "Could not connect to the simulated world.");
+                return Opening::Failed;
+            }
+            // Paused between the check above and the connect, past the lease: the connect
+            // replaced the owner's client (WhatsApp does not fence connects). Let go at once;
+            // the owner connects again.
+            if self
+                .owner
+                .as_ref()
+                .is_some_and(|l| l.generation() != generation)
+            {
+                let client = world.client().unwrap_or_default();
+                world.log(
+                    "overlaps.log",
+                    &format!("{client} connected after its lease ended"),
+                );
+                self.close().await;
+            }
         }
         Opening::Done
     }
