@@ -3,10 +3,10 @@
 //! it, SIGTERM one and restart it; then a fourth worker joins and leaves. The harness watches
 //! the lease keys in Redis (every 100 ms) to time each failover (from the signal until another
 //! worker holds the instance) and the balance at rest; the simulated WhatsApp world counts
-//! overlaps (a replaced client that acted after its fence check) and refused deletes (under
-//! way when their client was replaced). `HARNESS_KEEP=1` keeps the working folder (configs,
-//! effect logs, the world, each worker's log `w<n>.log`); `HARNESS_WORKER_LOG` sets the
-//! workers' `RUST_LOG` (default `warn`).
+//! overlaps (a replaced client that acted after its fence check), refused deletes (under way
+//! when their client was replaced, or the owner's after a stale connect) and stale connects.
+//! `HARNESS_KEEP=1` keeps the working folder (configs, effect logs, the world, each worker's
+//! log `w<n>.log`); `HARNESS_WORKER_LOG` sets the workers' `RUST_LOG` (default `warn`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -327,6 +327,8 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
     };
     // A refused delete was under way when its client was replaced (see the simulated world).
     let (overlaps, refused) = (logged("overlaps.log"), logged("refused.log"));
+    // A connect that landed after its lease ended, undone at once (see the README).
+    let stale_connects = logged("stale-connects.log");
     failovers.sort_by(f64::total_cmp);
     let p99 = percentile(&failovers, 0.99);
     eprintln!(
@@ -348,7 +350,7 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
         None => String::new(),
     };
     println!(
-        "lost={} double_effects={} overlaps={overlaps} failover_p99_s={p99:.1} imbalance={imbalance} kills={disruptions}{cluster} refused={refused}",
+        "lost={} double_effects={} overlaps={overlaps} failover_p99_s={p99:.1} imbalance={imbalance} kills={disruptions}{cluster} refused={refused} stale_connects={stale_connects}",
         counts.lost, counts.double_effects
     );
     counts.lost == 0

@@ -375,8 +375,8 @@ pub struct SimulatedConfig {
     /// A folder standing for WhatsApp's servers, shared by every worker: the session is
     /// connected only while it is the instance's latest client there. A delete by a client
     /// another one replaced is refused and logged: to `overlaps.log` when the client checked
-    /// its fence after it was replaced (or connected after its lease ended), else to
-    /// `refused.log` (harnesses count both).
+    /// its fence after it was replaced, else to `refused.log`; a connect made after the
+    /// client's lease ended goes to `stale-connects.log` (harnesses count all three).
     pub world_dir: Option<PathBuf>,
 }
 

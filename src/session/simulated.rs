@@ -335,7 +335,7 @@ impl ChatSession for SimulatedSession {
             }
             // Paused between the check above and the connect, past the lease: the connect
             // replaced the owner's client (WhatsApp does not fence connects). Let go at once;
-            // the owner connects again.
+            // the owner connects again. The world counts it apart from overlaps (deletes).
             if self
                 .owner
                 .as_ref()
@@ -343,7 +343,7 @@ impl ChatSession for SimulatedSession {
             {
                 let client = world.client().unwrap_or_default();
                 world.log(
-                    "overlaps.log",
+                    "stale-connects.log",
                     &format!("{client} connected after its lease ended"),
                 );
                 self.close().await;
