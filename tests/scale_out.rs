@@ -38,8 +38,13 @@ fn instances_toml(n: usize, world: &Path, extra: &str) -> String {
 
 /// The instances of one worker, with ownership on (sessions closed, leases vacant).
 async fn instances(n: usize, world: &Path) -> Arc<Instances> {
+    instances_with(n, world, "").await
+}
+
+/// The same, with `sections` added to the config (where sessions are kept, say).
+async fn instances_with(n: usize, world: &Path, sections: &str) -> Arc<Instances> {
     let toml = format!(
-        "[broker]\nnamespace = \"x\"\n[idempotency]\nbackend = \"redis\"\n[ownership]\nenabled = true\n{}",
+        "[broker]\nnamespace = \"x\"\n[idempotency]\nbackend = \"redis\"\n[ownership]\nenabled = true\n{sections}{}",
         instances_toml(n, world, "")
     );
     let config = Config::from_toml(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
@@ -158,8 +163,9 @@ async fn join(
     ledger: &Arc<Ledger>,
     capacity: u32,
 ) -> Member {
+    let instances = instances(n, world).await;
     join_troubled(
-        redis_url, prefix, name, n, world, ledger, capacity, None, None,
+        redis_url, prefix, name, instances, ledger, capacity, None, None,
     )
     .await
 }
@@ -169,8 +175,7 @@ async fn join_troubled(
     redis_url: &str,
     prefix: &str,
     name: &str,
-    n: usize,
-    world: &Path,
+    instances: Arc<Instances>,
     ledger: &Arc<Ledger>,
     capacity: u32,
     slow_open: Option<(String, Duration)>,
@@ -179,7 +184,6 @@ async fn join_troubled(
     let coordination = Coordination::connect(redis_url, prefix, name)
         .await
         .unwrap();
-    let instances = instances(n, world).await;
     let stop = CancellationToken::new();
     let host = Arc::new(RecordingHost {
         member: name.to_owned(),
@@ -308,8 +312,7 @@ async fn a_slow_session_open_neither_holds_up_other_leases_nor_connects_after_it
         LOCAL_REDIS,
         &prefix,
         "a",
-        n,
-        world.path(),
+        instances(n, world.path()).await,
         &ledger,
         1,
         slow,
@@ -352,8 +355,7 @@ async fn a_session_that_failed_to_open_is_opened_again_while_the_lease_holds() {
         LOCAL_REDIS,
         &prefix,
         "a",
-        2,
-        world.path(),
+        instances(2, world.path()).await,
         &ledger,
         1,
         None,
@@ -504,6 +506,60 @@ async fn an_owner_whose_client_a_stale_connect_replaced_connects_again() {
     // The owner's refused deletes are not overlaps; the stale client's late delete is.
     assert!(!lines(&world.path().join("refused.log")).is_empty());
     assert_eq!(lines(&world.path().join("overlaps.log")).len(), 1);
+    a.stop.cancel();
+    tokio::time::timeout(WAIT, a.task).await.unwrap().unwrap();
+}
+
+/// Found by the cluster harness: a worker that had just taken an instance was paused while
+/// its session open waited for a database connection; the open reached the database after
+/// the next owner's, so the database refused every write of the owner's (its deletes handed
+/// back, round and round the retry queue, for minutes). The owner, still holding the lease,
+/// opens the session again, which fences the stale opening out instead.
+#[tokio::test]
+async fn an_owner_whose_session_a_stale_open_superseded_opens_it_again() {
+    use chat_delete_worker::session::postgres::PgSessions;
+
+    let world = tempfile::tempdir().unwrap();
+    let prefix = prefix("stale-open");
+    let ledger = Arc::new(Ledger::default());
+    let url = std::env::var("CDW_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let sessions = format!("[sessions]\nstore = \"postgres\"\npostgres_url = \"{url}\"\n");
+    let instances = instances_with(1, world.path(), &sessions).await;
+    let a = join_troubled(LOCAL_REDIS, &prefix, "a", instances, &ledger, 1, None, None).await;
+    wait_for("a serves inst00", || {
+        ledger.owners().get("inst00").map(String::as_str) == Some("a")
+    })
+    .await;
+    let instance = a.instances.get("inst00").unwrap().clone();
+    let chat = normalise_number("5511999999999").unwrap();
+    let delete = || {
+        instance
+            .session()
+            .delete_chat(&chat, false, instance.lease().clone())
+    };
+    assert!(delete().await.is_ok());
+
+    // The paused worker's open lands: the database now refuses the owner's writes.
+    let generation = instance.lease().generation();
+    let stale = PgSessions::connect(&url)
+        .await
+        .unwrap()
+        .open("inst00", generation)
+        .await
+        .unwrap();
+    assert!(delete().await.is_err(), "a superseded opening wrote");
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while delete().await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never: the owner deletes again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(stale.note("late", b"write").await.is_err());
+    assert!(stale.superseded());
     a.stop.cancel();
     tokio::time::timeout(WAIT, a.task).await.unwrap().unwrap();
 }

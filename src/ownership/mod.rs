@@ -399,8 +399,9 @@ impl Coordinator {
     }
 
     /// A session replaced while this worker holds its lease was replaced by a worker that lost
-    /// the lease without knowing yet (paused between its lease check and its connect, which
-    /// WhatsApp does not fence): the owner connects again. Once per lease: a client that
+    /// the lease without knowing yet: paused between its lease check and its connect, which
+    /// WhatsApp does not fence, or between asking the session database for an opening and
+    /// getting it (the database then refuses the owner's writes). The owner connects again. Once per lease: a client that
     /// replaces it again is not one of ours, and two clients taking turns is the "replaced"
     /// loop operators dread; that session stays `replaced` for the operator.
     fn connect_replaced_again(&mut self) {

@@ -8,6 +8,7 @@
 //! write refused once the new owner opened the session, however late its writes arrive.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -184,6 +185,7 @@ impl PgSessions {
             instance: instance.into(),
             generation,
             opening,
+            superseded: Arc::default(),
         }
     }
 }
@@ -195,6 +197,8 @@ pub struct PgStore {
     instance: Arc<str>,
     generation: i64,
     opening: i64,
+    /// A write was refused: the session was opened again since this opening.
+    superseded: Arc<AtomicBool>,
 }
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
@@ -273,6 +277,7 @@ impl PgStore {
         match held {
             Some(_) => Ok(()),
             None => {
+                self.superseded.store(true, Ordering::Relaxed);
                 metrics::counter!(crate::telemetry::FENCED_SESSION_WRITES).increment(1);
                 Err(StoreError::Database(Box::new(PgSessionError::Fenced(
                     self.instance.to_string(),
@@ -370,6 +375,13 @@ impl PgStore {
     /// A small fenced write of the worker's own (the simulated session records its deletes).
     pub async fn note(&self, key: &str, value: &[u8]) -> Result<()> {
         self.put("note", "", key, value).await
+    }
+
+    /// Whether a write was refused because the session was opened again since. An owner that
+    /// still holds the lease was superseded by a worker that lost it without knowing (its
+    /// open reached the database after the owner's): opening again fences that one out.
+    pub fn superseded(&self) -> bool {
+        self.superseded.load(Ordering::Relaxed)
     }
 
     /// The generation and opening this store writes as.

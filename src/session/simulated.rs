@@ -2,7 +2,7 @@
 //! without a phone, for tests and for benchmarks.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +35,8 @@ struct Shared {
     instance: String,
     sessions: PgSessions,
     held: tokio::sync::Mutex<Option<PgStore>>,
+    /// The held opening had a write refused (see [`PgStore::superseded`]).
+    superseded: AtomicBool,
 }
 
 /// A stand-in for WhatsApp's servers shared by every worker: a folder where each instance's
@@ -191,6 +193,7 @@ impl SimulatedSession {
             instance: instance.to_owned(),
             sessions,
             held: Default::default(),
+            superseded: AtomicBool::new(false),
         });
         self
     }
@@ -233,7 +236,10 @@ fn append_line(file: &mut impl Write, line: &str) -> std::io::Result<()> {
 #[async_trait::async_trait]
 impl ChatSession for SimulatedSession {
     fn state(&self) -> SessionState {
-        if self.world.as_ref().is_some_and(World::was_replaced) {
+        let superseded = |s: &Shared| s.superseded.load(Ordering::Relaxed);
+        if self.world.as_ref().is_some_and(World::was_replaced)
+            || self.shared.as_ref().is_some_and(superseded)
+        {
             SessionState::Replaced
         } else if self.is_connected() {
             SessionState::Connected
@@ -273,6 +279,9 @@ impl ChatSession for SimulatedSession {
                 .await
                 .is_err()
             {
+                shared
+                    .superseded
+                    .store(store.superseded(), Ordering::Relaxed);
                 return Err(SessionError::Fenced(Fenced(
                     "the session store refused the write: another owner opened the session",
                 )));
@@ -311,7 +320,10 @@ impl ChatSession for SimulatedSession {
         };
         if let Some(shared) = &self.shared {
             match shared.sessions.open(&shared.instance, generation).await {
-                Ok(store) => *shared.held.lock().await = Some(store),
+                Ok(store) => {
+                    *shared.held.lock().await = Some(store);
+                    shared.superseded.store(false, Ordering::Relaxed);
+                }
                 Err(error) => {
                     tracing::warn!(%error, "Could not open the shared session.");
                     return Opening::Failed;

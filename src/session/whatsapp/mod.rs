@@ -60,7 +60,7 @@ struct Running {
     device: Arc<dyn Device>,
     caught_up: bool,
     handle: Option<BotHandle>,
-    _hold: Option<SessionHold>,
+    hold: Option<SessionHold>,
 }
 
 /// The handle the pipeline holds; the actor owns the client.
@@ -108,7 +108,7 @@ impl WhatsappSession {
             device,
             caught_up: false,
             handle: None,
-            _hold: None,
+            hold: None,
         });
         actor.set(SessionState::Connected, None);
         tokio::spawn(actor.run(inbox));
@@ -274,7 +274,7 @@ impl Actor {
             device: Arc::new(client),
             caught_up: false,
             handle: Some(bot.spawn()),
-            _hold: Some(hold),
+            hold: Some(hold),
         });
         Opening::Done
     }
@@ -319,7 +319,15 @@ impl Actor {
                     if reply.is_closed() {
                         continue;
                     }
-                    let _ = reply.send(self.delete(&chat, lookup, &*fence).await);
+                    let deleted = self.delete(&chat, lookup, &*fence).await;
+                    if deleted.is_err() && self.superseded() {
+                        // Reported as replaced: an owner that still holds the lease opens
+                        // the session again (the ownership coordinator does).
+                        tracing::warn!(instance = %self.instance, "The session was opened again elsewhere; its writes are refused.");
+                        let paired = self.status.borrow().paired_as.clone();
+                        self.set(SessionState::Replaced, paired);
+                    }
+                    let _ = reply.send(deleted);
                 }
                 Msg::Reload(done) => {
                     let opening = match self.running {
@@ -339,6 +347,14 @@ impl Actor {
                 }
             }
         }
+    }
+
+    /// Whether the shared store refused a write because the session was opened again since.
+    fn superseded(&self) -> bool {
+        matches!(
+            &self.running,
+            Some(Running { hold: Some(SessionHold::Database(store)), .. }) if store.superseded()
+        )
     }
 
     /// Stops the client; the session stays paired (its file is kept) for a later open.
