@@ -210,6 +210,18 @@ async fn join_troubled(
     }
 }
 
+/// Tries `attempt` until it succeeds, failing the test after `WAIT`.
+async fn until_ok<T, E, F>(what: &str, attempt: impl Fn() -> F)
+where
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while attempt().await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !condition() {
@@ -489,14 +501,7 @@ async fn an_owner_whose_client_a_stale_connect_replaced_connects_again() {
     stale.open().await;
     assert!(delete().await.is_err(), "the replaced client was admitted");
 
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while delete().await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never: the owner deletes again"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_ok("the owner deletes again", delete).await;
     assert!(
         stale
             .delete_chat(&chat, false, Arc::new(Unfenced))
@@ -550,14 +555,7 @@ async fn an_owner_whose_session_a_stale_open_superseded_opens_it_again() {
         .unwrap();
     assert!(delete().await.is_err(), "a superseded opening wrote");
 
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while delete().await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never: the owner deletes again"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_ok("the owner deletes again", delete).await;
     assert!(stale.note("late", b"write").await.is_err());
     assert!(stale.superseded());
     a.stop.cancel();
