@@ -1,7 +1,7 @@
 //! Several workers sharing the instances, on the real Redis and RabbitMQ: a balanced, sticky
 //! split; joins and leaves that move only what they must; failover after a worker dies without
 //! a word; what a worker does while Redis does not answer; and whole workers handing instances
-//! over without a 503 or a second session.
+//! over without a 503 or a second session, or handing back what a pause caught under way.
 
 mod common;
 
@@ -14,9 +14,9 @@ use std::time::Duration;
 use chat_delete_worker::config::{Config, SimulatedConfig};
 use chat_delete_worker::fence::{Fence, Unfenced};
 use chat_delete_worker::ownership::{self, Coordination, Host, Timing};
-use chat_delete_worker::pipeline::request::normalise_number;
+use chat_delete_worker::pipeline::request::{ChatJid, normalise_number};
 use chat_delete_worker::pipeline::{Instance, Instances};
-use chat_delete_worker::session::{ChatSession, Opening, SimulatedSession};
+use chat_delete_worker::session::{ChatSession, Opening, SessionError, SimulatedSession};
 use common::redis::PrivateRedis;
 use common::*;
 use tokio_util::sync::CancellationToken;
@@ -210,13 +210,28 @@ async fn join_troubled(
     }
 }
 
-/// Tries `attempt` until it succeeds, failing the test after `WAIT`.
-async fn until_ok<T, E, F>(what: &str, attempt: impl Fn() -> F)
+/// `inst00` once the only member, `a`, serves it.
+async fn serving_inst00(ledger: &Ledger, a: &Member) -> Arc<Instance> {
+    wait_for("a serves inst00", || {
+        ledger.owners().get("inst00").map(String::as_str) == Some("a")
+    })
+    .await;
+    a.instances.get("inst00").unwrap().clone()
+}
+
+/// A delete on the instance's session, fenced by its lease as a command's would be.
+async fn delete_as_owner(instance: &Instance, chat: &ChatJid) -> Result<ChatJid, SessionError> {
+    let lease = instance.lease().clone();
+    instance.session().delete_chat(chat, false, lease).await
+}
+
+/// Waits until `condition` holds, failing the test after `WAIT`.
+async fn until<F>(what: &str, condition: impl Fn() -> F)
 where
-    F: std::future::Future<Output = Result<T, E>>,
+    F: std::future::Future<Output = bool>,
 {
     let deadline = tokio::time::Instant::now() + WAIT;
-    while attempt().await.is_err() {
+    while !condition().await {
         assert!(tokio::time::Instant::now() < deadline, "never: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -476,17 +491,9 @@ async fn an_owner_whose_client_a_stale_connect_replaced_connects_again() {
     let prefix = prefix("stale-connect");
     let ledger = Arc::new(Ledger::default());
     let a = join(LOCAL_REDIS, &prefix, "a", 1, world.path(), &ledger, 1).await;
-    wait_for("a serves inst00", || {
-        ledger.owners().get("inst00").map(String::as_str) == Some("a")
-    })
-    .await;
-    let instance = a.instances.get("inst00").unwrap().clone();
+    let instance = serving_inst00(&ledger, &a).await;
     let chat = normalise_number("5511999999999").unwrap();
-    let delete = || {
-        instance
-            .session()
-            .delete_chat(&chat, false, instance.lease().clone())
-    };
+    let delete = || delete_as_owner(&instance, &chat);
     assert!(delete().await.is_ok());
 
     // The paused worker's connect completes: a client without the lease replaces a's.
@@ -501,7 +508,10 @@ async fn an_owner_whose_client_a_stale_connect_replaced_connects_again() {
     stale.open().await;
     assert!(delete().await.is_err(), "the replaced client was admitted");
 
-    until_ok("the owner deletes again", delete).await;
+    until("the owner deletes again", || async {
+        delete().await.is_ok()
+    })
+    .await;
     assert!(
         stale
             .delete_chat(&chat, false, Arc::new(Unfenced))
@@ -532,17 +542,9 @@ async fn an_owner_whose_session_a_stale_open_superseded_opens_it_again() {
     let sessions = format!("[sessions]\nstore = \"postgres\"\npostgres_url = \"{url}\"\n");
     let instances = instances_with(1, world.path(), &sessions).await;
     let a = join_troubled(LOCAL_REDIS, &prefix, "a", instances, &ledger, 1, None, None).await;
-    wait_for("a serves inst00", || {
-        ledger.owners().get("inst00").map(String::as_str) == Some("a")
-    })
-    .await;
-    let instance = a.instances.get("inst00").unwrap().clone();
+    let instance = serving_inst00(&ledger, &a).await;
     let chat = normalise_number("5511999999999").unwrap();
-    let delete = || {
-        instance
-            .session()
-            .delete_chat(&chat, false, instance.lease().clone())
-    };
+    let delete = || delete_as_owner(&instance, &chat);
     assert!(delete().await.is_ok());
 
     // The paused worker's open lands: the database now refuses the owner's writes.
@@ -555,7 +557,10 @@ async fn an_owner_whose_session_a_stale_open_superseded_opens_it_again() {
         .unwrap();
     assert!(delete().await.is_err(), "a superseded opening wrote");
 
-    until_ok("the owner deletes again", delete).await;
+    until("the owner deletes again", || async {
+        delete().await.is_ok()
+    })
+    .await;
     assert!(stale.note("late", b"write").await.is_err());
     assert!(stale.superseded());
     a.stop.cancel();
@@ -610,7 +615,22 @@ async fn publish(w: &TestWorker, from: usize, to: usize) {
 }
 
 fn worker_config(ns: &str, dir: &Path, shared: &Path, redis_prefix: &str, name: &str) -> Config {
-    let toml = format!(
+    let toml = worker_toml(ns, dir, shared, redis_prefix, name, 20, "");
+    Config::from_toml(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"))
+}
+
+/// A worker's config: 6 instances in a shared simulated WhatsApp world, each delete taking
+/// `latency_ms`; `idempotency` is added to that section.
+fn worker_toml(
+    ns: &str,
+    dir: &Path,
+    shared: &Path,
+    redis_prefix: &str,
+    name: &str,
+    latency_ms: u64,
+    idempotency: &str,
+) -> String {
+    format!(
         r#"
 [broker]
 url = "{amqp}"
@@ -627,6 +647,7 @@ shutdown_grace_ms = 5000
 backend = "redis"
 redis_url = "{LOCAL_REDIS}"
 key_prefix = "{redis_prefix}store:"
+{idempotency}
 [ownership]
 enabled = true
 key_prefix = "{redis_prefix}own:"
@@ -642,12 +663,11 @@ deletes_per_minute = "unlimited"
             6,
             &shared.join("world"),
             &format!(
-                ", latency_ms = 20, effects_log = \"{}/effects.log\"",
+                ", latency_ms = {latency_ms}, effects_log = \"{}/effects.log\"",
                 shared.display()
             )
         ),
-    );
-    Config::from_toml(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"))
+    )
 }
 
 #[tokio::test]
@@ -684,13 +704,7 @@ async fn two_workers_share_the_instances_and_one_leaving_causes_no_503_and_no_se
 
     second
         .events
-        .wait_until("every command answered", |all| {
-            all.iter()
-                .filter_map(message_id)
-                .collect::<BTreeSet<_>>()
-                .len()
-                >= 240
-        })
+        .wait_until("every command answered", |all| answered(all) >= 240)
         .await;
     let events = second.events.all();
     let statuses: BTreeMap<i64, usize> = events.iter().fold(BTreeMap::new(), |mut m, e| {
@@ -719,4 +733,118 @@ async fn two_workers_share_the_instances_and_one_leaving_causes_no_503_and_no_se
         .collect();
     assert!(reconnects.is_empty(), "{reconnects:?}");
     second.stop().await;
+}
+
+/// A worker paused past its lease while its deletes were under way wakes to find their
+/// instances gone: every delete is refused at its fence and handed back, and with it the
+/// command's idempotency claim, so the next owner answers at once rather than once the claim's
+/// lease ran out (ten minutes here). Nothing is deleted twice.
+#[tokio::test]
+async fn commands_a_paused_worker_hands_back_are_answered_by_the_next_owner_at_once() {
+    let ns = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let shared = tempfile::tempdir().unwrap();
+    let redis_prefix = prefix("paused");
+    let config = |dir: &Path, name: &str| {
+        let long_claims = "lease_secs = 600";
+        worker_toml(
+            &ns,
+            dir,
+            shared.path(),
+            &redis_prefix,
+            name,
+            3_000,
+            long_claims,
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let toml = config(dir.path(), "second");
+    let second = TestWorker::start_with(Config::from_toml(&toml).unwrap(), ns.clone(), dir).await;
+    let paused_dir = tempfile::tempdir().unwrap();
+    let config_file = paused_dir.path().join("config.toml");
+    std::fs::write(&config_file, config(paused_dir.path(), "paused")).unwrap();
+    let log = std::fs::File::create(paused_dir.path().join("worker.log")).unwrap();
+    let mut paused = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-delete-worker"))
+        .args(["--config", config_file.to_str().unwrap(), "run"])
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let redis = ::redis::Client::open(LOCAL_REDIS)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let leases: Vec<String> = (0..6)
+        .map(|i| format!("{redis_prefix}own:{ns}:lease:inst{i:02}"))
+        .collect();
+    let holds = |member: &'static str, n: usize| {
+        let (redis, leases) = (&redis, &leases);
+        move || async move { held_by(redis, leases, member).await == n }
+    };
+    until("a 3 / 3 split", || async {
+        holds("paused", 3)().await && holds("second", 3)().await
+    })
+    .await;
+
+    // Two commands per instance; once all are claimed, the paused worker's are under way.
+    publish(&second, 0, 12).await;
+    let index = format!("{redis_prefix}store:");
+    until("all 12 claimed", || async {
+        let claimed: usize = ::redis::cmd("ZCARD")
+            .arg(&index)
+            .query_async(&mut redis.clone())
+            .await
+            .unwrap();
+        claimed == 12
+    })
+    .await;
+    let pid = paused.id().unwrap().to_string();
+    let signal = |name: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([name, &pid])
+            .status();
+        assert!(sent.unwrap().success());
+    };
+    signal("-STOP");
+    until("second takes over", holds("second", 6)).await;
+    signal("-CONT");
+
+    let events = second
+        .events
+        .wait_until("every command answered", |all| answered(all) == 12)
+        .await;
+    assert!(events.iter().all(|e| status(e) == 200));
+    let effects = lines(&shared.path().join("effects.log"));
+    assert_eq!(effects.len(), 12, "one delete per command: {effects:?}");
+    paused.start_kill().unwrap();
+    let _ = paused.wait().await;
+    second.stop().await;
+}
+
+/// How many commands the results answer.
+fn answered(results: &[Delivery]) -> usize {
+    results
+        .iter()
+        .filter_map(message_id)
+        .collect::<BTreeSet<_>>()
+        .len()
+}
+
+/// How many of the `leases` the worker named `member` holds.
+async fn held_by(
+    redis: &::redis::aio::MultiplexedConnection,
+    leases: &[String],
+    member: &str,
+) -> usize {
+    let holders: Vec<Option<String>> = ::redis::cmd("MGET")
+        .arg(leases)
+        .query_async(&mut redis.clone())
+        .await
+        .unwrap();
+    let prefix = format!("{member}-");
+    holders
+        .iter()
+        .flatten()
+        .filter(|h| h.starts_with(&prefix))
+        .count()
 }

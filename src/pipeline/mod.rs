@@ -315,6 +315,16 @@ impl Pipeline {
                 log.in_span(|| {
                     tracing::warn!(reason = %fenced, "Work stopped before its next effect; handing the command back.")
                 });
+                // The instance went to another worker: its claim goes with the command, so
+                // the next owner need not wait for it to expire. (While the lease holds, a
+                // redelivery would come straight back here: the claim keeps it waiting.)
+                if instance.lease().check().is_err()
+                    && let Err(error) = store.release(claim.held()).await
+                {
+                    log.in_span(|| {
+                        tracing::warn!(%error, "Could not release the claim; it expires by itself.")
+                    });
+                }
                 Verdict::HandBack
             }
             Err(failure) => {
