@@ -735,90 +735,134 @@ async fn two_workers_share_the_instances_and_one_leaving_causes_no_503_and_no_se
     second.stop().await;
 }
 
+/// Two workers splitting the 6 instances 3 / 3, each delete taking 3 s and each claim lasting
+/// ten minutes: `second` in process, the other (`name`) a process of its own, with 12 commands
+/// claimed, so the other's are under way.
+struct UnderWay {
+    second: TestWorker,
+    other: tokio::process::Child,
+    shared: tempfile::TempDir,
+    redis: ::redis::aio::MultiplexedConnection,
+    leases: Vec<String>,
+}
+
+impl UnderWay {
+    async fn start(test: &str, name: &'static str) -> Self {
+        let ns = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let shared = tempfile::tempdir().unwrap();
+        let redis_prefix = prefix(test);
+        let config = |dir: &Path, name: &str| {
+            let long_claims = "lease_secs = 600";
+            let (world, latency_ms) = (shared.path(), 3_000);
+            worker_toml(
+                &ns,
+                dir,
+                world,
+                &redis_prefix,
+                name,
+                latency_ms,
+                long_claims,
+            )
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let toml = config(dir.path(), "second");
+        let config_of_second = Config::from_toml(&toml).unwrap();
+        let second = TestWorker::start_with(config_of_second, ns.clone(), dir).await;
+        let other_dir = shared.path().join(name);
+        std::fs::create_dir(&other_dir).unwrap();
+        let config_file = other_dir.join("config.toml");
+        std::fs::write(&config_file, config(&other_dir, name)).unwrap();
+        let log = std::fs::File::create(other_dir.join("worker.log")).unwrap();
+        let other = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-delete-worker"))
+            .args(["--config", config_file.to_str().unwrap(), "run"])
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let redis = ::redis::Client::open(LOCAL_REDIS)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let leases = (0..6)
+            .map(|i| format!("{redis_prefix}own:{ns}:lease:inst{i:02}"))
+            .collect();
+        let under_way = Self {
+            second,
+            other,
+            shared,
+            redis,
+            leases,
+        };
+        until("a 3 / 3 split", || async {
+            under_way.holds(name, 3).await && under_way.holds("second", 3).await
+        })
+        .await;
+
+        // Two commands per instance; once all are claimed, the other's are under way.
+        publish(&under_way.second, 0, 12).await;
+        let index = format!("{redis_prefix}store:");
+        until("all 12 claimed", || async {
+            let claimed: usize = ::redis::cmd("ZCARD")
+                .arg(&index)
+                .query_async(&mut under_way.redis.clone())
+                .await
+                .unwrap();
+            claimed == 12
+        })
+        .await;
+        under_way
+    }
+
+    async fn holds(&self, member: &str, n: usize) -> bool {
+        held_by(&self.redis, &self.leases, member).await == n
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.other.id().unwrap().to_string();
+        let sent = std::process::Command::new("kill")
+            .args([name, &pid])
+            .status();
+        assert!(sent.unwrap().success());
+    }
+
+    /// Every command answered 200 (by `second`), each chat deleted once.
+    async fn all_answered_once(mut self) {
+        let events = self
+            .second
+            .events
+            .wait_until("every command answered", |all| answered(all) == 12)
+            .await;
+        assert!(events.iter().all(|e| status(e) == 200));
+        let effects = lines(&self.shared.path().join("effects.log"));
+        assert_eq!(effects.len(), 12, "one delete per command: {effects:?}");
+        self.other.start_kill().unwrap();
+        let _ = self.other.wait().await;
+        self.second.stop().await;
+    }
+}
+
 /// A worker paused past its lease while its deletes were under way wakes to find their
 /// instances gone: every delete is refused at its fence and handed back, and with it the
 /// command's idempotency claim, so the next owner answers at once rather than once the claim's
 /// lease ran out (ten minutes here). Nothing is deleted twice.
 #[tokio::test]
 async fn commands_a_paused_worker_hands_back_are_answered_by_the_next_owner_at_once() {
-    let ns = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let shared = tempfile::tempdir().unwrap();
-    let redis_prefix = prefix("paused");
-    let config = |dir: &Path, name: &str| {
-        let long_claims = "lease_secs = 600";
-        worker_toml(
-            &ns,
-            dir,
-            shared.path(),
-            &redis_prefix,
-            name,
-            3_000,
-            long_claims,
-        )
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let toml = config(dir.path(), "second");
-    let second = TestWorker::start_with(Config::from_toml(&toml).unwrap(), ns.clone(), dir).await;
-    let paused_dir = tempfile::tempdir().unwrap();
-    let config_file = paused_dir.path().join("config.toml");
-    std::fs::write(&config_file, config(paused_dir.path(), "paused")).unwrap();
-    let log = std::fs::File::create(paused_dir.path().join("worker.log")).unwrap();
-    let mut paused = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-delete-worker"))
-        .args(["--config", config_file.to_str().unwrap(), "run"])
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let redis = ::redis::Client::open(LOCAL_REDIS)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let leases: Vec<String> = (0..6)
-        .map(|i| format!("{redis_prefix}own:{ns}:lease:inst{i:02}"))
-        .collect();
-    let holds = |member: &'static str, n: usize| {
-        let (redis, leases) = (&redis, &leases);
-        move || async move { held_by(redis, leases, member).await == n }
-    };
-    until("a 3 / 3 split", || async {
-        holds("paused", 3)().await && holds("second", 3)().await
-    })
-    .await;
+    let under_way = UnderWay::start("paused", "paused").await;
+    under_way.signal("-STOP");
+    until("second takes over", || under_way.holds("second", 6)).await;
+    under_way.signal("-CONT");
+    under_way.all_answered_once().await;
+}
 
-    // Two commands per instance; once all are claimed, the paused worker's are under way.
-    publish(&second, 0, 12).await;
-    let index = format!("{redis_prefix}store:");
-    until("all 12 claimed", || async {
-        let claimed: usize = ::redis::cmd("ZCARD")
-            .arg(&index)
-            .query_async(&mut redis.clone())
-            .await
-            .unwrap();
-        claimed == 12
-    })
-    .await;
-    let pid = paused.id().unwrap().to_string();
-    let signal = |name: &str| {
-        let sent = std::process::Command::new("kill")
-            .args([name, &pid])
-            .status();
-        assert!(sent.unwrap().success());
-    };
-    signal("-STOP");
-    until("second takes over", holds("second", 6)).await;
-    signal("-CONT");
-
-    let events = second
-        .events
-        .wait_until("every command answered", |all| answered(all) == 12)
-        .await;
-    assert!(events.iter().all(|e| status(e) == 200));
-    let effects = lines(&shared.path().join("effects.log"));
-    assert_eq!(effects.len(), 12, "one delete per command: {effects:?}");
-    paused.start_kill().unwrap();
-    let _ = paused.wait().await;
-    second.stop().await;
+/// A worker killed while its deletes were under way leaves their claims behind. They were
+/// taken under its leases on the instances, which ended: the next owner, holding a newer
+/// lease, takes them over at once rather than once they ran out (ten minutes here).
+#[tokio::test]
+async fn commands_a_killed_worker_had_under_way_are_answered_by_the_next_owner_at_once() {
+    let under_way = UnderWay::start("killed", "killed").await;
+    under_way.signal("-KILL");
+    under_way.all_answered_once().await;
 }
 
 /// How many commands the results answer.

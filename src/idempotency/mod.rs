@@ -194,7 +194,16 @@ pub struct Lifetimes {
 
 #[async_trait::async_trait]
 pub trait IdempotencyStore: Send + Sync {
-    async fn begin(&self, id: &str, fingerprint: &Fingerprint) -> Result<Begin, StoreError>;
+    /// May this delivery work on `id`? `generation` is that of this worker's lease on the
+    /// command's instance (0 without ownership): a live claim taken under an older one was the
+    /// previous owner's, which its fence keeps from every effect now, so it is taken over
+    /// rather than waited out.
+    async fn begin(
+        &self,
+        id: &str,
+        fingerprint: &Fingerprint,
+        generation: u64,
+    ) -> Result<Begin, StoreError>;
     /// Extends the claim by a lease from now; `false` when another delivery holds the id now.
     async fn renew(&self, held: &Held) -> Result<bool, StoreError>;
     /// The chat delete of this id happened: a later try skips it.

@@ -29,34 +29,44 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 "#;
 
 /// The record operations, applied in order in one call: KEYS[1] is the expiry index, KEYS[i+1]
-/// the record of the i-th operation, and ARGV holds six values per operation: its name, the
-/// fingerprint, the claim, two operation-specific values and the id. Each operation answers
-/// with a list of strings.
+/// the record of the i-th operation, and ARGV holds seven values per operation: its name, the
+/// fingerprint, the claim, two operation-specific values, the id and the asker's generation.
+/// Each operation answers with a list of strings.
 const OPERATIONS: &str = r#"
 local index = KEYS[1]
 
--- A fresh record of this request, claimed by `claim`, where there is none (or only an
--- expired one, which the caller deletes first).
-local function create(key, fp, claim, lease_ms, keep_ms, id)
+-- A fresh record of this request, claimed by `claim` under generation `gen` of its
+-- instance's lease, where there is none (or only an expired one, which the caller deletes
+-- first).
+local function create(key, fp, claim, lease_ms, keep_ms, id, gen)
   redis.call('HSET', key, 'fp', fp, 'lease_owner', claim, 'lease_until', now + lease_ms,
-    'chat_deleted', '0', 'expires', now + keep_ms)
+    'chat_deleted', '0', 'expires', now + keep_ms, 'gen', gen)
   redis.call('ZADD', index, now + keep_ms, id)
+end
+
+-- A claim taken under an older generation of the instance's lease (the fingerprint names the
+-- instance) was its previous owner's, whose every effect its fence refuses now. Generation 0
+-- is no ownership: such a claim ends only with its own lease.
+local function outlived(held, gen)
+  held = tonumber(held or '0')
+  return held > 0 and held < tonumber(gen)
 end
 
 local op = {}
 
-function op.begin(key, fp, claim, lease_ms, keep_ms, id)
+function op.begin(key, fp, claim, lease_ms, keep_ms, id, gen)
   lease_ms, keep_ms = tonumber(lease_ms), tonumber(keep_ms)
-  local r = redis.call('HMGET', key, 'fp', 'result', 'lease_owner', 'lease_until', 'chat_deleted', 'expires')
+  local r = redis.call('HMGET', key, 'fp', 'result', 'lease_owner', 'lease_until', 'chat_deleted',
+    'expires', 'gen')
   if not r[1] or (r[6] and tonumber(r[6]) <= now) then
     if r[1] then redis.call('DEL', key) end
-    create(key, fp, claim, lease_ms, keep_ms, id)
+    create(key, fp, claim, lease_ms, keep_ms, id, gen)
     return {'claimed', '0'}
   end
   if r[1] ~= fp then return {'conflict'} end
   if r[2] then return {'replay', r[2]} end
-  if r[3] and tonumber(r[4]) > now then return {'busy'} end
-  redis.call('HSET', key, 'lease_owner', claim, 'lease_until', now + lease_ms)
+  if r[3] and tonumber(r[4]) > now and not outlived(r[7], gen) then return {'busy'} end
+  redis.call('HSET', key, 'lease_owner', claim, 'lease_until', now + lease_ms, 'gen', gen)
   if not r[6] then
     -- A record of an earlier version, kept alive by a TTL: give it an expiry of ours.
     redis.call('HSET', key, 'expires', now + keep_ms)
@@ -67,12 +77,12 @@ function op.begin(key, fp, claim, lease_ms, keep_ms, id)
 end
 
 -- '1' when the claim is (again) ours.
-function op.renew(key, fp, claim, lease_ms, keep_ms, id)
+function op.renew(key, fp, claim, lease_ms, keep_ms, id, gen)
   lease_ms, keep_ms = tonumber(lease_ms), tonumber(keep_ms)
   local r = redis.call('HMGET', key, 'fp', 'lease_owner', 'result')
   if not r[1] then
     -- The record vanished (lost, or an earlier version's TTL ran out): nobody else holds it.
-    create(key, fp, claim, lease_ms, keep_ms, id)
+    create(key, fp, claim, lease_ms, keep_ms, id, gen)
     return {'1'}
   end
   if r[1] ~= fp or r[3] or r[2] ~= claim then return {'0'} end
@@ -82,10 +92,10 @@ function op.renew(key, fp, claim, lease_ms, keep_ms, id)
   return {'1'}
 end
 
-function op.mark(key, fp, claim, lease_ms, keep_ms, id)
+function op.mark(key, fp, claim, lease_ms, keep_ms, id, gen)
   local current = redis.call('HGET', key, 'fp')
   if current and current ~= fp then return {'superseded'} end
-  if not current then create(key, fp, claim, tonumber(lease_ms), tonumber(keep_ms), id) end
+  if not current then create(key, fp, claim, tonumber(lease_ms), tonumber(keep_ms), id, gen) end
   redis.call('HSET', key, 'chat_deleted', '1')
   return {'ok'}
 end
@@ -120,9 +130,9 @@ end
 -- another's error after its own effect happened.
 local answers = {}
 for i = 2, #KEYS do
-  local a = (i - 2) * 6
+  local a = (i - 2) * 7
   local ok, answer = pcall(op[ARGV[a + 1]], KEYS[i], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
-    ARGV[a + 5], ARGV[a + 6])
+    ARGV[a + 5], ARGV[a + 6], ARGV[a + 7])
   if not ok then
     if type(answer) == 'table' then answer = answer.err end
     answer = {'error', tostring(answer)}
@@ -159,7 +169,7 @@ const CALLS_IN_FLIGHT: usize = 4;
 /// nothing.
 const CLOCK_MARGIN_MS: u64 = 60_000;
 
-/// One record operation on its way to Redis: the script's six values after the record's key.
+/// One record operation on its way to Redis: the script's seven values after the record's key.
 struct Operation {
     name: &'static str,
     id: String,
@@ -167,6 +177,9 @@ struct Operation {
     claim: String,
     a: String,
     b: String,
+    /// The generation of the asker's lease on the instance, for a begin; 0 otherwise (a record
+    /// written again by another operation waits out its claim's lease).
+    generation: u64,
     reply: oneshot::Sender<Result<Vec<String>, StoreError>>,
 }
 
@@ -268,24 +281,25 @@ impl RedisStore {
             .transpose()
     }
 
-    /// Runs one operation (in whatever batch it joins) and returns its answer.
+    /// Runs one operation on `held`'s record (in whatever batch it joins) and returns its
+    /// answer.
     async fn run(
         &self,
         name: &'static str,
-        id: &str,
-        fingerprint: &str,
-        claim: &str,
+        held: Held,
         a: String,
         b: String,
+        generation: u64,
     ) -> Result<Vec<String>, StoreError> {
         let (reply, answer) = oneshot::channel();
         let operation = Operation {
             name,
-            id: id.to_owned(),
-            fingerprint: fingerprint.to_owned(),
-            claim: claim.to_owned(),
+            id: held.id,
+            fingerprint: held.fingerprint.0,
+            claim: held.claim,
             a,
             b,
+            generation,
             reply,
         };
         self.operations.send(operation).map_err(|_| stopped())?;
@@ -296,8 +310,7 @@ impl RedisStore {
     async fn on_claim(&self, name: &'static str, held: &Held) -> Result<Vec<String>, StoreError> {
         let (lease, keep) = (self.lease_ms(), self.keep_ms());
         let (a, b) = (lease.to_string(), keep.to_string());
-        self.run(name, &held.id, &held.fingerprint.0, &held.claim, a, b)
-            .await
+        self.run(name, held.clone(), a, b, 0).await
     }
 
     fn lease_ms(&self) -> u64 {
@@ -357,7 +370,8 @@ async fn run_script(
             .arg(&op.claim)
             .arg(&op.a)
             .arg(&op.b)
-            .arg(&op.id);
+            .arg(&op.id)
+            .arg(op.generation);
     }
     let answers: ::redis::RedisResult<Vec<Vec<String>>> =
         invocation.invoke_async(&mut connection).await;
@@ -435,7 +449,12 @@ fn unexpected(reply: &[String]) -> StoreError {
 
 #[async_trait::async_trait]
 impl IdempotencyStore for RedisStore {
-    async fn begin(&self, id: &str, fingerprint: &Fingerprint) -> Result<Begin, StoreError> {
+    async fn begin(
+        &self,
+        id: &str,
+        fingerprint: &Fingerprint,
+        generation: u64,
+    ) -> Result<Begin, StoreError> {
         // A replay (re-running a batch) costs Redis one HMGET instead of a script.
         if self.hint.should_look() {
             let settled = self.settled(id, fingerprint).await?;
@@ -444,11 +463,14 @@ impl IdempotencyStore for RedisStore {
                 return Ok(settled);
             }
         }
-        let claim = new_claim(&self.process);
+        let held = Held {
+            id: id.to_owned(),
+            claim: new_claim(&self.process),
+            fingerprint: fingerprint.clone(),
+        };
+        let claim = held.claim.clone();
         let (lease, keep) = (self.lease_ms().to_string(), self.keep_ms().to_string());
-        let reply = self
-            .run("begin", id, &fingerprint.0, &claim, lease, keep)
-            .await?;
+        let reply = self.run("begin", held, lease, keep, generation).await?;
         match reply.first().map(String::as_str) {
             Some("claimed") => Ok(Begin::Claimed {
                 claim,
@@ -482,16 +504,7 @@ impl IdempotencyStore for RedisStore {
     async fn remember(&self, held: &Held, result: &Remembered) -> Result<Remembered, StoreError> {
         let json = serde_json::to_string(result).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let keep = self.keep_ms().to_string();
-        let reply = self
-            .run(
-                "remember",
-                &held.id,
-                &held.fingerprint.0,
-                &held.claim,
-                json,
-                keep,
-            )
-            .await?;
+        let reply = self.run("remember", held.clone(), json, keep, 0).await?;
         match (
             reply.first().map(String::as_str),
             reply.get(1).map(String::as_str),
@@ -504,17 +517,8 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn release(&self, held: &Held) -> Result<(), StoreError> {
-        let (fingerprint, claim) = (&held.fingerprint.0, &held.claim);
-        self.run(
-            "release",
-            &held.id,
-            fingerprint,
-            claim,
-            String::new(),
-            String::new(),
-        )
-        .await
-        .map(drop)
+        let (a, b) = (String::new(), String::new());
+        self.run("release", held.clone(), a, b, 0).await.map(drop)
     }
 
     async fn ping(&self) -> bool {
@@ -572,7 +576,7 @@ mod tests {
         let (store, prefix) = store().await;
         let fp = Fingerprint("a".into());
         let ids: Vec<String> = (0..300).map(|i| format!("id{}", i % 100)).collect();
-        let begins = join_all(ids.iter().map(|id| store.begin(id, &fp))).await;
+        let begins = join_all(ids.iter().map(|id| store.begin(id, &fp, 0))).await;
         let claimed = begins
             .iter()
             .filter(|b| matches!(b, Ok(Begin::Claimed { .. })))
@@ -610,20 +614,20 @@ mod tests {
             .await
             .unwrap();
         // Replays and conflicts, whether read with HMGET or asked of the script.
-        let again = join_all(ids[..100].iter().map(|id| store.begin(id, &fp))).await;
+        let again = join_all(ids[..100].iter().map(|id| store.begin(id, &fp, 0))).await;
         assert!(
             again
                 .iter()
                 .all(|b| matches!(b, Ok(Begin::Replay(r)) if r == &done))
         );
         let other = Fingerprint("b".into());
-        let conflicts = join_all(ids[..100].iter().map(|id| store.begin(id, &other))).await;
+        let conflicts = join_all(ids[..100].iter().map(|id| store.begin(id, &other, 0))).await;
         assert!(conflicts.iter().all(|b| matches!(b, Ok(Begin::Conflict))));
         // The conflicts were all read, so every begin now looks first: the pipeline of looks
         // that carries a record Redis refuses to read answers every other look.
         let mut replaying: Vec<&str> = ids[..100].iter().map(String::as_str).collect();
         replaying.insert(50, "wrongtype");
-        let again = join_all(replaying.iter().map(|id| store.begin(id, &fp))).await;
+        let again = join_all(replaying.iter().map(|id| store.begin(id, &fp, 0))).await;
         for (id, begin) in replaying.iter().zip(&again) {
             match (*id, begin) {
                 ("wrongtype", Err(StoreError::Redis(_))) => {}
@@ -664,6 +668,59 @@ mod tests {
             .unwrap();
     }
 
+    /// A live claim taken under an older generation of the instance's lease (its previous
+    /// owner's, whose fence refuses its effects now) is taken over at once by a begin under a
+    /// newer one, keeping its progress; the claim of a lone worker (generation 0) and one of
+    /// the same generation are waited out.
+    #[tokio::test]
+    async fn a_newer_owner_takes_over_the_claims_its_predecessor_left() {
+        let (store, prefix) = store().await;
+        let fp = Fingerprint("a".into());
+        let mut held = Vec::new();
+        for (id, generation) in [("left", 3), ("lone", 0)] {
+            let Ok(Begin::Claimed { claim, .. }) = store.begin(id, &fp, generation).await else {
+                panic!("not claimed");
+            };
+            let fingerprint = fp.clone();
+            let (id, claim) = (id.into(), claim);
+            held.push(Held {
+                id,
+                claim,
+                fingerprint,
+            });
+        }
+        store.mark_chat_deleted(&held[0]).await.unwrap();
+        for generation in [0, 3] {
+            let again = store.begin("left", &fp, generation).await.unwrap();
+            assert_eq!(again, Begin::Busy, "asked under generation {generation}");
+        }
+        let taken = store.begin("left", &fp, 4).await.unwrap();
+        assert!(
+            matches!(
+                taken,
+                Begin::Claimed {
+                    chat_deleted: true,
+                    ..
+                }
+            ),
+            "{taken:?}"
+        );
+        assert!(
+            !store.renew(&held[0]).await.unwrap(),
+            "the old claim is over"
+        );
+        assert_eq!(store.begin("lone", &fp, 7).await.unwrap(), Begin::Busy);
+        assert!(store.renew(&held[1]).await.unwrap());
+
+        let _: () = ::redis::cmd("DEL")
+            .arg(&prefix)
+            .arg(format!("{prefix}left"))
+            .arg(format!("{prefix}lone"))
+            .query_async(&mut store.connection.clone())
+            .await
+            .unwrap();
+    }
+
     /// A result answered soon after its claim keeps the claim's expiry (no index update); one
     /// answered later than a hundredth of the keep time is kept for the keep time from then.
     /// Either way the expiry field and the index agree, which the sweep relies on.
@@ -693,7 +750,7 @@ mod tests {
         };
         let mut held = Vec::new();
         for id in ["quick", "late"] {
-            let Ok(Begin::Claimed { claim, .. }) = store.begin(id, &fp).await else {
+            let Ok(Begin::Claimed { claim, .. }) = store.begin(id, &fp, 0).await else {
                 panic!("not claimed");
             };
             held.push(Held {

@@ -255,10 +255,9 @@ impl Pipeline {
         if self.memory.is_unrecorded(id) {
             return self.later_without_a_try(envelope);
         }
-        let begun = self
-            .memory
-            .call(Patience::Bounded, log, || store.begin(id, &fingerprint))
-            .await;
+        let generation = instance.lease().generation().unwrap_or(0);
+        let begin = || store.begin(id, &fingerprint, generation);
+        let begun = self.memory.call(Patience::Bounded, log, begin).await;
         self.claim_duration.record(asked_at.elapsed().as_secs_f64());
         let (claim, chat_deleted) = match begun {
             Ok(Begin::Claimed {

@@ -63,7 +63,14 @@ impl EmbeddedStore {
 
 #[async_trait::async_trait]
 impl IdempotencyStore for EmbeddedStore {
-    async fn begin(&self, id: &str, fingerprint: &Fingerprint) -> Result<Begin, StoreError> {
+    /// One process at a time has the file open, so there is no other owner's claim to outlive:
+    /// the generation is not kept.
+    async fn begin(
+        &self,
+        id: &str,
+        fingerprint: &Fingerprint,
+        _generation: u64,
+    ) -> Result<Begin, StoreError> {
         if !self.claims.writer_is_busy()
             && let Some(decided) = self.claims.begin(id, fingerprint)
         {
@@ -147,9 +154,9 @@ mod tests {
         let store = EmbeddedStore::open(&dir.path().join("s.redb"), L).unwrap();
         let (a, b) = (Fingerprint("a".into()), Fingerprint("b".into()));
 
-        let x = held("x", store.begin("x", &a).await.unwrap(), &a);
-        assert_eq!(store.begin("x", &a).await.unwrap(), Begin::Busy);
-        assert_eq!(store.begin("x", &b).await.unwrap(), Begin::Conflict);
+        let x = held("x", store.begin("x", &a, 0).await.unwrap(), &a);
+        assert_eq!(store.begin("x", &a, 0).await.unwrap(), Begin::Busy);
+        assert_eq!(store.begin("x", &b, 0).await.unwrap(), Begin::Conflict);
         assert!(store.renew(&x).await.unwrap(), "still ours");
         let done = Remembered {
             outcome: Outcome::InvalidNumber,
@@ -161,19 +168,19 @@ mod tests {
             "answered: nothing to renew"
         );
         assert_eq!(
-            store.begin("x", &a).await.unwrap(),
+            store.begin("x", &a, 0).await.unwrap(),
             Begin::Replay(done.clone())
         );
 
         // A released claim keeps its fingerprint (the id stays tied to its request), and a
         // marked chat delete survives it.
-        let y = held("y", store.begin("y", &a).await.unwrap(), &a);
+        let y = held("y", store.begin("y", &a, 0).await.unwrap(), &a);
         store.mark_chat_deleted(&y).await.unwrap();
         store.release(&y).await.unwrap();
         assert!(!store.renew(&y).await.unwrap(), "released");
-        assert_eq!(store.begin("y", &b).await.unwrap(), Begin::Conflict);
+        assert_eq!(store.begin("y", &b, 0).await.unwrap(), Begin::Conflict);
         assert!(matches!(
-            store.begin("y", &a).await.unwrap(),
+            store.begin("y", &a, 0).await.unwrap(),
             Begin::Claimed {
                 chat_deleted: true,
                 ..
@@ -189,16 +196,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("s.redb"), L).unwrap();
         let a = Fingerprint("a".into());
-        let x = held("x", store.begin("x", &a).await.unwrap(), &a);
+        let x = held("x", store.begin("x", &a, 0).await.unwrap(), &a);
         let (release, stalled) = std::sync::mpsc::channel();
         store.ops.send((String::new(), Op::Stall(stalled))).unwrap();
 
-        let begun = tokio::time::timeout(Duration::from_secs(10), store.begin("y", &a)).await;
+        let begun = tokio::time::timeout(Duration::from_secs(10), store.begin("y", &a, 0)).await;
         assert!(
             matches!(begun, Ok(Ok(Begin::Claimed { .. }))),
             "claimed while the writer is busy: {begun:?}"
         );
-        assert_eq!(store.begin("x", &a).await.unwrap(), Begin::Busy);
+        assert_eq!(store.begin("x", &a, 0).await.unwrap(), Begin::Busy);
 
         drop(release);
         let done = Remembered {
@@ -206,7 +213,7 @@ mod tests {
             attempts: 1,
         };
         store.remember(&x, &done).await.unwrap();
-        assert_eq!(store.begin("x", &a).await.unwrap(), Begin::Replay(done));
+        assert_eq!(store.begin("x", &a, 0).await.unwrap(), Begin::Replay(done));
     }
 
     #[tokio::test]
