@@ -822,12 +822,13 @@ def part_scale_out(n, prefetch, concurrency, workers=3, instances=6):
             # alone: the steady pace of three is timed from the moment each owns its share.
             if t_even is None and all(o == instances // workers for _, o in seen):
                 t_even, c_even, cpu = now, done, CpuWindow()
+                workers_cpu0 = sum(proc_cpu_s(w.proc.pid) for w in ws)
             if done >= total_n:
                 break
             if now > deadline:
                 raise BenchError(f"scale-out: {done:.0f} of {total_n} answered in time")
             time.sleep(next_poll(done, total_n, t_first, c_first, now, 0.25))
-        window = cpu.close() if cpu else None
+        window = cpu.close(sum(proc_cpu_s(w.proc.pid) for w in ws) - workers_cpu0) if cpu else None
         shares = [total(w.metrics(), "chat_delete_commands_completed_total") for w in ws]
     finally:
         retire(ws, ns, inst)
@@ -840,7 +841,8 @@ def part_scale_out(n, prefetch, concurrency, workers=3, instances=6):
     log(f"scale-out: {workers} workers, {instances} instances: {rate:.0f} cmd/s once spread "
         f"({t_even - t_first:.1f} s after the first answer; {whole:.0f} cmd/s from the first answer); "
         f"answered per worker {[int(x) for x in shares]}")
-    return {"workers": workers, "instances": instances, "n": total_n, "rate": rate, "whole_rate": whole,
+    return {"workers": workers, "instances": instances, "n": total_n, "timed_n": total_n - c_even, "rate": rate,
+            "whole_rate": whole,
             "spread_after_s": t_even - t_first, "per_worker": shares, "cpu": window}
 
 
@@ -1018,7 +1020,9 @@ def report(r):
             f"goal >= 0.8x; vs the ceilings just before and after it ({so['ceiling']:,.0f}); timed once each "
             f"worker owns its share ({so['spread_after_s']:.1f} s after the first answer; "
             f"{so['whole_rate']:,.0f} cmd/s from the first answer); per worker {[int(x) for x in so['per_worker']]}; "
-            f"box {so['cpu']['box_cpu_s'] / so['cpu']['wall_s'] * 100:.0f}% CPU of 2 cores")
+            f"box {so['cpu']['box_cpu_s'] / so['cpu']['wall_s'] * 100:.0f}% CPU of 2 cores; per command: workers "
+            f"{so['cpu']['proc_cpu_s'] * 1e6 / so['timed_n']:.0f} µs, broker {so['cpu']['broker_cpu_s'] * 1e6 / so['timed_n']:.0f}, "
+            f"the rest (Redis, the bench) {so['cpu']['other_cpu_s'] * 1e6 / so['timed_n']:.0f}")
     if lat:
         row(f"latency at steady {lat['offered_rate']:,.0f}/s, publish -> result",
             f"p50 {lat['p50_ms']:.1f} / p99 {lat['p99_ms']:.1f} / p999 {lat['p999_ms']:.1f} ms", "",
