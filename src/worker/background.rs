@@ -21,12 +21,12 @@ pub async fn report_instance_states(instances: Arc<Instances>, stop: Cancellatio
         for instance in instances.iter() {
             let current = instance.session().state();
             let connected = current == SessionState::Connected;
-            metrics::gauge!(telemetry::INSTANCE_CONNECTED, "instance" => instance.name().to_owned())
+            metrics::gauge!(telemetry::INSTANCE_CONNECTED, "wa_instance" => instance.name().to_owned())
                 .set(if connected { 1.0 } else { 0.0 });
             for state in SessionState::ALL {
                 metrics::gauge!(
                     telemetry::INSTANCE_STATE,
-                    "instance" => instance.name().to_owned(),
+                    "wa_instance" => instance.name().to_owned(),
                     "state" => state.label()
                 )
                 .set(if state == current { 1.0 } else { 0.0 });
