@@ -753,7 +753,7 @@ def part_shared_pacing(workers, per_minute, n):
             w.start()
         for w in ws:
             w.wait_ready(60)
-        burst = per_minute  # a quiet token may use a minute's budget at once
+        burst = 1  # a quiet token starts one at once (pacing.burst = 0), then one per interval
         t_from = c_from = None
         deadline = time.monotonic() + 60 + 1.5 * total_n * 60 / per_minute
         def answered(w):

@@ -15,7 +15,7 @@ pub const IN_FLIGHT: &str = "chat_delete_in_flight";
 pub const RETRIES: &str = "chat_delete_retries_total";
 pub const PARKED: &str = "chat_delete_parked_total";
 pub const PACING_WAIT: &str = "chat_delete_pacing_wait_seconds";
-pub const PACING_LOCAL: &str = "chat_delete_pacing_local_total";
+pub const PACING_STORE_WAITS: &str = "chat_delete_pacing_store_waits_total";
 pub const REPLAYS: &str = "chat_delete_replays_total";
 pub const RESULTS_UNROUTABLE: &str = "chat_delete_results_unroutable_total";
 pub const REPLY_TO_FAILED: &str = "chat_delete_reply_to_failed_total";
@@ -70,8 +70,8 @@ fn describe() {
         "Time commands waited for their token's pacing budget."
     );
     describe_counter!(
-        PACING_LOCAL,
-        "Slots taken from this worker's own bucket because the shared (Redis) schedule did not answer."
+        PACING_STORE_WAITS,
+        "Waits for the shared (Redis) pacing schedule while it did not answer (commands wait rather than pace on a budget of their own)."
     );
     describe_counter!(REPLAYS, "Commands answered from a remembered result.");
     describe_counter!(

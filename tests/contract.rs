@@ -427,9 +427,10 @@ async fn no_token_appears_in_results_or_logs() {
 }
 
 /// `chat_jid` is the JID deleted: a number resolves (here as scripted: the account is
-/// registered without the ninth digit) and a JID given explicitly is deleted as given.
+/// registered without the ninth digit), and so does a user JID given explicitly (it was once
+/// deleted as given: a 200 while the chat stayed); a group is used as given.
 #[tokio::test]
-async fn a_number_is_answered_with_the_chat_it_resolved_to_and_a_jid_as_given() {
+async fn a_number_or_a_user_jid_is_answered_with_the_chat_it_resolved_to() {
     let cfg = format!(
         r#"
 [instances.alpha]
@@ -444,6 +445,7 @@ simulated = {{ resolve = {{ "5531987654321" = "553187654321@s.whatsapp.net" }} }
         ("by-number", "+55 31 98765-4321"),
         ("as-jid", "5531987654321@s.whatsapp.net"),
         ("unscripted", "5511987654321"),
+        ("group", "120363024567890123@g.us"),
     ] {
         let body = json!({"number": number}).to_string();
         w.publish(Command::new("alpha", id, ALPHA, body.as_bytes()))
@@ -451,13 +453,100 @@ simulated = {{ resolve = {{ "5531987654321" = "553187654321@s.whatsapp.net" }} }
     }
     for (id, deleted) in [
         ("by-number", "553187654321@s.whatsapp.net"),
-        ("as-jid", "5531987654321@s.whatsapp.net"),
+        ("as-jid", "553187654321@s.whatsapp.net"),
         ("unscripted", "5511987654321@s.whatsapp.net"),
+        ("group", "120363024567890123@g.us"),
     ] {
         let result = w.events.by_id(id).await;
         assert_eq!(status(&result), 200, "{id}");
         assert_eq!(body(&result)["chat_jid"], deleted, "{id}");
         assert_matches_schema(&result);
     }
+    w.stop().await;
+}
+
+/// A 200 says what happened, without changing its documented body: whether the instance's chat
+/// list held the chat, its kind, when WhatsApp accepted the delete and, with `deleteMedia`,
+/// what the purge erased under the chat as given and as resolved. A replay repeats the first
+/// answer's values.
+#[tokio::test]
+async fn a_200_carries_its_receipt_and_a_replay_repeats_it() {
+    let token = "secret-tok-receipt";
+    let cfg = format!(
+        r#"
+[pacing]
+deletes_per_minute = "unlimited"
+[media.backend]
+kind = "disk"
+root = "{{dir}}/media"
+[instances.alpha]
+token_sha256 = "{hash}"
+kind = "simulated"
+simulated = {{ resolve = {{ "5531987654321" = "553187654321@s.whatsapp.net" }}, chat_list = ["553187654321@s.whatsapp.net"] }}
+[instances.beta]
+token_sha256 = "{hash}"
+kind = "simulated"
+"#,
+        hash = hash(token)
+    );
+    let w = TestWorker::start(&cfg).await;
+    let media = w.dir.path().join("media/alpha");
+    let put = |path: &str, bytes: usize| {
+        let file = media.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, vec![7u8; bytes]).unwrap();
+    };
+    put("5531987654321@s.whatsapp.net/as-given.jpg", 10);
+    put("553187654321@s.whatsapp.net/resolved.ogg", 5);
+    put("5531999999999@s.whatsapp.net/another-chat.jpg", 3);
+
+    let body = br#"{"number": "5531987654321", "deleteMedia": true}"#;
+    w.publish(Command::new("alpha", "receipt-1", token, body))
+        .await;
+    let first = w.events.by_id("receipt-1").await;
+    assert_eq!(status(&first), 200);
+    assert_eq!(
+        String::from_utf8_lossy(&first.data),
+        r#"{"success":true,"message":"Chat deleted successfully (including media)","chat_jid":"553187654321@s.whatsapp.net","delete_media":true}"#
+    );
+    assert_eq!(header_str(&first, "chat_known").as_deref(), Some("true"));
+    assert_eq!(header_str(&first, "chat_kind").as_deref(), Some("user"));
+    let deleted_at = header_str(&first, "deleted_at").unwrap();
+    let at = chrono::DateTime::parse_from_rfc3339(&deleted_at).expect("RFC 3339");
+    assert!((chrono::Utc::now() - at.to_utc()).num_seconds().abs() < 300);
+    assert_eq!(header_int(&first, "media_objects_deleted"), Some(2));
+    assert_eq!(header_int(&first, "media_bytes_deleted"), Some(15));
+    assert!(!media.join("5531987654321@s.whatsapp.net").exists());
+    assert!(!media.join("553187654321@s.whatsapp.net").exists());
+    assert!(
+        media
+            .join("5531999999999@s.whatsapp.net/another-chat.jpg")
+            .exists()
+    );
+
+    w.publish(Command {
+        correlation_id: Some("again"),
+        ..Command::new("alpha", "receipt-1", token, body)
+    })
+    .await;
+    let again = w.events.by_correlation("again").await;
+    assert_eq!(header(&again, "replayed"), Some(&AMQPValue::Boolean(true)));
+    for key in ["chat_known", "chat_kind", "deleted_at"] {
+        assert_eq!(header_str(&again, key), header_str(&first, key), "{key}");
+    }
+    for key in ["media_objects_deleted", "media_bytes_deleted"] {
+        assert_eq!(header_int(&again, key), header_int(&first, key), "{key}");
+    }
+
+    // A chat list the instance does not keep, a group, no media asked: no media headers.
+    let group = br#"{"number": "120363024567890123@g.us"}"#;
+    w.publish(Command::new("beta", "receipt-2", token, group))
+        .await;
+    let other = w.events.by_id("receipt-2").await;
+    assert_eq!(status(&other), 200);
+    assert_eq!(header_str(&other, "chat_known").as_deref(), Some("unknown"));
+    assert_eq!(header_str(&other, "chat_kind").as_deref(), Some("group"));
+    assert!(header(&other, "media_objects_deleted").is_none());
+    assert!(header(&other, "media_bytes_deleted").is_none());
     w.stop().await;
 }

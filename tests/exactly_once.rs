@@ -230,6 +230,120 @@ async fn a_delete_that_happened_is_answered_200_once_the_store_is_back() {
     w.stop().await;
 }
 
+/// Defect (found by review): with ownership on, Redis down for longer than the instance's
+/// lease while a delete's record waited for it: the lease ran out, the command was dropped
+/// mid-record and its id stayed marked "unrecorded" for the life of the process, so every
+/// later delivery of it went round the shortest retry queue for ever, unanswered. A command
+/// past its effect is now awaited and recorded, then answered.
+#[tokio::test]
+async fn a_delete_whose_record_outlives_the_instance_lease_is_answered_once_the_store_is_back() {
+    let mut redis = PrivateRedis::start(&[]).await;
+    let prefix = "lost:";
+    let store = redis_toml(&redis.url(), prefix, "outage_wait_ms = 300");
+    let ownership =
+        "[ownership]\nenabled = true\nkey_prefix = \"lost-own:\"\nlease_ms = 1500\ntick_ms = 200\n";
+    let w = TestWorker::start(&config(&store, 1_000, ownership)).await;
+    w.publish(with_correlation("lost-1", "first", OK)).await;
+    let key = format!("{prefix}lost-1");
+    eventually("the claim in Redis", || {
+        redis.cli(&["hexists", &key, "lease_owner"]).as_deref() == Some("1")
+    })
+    .await;
+    redis.stop().await;
+    eventually("the delete", || deletes(&w) == 1).await;
+    let addr = w.http_addr.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = http_get(addr, "/metrics").await.unwrap_or_default();
+        if metric(&text, "chat_delete_leases_lost_total{reason=\"expired\"}") >= 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lease never ran out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        w.events.all().is_empty(),
+        "not answered before it is stored"
+    );
+
+    redis.resume().await;
+    let first = w.events.by_correlation("first").await;
+    assert_eq!(status(&first), 200);
+    w.publish(with_correlation("lost-1", "again", OK)).await;
+    let again = w.events.by_correlation("again").await;
+    assert_eq!(status(&again), 200);
+    assert!(replayed(&again));
+    assert_eq!(deletes(&w), 1, "deleted once");
+    w.stop().await;
+}
+
+/// Defect (found by review): a begin whose reply came after the client had given up (500 ms)
+/// was asked again under a new claim name, found its own first claim live and waited for it
+/// to end: the command went round the retry queue for the claim's whole lease (ten minutes
+/// here). The claim name is drawn once per delivery now, and a begin under the name that holds
+/// the record is granted.
+#[tokio::test]
+async fn a_begin_retried_after_a_late_reply_is_not_kept_waiting_by_its_own_claim() {
+    let redis = PrivateRedis::start(&[]).await;
+    let store = redis_toml(&redis.url(), "late:", "lease_secs = 600");
+    let w = TestWorker::start(&config(&store, 0, "")).await;
+    // A first command, so that the next begin goes to the claim script at once.
+    w.publish(with_correlation("warm-1", "warm", OK)).await;
+    assert_eq!(status(&w.events.by_correlation("warm").await), 200);
+    // Every client waits 900 ms: the begin's reply comes after the client gave up.
+    assert_eq!(
+        redis.cli(&["client", "pause", "900", "all"]).as_deref(),
+        Some("OK")
+    );
+    let other = br#"{"number": "5511888888888"}"#;
+    w.publish(with_correlation("late-1", "late", other)).await;
+    let answer = w.events.by_correlation("late").await;
+    assert_eq!(status(&answer), 200);
+    w.stop().await;
+}
+
+/// Defect (found by review): a remembered result was as durable as the primary's own write:
+/// nothing waited for a replica, so a failover to a replica that missed the write forgot an
+/// answered result and a duplicate deleted again. With `redis_wait_replicas`, a result is
+/// answered only once a replica holds it.
+#[tokio::test]
+async fn a_result_is_answered_only_once_a_replica_holds_it() {
+    let primary = PrivateRedis::start(&[]).await;
+    let port = primary.port.to_string();
+    let replica = PrivateRedis::start(&["--replicaof", "127.0.0.1", &port]).await;
+    eventually("the replica in sync", || {
+        primary
+            .cli(&["info", "replication"])
+            .is_some_and(|info| info.contains("state=online"))
+    })
+    .await;
+    let store = redis_toml(&primary.url(), "waited:", "redis_wait_replicas = 1");
+    let w = TestWorker::start(&config(&store, 0, "")).await;
+    replica.signal("-STOP");
+    w.publish(with_correlation("waited-1", "first", OK)).await;
+    eventually("the delete", || deletes(&w) == 1).await;
+    // Bounded look: while the replica cannot take the write, the 200 is not out.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(
+        w.events.all().is_empty(),
+        "answered before a replica held the result"
+    );
+    replica.signal("-CONT");
+    let first = w.events.by_correlation("first").await;
+    assert_eq!(status(&first), 200);
+    assert_eq!(
+        replica
+            .cli(&["hexists", "waited:waited-1", "result"])
+            .as_deref(),
+        Some("1"),
+        "the replica holds the result that was answered"
+    );
+    w.stop().await;
+}
+
 /// A Redis at its memory limit with a `volatile-lru` policy evicts keys with a TTL: the
 /// worker's records have none, so remembered results survive the pressure and duplicates
 /// replay them, while other keys are evicted.

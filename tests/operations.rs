@@ -81,7 +81,11 @@ async fn metrics_and_health_reflect_known_traffic() {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let text = http_get(addr, "/metrics").await.unwrap();
-        if metric(&text, r#"chat_delete_instance_connected{wa_instance="alpha"}"#) == 1.0 {
+        if metric(
+            &text,
+            r#"chat_delete_instance_connected{wa_instance="alpha"}"#,
+        ) == 1.0
+        {
             break;
         }
         assert!(

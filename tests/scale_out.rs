@@ -43,8 +43,13 @@ async fn instances(n: usize, world: &Path) -> Arc<Instances> {
 
 /// The same, with `sections` added to the config (where sessions are kept, say).
 async fn instances_with(n: usize, world: &Path, sections: &str) -> Arc<Instances> {
+    instances_in("x", n, world, sections).await
+}
+
+/// The same, in the deployment (broker namespace) `namespace`.
+async fn instances_in(namespace: &str, n: usize, world: &Path, sections: &str) -> Arc<Instances> {
     let toml = format!(
-        "[broker]\nnamespace = \"x\"\n[idempotency]\nbackend = \"redis\"\n[ownership]\nenabled = true\n{sections}{}",
+        "[broker]\nnamespace = \"{namespace}\"\n[idempotency]\nbackend = \"redis\"\n[ownership]\nenabled = true\n{sections}{}",
         instances_toml(n, world, "")
     );
     let config = Config::from_toml(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
@@ -61,6 +66,8 @@ struct Ledger {
     /// Gains whose lease had ended by the time the session was open.
     late_opens: Mutex<Vec<String>>,
     failed_opens: Mutex<Vec<String>>,
+    /// Every gain that opened a session, in order.
+    gains: Mutex<Vec<String>>,
 }
 
 impl Ledger {
@@ -108,6 +115,11 @@ impl Host for RecordingHost {
             tokio::time::sleep(*delay).await;
         }
         instance.session().open().await;
+        self.ledger
+            .gains
+            .lock()
+            .unwrap()
+            .push(instance.name().to_owned());
         if instance.lease().check().is_err() {
             self.ledger
                 .late_opens
@@ -552,6 +564,7 @@ async fn an_owner_whose_session_a_stale_open_superseded_opens_it_again() {
     let stale = PgSessions::connect(&url)
         .await
         .unwrap()
+        .in_namespace("x")
         .open("inst00", generation)
         .await
         .unwrap();
@@ -565,6 +578,141 @@ async fn an_owner_whose_session_a_stale_open_superseded_opens_it_again() {
     assert!(stale.superseded());
     a.stop.cancel();
     tokio::time::timeout(WAIT, a.task).await.unwrap().unwrap();
+}
+
+/// Defect (found by review): each worker planned over its own configured instance list, so
+/// during a rolling deploy that adds an instance the two plans disagreed and one of the
+/// instances both know was held by nobody for as long as the lists differed.
+#[tokio::test]
+async fn workers_whose_instance_lists_differ_leave_no_instance_unheld() {
+    let world = tempfile::tempdir().unwrap();
+    let prefix = prefix("lists");
+    let ledger = Arc::new(Ledger::default());
+    let a = join(LOCAL_REDIS, &prefix, "a", 4, world.path(), &ledger, 1).await;
+    let b = join(LOCAL_REDIS, &prefix, "b", 5, world.path(), &ledger, 1).await;
+    let settled = || {
+        let counts = ledger.counts();
+        let share = |m: &str| counts.get(m).is_some_and(|n| (2..=3).contains(n));
+        ledger.owners().len() == 5 && share("a") && share("b")
+    };
+    wait_for("all 5 instances held, 2 or 3 each", settled).await;
+    // Held for good, not a moment between hand-overs: still so two leases later.
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        assert!(settled(), "an instance left unheld: {:?}", ledger.owners());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ledger.owners()["inst04"], "b", "only b knows inst04");
+    assert!(ledger.overlaps.lock().unwrap().is_empty());
+    for m in [a, b] {
+        m.stop.cancel();
+        tokio::time::timeout(WAIT, m.task).await.unwrap().unwrap();
+    }
+}
+
+/// Defect (found by review): the once-per-lease reconnect after a replaced session ignored a
+/// failed open; the instance stayed closed while its lease held, every command ending 503.
+#[tokio::test]
+async fn an_owner_whose_reconnect_failed_connects_again_while_it_holds_the_lease() {
+    let world = tempfile::tempdir().unwrap();
+    let prefix = prefix("reconnect-failed");
+    let ledger = Arc::new(Ledger::default());
+    let a = join(LOCAL_REDIS, &prefix, "a", 1, world.path(), &ledger, 1).await;
+    let instance = serving_inst00(&ledger, &a).await;
+    let chat = normalise_number("5511999999999").unwrap();
+    let delete = || delete_as_owner(&instance, &chat);
+    assert!(delete().await.is_ok());
+
+    // Another client "took" the session, and connecting again fails for a while: the holder
+    // file is a folder, so the simulated connect cannot write it.
+    let holder = world.path().join("inst00.holder");
+    std::fs::remove_file(&holder).unwrap();
+    std::fs::create_dir(&holder).unwrap();
+    let tried = || {
+        std::fs::read_dir(world.path())
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+    };
+    wait_for("a reconnect tried and failed", tried).await;
+    std::fs::remove_dir(&holder).unwrap();
+
+    until("the owner deletes again", || async {
+        delete().await.is_ok()
+    })
+    .await;
+    a.stop.cancel();
+    tokio::time::timeout(WAIT, a.task).await.unwrap().unwrap();
+}
+
+/// Defect (found by review): on a cold start the first worker to heartbeat saw only itself,
+/// took every instance and opened every session, then handed two thirds over as the others
+/// appeared a tick later: every session connected twice.
+#[tokio::test]
+async fn workers_starting_together_open_each_session_once() {
+    let world = tempfile::tempdir().unwrap();
+    let prefix = prefix("cold-start");
+    let ledger = Arc::new(Ledger::default());
+    let n = 12;
+    let mut members = vec![];
+    for name in ["a", "b", "c"] {
+        members.push(join(LOCAL_REDIS, &prefix, name, n, world.path(), &ledger, 1).await);
+    }
+    wait_for("three members hold 4 each", || {
+        balanced(&ledger, &["a", "b", "c"], n)
+    })
+    .await;
+    let gains = ledger.gains.lock().unwrap().clone();
+    assert_eq!(gains.len(), n, "each session opened once: {gains:?}");
+    for m in members {
+        m.stop.cancel();
+        tokio::time::timeout(WAIT, m.task).await.unwrap().unwrap();
+    }
+}
+
+/// Defect (found by review): sessions in PostgreSQL were keyed by instance name only, while
+/// ownership is per deployment (broker namespace): two deployments sharing the database with
+/// an instance of the same name fenced each other's session (and with two phones behind one
+/// name, one's deletes would run on the other's account).
+#[tokio::test]
+async fn deployments_sharing_a_session_database_keep_their_sessions_apart() {
+    let url = std::env::var("CDW_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let sessions = format!("[sessions]\nstore = \"postgres\"\npostgres_url = \"{url}\"\n");
+    let chat = normalise_number("5511999999999").unwrap();
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let mut deployments = vec![];
+    for name in ["blue", "green"] {
+        let world = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(Ledger::default());
+        let instances = instances_in(&format!("{name}{tag}"), 1, world.path(), &sessions).await;
+        let member = join_troubled(
+            LOCAL_REDIS,
+            &prefix(name),
+            "a",
+            instances,
+            &ledger,
+            1,
+            None,
+            None,
+        )
+        .await;
+        let instance = serving_inst00(&ledger, &member).await;
+        deployments.push((world, ledger, member, instance));
+    }
+    for round in 0..3 {
+        for (_, _, _, instance) in &deployments {
+            let deleted = delete_as_owner(instance, &chat).await;
+            assert!(deleted.is_ok(), "round {round}: {deleted:?}");
+        }
+    }
+    for (_, _, member, _) in deployments {
+        member.stop.cancel();
+        tokio::time::timeout(WAIT, member.task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
 }
 
 #[tokio::test]
@@ -735,6 +883,76 @@ async fn two_workers_share_the_instances_and_one_leaving_causes_no_503_and_no_se
     second.stop().await;
 }
 
+/// Defect (found by review): a worker that could not reach RabbitMQ (bad credentials or CA
+/// after a rollout) still took its share of the instances and kept it, serving none of them.
+#[tokio::test]
+async fn a_worker_that_cannot_reach_the_broker_holds_no_instance() {
+    let ns = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let shared = tempfile::tempdir().unwrap();
+    let redis_prefix = prefix("no-broker");
+    let dir = tempfile::tempdir().unwrap();
+    let config = worker_config(&ns, dir.path(), shared.path(), &redis_prefix, "served");
+    let served = TestWorker::start_with(config, ns.clone(), dir).await;
+    publish(&served, 0, 12).await;
+    served
+        .events
+        .wait_until("the first commands answered", |all| answered(all) == 12)
+        .await;
+
+    // A second worker, a process of its own, whose broker address is wrong.
+    let cut_dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let toml = worker_toml(
+        &ns,
+        cut_dir.path(),
+        shared.path(),
+        &redis_prefix,
+        "cut",
+        20,
+        "",
+    )
+    .replace(&amqp_url(), "amqp://guest:guest@127.0.0.1:1/%2f")
+    .replace("port = 0", &format!("port = {port}"));
+    let config_file = cut_dir.path().join("config.toml");
+    std::fs::write(&config_file, toml).unwrap();
+    let log = std::fs::File::create(cut_dir.path().join("worker.log")).unwrap();
+    let mut cut = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-delete-worker"))
+        .args(["--config", config_file.to_str().unwrap(), "run"])
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // Once it has tried the broker three times it has had ticks enough to take its share.
+    until("the cut-off worker tried the broker thrice", || async {
+        let text = http_get(addr, "/metrics").await.unwrap_or_default();
+        metric(&text, "chat_delete_broker_reconnects_total") >= 3.0
+    })
+    .await;
+
+    publish(&served, 12, 24).await;
+    served
+        .events
+        .wait_until("every command answered", |all| answered(all) == 24)
+        .await;
+    let redis = ::redis::Client::open(LOCAL_REDIS)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let leases: Vec<String> = (0..6)
+        .map(|i| format!("{redis_prefix}own:{ns}:lease:inst{i:02}"))
+        .collect();
+    assert_eq!(held_by(&redis, &leases, "cut").await, 0);
+    cut.start_kill().unwrap();
+    let _ = cut.wait().await;
+    served.stop().await;
+}
+
 /// Two workers splitting the 6 instances 3 / 3, each delete taking 3 s and each claim lasting
 /// ten minutes: `second` in process, the other (`name`) a process of its own, with 12 commands
 /// claimed, so the other's are under way.
@@ -851,6 +1069,25 @@ async fn commands_a_paused_worker_hands_back_are_answered_by_the_next_owner_at_o
     let under_way = UnderWay::start("paused", "paused").await;
     under_way.signal("-STOP");
     until("second takes over", || under_way.holds("second", 6)).await;
+    under_way.signal("-CONT");
+    under_way.all_answered_once().await;
+}
+
+/// Defect (found by users): a worker frozen (SIGSTOP, a VM stall) kept its instances'
+/// commands for as long as it stayed frozen, although its leases had moved: the broker keeps a
+/// consumer (the queue's single active one, with the deliveries it took) for as long as its
+/// connection seems alive. With short heartbeats the broker lets it go within seconds, and the
+/// next owner answers everything while the frozen worker is still frozen.
+#[tokio::test]
+async fn commands_of_a_frozen_worker_are_answered_by_the_next_owner_while_it_stays_frozen() {
+    let under_way = UnderWay::start("frozen", "frozen").await;
+    under_way.signal("-STOP");
+    let events = under_way
+        .second
+        .events
+        .wait_until("every command answered", |all| answered(all) == 12)
+        .await;
+    assert!(events.iter().all(|e| status(e) == 200));
     under_way.signal("-CONT");
     under_way.all_answered_once().await;
 }

@@ -122,11 +122,14 @@ async fn app_state_keys_without_a_connection_are_not_connected_through_the_real_
     let timeout = Duration::from_secs(5);
 
     // Never paired: the crate has no app-state key, which is "not connected" for us.
-    let bot = whatsapp::build_bot(&options, &hold(&options).await, &[], None, |_| {})
+    let gate = std::sync::Arc::new(whatsapp::SendGate::default());
+    let bot = whatsapp::build_gated_bot(&options, &hold(&options).await, gate.clone(), |_| {})
         .await
         .unwrap();
-    let result = whatsapp::Device::send(&bot.client(), &mutation, timeout).await;
+    let device = whatsapp::Linked::new(bot.client(), gate);
+    let result = whatsapp::Device::send(&device, &mutation, timeout, None).await;
     assert_eq!(result, Err(SessionError::NotConnected));
+    drop(device);
     drop(bot);
 
     // With a key in the store, the real delete gets as far as the connection.
@@ -159,11 +162,23 @@ async fn app_state_keys_without_a_connection_are_not_connected_through_the_real_
         "the key was found: {raw}"
     );
     assert!(raw.is_transport_unavailable(), "{raw}");
-    let result = whatsapp::Device::send(&client, &mutation, timeout).await;
+    drop(client);
+    drop(bot);
+    let gate = std::sync::Arc::new(whatsapp::SendGate::default());
+    let bot = whatsapp::build_gated_bot(&options, &hold(&options).await, gate.clone(), |_| {})
+        .await
+        .unwrap();
+    let device = whatsapp::Linked::new(bot.client(), gate);
+    let result = whatsapp::Device::send(&device, &mutation, timeout, None).await;
     assert_eq!(result, Err(SessionError::NotConnected));
+    // A send whose fence ended while the crate waited to send it: the patch is never built,
+    // so nothing goes out (the crate's own path, stopped at its last store read).
+    let ended = tokio::time::Instant::now();
+    let result = whatsapp::Device::send(&device, &mutation, timeout, Some(ended)).await;
+    assert!(matches!(result, Err(SessionError::Fenced(_))), "{result:?}");
     // Resolution offline: nothing known locally, and a lookup is transient, never final.
-    assert_eq!(Directory::known_lid(&client, "5511999999999").await, None);
-    let lookup = Directory::lookup(&client, &["5511999999999".to_owned()]).await;
+    assert_eq!(Directory::known_lid(&device, "5511999999999").await, None);
+    let lookup = Directory::lookup(&device, &["5511999999999".to_owned()]).await;
     assert!(
         lookup.as_ref().is_err_and(SessionError::is_retryable),
         "{lookup:?}"

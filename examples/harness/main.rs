@@ -129,9 +129,10 @@ fn parse_args() -> Args {
         (Mode::Slow, true) => (160, 2, 3_000, 16),
         (Mode::StoreFaults, false) => (4000, 4, 20, 8),
         (Mode::StoreFaults, true) => (1200, 2, 20, 8),
-        // Disruptions are rounds of SIGKILL, SIGSTOP and SIGTERM; commands trickle in meanwhile.
-        (Mode::Scale, false) => (20_000, 2, 20, 4),
-        (Mode::Scale, true) => (4_000, 1, 20, 4),
+        // Disruptions are rounds of SIGKILL, SIGSTOP, SIGTERM and a Redis outage; commands
+        // come in at a steady rate meanwhile (the count is only a ceiling).
+        (Mode::Scale, false) => (100_000, 2, 20, 4),
+        (Mode::Scale, true) => (100_000, 1, 20, 4),
     };
     let instances = if mode == Mode::Scale { 60 } else { 4 };
     let get =
@@ -180,7 +181,15 @@ async fn main() {
         Mode::StoreFaults => Some(Redis::start(dir.path()).await),
         _ => None,
     };
-    let config = write_config(dir.path(), &ns, &args, &hash, redis.as_ref());
+    let redis_url = redis.as_ref().map(Redis::url);
+    let config = write_config(
+        dir.path(),
+        &ns,
+        &args,
+        &hash,
+        redis_url.as_deref(),
+        args.instances,
+    );
     let names = chat_delete_worker::contract::Names::new(&ns);
     let instances: Vec<String> = (0..args.instances).map(|i| format!("inst{i}")).collect();
     let results_queue = setup(&args, &config, &names).await;
@@ -253,7 +262,7 @@ async fn main() {
         None => 0,
     };
 
-    let counts = account(&args, dir.path(), &instances, &results, per_id);
+    let counts = account(args.commands, dir.path(), &instances, &results, per_id);
     let in_flight_limit = args.concurrency * args.instances;
     eprintln!(
         "harness: {} results for {} commands in {:.1}s; queues drained: {drained}; re-executions allowed up to {}{}",
@@ -267,13 +276,14 @@ async fn main() {
             String::new()
         }
     );
-    cleanup(&args.amqp, &names, &instances, &results_queue).await;
+    cleanup(&args.amqp, &names, &instances, Some(&results_queue)).await;
     println!(
-        "lost={} double_effects={} reexecuted={} kills={disruptions}",
-        counts.lost, counts.double_effects, counts.reexecuted
+        "lost={} double_effects={} repeats={} reexecuted={} kills={disruptions}",
+        counts.lost, counts.double_effects, counts.repeats, counts.reexecuted
     );
     let ok = counts.lost == 0
         && counts.double_effects == 0
+        && counts.repeats == 0
         && drained
         && counts.reexecuted <= args.disruptions * in_flight_limit;
     std::process::exit(if ok { 0 } else { 1 });
@@ -417,14 +427,19 @@ fn publish_in_batches(
 struct Counts {
     lost: usize,
     double_effects: usize,
+    /// Chats deleted by more than one distinct mutation (a later one deletes more).
+    repeats: usize,
+    /// Chats whose identical mutation was sent more than once before any answer (a crash
+    /// between the delete and its record): the phone's state is the same.
     reexecuted: usize,
 }
 
 /// Sets the answers against the effect logs: a delivery without an answer is lost; two
 /// different answers for one id, or a delete after the id's first answer, is a double effect;
-/// a delete done twice before any answer (a crash between delete and record) is a re-execution.
+/// a chat deleted by two different mutations is a repeat; the same mutation sent twice before
+/// any answer (a crash between delete and record) is a re-execution.
 fn account(
-    args: &Args,
+    commands: usize,
     dir: &Path,
     instances: &[String],
     results: &[(String, i64, String)],
@@ -437,26 +452,36 @@ fn account(
             .or_default()
             .push((*time_us, key.clone()));
     }
-    let mut deletes: HashMap<String, Vec<i64>> = HashMap::new();
+    // Per chat: (when, the mutation's time) of each delete.
+    let mut deletes: HashMap<String, Vec<(i64, String)>> = HashMap::new();
     for instance in instances {
         let text = std::fs::read_to_string(dir.join(format!("effects-{instance}.log")))
             .unwrap_or_default();
         for line in text.lines() {
-            let (time, chat) = line.split_once(' ').expect("time chat");
+            let mut fields = line.split(' ');
+            let (time, chat) = (fields.next().expect("time"), fields.next().expect("chat"));
+            let mutation = fields.next().unwrap_or_default().to_owned();
             deletes
                 .entry(chat.to_owned())
                 .or_default()
-                .push(time.parse().expect("time"));
+                .push((time.parse().expect("time"), mutation));
         }
     }
     let mut counts = Counts {
         lost: 0,
         double_effects: 0,
+        repeats: 0,
         reexecuted: 0,
     };
-    for i in 0..args.commands {
+    for i in 0..commands {
         let id = format!("h-{i}");
         let answers = by_id.get(&id).map(Vec::as_slice).unwrap_or_default();
+        let effects = deletes.get(&chat_of(i)).cloned().unwrap_or_default();
+        let mutations: HashSet<&String> = effects.iter().map(|(_, m)| m).collect();
+        if mutations.len() > 1 {
+            counts.repeats += 1;
+            eprintln!("harness: repeat on {id}: deleted as of {mutations:?}");
+        }
         if answers.len() < per_id {
             counts.lost += 1;
             if answers.is_empty() {
@@ -467,14 +492,16 @@ fn account(
         // Event times have millisecond precision (effect times microsecond): a delete counts as
         // late from the millisecond after the answer's.
         let first_result = answers.iter().map(|(t, _)| *t).min().unwrap();
-        let times = deletes.get(&chat_of(i)).cloned().unwrap_or_default();
-        let late = times.iter().filter(|t| **t >= first_result + 1_000).count();
+        let late = effects
+            .iter()
+            .filter(|(t, _)| *t >= first_result + 1_000)
+            .count();
         if distinct.len() > 1 || late > 0 {
             counts.double_effects += 1;
             eprintln!(
                 "harness: double effect on {id}: results {distinct:?}, {late} delete(s) after the first result"
             );
-        } else if times.len() > 1 {
+        } else if effects.len() > 1 {
             counts.reexecuted += 1;
         }
     }
@@ -523,6 +550,10 @@ impl Redis {
                 "always",
             ])
             .args(["--maxmemory", "32mb", "--maxmemory-policy", "volatile-lru"])
+            .args(["--slowlog-log-slower-than", "100000"])
+            .args(["--latency-monitor-threshold", "100"])
+            .arg("--logfile")
+            .arg(self.dir.join("redis.log"))
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -546,6 +577,19 @@ impl Redis {
         if let Some(mut child) = self.child.take() {
             let _ = timeout(Duration::from_secs(30), child.wait()).await;
         }
+    }
+
+    /// What Redis saw of its own stalls (events over 100 ms), for a run that had some.
+    async fn stalls(&self) -> String {
+        let Some(mut connection) = redis_connection(&self.url()).await else {
+            return "unreachable".into();
+        };
+        let latest: redis::Value = redis::cmd("LATENCY")
+            .arg("LATEST")
+            .query_async(&mut connection)
+            .await
+            .unwrap_or(redis::Value::Nil);
+        format!("{latest:?}")
     }
 
     async fn evicted_keys(&self) -> u64 {
@@ -598,7 +642,19 @@ async fn keep_memory_pressed(url: String) {
     }
 }
 
-fn write_config(dir: &Path, ns: &str, args: &Args, hash: &str, redis: Option<&Redis>) -> PathBuf {
+/// Writes a worker config into `dir` (its effect logs and simulated world there too) and
+/// returns its path. `redis`: the Redis store's URL (the embedded store without one). Deletes
+/// run detached from their command, as the real session's actor sends them, so a command
+/// dropped mid-delete shows as a repeat.
+fn write_config(
+    dir: &Path,
+    ns: &str,
+    args: &Args,
+    hash: &str,
+    redis: Option<&str>,
+    instances: usize,
+) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("config folder");
     let mut toml = format!(
         r#"[worker]
 concurrency_per_instance = {concurrency}
@@ -638,21 +694,19 @@ broker_delays_ms = [200, 1000]
     if args.mode == Mode::Slow {
         toml.push_str(&format!("lease_secs = {SLOW_LEASE_SECS}\n"));
     }
-    if let Some(redis) = redis {
+    if let Some(url) = redis {
         toml.push_str(&format!(
-            "backend = \"redis\"\nredis_url = \"{}\"\noutage_wait_ms = 1000\n",
-            redis.url()
+            "backend = \"redis\"\nredis_url = \"{url}\"\noutage_wait_ms = 1000\n"
         ));
     }
     let mut world = String::new();
     if args.mode == Mode::Scale {
-        let (store, session) = scale::config_toml(ns, &dir.join("world"));
-        toml.push_str(&store);
-        world = session;
+        toml.push_str(&scale::config_toml(ns));
+        world = format!(", world_dir = \"{}\"", dir.join("world").display());
     }
-    for i in 0..args.instances {
+    for i in 0..instances {
         toml.push_str(&format!(
-            "[instances.inst{i}]\nkind = \"simulated\"\ntoken_sha256 = \"{hash}\"\nsimulated = {{ latency_ms = {latency}, effects_log = \"{}\"{world} }}\n",
+            "[instances.inst{i}]\nkind = \"simulated\"\ntoken_sha256 = \"{hash}\"\nsimulated = {{ latency_ms = {latency}, detached_effects = true, effects_log = \"{}\"{world} }}\n",
             dir.join(format!("effects-inst{i}.log")).display(),
             latency = args.latency_ms,
         ));
@@ -745,30 +799,8 @@ async fn collect_results(
                 Ok(Some(Ok(d))) => d,
                 _ => break,
             };
-            let headers = next.properties.headers().clone().unwrap_or_default();
-            let id = next
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.to_string())
-                .unwrap_or_default();
-            let time = match headers.inner().get("cloudEvents_time") {
-                Some(AMQPValue::LongString(s)) => {
-                    chrono::DateTime::parse_from_rfc3339(&String::from_utf8_lossy(s.as_bytes()))
-                        .map(|t| t.timestamp_micros())
-                        .unwrap_or(i64::MAX)
-                }
-                _ => i64::MAX,
-            };
-            let status = match headers.inner().get("status") {
-                Some(AMQPValue::LongInt(s)) => *s,
-                _ => 0,
-            };
-            results.push((
-                id.clone(),
-                time,
-                format!("{status} {}", String::from_utf8_lossy(&next.data)),
-            ));
+            let (id, time, answer) = read_result(&next);
+            results.push((id.clone(), time, answer));
             let count = answers.entry(id.clone()).or_default();
             *count += 1;
             if *count >= per_id {
@@ -779,6 +811,31 @@ async fn collect_results(
         let _ = connection.close(200, "done".into()).await;
     }
     results
+}
+
+/// A result event's id, its CloudEvents time (µs) and its status with its body.
+fn read_result(delivery: &lapin::message::Delivery) -> (String, i64, String) {
+    let headers = delivery.properties.headers().clone().unwrap_or_default();
+    let id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    let time = match headers.inner().get("cloudEvents_time") {
+        Some(AMQPValue::LongString(s)) => {
+            chrono::DateTime::parse_from_rfc3339(&String::from_utf8_lossy(s.as_bytes()))
+                .map(|t| t.timestamp_micros())
+                .unwrap_or(i64::MAX)
+        }
+        _ => i64::MAX,
+    };
+    let status = match headers.inner().get("status") {
+        Some(AMQPValue::LongInt(s)) => *s,
+        _ => 0,
+    };
+    let answer = format!("{status} {}", String::from_utf8_lossy(&delivery.data));
+    (id, time, answer)
 }
 
 /// Whether every instance queue is empty (bounded wait; parked commands do not count).
@@ -829,7 +886,7 @@ async fn cleanup(
     url: &str,
     names: &chat_delete_worker::contract::Names,
     instances: &[String],
-    results: &str,
+    results: Option<&str>,
 ) {
     let connection = connect(url).await;
     let channel = connection.create_channel().await.unwrap();
@@ -837,8 +894,8 @@ async fn cleanup(
         names.unrouted_queue(),
         names.parked_queue(),
         names.dead_queue(),
-        results.to_owned(),
     ];
+    queues.extend(results.map(str::to_owned));
     queues.extend(instances.iter().map(|i| names.instance_queue(i)));
     queues.extend([200, 1000].iter().map(|d| names.retry_queue(*d)));
     for q in queues {

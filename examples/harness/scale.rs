@@ -8,7 +8,7 @@
 //! `HARNESS_KEEP=1` keeps the working folder (configs, effect logs, the world, each worker's
 //! log `w<n>.log`); `HARNESS_WORKER_LOG` sets the workers' `RUST_LOG` (default `warn`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -29,6 +29,12 @@ struct Workers<'a> {
 
 impl Workers<'_> {
     fn spawn(&mut self) -> String {
+        let config = self.config.to_owned();
+        self.spawn_with(&config)
+    }
+
+    /// A worker started with `config` (another instance list).
+    fn spawn_with(&mut self, config: &Path) -> String {
         let name = format!("w{}", self.spawned);
         self.spawned += 1;
         let log = std::fs::OpenOptions::new()
@@ -37,7 +43,7 @@ impl Workers<'_> {
             .open(self.dir.join(format!("{name}.log")))
             .expect("log file");
         let child = tokio::process::Command::new(self.bin)
-            .args(["--config", self.config.to_str().unwrap(), "run"])
+            .args(["--config", config.to_str().unwrap(), "run"])
             .env(
                 "RUST_LOG",
                 std::env::var("HARNESS_WORKER_LOG").unwrap_or("warn".into()),
@@ -81,7 +87,8 @@ impl Workers<'_> {
 
 /// The lease keys, read from Redis.
 struct Leases {
-    redis: redis::aio::MultiplexedConnection,
+    /// Reconnects by itself: the run takes its Redis down and back.
+    redis: redis::aio::ConnectionManager,
     prefix: String,
     instances: Vec<String>,
 }
@@ -111,14 +118,24 @@ impl Leases {
         Some(counts)
     }
 
-    /// Waits (up to a minute) until every instance is held by a live worker and the split is
-    /// even; answers the spread (max - min) then, or of the last look.
+    /// Waits (up to a minute) until every instance is held by a live worker, the split is even
+    /// and no lease has changed hands for two seconds (a join or a leave moves instances in
+    /// steps: the next disruption must not land in the middle of them); answers the spread
+    /// (max - min) then, or of the last look.
     async fn settle(&mut self, live: &[String]) -> usize {
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut still = None;
+        let mut last = vec![];
         loop {
+            let holders = self.holders().await;
+            if holders != last {
+                still = Some(Instant::now());
+                last = holders;
+            }
             let spread = self.counts(live).await.map(|c| spread(&c));
+            let steady = still.is_some_and(|at| at.elapsed() >= Duration::from_secs(2));
             match spread {
-                Some(s) if s <= 1 => return s,
+                Some(s) if s <= 1 && steady => return s,
                 _ if Instant::now() > deadline => return spread.unwrap_or(usize::MAX),
                 _ => sleep(Duration::from_millis(100)).await,
             }
@@ -180,29 +197,68 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank - 1]
 }
 
+/// How long a frozen worker stays frozen: longer than the broker's heartbeat detection, and
+/// than the lease, so that answers resuming can only come from the next owner.
+fn freeze(quick: bool) -> Duration {
+    Duration::from_secs(if quick { 30 } else { 60 })
+}
+
+/// The ownership lease the workers run with (the default).
+const LEASE: Duration = Duration::from_secs(10);
+
 pub async fn run(args: &Args, rounds: usize) -> bool {
     let dir = tempfile::tempdir().expect("temp dir");
     eprintln!("harness: working in {}", dir.path().display());
+    let quick = rounds <= 1;
     let ns = format!("harness{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let hash = hex::encode(chat_delete_worker::config::TokenHash::of(TOKEN.as_bytes()).0);
-    let config = write_config(dir.path(), &ns, args, &hash, None);
+    // A Redis of the run's own (append-only, fsync always), so that it can be taken down.
+    let mut redis = Redis::start(dir.path()).await;
+    let redis_url = redis.url();
+    let config = write_config(
+        dir.path(),
+        &ns,
+        args,
+        &hash,
+        Some(&redis_url),
+        args.instances,
+    );
+    // A worker of a rolling deploy that adds an instance: its list differs from the others'.
+    let wider = write_config(
+        &dir.path().join("wider"),
+        &ns,
+        args,
+        &hash,
+        Some(&redis_url),
+        args.instances + 1,
+    );
     let parsed = chat_delete_worker::config::Config::load(Some(&config), Vec::new())
         .expect("harness config");
     let names = chat_delete_worker::contract::Names::new(&ns);
     let instances: Vec<String> = (0..args.instances).map(|i| format!("inst{i}")).collect();
     let results_queue = setup(args, &config, &names).await;
     let mut leases = Leases {
-        redis: redis_connection(&parsed.idempotency.redis_url)
+        redis: redis::aio::ConnectionManager::new(redis::Client::open(redis_url.as_str()).unwrap())
             .await
             .expect("Redis for the scale harness"),
         prefix: parsed.ownership_prefix(),
         instances: instances.clone(),
     };
+    // Another deployment (its own namespace, the same instance names) sharing the Redis, and
+    // with --cluster the session database: it must not disturb this one.
+    let other_ns = format!("{ns}x");
+    let other_names = chat_delete_worker::contract::Names::new(&other_ns);
+    let neighbour_config = write_config(
+        &dir.path().join("neighbour"),
+        &other_ns,
+        args,
+        &hash,
+        Some(&redis_url),
+        args.instances,
+    );
 
-    // Commands keep coming through the whole run, a batch at a time.
-    let publisher = publish_in_batches(args, &names, &instances, 100, "scale", || {
-        Duration::from_millis(400)
-    });
+    let answers = Answers::collect(args.amqp.clone(), results_queue.clone());
+    let publishing = Publishing::start(args, &names, &instances);
 
     let started = Instant::now();
     let mut workers = Workers {
@@ -215,6 +271,14 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
     for _ in 0..3 {
         workers.spawn();
     }
+    let mut neighbour = Workers {
+        bin: &args.worker,
+        config: &neighbour_config,
+        dir: &dir.path().join("neighbour"),
+        running: BTreeMap::new(),
+        spawned: 0,
+    };
+    neighbour.spawn();
     let live = |w: &Workers| w.running.keys().cloned().collect::<Vec<_>>();
     let log = |what: String| {
         eprintln!("harness: {:6.1}s {what}", started.elapsed().as_secs_f64());
@@ -226,25 +290,35 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
     ));
 
     let mut failovers = vec![];
-    let mut disruptions = 0;
+    let mut disruptions = vec![];
     let mut node_restarts = 0;
     for _ in 0..rounds {
         // SIGKILL: no hand-over; the others take over once the leases end.
+        publishing.caught_up(&answers).await;
+        disruptions.push(Instant::now());
         let (_, times) = take_down(&mut workers, &mut leases, "KILL", &log).await;
         failovers.extend(times);
-        disruptions += 1;
         workers.spawn();
         leases.settle(&live(&workers)).await;
 
-        // SIGSTOP past the lease: it wakes up fenced, with nothing.
+        // SIGSTOP for longer than the lease and the broker's heartbeat: the broker must let
+        // the next owner have the queues (and what the frozen one held) long before it wakes.
+        publishing.caught_up(&answers).await;
+        disruptions.push(Instant::now());
+        let frozen_at = Instant::now();
         let (victim, times) = take_down(&mut workers, &mut leases, "STOP", &log).await;
         failovers.extend(times);
-        disruptions += 1;
+        sleep(freeze(quick).saturating_sub(frozen_at.elapsed())).await;
         workers.signal(&victim, "-CONT");
         leases.settle(&live(&workers)).await;
-        log(format!("SIGCONT {victim}: settled"));
+        log(format!(
+            "SIGCONT {victim} after {:.1}s: settled",
+            frozen_at.elapsed().as_secs_f64()
+        ));
 
-        // SIGTERM: a graceful hand-over, then a restart.
+        // SIGTERM: a graceful hand-over, then a restart, with a different instance list.
+        publishing.caught_up(&answers).await;
+        disruptions.push(Instant::now());
         let victim = workers.pick();
         let at = Instant::now();
         workers.signal(&victim, "-TERM");
@@ -253,13 +327,26 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
             "SIGTERM {victim}: exited after {:.1}s",
             at.elapsed().as_secs_f64()
         ));
-        disruptions += 1;
-        workers.spawn();
+        let wide = workers.spawn_with(&wider);
+        leases.settle(&live(&workers)).await;
+        log(format!("{wide} knows one instance more: settled"));
+
+        // Redis down for longer than the lease: every lease ends unrenewed; nothing is done
+        // twice when it is back, with its data.
+        publishing.caught_up(&answers).await;
+        disruptions.push(Instant::now());
+        redis.stop().await;
+        let down = LEASE + Duration::from_secs(1);
+        sleep(down).await;
+        redis.start_server().await;
+        log(format!("Redis back after {:.1}s", down.as_secs_f64()));
         leases.settle(&live(&workers)).await;
 
         // A broker node stops (the leader of some instance queues) and comes back. The
         // harness publishes and collects through node 1, so the nodes taken down are 2 and 3.
         if let Some(cluster) = &args.cluster {
+            publishing.caught_up(&answers).await;
+            disruptions.push(Instant::now());
             let node = 2 + node_restarts % 2;
             let led = leaders_on(cluster, node, &ns);
             let at = Instant::now();
@@ -273,16 +360,19 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
             node_restarts += 1;
         }
     }
+    publishing.caught_up(&answers).await;
+    disruptions.push(Instant::now());
     let fourth = workers.spawn();
     let spread4 = leases.settle(&live(&workers)).await;
     log(format!("{fourth} joined: 4 workers, spread {spread4}"));
     workers.signal(&fourth, "-TERM");
     workers.wait_exit(&fourth).await;
     log(format!("{fourth} left"));
-    disruptions += 2;
+    let kills = disruptions.len() + 1;
 
-    publisher.await.expect("commands published");
-    let results = collect_results(&args.amqp, &results_queue, args.commands, 1).await;
+    let published = publishing.finish().await;
+    let commands = published.len();
+    let results = answers.wait_for(commands, Duration::from_secs(300)).await;
     let drained = wait_drained(&args.amqp, &names, &instances).await;
     if !drained {
         let holders = leases.holders().await;
@@ -297,16 +387,29 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
         }
     }
     let imbalance = leases.settle(&live(&workers)).await;
+    eprintln!(
+        "harness: Redis's own stalls over 100 ms: {}",
+        redis.stalls().await
+    );
+    let ended = Instant::now();
     for name in live(&workers) {
         workers.signal(&name, "-TERM");
         workers.wait_exit(&name).await;
     }
+    for name in live(&neighbour) {
+        neighbour.signal(&name, "-TERM");
+        neighbour.wait_exit(&name).await;
+    }
 
-    let counts = account(args, dir.path(), &instances, &results, 1);
+    let answered: Vec<(String, i64, String)> = results
+        .iter()
+        .map(|a| (a.id.clone(), a.time_us, a.answer.clone()))
+        .collect();
+    let counts = account(commands, dir.path(), &instances, &answered, 1);
     if counts.lost > 0 {
         // Which commands, on which instances, and what the broker still holds, to trace them.
-        let answered: HashSet<&str> = results.iter().map(|(id, _, _)| id.as_str()).collect();
-        let lost: Vec<String> = (0..args.commands)
+        let answered: HashSet<&str> = results.iter().map(|a| a.id.as_str()).collect();
+        let lost: Vec<String> = (0..commands)
             .filter(|i| !answered.contains(format!("h-{i}").as_str()))
             .map(|i| format!("h-{i}@{}", instances[i % instances.len()]))
             .collect();
@@ -317,7 +420,7 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
     }
     let not_200 = results
         .iter()
-        .filter(|(_, _, answer)| !answer.starts_with("200 "))
+        .filter(|a| !a.answer.starts_with("200 "))
         .count();
     let logged = |name: &str| {
         std::fs::read_to_string(dir.path().join("world").join(name))
@@ -327,39 +430,294 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
     };
     // A refused delete was under way when its client was replaced (see the simulated world).
     let (overlaps, refused) = (logged("overlaps.log"), logged("refused.log"));
-    // A connect that landed after its lease ended, undone at once (see the README).
+    // A connect that landed after its lease ended, undone at once (see docs/scaling-out.md).
     let stale_connects = logged("stale-connects.log");
     failovers.sort_by(f64::total_cmp);
     let p99 = percentile(&failovers, 0.99);
+    let by_window = answer_stalls(&published, &results, &instances, &disruptions, ended);
+    let worst: Vec<String> = (0..=disruptions.len())
+        .map(|w| {
+            let most = by_window
+                .iter()
+                .filter(|((_, window), _)| *window == w)
+                .map(|(_, stall)| *stall)
+                .fold(0.0, f64::max);
+            format!("{most:.1}")
+        })
+        .collect();
     eprintln!(
-        "harness: {} results for {} commands in {:.1}s; queues drained: {drained}; answers other than 200: {not_200}; failovers: {} timed, p50 {:.1}s, max {:.1}s",
+        "harness: worst answer stall before the first disruption and after each: {}",
+        worst.join(" ")
+    );
+    let mut stalls: Vec<f64> = by_window.into_values().collect();
+    stalls.sort_by(f64::total_cmp);
+    let stall_max = stalls.last().copied().unwrap_or(0.0);
+    let stall_p99 = percentile(&stalls, 0.99);
+    eprintln!(
+        "harness: {} results for {commands} commands in {:.1}s; queues drained: {drained}; answers other than 200: {not_200}; failovers: {} timed, p50 {:.1}s, max {:.1}s; re-sent identical deletes: {}",
         results.len(),
-        args.commands,
         started.elapsed().as_secs_f64(),
         failovers.len(),
         percentile(&failovers, 0.5),
         failovers.last().copied().unwrap_or(0.0),
+        counts.reexecuted,
     );
     if std::env::var_os("HARNESS_KEEP").is_some() {
         let _ = dir.keep();
     }
-    cleanup(&args.amqp, &names, &instances, &results_queue).await;
-    delete_keys(&mut leases.redis, &format!("harness:{ns}:*")).await;
+    let mut wide = instances.clone();
+    wide.push(format!("inst{}", instances.len()));
+    cleanup(&args.amqp, &names, &wide, Some(&results_queue)).await;
+    cleanup(&args.amqp, &other_names, &instances, None).await;
     let cluster = match &args.cluster {
         Some(_) => format!(" node_restarts={node_restarts}"),
         None => String::new(),
     };
     println!(
-        "lost={} double_effects={} overlaps={overlaps} failover_p99_s={p99:.1} imbalance={imbalance} kills={disruptions}{cluster} refused={refused} stale_connects={stale_connects}",
-        counts.lost, counts.double_effects
+        "lost={} double_effects={} overlaps={overlaps} repeats={} failover_p99_s={p99:.1} answer_stall_max_s={stall_max:.1} answer_stall_p99_s={stall_p99:.1} imbalance={imbalance} kills={kills}{cluster} refused={refused} stale_connects={stale_connects}",
+        counts.lost, counts.double_effects, counts.repeats,
     );
     counts.lost == 0
         && counts.double_effects == 0
+        && counts.repeats == 0
         && overlaps == 0
         && not_200 == 0
         && drained
         && p99 <= 15.0
+        && stall_max <= 15.0
         && imbalance <= 1
+}
+
+/// One result event as the harness received it.
+#[derive(Clone)]
+struct Answer {
+    id: String,
+    /// The event's own time (µs), for the effect accounting.
+    time_us: i64,
+    /// Status and body.
+    answer: String,
+    received: Instant,
+}
+
+/// The results queue, read as the results arrive (a consumer that reconnects when the broker
+/// or a node restarts).
+struct Answers {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Answer>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Answers {
+    fn collect(amqp: String, queue: String) -> Self {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let into = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let connection = connect(&amqp).await;
+                let channel = connection.create_channel().await.unwrap();
+                channel
+                    .basic_qos(1000, BasicQosOptions::default())
+                    .await
+                    .unwrap();
+                let Ok(mut consumer) = channel
+                    .basic_consume(
+                        queue.as_str().into(),
+                        "harness-live".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                else {
+                    sleep(Duration::from_millis(500)).await;
+                    continue;
+                };
+                while let Some(Ok(delivery)) = consumer.next().await {
+                    let received = Instant::now();
+                    let (id, time_us, answer) = read_result(&delivery);
+                    into.lock().unwrap().push(Answer {
+                        id,
+                        time_us,
+                        answer,
+                        received,
+                    });
+                    let _ = delivery.ack(BasicAckOptions::default()).await;
+                }
+                sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Self { seen, task }
+    }
+
+    /// Every answer, once each of `commands` ids has one (or `patience` passed).
+    async fn wait_for(self, commands: usize, patience: Duration) -> Vec<Answer> {
+        let deadline = Instant::now() + patience;
+        loop {
+            let answered = {
+                let seen = self.seen.lock().unwrap();
+                seen.iter()
+                    .map(|a| a.id.as_str())
+                    .collect::<HashSet<_>>()
+                    .len()
+            };
+            if answered >= commands || Instant::now() > deadline {
+                break;
+            }
+            sleep(Duration::from_millis(100)).await;
+        }
+        self.task.abort();
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// Commands published at a steady rate (the kind a bulk clean-up sends) until told to stop.
+struct Publishing {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Each command published so far, with when.
+    published: std::sync::Arc<std::sync::Mutex<Vec<(usize, Instant)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Publishing {
+    /// About 100 commands a second, 25 every 250 ms, at most `args.commands`.
+    fn start(
+        args: &Args,
+        names: &chat_delete_worker::contract::Names,
+        instances: &[String],
+    ) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let published = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (amqp, names, instances, most) = (
+            args.amqp.clone(),
+            names.clone(),
+            instances.to_vec(),
+            args.commands,
+        );
+        let (stopped, into) = (stop.clone(), published.clone());
+        let task = tokio::spawn(async move {
+            let mut next = 0;
+            while next < most && !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let ids = next..(next + 25).min(most);
+                let at = Instant::now();
+                // Counted as waiting from the moment they are sent (a slow broker is felt too).
+                into.lock().unwrap().extend(ids.clone().map(|i| (i, at)));
+                publish_commands(&amqp, &names, &instances, ids.clone(), "scale").await;
+                next = ids.end;
+                sleep(Duration::from_millis(250).saturating_sub(at.elapsed())).await;
+            }
+        });
+        Self {
+            stop,
+            published,
+            task,
+        }
+    }
+
+    /// Waits (bounded) until every command published more than a second ago is answered, so
+    /// that each disruption starts from a worker that keeps up and is measured on its own.
+    async fn caught_up(&self, answers: &Answers) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let due: Vec<String> = {
+                let published = self.published.lock().unwrap();
+                let old = published
+                    .iter()
+                    .filter(|(_, at)| at.elapsed() >= Duration::from_secs(1));
+                old.map(|(i, _)| format!("h-{i}")).collect()
+            };
+            let answered: HashSet<String> = {
+                let seen = answers.seen.lock().unwrap();
+                seen.iter().map(|a| a.id.clone()).collect()
+            };
+            if due.iter().all(|id| answered.contains(id)) {
+                return;
+            }
+            sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!("harness: answers did not catch up within a minute");
+    }
+
+    /// Stops, and answers each command published with when.
+    async fn finish(self) -> Vec<(usize, Instant)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.expect("commands published");
+        std::mem::take(&mut *self.published.lock().unwrap())
+    }
+}
+
+/// For each instance and each stretch between disruptions (keyed (instance, stretch)) in which
+/// it had commands waiting, the longest time it went without an answer while some were waiting
+/// (seconds): what a publisher waiting for its answers feels, whatever the leases say.
+fn answer_stalls(
+    published: &[(usize, Instant)],
+    answers: &[Answer],
+    instances: &[String],
+    disruptions: &[Instant],
+    end: Instant,
+) -> HashMap<(usize, usize), f64> {
+    #[derive(Clone, Copy)]
+    enum Event {
+        Published,
+        Answered,
+    }
+    let mut first_answer: HashMap<&str, Instant> = HashMap::new();
+    for answer in answers {
+        let at = first_answer
+            .entry(answer.id.as_str())
+            .or_insert(answer.received);
+        *at = (*at).min(answer.received);
+    }
+    let mut events: Vec<Vec<(Instant, Event)>> = vec![vec![]; instances.len()];
+    for (i, at) in published {
+        let instance = &mut events[i % instances.len()];
+        instance.push((*at, Event::Published));
+        if let Some(answered) = first_answer.get(format!("h-{i}").as_str()) {
+            instance.push((*answered, Event::Answered));
+        }
+    }
+    let window = |t: Instant| disruptions.partition_point(|d| *d <= t);
+    let mut stalls: HashMap<(usize, usize), f64> = HashMap::new();
+    let mut worst: Option<(f64, usize, Instant)> = None;
+    for (instance, mut timeline) in events.into_iter().enumerate() {
+        timeline.sort_by_key(|(t, _)| *t);
+        let mut pending = 0usize;
+        let mut since = None;
+        let mut note = |from: Instant, to: Instant| {
+            let length = to.duration_since(from).as_secs_f64();
+            let stall = stalls.entry((instance, window(to))).or_insert(0.0);
+            *stall = stall.max(length);
+            if worst.is_none_or(|(most, _, _)| length > most) {
+                worst = Some((length, instance, from));
+            }
+        };
+        for (at, event) in timeline {
+            match event {
+                Event::Published => {
+                    if pending == 0 {
+                        since = Some(at);
+                    }
+                    pending += 1;
+                }
+                Event::Answered => {
+                    if let Some(from) = since {
+                        note(from, at);
+                    }
+                    pending = pending.saturating_sub(1);
+                    since = (pending > 0).then_some(at);
+                }
+            }
+        }
+        if let Some(from) = since {
+            note(from, end);
+        }
+    }
+    if let Some((length, instance, from)) = worst {
+        let since = from.duration_since(disruptions.first().copied().unwrap_or(from));
+        eprintln!(
+            "harness: the worst stall: {} waited {length:.1}s from {:.1}s after the first disruption",
+            instances[instance],
+            since.as_secs_f64()
+        );
+    }
+    stalls
 }
 
 /// Sends `signal` (KILL or STOP) to a worker, then times how long the others take to hold
@@ -456,23 +814,10 @@ async fn management_get(url: &str) -> Result<serde_json::Value, String> {
     serde_json::from_str(&text).map_err(|e| format!("{url}: {e}"))
 }
 
-async fn delete_keys(redis: &mut redis::aio::MultiplexedConnection, pattern: &str) {
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(pattern)
-        .query_async(redis)
-        .await
-        .unwrap_or_default();
-    for chunk in keys.chunks(500) {
-        let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(redis).await;
-    }
-}
-
-/// The scale harness's part of the worker config: the Redis store and shared ownership.
-pub fn config_toml(ns: &str, world: &Path) -> (String, String) {
-    (
-        format!(
-            "backend = \"redis\"\nkey_prefix = \"harness:{ns}:store:\"\n[ownership]\nenabled = true\nkey_prefix = \"harness:{ns}:own:\"\n"
-        ),
-        format!(", world_dir = \"{}\"", world.display()),
+/// The scale harness's part of the worker config: the Redis store's keys and shared
+/// ownership (the `[idempotency]` section is open).
+pub fn config_toml(ns: &str) -> String {
+    format!(
+        "key_prefix = \"harness:{ns}:store:\"\n[ownership]\nenabled = true\nkey_prefix = \"harness:{ns}:own:\"\n"
     )
 }

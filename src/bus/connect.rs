@@ -46,8 +46,13 @@ pub async fn connect(cfg: &BrokerConfig, connection_name: &str) -> Result<Connec
 async fn connect_to(
     cfg: &BrokerConfig,
     connection_name: &str,
-    uri: AMQPUri,
+    mut uri: AMQPUri,
 ) -> Result<Connection, BrokerError> {
+    // Short heartbeats let the broker tell a frozen or cut-off worker from a quiet one within
+    // seconds, and hand the queues it held (with their deliveries) to the next owners.
+    if uri.query.heartbeat.is_none() && cfg.heartbeat_secs > 0 {
+        uri.query.heartbeat = Some(cfg.heartbeat_secs);
+    }
     let props = ConnectionProperties::default().with_connection_name(connection_name.into());
     if cfg.ca_file.is_none() && cfg.client_identity_file.is_none() {
         return Ok(Connection::connect_uri(uri, props).await?);

@@ -22,7 +22,7 @@ use super::settle::{Carrier, Settle, settle, settle_for};
 use crate::config::is_valid_instance_name;
 use crate::contract::Names;
 use crate::contract::wire::UNNAMED_INSTANCE;
-use crate::fence::Fence;
+use crate::fence::{Committed, Fence};
 use crate::pipeline::envelope::Envelope;
 use crate::pipeline::{Instance, Pipeline, Source};
 use crate::telemetry;
@@ -43,6 +43,8 @@ pub struct Consuming {
     /// Commands handled at once by all consumers together: each costs some kilobytes while
     /// it runs, so with many instances this, not their sum, bounds memory.
     handling: Arc<Semaphore>,
+    /// How long a stop waits for a command past its point of no return.
+    finish_after_effect: Duration,
 }
 
 /// How consumers take deliveries.
@@ -56,6 +58,10 @@ pub struct ConsumingOptions {
     pub concurrency: usize,
     /// Commands handled at once by all queues together.
     pub max_handling: usize,
+    /// A command whose effect was let through its fence when a stop comes is finished (and
+    /// its result recorded) within this, rather than handed back: its effect may be under way
+    /// outside it.
+    pub finish_after_effect: Duration,
 }
 
 impl Consuming {
@@ -69,6 +75,7 @@ impl Consuming {
             largest_ordinary: options.max_body_bytes,
             concurrency: options.concurrency,
             handling: Arc::new(Semaphore::new(options.max_handling)),
+            finish_after_effect: options.finish_after_effect,
         }
     }
 
@@ -415,10 +422,11 @@ async fn process(
     }
     metrics.in_flight.increment(1.0);
 
+    let committed = Arc::new(Committed::default());
     let work = async {
         let verdict = consuming
             .pipeline
-            .handle(source, &envelope, &delivery.data, &log)
+            .handle(source, &envelope, &delivery.data, &log, &committed)
             .await;
         let carrier = Carrier {
             publisher,
@@ -441,11 +449,21 @@ async fn process(
         settle(&delivery, settle_for(&done)).await;
     };
 
+    tokio::pin!(work);
     tokio::select! {
-        () = work => {}
+        () = &mut work => {}
         () = hard_stop.cancelled() => {
-            log.in_span(|| tracing::warn!("Shutdown grace period over; handing the command back."));
-            settle(&delivery, Settle::Requeue).await;
+            // Past its point of no return the effect may be happening outside this future (a
+            // session's actor sends it): handing the command back would leave it unrecorded
+            // and the next try would act again. It is finished and recorded instead, bounded.
+            let finished = committed.is_set()
+                && tokio::time::timeout(consuming.finish_after_effect, &mut work)
+                    .await
+                    .is_ok();
+            if !finished {
+                log.in_span(|| tracing::warn!("Shutdown grace period over; handing the command back."));
+                settle(&delivery, Settle::Requeue).await;
+            }
         }
     }
     metrics.in_flight.decrement(1.0);

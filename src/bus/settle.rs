@@ -110,6 +110,7 @@ impl Carrier<'_> {
             chat: handled.chat.as_ref(),
             attempts: handled.attempts,
             replayed,
+            receipt: handled.receipt.as_ref(),
             traceparent: envelope.traceparent.as_deref(),
             app_id: self.app_id,
             now: chrono::Utc::now(),

@@ -13,10 +13,13 @@ use crate::session::postgres::PgSessions;
 use crate::session::whatsapp::SessionLock;
 use whatsapp_rust::wacore::store::traits::DeviceStore;
 
-pub async fn run(config: &Config, only: &[String]) -> anyhow::Result<ExitCode> {
+pub async fn run(config: &Config, only: &[String], adopt: bool) -> anyhow::Result<ExitCode> {
     let database = PgSessions::from_config(config)?.context(
         "sessions.store is not \"postgres\": set it and sessions.postgres_url to the target first",
     )?;
+    if adopt {
+        return adopt_unnamespaced(config, &database, only).await;
+    }
     let names: Vec<&String> = match only {
         [] => config
             .instances
@@ -57,4 +60,27 @@ pub async fn run(config: &Config, only: &[String]) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Moves sessions kept under bare instance names (before sessions were namespaced) to this
+/// deployment's keys. Run once, by the deployment that used them, with its workers stopped.
+async fn adopt_unnamespaced(
+    config: &Config,
+    database: &PgSessions,
+    only: &[String],
+) -> anyhow::Result<ExitCode> {
+    let names: Vec<&String> = match only {
+        [] => config.instances.keys().collect(),
+        names => names.iter().collect(),
+    };
+    for name in names {
+        let adopted = database.adopt_unnamespaced(name).await?;
+        let namespace = &config.broker.namespace;
+        if adopted {
+            println!("{name}: session moved to namespace {namespace}.");
+        } else {
+            println!("{name}: nothing to move (none kept before, or {namespace} has one).");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -118,7 +118,14 @@ enum Command {
     Unpair { instance: String },
     /// Move `whatsapp` instances' SQLite session files (all, or those named) into the
     /// PostgreSQL session store of `[sessions]`. Stop the workers using the files first.
-    MigrateSessions { instances: Vec<String> },
+    MigrateSessions {
+        instances: Vec<String>,
+        /// Instead: move sessions kept in PostgreSQL under bare instance names (before
+        /// sessions were kept per `broker.namespace`) to this deployment's keys. Run once, by
+        /// the deployment that used them.
+        #[arg(long)]
+        adopt_unnamespaced: bool,
+    },
     /// Inspect the parking queue, or move parked commands back for another try.
     Parked {
         #[command(subcommand)]
@@ -196,7 +203,10 @@ async fn dispatch(config: Config, command: Command) -> anyhow::Result<ExitCode> 
             pair::run_pair(&config, &instance, phone.as_deref(), limit).await
         }
         Command::Unpair { instance } => pair::run_unpair(&config, &instance).await,
-        Command::MigrateSessions { instances } => migrate::run(&config, &instances).await,
+        Command::MigrateSessions {
+            instances,
+            adopt_unnamespaced,
+        } => migrate::run(&config, &instances, adopt_unnamespaced).await,
         Command::Instances { json } => instances::run(&config, json).await,
         Command::Publish {
             instance,

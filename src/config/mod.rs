@@ -118,13 +118,14 @@ impl Config {
     }
 
     fn from_table(table: toml::Table) -> Result<Self, ConfigError> {
-        let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                ConfigError::Invalid {
-                    key: e.path().to_string(),
-                    message: e.into_inner().message().to_owned(),
-                }
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError::Invalid {
+                key: e.path().to_string(),
+                message: e.into_inner().message().to_owned(),
             })?;
+        // `{namespace}` in the media prefix is the deployment's, fixed for the process.
+        let template = &config.media.prefix_template;
+        config.media.prefix_template = template.replace("{namespace}", &config.broker.namespace);
         config.validate()?;
         Ok(config)
     }
@@ -252,6 +253,20 @@ impl Config {
     /// The Redis key prefix of this namespace's ownership state.
     pub fn ownership_prefix(&self) -> String {
         format!("{}{}:", self.ownership.key_prefix, self.broker.namespace)
+    }
+
+    /// The Redis key prefix of the idempotency records, `{namespace}` filled in.
+    pub fn idempotency_prefix(&self) -> String {
+        self.in_namespace(&self.idempotency.key_prefix)
+    }
+
+    /// The Redis key prefix of the shared pacing schedule, `{namespace}` filled in.
+    pub fn pacing_prefix(&self) -> String {
+        self.in_namespace(&self.pacing.redis_key_prefix)
+    }
+
+    fn in_namespace(&self, prefix: &str) -> String {
+        prefix.replace("{namespace}", &self.broker.namespace)
     }
 
     pub fn idempotency_path(&self) -> PathBuf {
@@ -388,6 +403,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("nope"), "{err}");
+    }
+
+    /// Defect (found by review): the idempotency and pacing prefixes did not include the
+    /// namespace by default, so two deployments sharing a Redis shared records by id (a reused
+    /// id replayed another deployment's answer) and pacing budgets.
+    #[test]
+    fn default_prefixes_keep_deployments_apart() {
+        let toml = |ns: &str| {
+            format!(
+                "[broker]\nnamespace = \"{ns}\"\n[media]\nprefix_template = \"{{namespace}}/{{instance}}/{{chat_jid}}/\"\n[instances.a]\nkind = \"simulated\"\ntoken_sha256 = \"{}\"\n",
+                "0".repeat(64)
+            )
+        };
+        let blue = Config::from_toml(&toml("blue")).unwrap();
+        let green = Config::from_toml(&toml("green")).unwrap();
+        assert_eq!(blue.idempotency_prefix(), "chat-delete:idem:blue:");
+        assert_eq!(blue.pacing_prefix(), "chat-delete:pacing:blue:");
+        assert_ne!(blue.idempotency_prefix(), green.idempotency_prefix());
+        assert_ne!(blue.pacing_prefix(), green.pacing_prefix());
+        assert_ne!(blue.ownership_prefix(), green.ownership_prefix());
+        assert_eq!(blue.media.prefix_template, "blue/{instance}/{chat_jid}/");
     }
 
     #[test]

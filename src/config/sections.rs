@@ -83,6 +83,11 @@ pub struct BrokerConfig {
     /// for one the broker stopped feeding (RabbitMQ can strand a consumer's deliveries after a
     /// quorum-queue leader change): the worker reconnects. 0 turns the check off.
     pub stall_after_ms: u64,
+    /// AMQP heartbeat (seconds) asked of the broker, unless `url` sets one: a worker that is
+    /// frozen (a long pause, a VM stall) or cut off is detected by the broker after two to
+    /// three of them (RabbitMQ), which then hands its queues and the deliveries it held to the
+    /// instances' next owners: well within the ownership lease. 0 leaves it to the broker (RabbitMQ: 60 s).
+    pub heartbeat_secs: u16,
 }
 
 impl Default for BrokerConfig {
@@ -99,6 +104,7 @@ impl Default for BrokerConfig {
             nodes: Vec::new(),
             management_url: None,
             stall_after_ms: 30_000,
+            heartbeat_secs: 3,
         }
     }
 }
@@ -155,8 +161,14 @@ pub struct IdempotencyConfig {
     pub path: Option<PathBuf>,
     /// Redis URL (may carry credentials: prefer `CDW__IDEMPOTENCY__REDIS_URL`).
     pub redis_url: String,
-    /// Prefix of the Redis keys.
+    /// Prefix of the Redis keys; `{namespace}` stands for `broker.namespace`, so deployments
+    /// sharing a Redis keep apart.
     pub key_prefix: String,
+    /// Redis: replicas that must acknowledge a write that records an effect (a delete, a
+    /// result) before it counts (`WAIT`); 0 trusts the primary alone.
+    pub redis_wait_replicas: u32,
+    /// How long one `WAIT` may take (an unacknowledged write is retried like an outage).
+    pub redis_wait_timeout_ms: u64,
     /// How long 200 and 4xx results are remembered and replayed.
     pub keep_secs: u64,
     /// How long a claim on an id excludes other deliveries of it unless renewed: the worker
@@ -175,7 +187,9 @@ impl Default for IdempotencyConfig {
             backend: IdempotencyBackend::Embedded,
             path: None,
             redis_url: "redis://127.0.0.1:6379".into(),
-            key_prefix: "chat-delete:idem:".into(),
+            key_prefix: "chat-delete:idem:{namespace}:".into(),
+            redis_wait_replicas: 0,
+            redis_wait_timeout_ms: 400,
             keep_secs: 24 * 3600,
             lease_secs: 30,
             outage_wait_ms: 10_000,
@@ -297,8 +311,11 @@ pub struct PacingConfig {
     /// Deletes each token may start per minute: across all workers with the Redis idempotency
     /// store (kept in Redis), else per worker process.
     pub deletes_per_minute: PacingLimit,
+    /// Deletes a quiet token may start at once beyond the first: no sliding minute holds more
+    /// than `deletes_per_minute + burst`.
+    pub burst: u32,
     /// Prefix of the per-token pacing keys in Redis (apart from the idempotency records, whose
-    /// keys end with whatever id a publisher sends).
+    /// keys end with whatever id a publisher sends); `{namespace}` as for the records.
     pub redis_key_prefix: String,
 }
 
@@ -306,7 +323,8 @@ impl Default for PacingConfig {
     fn default() -> Self {
         Self {
             deletes_per_minute: PacingLimit::PerMinute(100),
-            redis_key_prefix: "chat-delete:pacing:".into(),
+            burst: 0,
+            redis_key_prefix: "chat-delete:pacing:{namespace}:".into(),
         }
     }
 }
@@ -352,6 +370,8 @@ pub enum SimulatedFailure {
     Timeout,
     ServerError,
     Rejected,
+    /// The delete is applied, then its answer times out (as a real send whose reply is late).
+    TimeoutAfterEffect,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -361,10 +381,14 @@ pub struct SimulatedConfig {
     pub connected: bool,
     /// Time each delete takes.
     pub latency_ms: u64,
+    /// Run each delete on a task of its own once its turn comes, as the real session's actor
+    /// does: a command dropped while its delete is being sent does not stop the delete.
+    pub detached_effects: bool,
     /// The first N deletes fail with `failure`.
     pub fail_first: u32,
     pub failure: SimulatedFailure,
-    /// Appends one line per delete performed (time, chat) to this file, flushed to disk.
+    /// Appends one line per delete performed (time in µs, chat, the mutation's time in ms) to
+    /// this file, flushed to disk.
     pub effects_log: Option<PathBuf>,
     /// When set, the session is connected exactly while this file exists (lets tests and
     /// harnesses connect an instance while the worker runs).
@@ -372,6 +396,9 @@ pub struct SimulatedConfig {
     /// What a phone number resolves to (digits as given -> JID deleted); any other number is
     /// its own `<digits>@s.whatsapp.net`.
     pub resolve: std::collections::BTreeMap<String, crate::pipeline::request::ChatJid>,
+    /// The instance's chat list (JIDs): a 200 says `chat_known = true` for a chat in it and
+    /// `false` for another; without it, `unknown`.
+    pub chat_list: Option<std::collections::BTreeSet<String>>,
     /// A folder standing for WhatsApp's servers, shared by every worker: the session is
     /// connected only while it is the instance's latest client there. A delete by a client
     /// another one replaced is refused and logged: to `overlaps.log` when the client checked
@@ -385,11 +412,13 @@ impl Default for SimulatedConfig {
         Self {
             connected: true,
             latency_ms: 0,
+            detached_effects: false,
             fail_first: 0,
             failure: SimulatedFailure::NotConnected,
             effects_log: None,
             connected_flag_file: None,
             resolve: Default::default(),
+            chat_list: None,
             world_dir: None,
         }
     }

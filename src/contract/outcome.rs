@@ -5,6 +5,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde::Serialize;
 
+use super::receipt::Receipt;
 use super::wire::*;
 use crate::pipeline::request::ChatJid;
 
@@ -159,6 +160,8 @@ pub struct EventContext<'a> {
     pub chat: Option<&'a ChatJid>,
     pub attempts: u32,
     pub replayed: bool,
+    /// On a 200: what happened.
+    pub receipt: Option<&'a Receipt>,
     /// W3C trace context carried over from the command.
     pub traceparent: Option<&'a str>,
     pub app_id: &'a str,
@@ -204,6 +207,16 @@ pub fn render(outcome: &Outcome, ctx: &EventContext<'_>) -> ResultEvent {
         AMQPValue::LongInt(ctx.attempts.min(i32::MAX as u32) as i32),
     );
     put(REPLAYED_HEADER, AMQPValue::Boolean(ctx.replayed));
+    if let Some(receipt) = ctx.receipt.filter(|_| outcome.is_success()) {
+        put(CHAT_KNOWN_HEADER, text(receipt.chat_known.as_str()));
+        put(CHAT_KIND_HEADER, text(receipt.chat_kind.as_str()));
+        put(DELETED_AT_HEADER, text(&receipt.deleted_at()));
+        if let Some(media) = receipt.media {
+            let count = |n: u64| AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX));
+            put(MEDIA_OBJECTS_DELETED_HEADER, count(media.objects));
+            put(MEDIA_BYTES_DELETED_HEADER, count(media.bytes));
+        }
+    }
     put(CE_SPECVERSION_HEADER, text(CE_SPECVERSION));
     put(CE_ID_HEADER, text(event_id));
     put(

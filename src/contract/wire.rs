@@ -38,6 +38,12 @@ pub const INSTANCE_HEADER: &str = "instance";
 pub const IDEMPOTENCY_ID_HEADER: &str = "idempotency_id";
 pub const ATTEMPTS_HEADER: &str = "attempts";
 pub const REPLAYED_HEADER: &str = "replayed";
+/// On a 200, what happened (the receipt; a replay repeats the first answer's).
+pub const CHAT_KNOWN_HEADER: &str = "chat_known";
+pub const CHAT_KIND_HEADER: &str = "chat_kind";
+pub const DELETED_AT_HEADER: &str = "deleted_at";
+pub const MEDIA_OBJECTS_DELETED_HEADER: &str = "media_objects_deleted";
+pub const MEDIA_BYTES_DELETED_HEADER: &str = "media_bytes_deleted";
 /// CloudEvents attributes in binary mode.
 pub const CE_SPECVERSION_HEADER: &str = "cloudEvents_specversion";
 pub const CE_ID_HEADER: &str = "cloudEvents_id";

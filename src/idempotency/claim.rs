@@ -115,4 +115,8 @@ impl Fence for Claim {
             Ok(())
         }
     }
+
+    fn valid_until(&self) -> Option<Instant> {
+        Some(self.state().valid_until)
+    }
 }

@@ -15,7 +15,7 @@ pub mod claim;
 mod embedded;
 mod redis;
 
-pub use self::redis::RedisStore;
+pub use self::redis::{Durability, RESPONSE_TIMEOUT, RedisStore, connection_config};
 pub use claim::Claim;
 pub use embedded::EmbeddedStore;
 
@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::TokenHash;
-use crate::contract::Outcome;
+use crate::contract::{Deletion, Outcome, Receipt};
 use crate::pipeline::request::DeleteRequest;
 
 /// instance + token hash + normalised body, hashed.
@@ -76,13 +76,24 @@ impl Fingerprint {
 pub struct Remembered {
     pub outcome: Outcome,
     pub attempts: u32,
+    /// A 200's receipt (none in records of earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<Receipt>,
 }
 
 /// The answer to "may I work on this id?".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Begin {
     /// Go ahead, holding the lease `claim`; `chat_deleted` means only the purge is left.
-    Claimed { claim: String, chat_deleted: bool },
+    /// `seen_ms` is when the id was first seen (Unix ms): chosen once and kept with the record,
+    /// so every try of the id sends the same mutation.
+    Claimed {
+        claim: String,
+        chat_deleted: bool,
+        seen_ms: u64,
+        /// What the delete did, when a try recorded it (not in records of earlier versions).
+        deletion: Option<Deletion>,
+    },
     /// Done before with the same request: answer with this, do nothing.
     Replay(Remembered),
     /// Used before with a different request.
@@ -91,12 +102,17 @@ pub enum Begin {
     Busy,
 }
 
-/// A granted claim: the id, the claim's name, and the request it is for.
+/// A granted claim: the id, the claim's name, the request it is for, and the generation of
+/// the instance lease it was taken under (0 without ownership): a record written again by a
+/// renewal or a mark keeps it, so the next owner can still take it over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Held {
     pub id: String,
     pub claim: String,
     pub fingerprint: Fingerprint,
+    pub generation: u64,
+    /// When the id was first seen (see [`Begin::Claimed`]), written again with the record.
+    pub seen_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,20 +210,37 @@ pub struct Lifetimes {
 
 #[async_trait::async_trait]
 pub trait IdempotencyStore: Send + Sync {
-    /// May this delivery work on `id`? `generation` is that of this worker's lease on the
-    /// command's instance (0 without ownership): a live claim taken under an older one was the
-    /// previous owner's, which its fence keeps from every effect now, so it is taken over
-    /// rather than waited out.
+    /// A claim name unique to this process: drawn once per delivery, so a begin asked again
+    /// (its reply was lost) is recognised as the same asker.
+    fn new_claim(&self) -> String;
+
+    /// May this delivery, as `claim`, work on `id`? `generation` is that of this worker's
+    /// lease on the command's instance (0 without ownership): a live claim taken under an
+    /// older one was the previous owner's, which its fence keeps from every effect now, so it
+    /// is taken over rather than waited out. A live claim named `claim` is this delivery's own
+    /// (an earlier begin whose answer was lost) and is granted again.
+    async fn begin_as(
+        &self,
+        id: &str,
+        fingerprint: &Fingerprint,
+        generation: u64,
+        claim: &str,
+    ) -> Result<Begin, StoreError>;
+
+    /// [`Self::begin_as`] under a fresh claim name.
     async fn begin(
         &self,
         id: &str,
         fingerprint: &Fingerprint,
         generation: u64,
-    ) -> Result<Begin, StoreError>;
+    ) -> Result<Begin, StoreError> {
+        let claim = self.new_claim();
+        self.begin_as(id, fingerprint, generation, &claim).await
+    }
     /// Extends the claim by a lease from now; `false` when another delivery holds the id now.
     async fn renew(&self, held: &Held) -> Result<bool, StoreError>;
-    /// The chat delete of this id happened: a later try skips it.
-    async fn mark_chat_deleted(&self, held: &Held) -> Result<(), StoreError>;
+    /// The chat delete of this id happened (as `deletion` says): a later try skips it.
+    async fn mark_chat_deleted(&self, held: &Held, deletion: &Deletion) -> Result<(), StoreError>;
     /// Keeps the final result and ends the claim. Returns what is remembered now: `result`,
     /// or the result another delivery of the same request remembered first.
     async fn remember(&self, held: &Held, result: &Remembered) -> Result<Remembered, StoreError>;
@@ -227,6 +260,12 @@ struct Record {
     lease_until_ms: u64,
     chat_deleted: bool,
     result: Option<Remembered>,
+    /// When the id was first seen (Unix ms; 0 in records of earlier versions).
+    #[serde(default)]
+    seen_ms: u64,
+    /// What the delete did, once recorded.
+    #[serde(default)]
+    deletion: Option<Deletion>,
 }
 
 fn now_ms() -> u64 {
@@ -237,7 +276,7 @@ fn now_ms() -> u64 {
 }
 
 /// A claim name unique to this process and call (no random bytes needed on the hot path).
-fn new_claim(process: &str) -> String {
+fn claim_name(process: &str) -> String {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!("{process}/{n}")
@@ -272,10 +311,14 @@ fn decide_begin(
             lease_until_ms,
             chat_deleted: false,
             result: None,
+            seen_ms: now,
+            deletion: None,
         };
         let begin = Begin::Claimed {
             claim: claim.to_owned(),
             chat_deleted: false,
+            seen_ms: now,
+            deletion: None,
         };
         return (begin, Some(record));
     };
@@ -285,15 +328,21 @@ fn decide_begin(
     if let Some(result) = &record.result {
         return (Begin::Replay(result.clone()), None);
     }
-    if lease_is_live(&record, now, dead_owner) {
+    let own = record.lease_owner.as_deref() == Some(claim);
+    if !own && lease_is_live(&record, now, dead_owner) {
         return (Begin::Busy, None);
     }
     record.lease_owner = Some(claim.to_owned());
     record.lease_until_ms = lease_until_ms;
     record.expires_ms = record.expires_ms.max(lease_until_ms);
+    if record.seen_ms == 0 {
+        record.seen_ms = now;
+    }
     let begin = Begin::Claimed {
         claim: claim.to_owned(),
         chat_deleted: record.chat_deleted,
+        seen_ms: record.seen_ms,
+        deletion: record.deletion.clone(),
     };
     (begin, Some(record))
 }
@@ -320,7 +369,9 @@ mod tests {
             b,
             Begin::Claimed {
                 claim: "c1".into(),
-                chat_deleted: false
+                chat_deleted: false,
+                seen_ms: 1_000,
+                deletion: None,
             }
         );
         let mut rec = rec.unwrap();
@@ -332,6 +383,11 @@ mod tests {
             decide_begin(Some(rec.clone()), &fp("a"), "c2", 2_000, L, never).0,
             Begin::Busy
         );
+        // Asked again by the claim that holds it (its first answer was lost): granted.
+        assert!(matches!(
+            decide_begin(Some(rec.clone()), &fp("a"), "c1", 2_000, L, never).0,
+            Begin::Claimed { seen_ms: 1_000, .. }
+        ));
         // A lease past its time, or of a dead owner, can be taken over, keeping the progress.
         rec.chat_deleted = true;
         let (b, _) = decide_begin(Some(rec.clone()), &fp("a"), "c2", 20_000, L, never);
@@ -339,7 +395,9 @@ mod tests {
             b,
             Begin::Claimed {
                 claim: "c2".into(),
-                chat_deleted: true
+                chat_deleted: true,
+                seen_ms: 1_000,
+                deletion: None,
             }
         );
         let (b, _) = decide_begin(Some(rec.clone()), &fp("a"), "c2", 2_000, L, |_| true);
@@ -347,6 +405,7 @@ mod tests {
         let done = Remembered {
             outcome: Outcome::InvalidNumber,
             attempts: 1,
+            receipt: None,
         };
         rec.result = Some(done.clone());
         assert_eq!(
@@ -448,11 +507,35 @@ mod tests {
                 r#"{"Deleted":{"chat":"5511999999999@s.whatsapp.net","delete_media":true}}"#,
             ),
         ];
+        // A 200 with its receipt (records of earlier versions have none).
+        let with_receipt = Remembered {
+            outcome: Outcome::Deleted {
+                chat: normalise_number("5511999999999").unwrap(),
+                delete_media: true,
+            },
+            attempts: 1,
+            receipt: Some(Receipt {
+                chat_known: crate::contract::ChatKnown::Unknown,
+                chat_kind: crate::contract::ChatKind::User,
+                deleted_at_ms: 1_733_000_000_123,
+                media: Some(crate::contract::MediaErased {
+                    objects: 2,
+                    bytes: 15,
+                }),
+            }),
+        };
+        let stored = r#"{"outcome":{"Deleted":{"chat":"5511999999999@s.whatsapp.net","delete_media":true}},"attempts":1,"receipt":{"chat_known":"unknown","chat_kind":"user","deleted_at_ms":1733000000123,"media":{"objects":2,"bytes":15}}}"#;
+        assert_eq!(serde_json::to_string(&with_receipt).unwrap(), stored);
+        assert_eq!(
+            serde_json::from_str::<Remembered>(stored).unwrap(),
+            with_receipt
+        );
         for (outcome, json) in golden {
             let stored = format!(r#"{{"outcome":{json},"attempts":2}}"#);
             let remembered = Remembered {
                 outcome,
                 attempts: 2,
+                receipt: None,
             };
             assert_eq!(serde_json::to_string(&remembered).unwrap(), stored);
             assert_eq!(

@@ -19,8 +19,9 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
     Begin, Fingerprint, Held, IdempotencyStore, Lifetimes, Remembered, SettledHint, StoreError,
-    new_claim, now_ms,
+    claim_name, now_ms,
 };
+use crate::contract::Deletion;
 
 /// `now` in ms on Redis's clock.
 const NOW: &str = r#"
@@ -29,19 +30,23 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 "#;
 
 /// The record operations, applied in order in one call: KEYS[1] is the expiry index, KEYS[i+1]
-/// the record of the i-th operation, and ARGV holds seven values per operation: its name, the
-/// fingerprint, the claim, two operation-specific values, the id and the asker's generation.
-/// Each operation answers with a list of strings.
+/// the record of the i-th operation, and ARGV holds nine values per operation: its name, the
+/// fingerprint, the claim, two operation-specific values, the id, the generation of the
+/// claim's instance lease, when the id was first seen, and what a delete did (a mark's). Each
+/// operation answers with a list of strings.
 const OPERATIONS: &str = r#"
 local index = KEYS[1]
 
 -- A fresh record of this request, claimed by `claim` under generation `gen` of its
 -- instance's lease, where there is none (or only an expired one, which the caller deletes
--- first).
-local function create(key, fp, claim, lease_ms, keep_ms, id, gen)
+-- first). `seen` is when the id was first seen: now for a new id, the claim's own for a
+-- record written again.
+local function create(key, fp, claim, lease_ms, keep_ms, id, gen, seen)
+  if tonumber(seen or '0') == 0 then seen = now end
   redis.call('HSET', key, 'fp', fp, 'lease_owner', claim, 'lease_until', now + lease_ms,
-    'chat_deleted', '0', 'expires', now + keep_ms, 'gen', gen)
+    'chat_deleted', '0', 'expires', now + keep_ms, 'gen', gen, 'seen', seen)
   redis.call('ZADD', index, now + keep_ms, id)
+  return seen
 end
 
 -- A claim taken under an older generation of the instance's lease (the fingerprint names the
@@ -57,15 +62,23 @@ local op = {}
 function op.begin(key, fp, claim, lease_ms, keep_ms, id, gen)
   lease_ms, keep_ms = tonumber(lease_ms), tonumber(keep_ms)
   local r = redis.call('HMGET', key, 'fp', 'result', 'lease_owner', 'lease_until', 'chat_deleted',
-    'expires', 'gen')
+    'expires', 'gen', 'seen', 'deletion')
   if not r[1] or (r[6] and tonumber(r[6]) <= now) then
     if r[1] then redis.call('DEL', key) end
-    create(key, fp, claim, lease_ms, keep_ms, id, gen)
-    return {'claimed', '0'}
+    local seen = create(key, fp, claim, lease_ms, keep_ms, id, gen, '0')
+    return {'claimed', '0', tostring(seen), ''}
   end
   if r[1] ~= fp then return {'conflict'} end
   if r[2] then return {'replay', r[2]} end
-  if r[3] and tonumber(r[4]) > now and not outlived(r[7], gen) then return {'busy'} end
+  -- A live claim of another asker waits; the asker's own (its earlier answer was lost) is its.
+  if r[3] and r[3] ~= claim and tonumber(r[4]) > now and not outlived(r[7], gen) then
+    return {'busy'}
+  end
+  local seen = r[8]
+  if not seen then
+    seen = tostring(now)
+    redis.call('HSET', key, 'seen', seen)
+  end
   redis.call('HSET', key, 'lease_owner', claim, 'lease_until', now + lease_ms, 'gen', gen)
   if not r[6] then
     -- A record of an earlier version, kept alive by a TTL: give it an expiry of ours.
@@ -73,16 +86,16 @@ function op.begin(key, fp, claim, lease_ms, keep_ms, id, gen)
     redis.call('ZADD', index, now + keep_ms, id)
     redis.call('PERSIST', key)
   end
-  return {'claimed', r[5] or '0'}
+  return {'claimed', r[5] or '0', seen, r[9] or ''}
 end
 
 -- '1' when the claim is (again) ours.
-function op.renew(key, fp, claim, lease_ms, keep_ms, id, gen)
+function op.renew(key, fp, claim, lease_ms, keep_ms, id, gen, seen)
   lease_ms, keep_ms = tonumber(lease_ms), tonumber(keep_ms)
   local r = redis.call('HMGET', key, 'fp', 'lease_owner', 'result')
   if not r[1] then
     -- The record vanished (lost, or an earlier version's TTL ran out): nobody else holds it.
-    create(key, fp, claim, lease_ms, keep_ms, id, gen)
+    create(key, fp, claim, lease_ms, keep_ms, id, gen, seen)
     return {'1'}
   end
   if r[1] ~= fp or r[3] or r[2] ~= claim then return {'0'} end
@@ -92,11 +105,13 @@ function op.renew(key, fp, claim, lease_ms, keep_ms, id, gen)
   return {'1'}
 end
 
-function op.mark(key, fp, claim, lease_ms, keep_ms, id, gen)
+function op.mark(key, fp, claim, lease_ms, keep_ms, id, gen, seen, deletion)
   local current = redis.call('HGET', key, 'fp')
   if current and current ~= fp then return {'superseded'} end
-  if not current then create(key, fp, claim, tonumber(lease_ms), tonumber(keep_ms), id, gen) end
-  redis.call('HSET', key, 'chat_deleted', '1')
+  if not current then
+    create(key, fp, claim, tonumber(lease_ms), tonumber(keep_ms), id, gen, seen)
+  end
+  redis.call('HSET', key, 'chat_deleted', '1', 'deletion', deletion)
   return {'ok'}
 end
 
@@ -130,9 +145,9 @@ end
 -- another's error after its own effect happened.
 local answers = {}
 for i = 2, #KEYS do
-  local a = (i - 2) * 7
+  local a = (i - 2) * 9
   local ok, answer = pcall(op[ARGV[a + 1]], KEYS[i], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
-    ARGV[a + 5], ARGV[a + 6], ARGV[a + 7])
+    ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8], ARGV[a + 9])
   if not ok then
     if type(answer) == 'table' then answer = answer.err end
     answer = {'error', tostring(answer)}
@@ -155,6 +170,18 @@ end
 return #due
 "#;
 
+/// How long a Redis call may take before it counts as unanswered (the client's default).
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How the workers' Redis connections behave: calls answered within `response`, and after a
+/// lost connection attempts a quarter of a second apart at most, so that a Redis back from an
+/// outage is used again within a tick (the client's default backoff waits up to 3.2 s).
+pub fn connection_config(response: Duration) -> ::redis::aio::ConnectionManagerConfig {
+    ::redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(response))
+        .set_max_delay(Duration::from_millis(250))
+}
+
 /// How often each worker sweeps, and how many records at most per sweep (more sweeps follow
 /// at once while there is more to do).
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -169,7 +196,7 @@ const CALLS_IN_FLIGHT: usize = 4;
 /// nothing.
 const CLOCK_MARGIN_MS: u64 = 60_000;
 
-/// One record operation on its way to Redis: the script's seven values after the record's key.
+/// One record operation on its way to Redis: the script's nine values after the record's key.
 struct Operation {
     name: &'static str,
     id: String,
@@ -177,10 +204,22 @@ struct Operation {
     claim: String,
     a: String,
     b: String,
-    /// The generation of the asker's lease on the instance, for a begin; 0 otherwise (a record
-    /// written again by another operation waits out its claim's lease).
+    /// The generation of the claim's instance lease (the asker's, for a begin).
     generation: u64,
+    /// When the id was first seen, for a record written again (0 for a begin).
+    seen: u64,
+    /// A mark's: what the delete did (JSON).
+    deletion: String,
     reply: oneshot::Sender<Result<Vec<String>, StoreError>>,
+}
+
+/// What a write that records an effect waits for before it counts as done: `replicas`
+/// replicas acknowledging it (`WAIT`), within `timeout` (an unacknowledged write is an outage:
+/// its command waits and asks again).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Durability {
+    pub replicas: u32,
+    pub timeout: Duration,
 }
 
 /// A record's fingerprint, result and expiry, as a look reads them.
@@ -208,13 +247,27 @@ impl RedisStore {
         prefix: &str,
         lifetimes: Lifetimes,
     ) -> Result<Self, StoreError> {
+        Self::connect_durable(url, prefix, lifetimes, Durability::default()).await
+    }
+
+    /// As [`Self::connect`], with writes that record an effect waiting for `durability`.
+    pub async fn connect_durable(
+        url: &str,
+        prefix: &str,
+        lifetimes: Lifetimes,
+        durability: Durability,
+    ) -> Result<Self, StoreError> {
         let client = ::redis::Client::open(url)?;
-        let connection =
-            tokio::time::timeout(Duration::from_secs(10), ConnectionManager::new(client))
-                .await
-                .map_err(|_| {
-                    ::redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
-                })??;
+        // A `WAIT` must be answered before the connection gives up on it.
+        let answer_within = RESPONSE_TIMEOUT.max(durability.timeout + Duration::from_millis(200));
+        let config = connection_config(answer_within);
+        let connecting = ConnectionManager::new_with_config(client, config);
+        let connection = tokio::time::timeout(Duration::from_secs(10), connecting)
+            .await
+            .map_err(|_| {
+                ::redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+            })??;
+        warn_unless_durable(&mut connection.clone(), durability).await;
         tokio::spawn(sweep(
             connection.clone(),
             prefix.to_owned(),
@@ -228,6 +281,7 @@ impl RedisStore {
                 script.clone(),
                 owned_prefix.clone(),
                 to_script.clone(),
+                durability,
                 batch,
             )
         }));
@@ -289,7 +343,17 @@ impl RedisStore {
         held: Held,
         a: String,
         b: String,
-        generation: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        self.run_with(name, held, a, b, String::new()).await
+    }
+
+    async fn run_with(
+        &self,
+        name: &'static str,
+        held: Held,
+        a: String,
+        b: String,
+        deletion: String,
     ) -> Result<Vec<String>, StoreError> {
         let (reply, answer) = oneshot::channel();
         let operation = Operation {
@@ -299,7 +363,9 @@ impl RedisStore {
             claim: held.claim,
             a,
             b,
-            generation,
+            generation: held.generation,
+            seen: held.seen_ms,
+            deletion,
             reply,
         };
         self.operations.send(operation).map_err(|_| stopped())?;
@@ -310,7 +376,7 @@ impl RedisStore {
     async fn on_claim(&self, name: &'static str, held: &Held) -> Result<Vec<String>, StoreError> {
         let (lease, keep) = (self.lease_ms(), self.keep_ms());
         let (a, b) = (lease.to_string(), keep.to_string());
-        self.run(name, held.clone(), a, b, 0).await
+        self.run(name, held.clone(), a, b).await
     }
 
     fn lease_ms(&self) -> u64 {
@@ -319,6 +385,34 @@ impl RedisStore {
 
     fn keep_ms(&self) -> u64 {
         self.lifetimes.keep.as_millis() as u64
+    }
+}
+
+/// Says so when a remembered result could be lost while its answer is out: a Redis that does
+/// not fsync every write (a host crash loses up to a second of them) and no replica to wait
+/// for. Managed servers that refuse `CONFIG` are left alone.
+async fn warn_unless_durable(connection: &mut ConnectionManager, durability: Durability) {
+    if durability.replicas > 0 {
+        return;
+    }
+    let config: ::redis::RedisResult<Vec<String>> = ::redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("append*")
+        .query_async(connection)
+        .await;
+    let Ok(config) = config else { return };
+    let get = |key: &str| {
+        let at = config.iter().position(|k| k == key)?;
+        config.get(at + 1).map(String::as_str)
+    };
+    if get("appendonly") != Some("yes") || get("appendfsync") != Some("always") {
+        tracing::warn!(
+            appendonly = get("appendonly").unwrap_or("?"),
+            appendfsync = get("appendfsync").unwrap_or("?"),
+            "The idempotency Redis does not fsync every write and no replica is waited for \
+             (idempotency.redis_wait_replicas): a crash of its host can forget answered results, \
+             and a duplicate of one would be deleted again."
+        );
     }
 }
 
@@ -354,11 +448,13 @@ where
     }
 }
 
-/// Runs a batch of operations in one script call.
+/// Runs a batch of operations in one script call; when the batch records an effect (a mark,
+/// a result) and `durability` asks for replicas, its answers wait for them.
 async fn run_script(
     script: Arc<Script>,
     prefix: String,
     mut connection: ConnectionManager,
+    durability: Durability,
     scripted: Vec<Operation>,
 ) {
     let mut invocation = script.key(&prefix);
@@ -371,12 +467,44 @@ async fn run_script(
             .arg(&op.a)
             .arg(&op.b)
             .arg(&op.id)
-            .arg(op.generation);
+            .arg(op.generation)
+            .arg(op.seen)
+            .arg(&op.deletion);
     }
     let answers: ::redis::RedisResult<Vec<Vec<String>>> =
         invocation.invoke_async(&mut connection).await;
-    let answers = answers.map(|each| each.into_iter().map(failed_alone).collect());
+    let mut answers: ::redis::RedisResult<Vec<Result<Vec<String>, StoreError>>> =
+        answers.map(|each| each.into_iter().map(failed_alone).collect());
+    let records_effects = |op: &Operation| matches!(op.name, "mark" | "remember");
+    if durability.replicas > 0
+        && scripted.iter().any(records_effects)
+        && let Ok(each) = &mut answers
+    {
+        // WAIT covers every write sent before it on this connection, this batch's included.
+        let acked: ::redis::RedisResult<u32> = ::redis::cmd("WAIT")
+            .arg(durability.replicas)
+            .arg(durability.timeout.as_millis() as u64)
+            .query_async(&mut connection)
+            .await;
+        if !acked.as_ref().is_ok_and(|n| *n >= durability.replicas) {
+            let why = match acked {
+                Ok(n) => format!("{n} of {} replicas acknowledged", durability.replicas),
+                Err(e) => e.to_string(),
+            };
+            for (answer, op) in each.iter_mut().zip(&scripted) {
+                if records_effects(op) && answer.is_ok() {
+                    *answer = Err(not_durable(&why));
+                }
+            }
+        }
+    }
     answer_each(scripted.into_iter().map(|op| op.reply).collect(), answers);
+}
+
+/// A write the replicas did not acknowledge in time: an outage (the command waits).
+fn not_durable(why: &str) -> StoreError {
+    let error = std::io::Error::new(std::io::ErrorKind::TimedOut, format!("not durable: {why}"));
+    StoreError::Redis(error.into())
 }
 
 /// Reads the records of a batch of looks in one pipeline; each look fails alone.
@@ -449,11 +577,16 @@ fn unexpected(reply: &[String]) -> StoreError {
 
 #[async_trait::async_trait]
 impl IdempotencyStore for RedisStore {
-    async fn begin(
+    fn new_claim(&self) -> String {
+        claim_name(&self.process)
+    }
+
+    async fn begin_as(
         &self,
         id: &str,
         fingerprint: &Fingerprint,
         generation: u64,
+        claim: &str,
     ) -> Result<Begin, StoreError> {
         // A replay (re-running a batch) costs Redis one HMGET instead of a script.
         if self.hint.should_look() {
@@ -465,16 +598,26 @@ impl IdempotencyStore for RedisStore {
         }
         let held = Held {
             id: id.to_owned(),
-            claim: new_claim(&self.process),
+            claim: claim.to_owned(),
             fingerprint: fingerprint.clone(),
+            generation,
+            seen_ms: 0,
         };
-        let claim = held.claim.clone();
         let (lease, keep) = (self.lease_ms().to_string(), self.keep_ms().to_string());
-        let reply = self.run("begin", held, lease, keep, generation).await?;
+        let reply = self.run("begin", held, lease, keep).await?;
         match reply.first().map(String::as_str) {
             Some("claimed") => Ok(Begin::Claimed {
-                claim,
+                claim: claim.to_owned(),
                 chat_deleted: reply.get(1).map(String::as_str) == Some("1"),
+                seen_ms: reply
+                    .get(2)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_else(now_ms),
+                // Unreadable (an earlier version's): the delete happened, its details are lost.
+                deletion: reply
+                    .get(3)
+                    .filter(|json| !json.is_empty())
+                    .and_then(|json| serde_json::from_str(json).ok()),
             }),
             Some("conflict") => Ok(Begin::Conflict),
             Some("busy") => Ok(Begin::Busy),
@@ -493,8 +636,13 @@ impl IdempotencyStore for RedisStore {
         Ok(reply.first().map(String::as_str) == Some("1"))
     }
 
-    async fn mark_chat_deleted(&self, held: &Held) -> Result<(), StoreError> {
-        let reply = self.on_claim("mark", held).await?;
+    async fn mark_chat_deleted(&self, held: &Held, deletion: &Deletion) -> Result<(), StoreError> {
+        let (lease, keep) = (self.lease_ms().to_string(), self.keep_ms().to_string());
+        let deletion =
+            serde_json::to_string(deletion).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let reply = self
+            .run_with("mark", held.clone(), lease, keep, deletion)
+            .await?;
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(()),
             _ => Err(StoreError::Superseded),
@@ -504,7 +652,7 @@ impl IdempotencyStore for RedisStore {
     async fn remember(&self, held: &Held, result: &Remembered) -> Result<Remembered, StoreError> {
         let json = serde_json::to_string(result).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let keep = self.keep_ms().to_string();
-        let reply = self.run("remember", held.clone(), json, keep, 0).await?;
+        let reply = self.run("remember", held.clone(), json, keep).await?;
         match (
             reply.first().map(String::as_str),
             reply.get(1).map(String::as_str),
@@ -518,7 +666,7 @@ impl IdempotencyStore for RedisStore {
 
     async fn release(&self, held: &Held) -> Result<(), StoreError> {
         let (a, b) = (String::new(), String::new());
-        self.run("release", held.clone(), a, b, 0).await.map(drop)
+        self.run("release", held.clone(), a, b).await.map(drop)
     }
 
     async fn ping(&self) -> bool {
@@ -595,6 +743,8 @@ mod tests {
                     id: id.clone(),
                     claim,
                     fingerprint: fp.clone(),
+                    generation: 0,
+                    seen_ms: 0,
                 }),
                 _ => None,
             })
@@ -602,6 +752,7 @@ mod tests {
         let done = Remembered {
             outcome: Outcome::InvalidNumber,
             attempts: 1,
+            receipt: None,
         };
         let remembered = join_all(held.iter().map(|h| store.remember(h, &done))).await;
         assert!(remembered.iter().all(|r| r.as_ref().ok() == Some(&done)));
@@ -645,6 +796,8 @@ mod tests {
                 id: "wrongtype".into(),
                 claim: "c".into(),
                 fingerprint: fp.clone(),
+                generation: 0,
+                seen_ms: 0,
             },
         );
         let renewed = join_all(renewing.iter().map(|h| store.renew(h))).await;
@@ -668,6 +821,14 @@ mod tests {
             .unwrap();
     }
 
+    fn test_deletion() -> Deletion {
+        Deletion {
+            chat: crate::pipeline::request::normalise_number("5511999999999").unwrap(),
+            known: crate::contract::ChatKnown::Unknown,
+            at_ms: 1_733_000_000_000,
+        }
+    }
+
     /// A live claim taken under an older generation of the instance's lease (its previous
     /// owner's, whose fence refuses its effects now) is taken over at once by a begin under a
     /// newer one, keeping its progress; the claim of a lone worker (generation 0) and one of
@@ -687,9 +848,14 @@ mod tests {
                 id,
                 claim,
                 fingerprint,
+                generation,
+                seen_ms: 0,
             });
         }
-        store.mark_chat_deleted(&held[0]).await.unwrap();
+        store
+            .mark_chat_deleted(&held[0], &test_deletion())
+            .await
+            .unwrap();
         for generation in [0, 3] {
             let again = store.begin("left", &fp, generation).await.unwrap();
             assert_eq!(again, Begin::Busy, "asked under generation {generation}");
@@ -697,11 +863,12 @@ mod tests {
         let taken = store.begin("left", &fp, 4).await.unwrap();
         assert!(
             matches!(
-                taken,
+                &taken,
                 Begin::Claimed {
                     chat_deleted: true,
+                    deletion: Some(deletion),
                     ..
-                }
+                } if *deletion == test_deletion()
             ),
             "{taken:?}"
         );
@@ -721,6 +888,47 @@ mod tests {
             .unwrap();
     }
 
+    /// Defect (found by review): a renewal (or a mark) that found the record gone wrote it
+    /// again under generation 0, "no ownership", so the next owner's begin under a newer
+    /// generation waited for the claim to end instead of taking it over.
+    #[tokio::test]
+    async fn a_record_written_again_keeps_the_generation_of_its_claim() {
+        let (store, prefix) = store().await;
+        let fp = Fingerprint("a".into());
+        let Ok(Begin::Claimed { claim, seen_ms, .. }) = store.begin("again", &fp, 3).await else {
+            panic!("not claimed");
+        };
+        let held = Held {
+            id: "again".into(),
+            claim,
+            fingerprint: fp.clone(),
+            generation: 3,
+            seen_ms,
+        };
+        let key = format!("{prefix}again");
+        let mut conn = store.connection.clone();
+        let _: () = ::redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            store.renew(&held).await.unwrap(),
+            "renewed by writing it again"
+        );
+        let taken = store.begin("again", &fp, 4).await.unwrap();
+        assert!(
+            matches!(taken, Begin::Claimed { seen_ms: s, .. } if s == seen_ms),
+            "taken over with the first try's time: {taken:?}"
+        );
+        let _: () = ::redis::cmd("DEL")
+            .arg(&prefix)
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+
     /// A result answered soon after its claim keeps the claim's expiry (no index update); one
     /// answered later than a hundredth of the keep time is kept for the keep time from then.
     /// Either way the expiry field and the index agree, which the sweep relies on.
@@ -732,6 +940,7 @@ mod tests {
         let done = Remembered {
             outcome: Outcome::InvalidNumber,
             attempts: 1,
+            receipt: None,
         };
         let mut expiry = async |id: &str| -> (u64, u64) {
             let field: u64 = ::redis::cmd("HGET")
@@ -757,6 +966,8 @@ mod tests {
                 id: id.into(),
                 claim,
                 fingerprint: fp.clone(),
+                generation: 0,
+                seen_ms: 0,
             });
         }
         let (claimed, indexed) = expiry("quick").await;

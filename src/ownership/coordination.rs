@@ -14,22 +14,39 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local p = ARGV[1]
 "#;
 
-/// ARGV: prefix, member, capacity (0: leaving), lease ms, held count, then (instance,
-/// generation) per held lease, then every instance. Refreshes the member, drops expired ones,
-/// renews the held leases still ours, and answers (renewed flags, live members, capacities,
-/// lease holders).
+/// ARGV: prefix, member, capacity (0: not taking part), lease ms, held count, then (instance,
+/// generation) per held lease, then every instance the member knows. Refreshes the member and
+/// the instances it knows, drops expired members, renews the held leases still ours, and
+/// answers (renewed flags, live members, capacities, lease holders, per instance whether every
+/// live member knows it, whether the member just (re)joined).
 const HEARTBEAT: &str = r#"
 local me, lease, held = ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[5])
+local first = 6 + 2 * held
+local joined = 0
 if ARGV[3] == '0' then
   redis.call('ZREM', p .. 'members', me)
   redis.call('HDEL', p .. 'capacity', me)
+  redis.call('DEL', p .. 'knows:' .. me)
 else
+  -- Not a live member before: new, or an entry that outlived its lease (Redis came back from
+  -- an outage with its data, or the worker was paused).
+  local before = redis.call('ZSCORE', p .. 'members', me)
+  if not before or tonumber(before) <= now then joined = 1 end
   redis.call('ZADD', p .. 'members', now + lease, me)
   redis.call('HSET', p .. 'capacity', me, ARGV[3])
+  local knows = p .. 'knows:' .. me
+  if joined == 1 or redis.call('SCARD', knows) ~= #ARGV - first + 1 then
+    redis.call('DEL', knows)
+    for i = first, #ARGV, 1000 do
+      redis.call('SADD', knows, unpack(ARGV, i, math.min(i + 999, #ARGV)))
+    end
+  end
+  redis.call('PEXPIRE', knows, lease)
 end
 for _, gone in ipairs(redis.call('ZRANGEBYSCORE', p .. 'members', '-inf', now)) do
   redis.call('ZREM', p .. 'members', gone)
   redis.call('HDEL', p .. 'capacity', gone)
+  redis.call('DEL', p .. 'knows:' .. gone)
 end
 local renewed = {}
 for i = 1, held do
@@ -46,11 +63,24 @@ end
 local members = redis.call('ZRANGE', p .. 'members', 0, -1)
 local capacities = {}
 if #members > 0 then capacities = redis.call('HMGET', p .. 'capacity', unpack(members)) end
-local holders = {}
-for i = 6 + 2 * held, #ARGV do
-  holders[#holders + 1] = redis.call('GET', p .. 'lease:' .. ARGV[i]) or ''
+-- What every live member knows (a member of an earlier version, without its list, is taken
+-- to know everything).
+local lists = {}
+for _, member in ipairs(members) do
+  local knows = p .. 'knows:' .. member
+  if redis.call('EXISTS', knows) == 1 then lists[#lists + 1] = knows end
 end
-return {renewed, members, capacities, holders}
+local shared = nil
+if #lists > 0 then
+  shared = {}
+  for _, instance in ipairs(redis.call('SINTER', unpack(lists))) do shared[instance] = true end
+end
+local holders, everyone = {}, {}
+for i = first, #ARGV do
+  holders[#holders + 1] = redis.call('GET', p .. 'lease:' .. ARGV[i]) or ''
+  everyone[#everyone + 1] = (shared == nil or shared[ARGV[i]]) and 1 or 0
+end
+return {renewed, members, capacities, holders, everyone, joined}
 "#;
 
 /// ARGV: prefix, member, lease ms, then instances. Takes each free lease with the next
@@ -92,6 +122,17 @@ end
 return 0
 "#;
 
+/// The heartbeat script's answer: renewed flags, members, their capacities, lease holders,
+/// per instance whether every member knows it, and whether the member just joined.
+type HeartbeatReply = (
+    Vec<i64>,
+    Vec<String>,
+    Vec<Option<String>>,
+    Vec<String>,
+    Vec<i64>,
+    i64,
+);
+
 /// What a heartbeat saw.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -101,6 +142,10 @@ pub struct Snapshot {
     pub members: Vec<(String, u32)>,
     /// Per instance, its holder (`member|generation`), if any.
     pub holders: Vec<Option<(String, u64)>>,
+    /// Per instance, whether every live member knows it (they plan only over those).
+    pub shared: Vec<bool>,
+    /// This member was not a live member before this heartbeat (it joined, or Redis lost it).
+    pub joined: bool,
 }
 
 /// A lease just taken.
@@ -124,7 +169,8 @@ pub struct Coordination {
 impl Coordination {
     pub async fn connect(url: &str, prefix: &str, member: &str) -> ::redis::RedisResult<Self> {
         let client = ::redis::Client::open(url)?;
-        let connect = ConnectionManager::new(client);
+        let config = crate::idempotency::connection_config(crate::idempotency::RESPONSE_TIMEOUT);
+        let connect = ConnectionManager::new_with_config(client, config);
         let connection = tokio::time::timeout(Duration::from_secs(10), connect)
             .await
             .map_err(|_| {
@@ -164,12 +210,8 @@ impl Coordination {
         for instance in instances {
             call.arg(instance);
         }
-        let (renewed, members, capacities, holders): (
-            Vec<i64>,
-            Vec<String>,
-            Vec<Option<String>>,
-            Vec<String>,
-        ) = call.invoke_async(&mut self.connection.clone()).await?;
+        let (renewed, members, capacities, holders, shared, joined): HeartbeatReply =
+            call.invoke_async(&mut self.connection.clone()).await?;
         let capacity_of = |c: &Option<String>| c.as_deref().and_then(|c| c.parse().ok());
         Ok(Snapshot {
             renewed: renewed.into_iter().map(|r| r == 1).collect(),
@@ -178,6 +220,8 @@ impl Coordination {
                 .zip(capacities.iter().map(|c| capacity_of(c).unwrap_or(1)))
                 .collect(),
             holders: holders.iter().map(|h| parse_holder(h)).collect(),
+            shared: shared.into_iter().map(|s| s == 1).collect(),
+            joined: joined == 1,
         })
     }
 

@@ -35,6 +35,14 @@ pub use coordination::{Coordination, parse_holder};
 /// for as long as the lease holds.
 const REOPEN_FIRST: Duration = Duration::from_secs(1);
 const REOPEN_MAX: Duration = Duration::from_secs(30);
+/// Sessions opened at once by one worker (each may wait on the session database's pool).
+const OPENING_AT_ONCE: usize = 8;
+/// A worker takes nothing until no member has appeared for one tick (every live member
+/// heartbeats within one): workers starting together, or rejoining together after Redis lost
+/// the members, plan over the same members and open each session once. A worker that starts
+/// alone waits three ticks, for others starting a little later.
+const SETTLE_TICKS: u32 = 1;
+const SETTLE_TICKS_ALONE: u32 = 3;
 
 /// An instance's ownership as this worker knows it; the fence of every effect on it.
 pub struct Lease {
@@ -74,12 +82,11 @@ impl Lease {
         *self.term.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// One update under one lock: a hand-over clearing the term meanwhile stays cleared.
     fn extend(&self, until: Instant) {
-        if let Some(term) = self.term() {
-            self.set(Some(Term {
-                until: Some(until),
-                ..term
-            }));
+        let mut term = self.term.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(term) = term.as_mut() {
+            term.until = Some(until);
         }
     }
 
@@ -110,11 +117,46 @@ impl Fence for Lease {
             Some(_) => Ok(()),
         }
     }
+
+    fn valid_until(&self) -> Option<Instant> {
+        match self.term() {
+            Some(term) => term.until,
+            // Not held: it ended already.
+            None => Some(Instant::now()),
+        }
+    }
+}
+
+/// Whether a worker can serve the instances it would hold: its broker connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// Consuming now.
+    Up,
+    /// Lost at this moment, after it had consumed.
+    LostAt(Instant),
+    /// Never consumed yet.
+    Never,
+}
+
+impl Link {
+    /// Whether to take part in the split: a worker that never reached the broker, or lost it
+    /// for longer than a lease, would hold instances it cannot serve.
+    fn serves(self, lease: Duration) -> bool {
+        match self {
+            Link::Up => true,
+            Link::LostAt(at) => at.elapsed() < lease,
+            Link::Never => false,
+        }
+    }
 }
 
 /// What the worker does when it gains or loses an instance.
 #[async_trait::async_trait]
 pub trait Host: Send + Sync {
+    /// The broker connection the instances would be served on.
+    fn link(&self) -> Link {
+        Link::Up
+    }
     /// The lease is held: open the session, then consume the queue. When the session could
     /// not be opened the queue is left alone (its commands wait there) and the gain is tried
     /// again later.
@@ -167,6 +209,12 @@ pub async fn coordinate(
         reachable: true,
         turns: HashMap::new(),
         reconnected: HashMap::new(),
+        joined_at: None,
+        appeared_at: None,
+        settle: Duration::ZERO,
+        members: HashSet::new(),
+        unheld_since: HashMap::new(),
+        opening: Arc::new(tokio::sync::Semaphore::new(OPENING_AT_ONCE)),
     };
     let (done, mut finished) = mpsc::unbounded_channel();
     let mut leaving = false;
@@ -182,8 +230,15 @@ pub async fn coordinate(
         if leaving && coordinator.held.is_empty() && coordinator.letting_go.is_empty() {
             break;
         }
+        // While Redis does not answer, ask more often: every worker sees it back within a
+        // fraction of a tick, and the members settle together.
+        // So do members settling after members appeared: they take as soon as it is safe.
+        let next = match coordinator.reachable && coordinator.is_settled() {
+            true => coordinator.timing.tick,
+            false => coordinator.timing.tick / 4,
+        };
         tokio::select! {
-            _ = tokio::time::sleep(coordinator.timing.tick) => {}
+            _ = tokio::time::sleep(next) => {}
             _ = stop.cancelled(), if !leaving => {}
             Some(Let { instance }) = finished.recv() => coordinator.let_go(&instance),
         }
@@ -212,6 +267,17 @@ struct Coordinator {
     turns: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
     /// Per instance: the lease generation under which its replaced session was connected again.
     reconnected: HashMap<String, u64>,
+    /// When this worker first joined the members, and when a member (itself included) last
+    /// appeared: it takes nothing until `settle` has passed since.
+    joined_at: Option<Instant>,
+    appeared_at: Option<Instant>,
+    settle: Duration,
+    /// The members of the last snapshot.
+    members: HashSet<String>,
+    /// Instances it knows that nobody held, since when (as far as its heartbeats saw).
+    unheld_since: HashMap<String, Instant>,
+    /// Bounds the sessions opened at once.
+    opening: Arc<tokio::sync::Semaphore>,
 }
 
 impl Coordinator {
@@ -226,6 +292,16 @@ impl Coordinator {
         self.turns.entry(name.to_owned()).or_default().clone()
     }
 
+    /// Whether no member appeared for `settle` before `at`.
+    fn is_settled_at(&self, at: Instant) -> bool {
+        self.appeared_at
+            .is_some_and(|appeared| at.duration_since(appeared) >= self.settle)
+    }
+
+    fn is_settled(&self) -> bool {
+        self.is_settled_at(Instant::now())
+    }
+
     fn let_go(&mut self, name: &str) {
         self.held.remove(name);
         self.letting_go.remove(name);
@@ -234,7 +310,13 @@ impl Coordinator {
     async fn tick(&mut self, leaving: bool, done: &mpsc::UnboundedSender<Let>) {
         let asked_at = Instant::now();
         let held: Vec<(&str, u64)> = self.held.iter().map(|(n, g)| (n.as_str(), *g)).collect();
-        let capacity = if leaving { 0 } else { self.timing.capacity };
+        // Without a broker connection to serve them on, it takes no part in the split.
+        let serves = self.host.link().serves(self.timing.lease);
+        let capacity = if leaving || !serves {
+            0
+        } else {
+            self.timing.capacity
+        };
         let heartbeat =
             self.coordination
                 .heartbeat(capacity, self.timing.lease, &held, &self.names);
@@ -250,6 +332,21 @@ impl Coordinator {
             }
         };
         self.reachable = true;
+        let members_now: HashSet<String> =
+            snapshot.members.iter().map(|(id, _)| id.clone()).collect();
+        let appeared = members_now.iter().any(|m| !self.members.contains(m));
+        if snapshot.joined || appeared {
+            let alone = members_now.len() <= 1;
+            let ticks = if snapshot.joined && self.joined_at.is_none() && alone {
+                SETTLE_TICKS_ALONE
+            } else {
+                SETTLE_TICKS
+            };
+            self.settle = (self.timing.tick * ticks).min(self.timing.lease / 2);
+            self.appeared_at = Some(asked_at);
+            self.joined_at.get_or_insert(asked_at);
+        }
+        self.members = members_now;
         let until = asked_at + self.timing.lease;
         let renewed: Vec<(String, bool)> = held
             .iter()
@@ -282,25 +379,53 @@ impl Coordinator {
                 capacity: *capacity,
             })
             .collect();
-        let (mine, unheld) = {
+        // Plans agree only over what every live member knows; an instance only some know
+        // (a rolling deploy that adds one) is left to the next rule.
+        let shared: Vec<String> = self
+            .names
+            .iter()
+            .zip(&snapshot.shared)
+            .filter(|(_, everyone)| **everyone)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let (mine, unowned): (Vec<String>, HashSet<String>) = {
             let owners: HashMap<&str, &str> = self
                 .names
                 .iter()
                 .zip(&snapshot.holders)
                 .filter_map(|(name, holder)| Some((name.as_str(), holder.as_ref()?.0.as_str())))
                 .collect();
-            let plan = assign(&members, &self.names, &owners);
+            let plan = assign(&members, &shared, &owners);
             let mine: Vec<String> = plan
                 .get(self.coordination.member())
                 .map(|owned| owned.iter().map(|s| (*s).to_owned()).collect())
                 .unwrap_or_default();
-            let unheld: Vec<String> = mine
+            let unowned = mine
                 .iter()
                 .filter(|n| !owners.contains_key(n.as_str()))
                 .cloned()
                 .collect();
-            (mine, unheld)
+            (mine, unowned)
         };
+        let planned: HashSet<&String> = shared.iter().collect();
+        // An instance held by nobody for a whole lease is taken by a worker that knows it,
+        // one per tick, whatever the plans say.
+        for (name, holder) in self.names.iter().zip(&snapshot.holders) {
+            if holder.is_some() || self.held.contains_key(name) {
+                self.unheld_since.remove(name);
+            } else {
+                self.unheld_since.entry(name.clone()).or_insert(asked_at);
+            }
+        }
+        let orphan = self
+            .unheld_since
+            .iter()
+            .filter(|(name, since)| {
+                asked_at.duration_since(**since) >= self.timing.lease
+                    && !self.letting_go.contains(*name)
+            })
+            .map(|(name, _)| name.clone())
+            .min();
         if self.plan.as_ref().is_some_and(|before| *before != mine) {
             metrics::counter!(telemetry::REBALANCES).increment(1);
         }
@@ -308,16 +433,26 @@ impl Coordinator {
         let give_up: Vec<String> = self
             .held
             .keys()
-            .filter(|n| !keep.contains(n))
+            .filter(|n| !keep.contains(n) && (planned.contains(n) || !serves))
             .cloned()
             .collect();
         self.hand_over(give_up, done);
-        let free: Vec<&str> = unheld
+        // Members that just appeared (this one included) may not see each other yet: wait a
+        // tick after the last appearance so that every plan counts the same members.
+        let settled = self.is_settled_at(asked_at);
+        let mut free: Vec<&str> = mine
             .iter()
+            .filter(|n| unowned.contains(*n))
             .filter(|n| !self.held.contains_key(*n) && !self.letting_go.contains(*n))
             .map(String::as_str)
             .collect();
-        if !free.is_empty() {
+        if let Some(orphan) = &orphan
+            && !free.contains(&orphan.as_str())
+        {
+            tracing::info!(instance = %orphan, "Taking an instance nobody held for a lease.");
+            free.push(orphan);
+        }
+        if serves && settled && !free.is_empty() {
             self.take(&free, asked_at).await;
         }
         self.plan = Some(mine);
@@ -341,13 +476,14 @@ impl Coordinator {
                 until: Some(asked_at + self.timing.lease),
             }));
             self.held.insert((*name).to_owned(), acquired.generation);
+            self.unheld_since.remove(*name);
             if let Some((gap, released)) = acquired.gap {
                 let how = if released { "handover" } else { "failover" };
                 metrics::histogram!(telemetry::OWNERSHIP_GAP, "how" => how)
                     .record(gap.as_secs_f64());
             }
             tracing::info!(instance = %name, generation = acquired.generation, "Instance owned.");
-            let (host, turn) = (self.host.clone(), self.turn(name));
+            let (host, turn, opening) = (self.host.clone(), self.turn(name), self.opening.clone());
             tokio::spawn(async move {
                 let mut wait = REOPEN_FIRST;
                 loop {
@@ -357,6 +493,7 @@ impl Coordinator {
                         if instance.lease().generation() != Some(acquired.generation) {
                             return;
                         }
+                        let _opening = opening.acquire().await;
                         if host.gain(&instance).await == Opening::Done {
                             return;
                         }
@@ -420,17 +557,33 @@ impl Coordinator {
             let instance = self.instance(&name);
             let turn = self.turn(&name);
             tokio::spawn(async move {
-                let _turn = turn.lock().await;
-                let session = instance.session();
-                if instance.lease().generation() != Some(generation)
-                    || session.state() != SessionState::Replaced
-                {
-                    return;
+                let mut wait = REOPEN_FIRST;
+                let mut first = true;
+                // A reconnect that fails is tried again, as a gain is, while the lease holds.
+                loop {
+                    {
+                        let _turn = turn.lock().await;
+                        let session = instance.session();
+                        if instance.lease().generation() != Some(generation) {
+                            return;
+                        }
+                        if first {
+                            if session.state() != SessionState::Replaced {
+                                return;
+                            }
+                            metrics::counter!(telemetry::SESSIONS_RECONNECTED).increment(1);
+                            tracing::warn!(instance = %instance.name(), "Another client took over the session while this worker holds the instance; connecting again.");
+                            session.close().await;
+                            first = false;
+                        }
+                        if session.open().await == Opening::Done {
+                            return;
+                        }
+                    }
+                    tracing::warn!(instance = %instance.name(), retry_in_ms = wait.as_millis() as u64, "Session could not be connected again; trying again.");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(REOPEN_MAX);
                 }
-                metrics::counter!(telemetry::SESSIONS_RECONNECTED).increment(1);
-                tracing::warn!(instance = %instance.name(), "Another client took over the session while this worker holds the instance; connecting again.");
-                session.close().await;
-                session.open().await;
             });
         }
     }

@@ -24,6 +24,33 @@ pub struct Memory {
     /// the claim's lease ran out.
     unrecorded: Mutex<HashSet<String>>,
     any_unrecorded: AtomicBool,
+    /// Wakes the calls waiting out an outage as soon as one call goes through: commands
+    /// whose effect waits to be recorded are answered at once, not after their backoff.
+    back: tokio::sync::Notify,
+}
+
+/// An id in `unrecorded` for as long as this lives.
+struct Unrecorded<'a> {
+    memory: &'a Memory,
+    id: &'a str,
+}
+
+impl<'a> Unrecorded<'a> {
+    fn mark(memory: &'a Memory, id: &'a str) -> Self {
+        memory.unrecorded().insert(id.to_owned());
+        memory.any_unrecorded.store(true, Ordering::Relaxed);
+        Self { memory, id }
+    }
+}
+
+impl Drop for Unrecorded<'_> {
+    fn drop(&mut self) {
+        let mut unrecorded = self.memory.unrecorded();
+        unrecorded.remove(self.id);
+        self.memory
+            .any_unrecorded
+            .store(!unrecorded.is_empty(), Ordering::Relaxed);
+    }
 }
 
 /// How long to keep trying a store call.
@@ -44,6 +71,7 @@ impl Memory {
             patience,
             unrecorded: Mutex::new(HashSet::new()),
             any_unrecorded: AtomicBool::new(false),
+            back: tokio::sync::Notify::new(),
         }
     }
 
@@ -70,14 +98,10 @@ impl Memory {
     {
         match call().await {
             Err(error) if error.is_outage() => {
-                self.unrecorded().insert(id.to_owned());
-                self.any_unrecorded.store(true, Ordering::Relaxed);
-                let recorded = self.call(Patience::Unbounded, log, call).await;
-                let mut unrecorded = self.unrecorded();
-                unrecorded.remove(id);
-                self.any_unrecorded
-                    .store(!unrecorded.is_empty(), Ordering::Relaxed);
-                recorded
+                // Out again however the wait ends, dropped by a stop included: an id left
+                // behind would send every later delivery of it round the retry queue for ever.
+                let _waiting = Unrecorded::mark(self, id);
+                self.call(Patience::Unbounded, log, call).await
             }
             done => done,
         }
@@ -97,6 +121,9 @@ impl Memory {
     fn set_available(&self, up: bool) {
         if self.available.swap(up, Ordering::Relaxed) != up {
             metrics::gauge!(telemetry::STORE_AVAILABLE).set(if up { 1.0 } else { 0.0 });
+            if up {
+                self.back.notify_waiters();
+            }
         }
     }
 
@@ -146,7 +173,10 @@ impl Memory {
             if patience == Patience::Bounded && now + delay > deadline {
                 return Err(error);
             }
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.back.notified() => {}
+            }
         }
     }
 }

@@ -24,13 +24,13 @@ use tracing::Instrument;
 
 use crate::bus::topology::retry_tiers;
 use crate::config::{Config, IdempotencyBackend, RetryConfig, TokenHash};
-use crate::contract::Outcome;
-use crate::fence::{Both, Fence, Fenced};
+use crate::contract::{ChatKnown, Deletion, MediaErased, Outcome, Receipt};
+use crate::fence::{Both, Committed, Committing, Fence, Fenced};
 use crate::idempotency::{
-    Begin, Claim, EmbeddedStore, Fingerprint, Held, IdempotencyStore, Lifetimes, RedisStore,
-    Remembered, StoreError,
+    Begin, Claim, Durability, EmbeddedStore, Fingerprint, Held, IdempotencyStore, Lifetimes,
+    RedisStore, Remembered, StoreError,
 };
-use crate::media::{MediaError, MediaStore};
+use crate::media::{MediaError, MediaStore, PurgeReport};
 use crate::session::SessionError;
 use crate::telemetry::{self, CommandLog};
 use memory::{Memory, Patience};
@@ -59,6 +59,8 @@ pub struct Handled {
     pub chat: Option<ChatJid>,
     /// Tries of the work so far, this delivery's included.
     pub attempts: u32,
+    /// A 200's receipt.
+    pub receipt: Option<Receipt>,
 }
 
 /// What to do with a delivery.
@@ -91,11 +93,34 @@ impl Verdict {
                 outcome,
                 chat,
                 attempts,
+                receipt: None,
             },
             replayed: false,
             park,
         }
     }
+
+    /// The 200 of a delete that happened, with its receipt.
+    fn deleted(done: Done, delete_media: bool, attempts: u32) -> Self {
+        let receipt = Receipt::of(&done.deletion, done.media);
+        let chat = done.deletion.chat;
+        let outcome = Outcome::Deleted {
+            chat: chat.clone(),
+            delete_media,
+        };
+        let mut verdict = Verdict::answer(outcome, Some(chat), attempts);
+        if let Verdict::Answer { handled, .. } = &mut verdict {
+            handled.receipt = Some(receipt);
+        }
+        verdict
+    }
+}
+
+/// What the work of a command did.
+struct Done {
+    deletion: Deletion,
+    /// With `deleteMedia`: what the purge erased.
+    media: Option<MediaErased>,
 }
 
 /// Why the work of a command stopped short.
@@ -179,20 +204,26 @@ impl Pipeline {
             keep: Duration::from_secs(config.idempotency.keep_secs),
         };
         let limit = config.pacing.deletes_per_minute;
+        let burst = config.pacing.burst;
         let (store, pacer): (Box<dyn IdempotencyStore>, _) = match config.idempotency.backend {
             IdempotencyBackend::Embedded => (
                 Box::new(EmbeddedStore::open(&config.idempotency_path(), lifetimes)?),
-                Pacer::new(limit),
+                Pacer::new(limit, burst),
             ),
             IdempotencyBackend::Redis => {
-                let store = RedisStore::connect(
+                let durability = Durability {
+                    replicas: config.idempotency.redis_wait_replicas,
+                    timeout: Duration::from_millis(config.idempotency.redis_wait_timeout_ms),
+                };
+                let store = RedisStore::connect_durable(
                     &config.idempotency.redis_url,
-                    &config.idempotency.key_prefix,
+                    &config.idempotency_prefix(),
                     lifetimes,
+                    durability,
                 )
                 .await?;
-                let prefix = &config.pacing.redis_key_prefix;
-                let pacer = Pacer::shared(limit, store.connection(), prefix);
+                let prefix = config.pacing_prefix();
+                let pacer = Pacer::shared(limit, burst, store.connection(), &prefix);
                 (Box::new(store), pacer)
             }
         };
@@ -222,13 +253,15 @@ impl Pipeline {
         self.memory.reachable().await
     }
 
-    /// Runs the contract's checks in order and does the work.
+    /// Runs the contract's checks in order and does the work. `committed` is set once an
+    /// effect was let through its fence (the caller then lets the command finish).
     pub async fn handle(
         &self,
         source: Source<'_>,
         envelope: &Envelope,
         body: &[u8],
         log: &CommandLog<'_>,
+        committed: &Arc<Committed>,
     ) -> Verdict {
         let first_try = envelope.previous_attempts.saturating_add(1);
         let Some(id) = envelope.idempotency_id.as_deref() else {
@@ -255,15 +288,24 @@ impl Pipeline {
         if self.memory.is_unrecorded(id) {
             return self.later_without_a_try(envelope);
         }
-        let generation = instance.lease().generation().unwrap_or(0);
-        let begin = || store.begin(id, &fingerprint, generation);
+        // The lease lapsed while the command waited for its turn: it is the next owner's, and
+        // a claim taken now would carry no generation for that owner to take it over by.
+        let Some(generation) = instance.lease().generation() else {
+            return Verdict::HandBack;
+        };
+        // One name for every ask of this delivery: an ask whose answer was lost is not
+        // kept waiting by its own claim.
+        let name = store.new_claim();
+        let begin = || store.begin_as(id, &fingerprint, generation, &name);
         let begun = self.memory.call(Patience::Bounded, log, begin).await;
         self.claim_duration.record(asked_at.elapsed().as_secs_f64());
-        let (claim, chat_deleted) = match begun {
+        let (claim, chat_deleted, seen_ms, deletion) = match begun {
             Ok(Begin::Claimed {
                 claim,
                 chat_deleted,
-            }) => (claim, chat_deleted),
+                seen_ms,
+                deletion,
+            }) => (claim, chat_deleted, seen_ms, deletion),
             Ok(Begin::Replay(remembered)) => return replay(remembered, parsed.ok()),
             Ok(Begin::Conflict) => {
                 return Verdict::answer(Outcome::IdempotencyConflict, None, first_try);
@@ -280,6 +322,8 @@ impl Pipeline {
             id: id.to_owned(),
             claim,
             fingerprint,
+            generation,
+            seen_ms,
         };
         let claim = Arc::new(Claim::new(held, self.lease, asked_at));
         if dead_lettered && parsed.is_ok() {
@@ -295,16 +339,24 @@ impl Pipeline {
                 return self.remember(&claim, answer, Patience::Bounded, log).await;
             }
         };
-        let work = self.work(instance, &token, &request, &claim, chat_deleted, log);
+        let fence: Arc<dyn Fence> = Arc::new(Committing {
+            fence: Arc::new(Both(instance.lease().clone(), claim.clone())),
+            committed: committed.clone(),
+        });
+        // A delete an earlier try recorded (without its details in records of earlier versions).
+        let before = chat_deleted.then(|| {
+            deletion.unwrap_or_else(|| Deletion {
+                chat: request.chat.clone(),
+                known: ChatKnown::Unknown,
+                at_ms: chrono::Utc::now().timestamp_millis(),
+            })
+        });
+        let work = self.work(instance, &token, &request, &claim, before, fence, log);
         let (result, tries) = claim.hold_while(store, work).await;
         let attempts = envelope.previous_attempts.saturating_add(tries.max(1));
         match result {
-            Ok(chat) => {
-                let outcome = Outcome::Deleted {
-                    chat: chat.clone(),
-                    delete_media: request.delete_media,
-                };
-                let answer = Verdict::answer(outcome, Some(chat), attempts);
+            Ok(done) => {
+                let answer = Verdict::deleted(done, request.delete_media, attempts);
                 // The delete happened: its answer waits until it is recorded.
                 self.remember(&claim, answer, Patience::Unbounded, log)
                     .await
@@ -355,6 +407,7 @@ impl Pipeline {
         let result = Remembered {
             outcome: handled.outcome.clone(),
             attempts: handled.attempts,
+            receipt: handled.receipt.clone(),
         };
         let store = self.memory.store();
         let remember = || store.remember(claim.held(), &result);
@@ -432,52 +485,81 @@ impl Pipeline {
             .unwrap_or(1_000)
     }
 
-    /// Pace, delete the chat (unless a previous try did), purge the media when asked; every
-    /// effect checks the claim first. Returns the JID deleted (as resolved by the session; as
-    /// given when a previous try did the delete) and how many tries it took in this delivery.
+    /// Pace, delete the chat (unless a previous try did: `before`), purge the media when
+    /// asked (under the chat as given and, when it differs, as resolved); every effect checks
+    /// `fence` (the lease and the claim) first. Returns what was done and how many tries it
+    /// took in this delivery.
+    #[allow(clippy::too_many_arguments)]
     async fn work(
         &self,
         instance: &Instance,
         token: &TokenHash,
         request: &DeleteRequest,
         claim: &Arc<Claim>,
-        chat_deleted: bool,
+        before: Option<Deletion>,
+        fence: Arc<dyn Fence>,
         log: &CommandLog<'_>,
-    ) -> (Result<ChatJid, Failure>, u32) {
+    ) -> (Result<Done, Failure>, u32) {
         let mut tries = 0;
-        let fence: Arc<dyn Fence> = Arc::new(Both(instance.lease().clone(), claim.clone()));
-        let mut deleted = request.chat.clone();
-        if !chat_deleted {
-            self.pacer.wait(token).await;
-            let (result, n) = self
-                .delete_chat(instance, request, fence.clone(), log)
-                .await;
-            tries = n;
-            match result {
-                Ok(chat) => deleted = chat,
-                Err(error) => return (Err(error.into()), tries),
-            }
-            // A later try after a failed purge starts at the purge (without a purge, the
-            // remembered result comes next and says it all). Durable before the purge runs.
-            if request.delete_media {
-                let store = self.memory.store();
-                let mark = || store.mark_chat_deleted(claim.held());
-                if let Err(error) = self.memory.record(&claim.held().id, log, mark).await {
-                    log.in_span(|| {
-                        tracing::warn!(%error, "Could not record the chat delete; a retry repeats it.")
-                    });
+        let deletion = match before {
+            Some(deletion) => deletion,
+            None => {
+                // What the chat list knew before the delete changes it.
+                let known = instance.session().knows(&request.chat);
+                let slot = self.pacer.wait(token).await;
+                let seen_ms = claim.held().seen_ms;
+                let (result, n) = self
+                    .delete_chat(instance, request, seen_ms, fence.clone(), log)
+                    .await;
+                tries = n;
+                // The slot was used unless the delete was refused before anything was sent.
+                if !matches!(result, Err(SessionError::Fenced(_))) {
+                    slot.used();
                 }
+                let deletion = match result {
+                    Ok(chat) => Deletion {
+                        chat,
+                        known,
+                        at_ms: chrono::Utc::now().timestamp_millis(),
+                    },
+                    Err(error) => return (Err(error.into()), tries),
+                };
+                // A later try after a failed purge starts at the purge (without a purge, the
+                // remembered result comes next and says it all). Durable before the purge runs.
+                if request.delete_media {
+                    let store = self.memory.store();
+                    let mark = || store.mark_chat_deleted(claim.held(), &deletion);
+                    if let Err(error) = self.memory.record(&claim.held().id, log, mark).await {
+                        log.in_span(|| {
+                            tracing::warn!(%error, "Could not record the chat delete; a retry repeats it.")
+                        });
+                    }
+                }
+                deletion
             }
-        }
+        };
+        let mut media = None;
         if request.delete_media {
             tries = tries.max(1);
-            // The purge logs what it did, so it runs in the command's span.
-            let purge = self.purge_media(instance, &request.chat, fence);
-            if let Err(error) = purge.instrument(log.span().clone()).await {
-                return (Err(error.into()), tries);
+            let mut erased = MediaErased::default();
+            let mut chats = vec![&request.chat];
+            if deletion.chat != request.chat {
+                chats.push(&deletion.chat);
             }
+            for chat in chats {
+                // The purge logs what it did, so it runs in the command's span.
+                let purge = self.purge_media(instance, chat, fence.clone());
+                match purge.instrument(log.span().clone()).await {
+                    Ok(report) => {
+                        erased.objects += report.objects;
+                        erased.bytes += report.bytes;
+                    }
+                    Err(error) => return (Err(error.into()), tries),
+                }
+            }
+            media = Some(erased);
         }
-        (Ok(deleted), tries)
+        (Ok(Done { deletion, media }), tries)
     }
 
     fn backoff(&self) -> ExponentialBuilder {
@@ -488,11 +570,13 @@ impl Pipeline {
             .with_jitter()
     }
 
-    /// The session delete with in-process retries of transient errors.
+    /// The session delete with in-process retries of transient errors; every try sends the
+    /// same mutation (the chat as of `seen_ms`).
     async fn delete_chat(
         &self,
         instance: &Instance,
         request: &DeleteRequest,
+        seen_ms: u64,
         fence: Arc<dyn Fence>,
         log: &CommandLog<'_>,
     ) -> (Result<ChatJid, SessionError>, u32) {
@@ -501,7 +585,7 @@ impl Pipeline {
         let result = (|| {
             tries += 1;
             let session = instance.session();
-            session.delete_chat(&request.chat, request.lookup, fence.clone())
+            session.delete_chat_as_of(&request.chat, request.lookup, seen_ms, fence.clone())
         })
         .retry(self.backoff())
         .when(SessionError::is_retryable)
@@ -522,7 +606,7 @@ impl Pipeline {
         instance: &Instance,
         chat: &ChatJid,
         fence: Arc<dyn Fence>,
-    ) -> Result<(), MediaError> {
+    ) -> Result<PurgeReport, MediaError> {
         let started = Instant::now();
         let result = self
             .media
@@ -530,7 +614,7 @@ impl Pipeline {
             .await;
         metrics::histogram!(telemetry::STAGE_DURATION, "stage" => "media_purge")
             .record(started.elapsed().as_secs_f64());
-        result.map(drop)
+        result
     }
 }
 
@@ -546,6 +630,7 @@ fn replay(remembered: Remembered, request: Option<DeleteRequest>) -> Verdict {
             outcome: remembered.outcome,
             chat,
             attempts: remembered.attempts,
+            receipt: remembered.receipt,
         },
         replayed: true,
         park: false,

@@ -13,7 +13,8 @@ use crate::contract::Outcome;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeleteRequest {
     pub chat: ChatJid,
-    /// Given as a phone number (not a JID): the session resolves it to the chat the phone holds.
+    /// Resolve the chat to the key the phone holds it under (a number or a user JID alike);
+    /// false only where a tool deletes a JID as given.
     pub lookup: bool,
     pub delete_media: bool,
 }
@@ -98,7 +99,8 @@ pub fn parse_body(body: &[u8], max_bytes: usize) -> Result<DeleteRequest, Outcom
     let chat = normalise_number(number).ok_or(Outcome::InvalidNumber)?;
     Ok(DeleteRequest {
         chat,
-        lookup: !number.contains('@'),
+        // Every user chat is resolved, a JID as well as a number (see the session's resolver).
+        lookup: true,
         delete_media: raw.delete_media.unwrap_or(false),
     })
 }

@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 
 use std::sync::Arc;
 
+use crate::contract::ChatKnown;
 use crate::fence::{Fence, Fenced};
 use crate::ownership::Lease;
 use crate::pipeline::request::ChatJid;
@@ -190,13 +191,32 @@ pub trait ChatSession: Send + Sync {
     /// Deletes the chat from the instance's chat list (all linked devices, through app state),
     /// if `fence` still holds just before the delete is sent (it may wait for the session).
     /// With `lookup`, a phone number is first resolved to the chat the phone holds; returns
-    /// the JID deleted. The phone's own media is never touched.
+    /// the JID deleted. The phone's own media is never touched. `seen_ms` (Unix ms) is when
+    /// the command was first seen: the delete covers what the chat held then, and every try of
+    /// one command sends the same mutation.
+    async fn delete_chat_as_of(
+        &self,
+        chat: &ChatJid,
+        lookup: bool,
+        seen_ms: u64,
+        fence: Arc<dyn Fence>,
+    ) -> Result<ChatJid, SessionError>;
+
+    /// [`Self::delete_chat_as_of`] now (tools and tests; commands carry their own time).
     async fn delete_chat(
         &self,
         chat: &ChatJid,
         lookup: bool,
         fence: Arc<dyn Fence>,
-    ) -> Result<ChatJid, SessionError>;
+    ) -> Result<ChatJid, SessionError> {
+        let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
+        self.delete_chat_as_of(chat, lookup, now, fence).await
+    }
+
+    /// Whether the instance's chat list holds `chat` now (what a 200 reports as `chat_known`).
+    fn knows(&self, _chat: &ChatJid) -> ChatKnown {
+        ChatKnown::Unknown
+    }
 
     /// Picks up a session paired since the start (or since it was parked).
     async fn reload(&self) {}

@@ -42,10 +42,6 @@ CREATE TABLE IF NOT EXISTS cdw_wa_kv (
     PRIMARY KEY (instance, space, grp, key)
 );";
 
-/// How long a write transaction may sit idle (its worker paused) before the server ends it;
-/// well under an ownership lease.
-const IDLE_IN_WRITE_MS: u32 = 3_000;
-
 /// Why a session could not be opened, or a write was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PgSessionError {
@@ -57,12 +53,15 @@ pub enum PgSessionError {
     Fenced(String),
 }
 
-/// The session database: one pool for every instance of the worker.
+/// The session database: one pool for every instance of the worker. Sessions are kept under
+/// `<namespace>/<instance>` (the deployment's `broker.namespace`), so deployments sharing the
+/// database never touch each other's sessions.
 #[derive(Clone)]
 pub struct PgSessions {
     pool: Pool,
     /// Set once the tables exist (created on first use).
     schema: Arc<tokio::sync::OnceCell<()>>,
+    namespace: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for PgSessions {
@@ -77,7 +76,9 @@ impl PgSessions {
         config: &crate::config::Config,
     ) -> std::result::Result<Option<Self>, PgSessionError> {
         match (&config.sessions.store, &config.sessions.postgres_url) {
-            (crate::config::SessionStoreKind::Postgres, Some(url)) => Self::new(url).map(Some),
+            (crate::config::SessionStoreKind::Postgres, Some(url)) => {
+                Self::new(url).map(|sessions| Some(sessions.in_namespace(&config.broker.namespace)))
+            }
             _ => Ok(None),
         }
     }
@@ -91,17 +92,9 @@ impl PgSessions {
 
     /// A pool that connects on first use.
     pub fn new(url: &str) -> std::result::Result<Self, PgSessionError> {
-        let mut config: tokio_postgres::Config = url
+        let config: tokio_postgres::Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| PgSessionError::Connect(e.to_string()))?;
-        // A worker frozen inside a write (SIGSTOP, a long pause) holds the owner row's share
-        // lock; the server ends such a transaction, so the next owner's opening waits seconds
-        // rather than for as long as the freeze lasts. The frozen write then fails to commit.
-        let options = format!(
-            "{} -c idle_in_transaction_session_timeout={IDLE_IN_WRITE_MS}",
-            config.get_options().unwrap_or_default()
-        );
-        config.options(options.trim());
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -118,7 +111,59 @@ impl PgSessions {
         Ok(Self {
             pool,
             schema: Default::default(),
+            namespace: None,
         })
+    }
+
+    /// The sessions of the deployment `namespace`.
+    pub fn in_namespace(mut self, namespace: &str) -> Self {
+        self.namespace = Some(namespace.into());
+        self
+    }
+
+    /// Where `instance`'s session is kept.
+    fn key(&self, instance: &str) -> String {
+        match &self.namespace {
+            Some(namespace) => format!("{namespace}/{instance}"),
+            None => instance.to_owned(),
+        }
+    }
+
+    /// Moves a session kept before sessions were namespaced (under the bare instance name)
+    /// to this deployment's key, unless one is there already. Only the deployment that used
+    /// it should: run once, by the operator (`migrate-sessions --adopt-unnamespaced`).
+    pub async fn adopt_unnamespaced(
+        &self,
+        instance: &str,
+    ) -> std::result::Result<bool, PgSessionError> {
+        self.ready().await?;
+        let key = self.key(instance);
+        if key == instance {
+            return Ok(false);
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let taken = tx
+            .query_opt("SELECT 1 FROM cdw_wa_owner WHERE instance = $1", &[&key])
+            .await?
+            .is_some()
+            || tx
+                .query_opt(
+                    "SELECT 1 FROM cdw_wa_kv WHERE instance = $1 LIMIT 1",
+                    &[&key],
+                )
+                .await?
+                .is_some();
+        if taken {
+            return Ok(false);
+        }
+        let mut moved = 0;
+        for table in ["cdw_wa_owner", "cdw_wa_kv"] {
+            let sql = format!("UPDATE {table} SET instance = $2 WHERE instance = $1");
+            moved += tx.execute(sql.as_str(), &[&instance, &key]).await?;
+        }
+        tx.commit().await?;
+        Ok(moved > 0)
     }
 
     async fn ready(&self) -> std::result::Result<(), PgSessionError> {
@@ -157,26 +202,41 @@ impl PgSessions {
         generation: Option<u64>,
     ) -> std::result::Result<PgStore, PgSessionError> {
         self.ready().await?;
+        let key = self.key(instance);
         let generation = generation.map(|g| i64::try_from(g).unwrap_or(i64::MAX));
-        let row = self
-            .client()
-            .await?
+        let client = self.client().await?;
+        let row = client
             .query_one(
                 "INSERT INTO cdw_wa_owner AS o (instance, generation, opening)
                  VALUES ($1, coalesce($2::bigint, 0), 1)
                  ON CONFLICT (instance) DO UPDATE
                    SET generation = coalesce($2::bigint, o.generation), opening = o.opening + 1
                  RETURNING generation, opening",
-                &[&instance, &generation],
+                &[&key, &generation],
             )
             .await?;
-        Ok(self.store(instance, row.get(0), row.get(1)))
+        let opening: i64 = row.get(1);
+        if opening == 1 && key != instance {
+            let earlier = client
+                .query_opt(
+                    "SELECT 1 FROM cdw_wa_kv WHERE instance = $1 LIMIT 1",
+                    &[&instance],
+                )
+                .await?;
+            if earlier.is_some() {
+                tracing::warn!(
+                    instance,
+                    "A session kept before sessions were namespaced exists for this instance; if it is this deployment's, stop the workers and run `chat-delete-worker migrate-sessions --adopt-unnamespaced`"
+                );
+            }
+        }
+        Ok(self.store(&key, row.get(0), opening))
     }
 
     /// Reads an instance's session without taking it over (every write is refused).
     pub async fn reader(&self, instance: &str) -> std::result::Result<PgStore, PgSessionError> {
         self.ready().await?;
-        Ok(self.store(instance, -1, -1))
+        Ok(self.store(&self.key(instance), -1, -1))
     }
 
     fn store(&self, instance: &str, generation: i64, opening: i64) -> PgStore {
@@ -265,13 +325,13 @@ impl PgStore {
         Ok(rows)
     }
 
+    /// Checks the opening, share-locking the owner row. A worker frozen inside a write
+    /// (SIGSTOP, a long pause) holds that lock; the server ends such a transaction after a
+    /// few seconds idle, so the next owner's opening waits seconds rather than for as long as
+    /// the freeze lasts (the frozen write then fails to commit).
     async fn check(&self, tx: &deadpool_postgres::Transaction<'_>) -> Result<()> {
         let held = tx
-            .query_opt(
-                "SELECT 1 FROM cdw_wa_owner
-                 WHERE instance = $1 AND opening = $2 FOR SHARE",
-                &[&&*self.instance, &self.opening],
-            )
+            .query_opt(CHECK_OPENING, &[&&*self.instance, &self.opening])
             .await
             .map_err(db)?;
         match held {
@@ -389,6 +449,13 @@ impl PgStore {
         (self.generation, self.opening)
     }
 }
+
+/// The fence of every write: this opening is still the latest (share-locked until commit).
+/// It also sets the transaction's idle timeout (3 s, well under an ownership lease) the way
+/// `SET LOCAL` does: a startup option would be refused by poolers such as PgBouncer.
+pub const CHECK_OPENING: &str =
+    "SELECT set_config('idle_in_transaction_session_timeout', '3000', true)
+     FROM cdw_wa_owner WHERE instance = $1 AND opening = $2 FOR SHARE";
 
 const IDENTITY: &str = "identity";
 const SESSION: &str = "session";

@@ -2,11 +2,15 @@
 //! without a phone, for tests and for benchmarks.
 
 use std::io::Write;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::oneshot;
+
 use crate::config::{SimulatedConfig, SimulatedFailure};
+use crate::contract::ChatKnown;
 use crate::fence::{Fence, Fenced};
 use crate::ownership::Lease;
 use crate::pipeline::request::ChatJid;
@@ -15,7 +19,15 @@ use super::postgres::{PgSessions, PgStore};
 use super::{ChatSession, Opening, SessionError, SessionState};
 
 pub struct SimulatedSession {
+    inner: Arc<Inner>,
+}
+
+/// What the session and its detached effects share.
+pub struct Inner {
     connected: bool,
+    /// The effect runs on a task of its own once its turn comes, as the real session's actor
+    /// sends a delete: a command dropped meanwhile does not stop it.
+    detached: bool,
     latency: Duration,
     failures_left: AtomicU32,
     failure: SimulatedFailure,
@@ -23,10 +35,19 @@ pub struct SimulatedSession {
     effects_log: Option<Mutex<std::fs::File>>,
     connected_flag_file: Option<std::path::PathBuf>,
     resolve: std::collections::BTreeMap<String, ChatJid>,
+    chat_list: Option<std::collections::BTreeSet<String>>,
     world: Option<World>,
     shared: Option<Shared>,
     /// With several workers: connecting is an effect, made only while this lease holds.
     owner: Option<Arc<Lease>>,
+}
+
+impl Deref for SimulatedSession {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
 }
 
 /// A simulated session kept in the shared session store: opened as the lease's generation,
@@ -166,8 +187,9 @@ impl SimulatedSession {
             }
             None => None,
         };
-        Ok(Self {
+        let inner = Inner {
             connected: cfg.connected,
+            detached: cfg.detached_effects,
             latency: Duration::from_millis(cfg.latency_ms),
             failures_left: AtomicU32::new(cfg.fail_first),
             failure: cfg.failure,
@@ -175,21 +197,29 @@ impl SimulatedSession {
             effects_log,
             connected_flag_file: cfg.connected_flag_file.clone(),
             resolve: cfg.resolve.clone(),
+            chat_list: cfg.chat_list.clone(),
             world,
             shared: None,
             owner: None,
+        };
+        Ok(Self {
+            inner: Arc::new(inner),
         })
+    }
+
+    fn building(&mut self) -> &mut Inner {
+        Arc::get_mut(&mut self.inner).expect("configured before use")
     }
 
     /// Opens only while `lease` holds (several workers share the instances).
     pub fn owned_through(mut self, lease: Arc<Lease>) -> Self {
-        self.owner = Some(lease);
+        self.building().owner = Some(lease);
         self
     }
 
     /// Keeps the session in the shared store, opened as the owner's lease generation.
     pub fn in_database(mut self, instance: &str, sessions: PgSessions) -> Self {
-        self.shared = Some(Shared {
+        self.building().shared = Some(Shared {
             instance: instance.to_owned(),
             sessions,
             held: Default::default(),
@@ -197,7 +227,9 @@ impl SimulatedSession {
         });
         self
     }
+}
 
+impl Inner {
     /// Deletes performed so far.
     pub fn deletes(&self) -> u64 {
         self.deletes.load(Ordering::Relaxed)
@@ -213,13 +245,15 @@ impl SimulatedSession {
         }
     }
 
-    fn record(&self, chat: &ChatJid) -> Result<(), SessionError> {
+    /// Logs one delete: when it happened (µs), the chat, and the mutation's time (the command's
+    /// first-seen ms): the same chat with two mutation times is a repeat that deletes more.
+    fn record(&self, chat: &ChatJid, seen_ms: u64) -> Result<(), SessionError> {
         self.deletes.fetch_add(1, Ordering::Relaxed);
         if let Some(log) = &self.effects_log {
             let now = chrono::Utc::now().timestamp_micros();
             let mut file = log.lock().unwrap_or_else(|e| e.into_inner());
             // Durable before the delete counts as done: the crash harness reads this log.
-            append_line(&mut *file, &format!("{now} {chat}"))
+            append_line(&mut *file, &format!("{now} {chat} {seen_ms}"))
                 .and_then(|()| file.sync_data())
                 .map_err(|e| SessionError::Server(format!("effects log: {}", e.kind())))?;
         }
@@ -233,36 +267,23 @@ fn append_line(file: &mut impl Write, line: &str) -> std::io::Result<()> {
     file.write_all(format!("{line}\n").as_bytes())
 }
 
-#[async_trait::async_trait]
-impl ChatSession for SimulatedSession {
-    fn state(&self) -> SessionState {
-        let superseded = |s: &Shared| s.superseded.load(Ordering::Relaxed);
-        if self.world.as_ref().is_some_and(World::was_replaced)
-            || self.shared.as_ref().is_some_and(superseded)
-        {
-            SessionState::Replaced
-        } else if self.is_connected() {
-            SessionState::Connected
-        } else {
-            SessionState::NotPaired
-        }
-    }
-
-    async fn delete_chat(
+impl Inner {
+    /// The fence check, then (after `sending`) the effect as the world admits it.
+    async fn act(
         &self,
         chat: &ChatJid,
         lookup: bool,
-        fence: Arc<dyn Fence>,
+        seen_ms: u64,
+        fence: &dyn Fence,
+        sending: Duration,
     ) -> Result<ChatJid, SessionError> {
-        // The latency stands for the wait in the session and the call itself; the effect, and
-        // the fence check just before it, come at its end.
-        if !self.latency.is_zero() {
-            tokio::time::sleep(self.latency).await;
-        }
         let fence_checked_at = chrono::Utc::now().timestamp_micros();
         fence.check().map_err(SessionError::Fenced)?;
         if !self.is_connected() {
             return Err(SessionError::NotConnected);
+        }
+        if !sending.is_zero() {
+            tokio::time::sleep(sending).await;
         }
         if let Some(world) = &self.world {
             let owner = self
@@ -291,6 +312,11 @@ impl ChatSession for SimulatedSession {
             .failures_left
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
             .is_ok();
+        // Resolution as scripted; a number not in the script is its own chat.
+        let chat = match self.resolve.get(chat.user()) {
+            Some(scripted) if lookup => scripted,
+            _ => chat,
+        };
         if fail {
             return Err(match self.failure {
                 SimulatedFailure::NotConnected => SessionError::NotConnected,
@@ -299,15 +325,80 @@ impl ChatSession for SimulatedSession {
                     SessionError::Server("simulated server error".into())
                 }
                 SimulatedFailure::Rejected => SessionError::Rejected("simulated rejection".into()),
+                // The delete was applied; its answer did not come back in time.
+                SimulatedFailure::TimeoutAfterEffect => {
+                    self.record(chat, seen_ms)?;
+                    SessionError::Timeout
+                }
             });
         }
-        // Resolution as scripted; a number not in the script is its own chat.
-        let chat = match self.resolve.get(chat.user()) {
-            Some(scripted) if lookup => scripted,
-            _ => chat,
-        };
-        self.record(chat)?;
+        self.record(chat, seen_ms)?;
         Ok(chat.clone())
+    }
+}
+
+#[async_trait::async_trait]
+impl ChatSession for SimulatedSession {
+    fn state(&self) -> SessionState {
+        let superseded = |s: &Shared| s.superseded.load(Ordering::Relaxed);
+        if self.world.as_ref().is_some_and(World::was_replaced)
+            || self.shared.as_ref().is_some_and(superseded)
+        {
+            SessionState::Replaced
+        } else if self.is_connected() {
+            SessionState::Connected
+        } else {
+            SessionState::NotPaired
+        }
+    }
+
+    /// Whether the scripted chat list holds the chat, under the key given or the one it
+    /// resolves to.
+    fn knows(&self, chat: &ChatJid) -> ChatKnown {
+        let Some(list) = &self.chat_list else {
+            return ChatKnown::Unknown;
+        };
+        let resolved = self.resolve.get(chat.user()).unwrap_or(chat);
+        if list.contains(chat.as_str()) || list.contains(resolved.as_str()) {
+            ChatKnown::True
+        } else {
+            ChatKnown::False
+        }
+    }
+
+    async fn delete_chat_as_of(
+        &self,
+        chat: &ChatJid,
+        lookup: bool,
+        seen_ms: u64,
+        fence: Arc<dyn Fence>,
+    ) -> Result<ChatJid, SessionError> {
+        if !self.detached {
+            // The latency stands for the wait in the session and the call itself; the effect,
+            // and the fence check just before it, come at its end.
+            if !self.latency.is_zero() {
+                tokio::time::sleep(self.latency).await;
+            }
+            return self
+                .act(chat, lookup, seen_ms, &*fence, Duration::ZERO)
+                .await;
+        }
+        // As the real session's actor: the delete waits for its turn (half the latency), is
+        // skipped if its requester has gone by then, else checks its fence and is sent (the
+        // other half) on a task of its own, whatever becomes of the requester.
+        let (reply, answer) = oneshot::channel();
+        let (inner, chat) = (self.inner.clone(), chat.clone());
+        tokio::spawn(async move {
+            let turn = inner.latency / 2;
+            tokio::time::sleep(turn).await;
+            if reply.is_closed() {
+                return;
+            }
+            let sending = inner.latency - turn;
+            let acted = inner.act(&chat, lookup, seen_ms, &*fence, sending).await;
+            let _ = reply.send(acted);
+        });
+        answer.await.unwrap_or(Err(SessionError::NotConnected))
     }
 
     async fn open(&self) -> Opening {
@@ -410,7 +501,50 @@ mod tests {
         assert_eq!(session.deletes(), 1);
         let text = std::fs::read_to_string(log).unwrap();
         assert_eq!(text.lines().count(), 1);
-        assert!(text.ends_with(" 5511999999999@s.whatsapp.net\n"));
+        let fields: Vec<&str> = text.trim_end().split(' ').collect();
+        assert_eq!(fields[1], "5511999999999@s.whatsapp.net");
+        assert!(fields[2].parse::<u64>().is_ok(), "the mutation's time");
+    }
+
+    /// With detached effects (as the real actor), a delete whose command is dropped after its
+    /// fence let it through still happens, and is logged with the time it was asked as of;
+    /// one dropped while it waited for its turn is never sent.
+    #[tokio::test]
+    async fn a_detached_delete_outlives_its_dropped_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("effects.log");
+        let session = SimulatedSession::new(
+            "test",
+            &SimulatedConfig {
+                latency_ms: 400,
+                detached_effects: true,
+                effects_log: Some(log.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let chat = normalise_number("5511999999999").unwrap();
+        let fence = Arc::new(Unfenced);
+        let queued = tokio::time::timeout(
+            Duration::from_millis(100),
+            session.delete_chat_as_of(&chat, false, 7, fence.clone()),
+        )
+        .await;
+        assert!(queued.is_err());
+        let sending = tokio::time::timeout(
+            Duration::from_millis(300),
+            session.delete_chat_as_of(&chat, false, 42, fence),
+        )
+        .await;
+        assert!(sending.is_err(), "dropped while its delete was sent");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while session.deletes() == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "never applied");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let text = std::fs::read_to_string(log).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.trim_end().ends_with(" 42"), "{text}");
     }
 
     #[tokio::test]

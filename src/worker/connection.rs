@@ -18,7 +18,7 @@ use crate::bus::consume::{
 use crate::bus::{self, BrokerError, Publisher, topology};
 use crate::config::Config;
 use crate::http::Readiness;
-use crate::ownership::Host;
+use crate::ownership::{Host, Link};
 use crate::pipeline::Instance;
 use crate::session::Opening;
 use crate::telemetry;
@@ -38,6 +38,9 @@ pub struct Serving {
     consuming: Arc<Consuming>,
     grace: Duration,
     state: tokio::sync::Mutex<State>,
+    /// The broker connection's state, for ownership: a worker that cannot consume holds
+    /// nothing.
+    link: std::sync::Mutex<Link>,
 }
 
 #[derive(Default)]
@@ -49,10 +52,22 @@ struct State {
 
 /// The live connection's consumers, by queue.
 struct Live {
+    line: Line,
+    queues: HashMap<String, Queue>,
+}
+
+/// What starting a consumer on the live connection needs.
+#[derive(Clone)]
+struct Line {
     connection: Arc<lapin::Connection>,
     publisher: Arc<Publisher>,
     signals: Signals,
-    queues: HashMap<String, Queue>,
+}
+
+impl Live {
+    fn line(&self) -> Line {
+        self.line.clone()
+    }
 }
 
 /// One queue's consumer, its signals and its commands in flight.
@@ -90,7 +105,12 @@ impl Serving {
             consuming,
             grace,
             state: Default::default(),
+            link: std::sync::Mutex::new(Link::Never),
         }
+    }
+
+    fn set_link(&self, link: Link) {
+        *self.link.lock().unwrap_or_else(|e| e.into_inner()) = link;
     }
 
     /// Serves every hosted instance for good (a lone worker).
@@ -103,22 +123,43 @@ impl Serving {
 
 #[async_trait::async_trait]
 impl Host for Serving {
+    fn link(&self) -> Link {
+        *self.link.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     async fn gain(&self, instance: &Arc<Instance>) -> Opening {
         if instance.session().open().await == Opening::Failed {
             return Opening::Failed;
         }
+        // The consumer is started outside the lock: after a failover many instances are
+        // gained at once, and each start is two round trips to the broker.
+        let line = {
+            let mut state = self.state.lock().await;
+            state.owned.insert(instance.name().to_owned());
+            state.live.as_ref().map(Live::line)
+        };
+        let Some(line) = line else {
+            // Not connected: the next connection starts it with the others.
+            return Opening::Done;
+        };
+        let queue = self.consuming.names().instance_queue(instance.name());
+        let feed = Feed::Instance(instance.clone());
+        let started = start_queue(&line, &self.consuming, queue, feed).await;
         let mut state = self.state.lock().await;
-        state.owned.insert(instance.name().to_owned());
-        if let Some(live) = &mut state.live {
-            let queue = self.consuming.names().instance_queue(instance.name());
-            let feed = Feed::Instance(instance.clone());
-            match start_queue(live, &self.consuming, queue, feed).await {
-                Ok((queue, running)) => {
-                    live.queues.insert(queue, running);
-                }
-                // The connection is failing: the next one starts it with the others.
-                Err(_) => live.signals.lost.cancel(),
+        match (started, &mut state.live) {
+            (Ok((queue, running)), Some(live))
+                if Arc::ptr_eq(&live.line.connection, &line.connection) =>
+            {
+                live.queues.insert(queue, running);
             }
+            // A new connection came meanwhile: it started the queue with the others.
+            (Ok((_, running)), _) => {
+                drop(state);
+                running.stop(true, Duration::ZERO).await;
+                running.consumer.close().await;
+            }
+            // The connection is failing: the next one starts it with the others.
+            (Err(_), _) => line.signals.lost.cancel(),
         }
         Opening::Done
     }
@@ -135,8 +176,15 @@ impl Host for Serving {
         };
         if let Some(running) = running {
             let grace = if graceful { self.grace } else { Duration::ZERO };
-            running.stop(true, grace).await;
+            let started = tokio::time::Instant::now();
+            let finished = running.stop(true, grace).await;
             running.consumer.close().await;
+            tracing::info!(
+                instance = %instance.name(),
+                finished,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "Stopped consuming the instance's queue."
+            );
         }
         instance.session().close().await;
     }
@@ -144,7 +192,7 @@ impl Host for Serving {
 
 /// Starts one queue's consumer on the live connection.
 async fn start_queue(
-    live: &Live,
+    live: &Line,
     consuming: &Arc<Consuming>,
     queue: String,
     feed: Feed,
@@ -233,9 +281,11 @@ pub async fn serve(
         watch_for_loss(watched, signals.lost.clone());
     }
     let mut live = Live {
-        connection: connection.clone(),
-        publisher,
-        signals: signals.clone(),
+        line: Line {
+            connection: connection.clone(),
+            publisher,
+            signals: signals.clone(),
+        },
         queues: HashMap::new(),
     };
     let consumers = {
@@ -251,6 +301,7 @@ pub async fn serve(
     };
     signals.all_started.cancel();
     readiness.set_consuming(true);
+    serving.set_link(Link::Up);
     tracing::info!(consumers, "Consuming.");
 
     let stall_after = Duration::from_millis(config.broker.stall_after_ms);
@@ -264,6 +315,7 @@ pub async fn serve(
         }
     };
     readiness.set_consuming(false);
+    serving.set_link(Link::LostAt(tokio::time::Instant::now()));
     let live = serving.state.lock().await.live.take();
     if let Some(live) = live {
         let grace = serving.grace;
@@ -401,10 +453,10 @@ async fn start_consumers(
         .collect();
     queues.push((names.unrouted_queue(), Feed::Unrouted));
     queues.push((names.dead_queue(), Feed::DeadLettered));
-    let live_ref = &*live;
+    let line = live.line();
     let starts = queues
         .into_iter()
-        .map(|(queue, feed)| start_queue(live_ref, consuming, queue, feed));
+        .map(|(queue, feed)| start_queue(&line, consuming, queue, feed));
     let started: Vec<_> = futures_util::stream::iter(starts)
         .buffer_unordered(64)
         .collect()

@@ -170,5 +170,9 @@ fn consuming_options(config: &Config, instances: usize) -> ConsumingOptions {
         max_body_bytes: config.worker.max_body_bytes,
         concurrency: config.worker.concurrency_per_instance,
         max_handling: config.worker.max_handling,
+        // The delete's own bound, then the wait for an unreachable store to record it.
+        finish_after_effect: Duration::from_millis(
+            config.worker.delete_timeout_ms + config.idempotency.outage_wait_ms,
+        ),
     }
 }

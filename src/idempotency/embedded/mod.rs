@@ -18,6 +18,7 @@ use std::sync::{Arc, RwLock, mpsc};
 use tokio::sync::oneshot;
 
 use super::{Begin, Fingerprint, Held, IdempotencyStore, Lifetimes, Remembered, StoreError};
+use crate::contract::Deletion;
 use writer::{Change, Claims, Op, Writer, Written};
 
 pub struct EmbeddedStore {
@@ -63,22 +64,32 @@ impl EmbeddedStore {
 
 #[async_trait::async_trait]
 impl IdempotencyStore for EmbeddedStore {
+    fn new_claim(&self) -> String {
+        self.claims.new_claim()
+    }
+
     /// One process at a time has the file open, so there is no other owner's claim to outlive:
     /// the generation is not kept.
-    async fn begin(
+    async fn begin_as(
         &self,
         id: &str,
         fingerprint: &Fingerprint,
         _generation: u64,
+        claim: &str,
     ) -> Result<Begin, StoreError> {
         if !self.claims.writer_is_busy()
-            && let Some(decided) = self.claims.begin(id, fingerprint)
+            && let Some(decided) = self.claims.begin(id, fingerprint, claim)
         {
             return decided;
         }
         let fingerprint = fingerprint.clone();
-        self.ask(id, |reply| Op::Begin { fingerprint, reply })
-            .await?
+        let claim = claim.to_owned();
+        self.ask(id, |reply| Op::Begin {
+            fingerprint,
+            claim,
+            reply,
+        })
+        .await?
     }
 
     async fn renew(&self, held: &Held) -> Result<bool, StoreError> {
@@ -91,10 +102,11 @@ impl IdempotencyStore for EmbeddedStore {
         .await?
     }
 
-    async fn mark_chat_deleted(&self, held: &Held) -> Result<(), StoreError> {
+    async fn mark_chat_deleted(&self, held: &Held, deletion: &Deletion) -> Result<(), StoreError> {
         let change = Change::MarkChatDeleted {
             claim: held.claim.clone(),
             fingerprint: held.fingerprint.clone(),
+            deletion: deletion.clone(),
         };
         self.write(&held.id, change).await.map(drop)
     }
@@ -145,6 +157,8 @@ mod tests {
             id: id.into(),
             claim,
             fingerprint: fingerprint.clone(),
+            generation: 0,
+            seen_ms: 0,
         }
     }
 
@@ -161,6 +175,7 @@ mod tests {
         let done = Remembered {
             outcome: Outcome::InvalidNumber,
             attempts: 1,
+            receipt: None,
         };
         assert_eq!(store.remember(&x, &done).await.unwrap(), done);
         assert!(
@@ -175,7 +190,12 @@ mod tests {
         // A released claim keeps its fingerprint (the id stays tied to its request), and a
         // marked chat delete survives it.
         let y = held("y", store.begin("y", &a, 0).await.unwrap(), &a);
-        store.mark_chat_deleted(&y).await.unwrap();
+        let deletion = Deletion {
+            chat: crate::pipeline::request::normalise_number("5511999999999").unwrap(),
+            known: crate::contract::ChatKnown::Unknown,
+            at_ms: 1,
+        };
+        store.mark_chat_deleted(&y, &deletion).await.unwrap();
         store.release(&y).await.unwrap();
         assert!(!store.renew(&y).await.unwrap(), "released");
         assert_eq!(store.begin("y", &b, 0).await.unwrap(), Begin::Conflict);
@@ -211,6 +231,7 @@ mod tests {
         let done = Remembered {
             outcome: Outcome::InvalidNumber,
             attempts: 1,
+            receipt: None,
         };
         store.remember(&x, &done).await.unwrap();
         assert_eq!(store.begin("x", &a, 0).await.unwrap(), Begin::Replay(done));

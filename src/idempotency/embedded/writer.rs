@@ -18,8 +18,9 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::codec::{decode, encode, expires_of};
+use crate::contract::Deletion;
 use crate::idempotency::{
-    Begin, Fingerprint, Lifetimes, Record, Remembered, StoreError, decide_begin, new_claim, now_ms,
+    Begin, Fingerprint, Lifetimes, Record, Remembered, StoreError, claim_name, decide_begin, now_ms,
 };
 
 pub(super) const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
@@ -100,6 +101,7 @@ impl Claims {
         &self,
         id: &str,
         fingerprint: &Fingerprint,
+        claim: &str,
     ) -> Option<Result<Begin, StoreError>> {
         // Held across the read, so two deliveries of one id cannot both claim it.
         let mut pending = self.pending();
@@ -111,7 +113,7 @@ impl Claims {
                 Err(corrupt) => return Some(Err(corrupt)),
             },
         };
-        let (begin, claimed) = self.decide(existing, fingerprint, now_ms());
+        let (begin, claimed) = self.decide(existing, fingerprint, now_ms(), claim);
         if let Some(record) = claimed {
             let unsettled = false;
             pending.insert(id.to_owned(), Entry { record, unsettled });
@@ -124,18 +126,23 @@ impl Claims {
         existing: Option<Record>,
         fingerprint: &Fingerprint,
         now: u64,
+        claim: &str,
     ) -> (Begin, Option<Record>) {
         // Leases of another process are dead: only one process can have this file open.
         let dead_owner = |owner: &str| !owner.starts_with(&self.process);
-        let claim = new_claim(&self.process);
         decide_begin(
             existing,
             fingerprint,
-            &claim,
+            claim,
             now,
             self.lifetimes,
             dead_owner,
         )
+    }
+
+    /// A claim name of this process.
+    pub(super) fn new_claim(&self) -> String {
+        claim_name(&self.process)
     }
 }
 
@@ -169,6 +176,7 @@ pub(super) enum Op {
     /// that is not committed yet.
     Begin {
         fingerprint: Fingerprint,
+        claim: String,
         reply: oneshot::Sender<Result<Begin, StoreError>>,
     },
     /// Is the claim still this one? Extends its lease (claims live in memory).
@@ -193,6 +201,7 @@ pub(super) enum Change {
     MarkChatDeleted {
         claim: String,
         fingerprint: Fingerprint,
+        deletion: Deletion,
     },
     Remember {
         claim: String,
@@ -451,8 +460,12 @@ impl Writer {
             },
         };
         let (change, reply) = match op {
-            Op::Begin { fingerprint, reply } => {
-                let (begin, claimed) = self.claims.decide(existing, &fingerprint, now);
+            Op::Begin {
+                fingerprint,
+                claim,
+                reply,
+            } => {
+                let (begin, claimed) = self.claims.decide(existing, &fingerprint, now, &claim);
                 let unsettled = deferred.written.contains(&id);
                 if unsettled {
                     deferred.begins.push((reply, begin));
@@ -535,6 +548,8 @@ impl Writer {
             lease_until_ms,
             chat_deleted: false,
             result: None,
+            seen_ms: now,
+            deletion: None,
         }
     }
 
@@ -548,7 +563,9 @@ impl Writer {
         now: u64,
     ) -> Result<(Written, Option<Record>), StoreError> {
         let (fingerprint, claim) = match &change {
-            Change::MarkChatDeleted { fingerprint, claim }
+            Change::MarkChatDeleted {
+                fingerprint, claim, ..
+            }
             | Change::Remember {
                 fingerprint, claim, ..
             } => (Some(fingerprint), claim),
@@ -564,7 +581,10 @@ impl Writer {
         };
         let ours = record.lease_owner.as_deref() == Some(claim.as_str());
         match change {
-            Change::MarkChatDeleted { .. } => record.chat_deleted = true,
+            Change::MarkChatDeleted { deletion, .. } => {
+                record.chat_deleted = true;
+                record.deletion = Some(deletion);
+            }
             Change::Remember { result, .. } => {
                 if ours {
                     record.lease_owner = None;
@@ -669,7 +689,13 @@ mod tests {
     fn begin(fingerprint: &str) -> (Op, oneshot::Receiver<Result<Begin, StoreError>>) {
         let (reply, answer) = oneshot::channel();
         let fingerprint = fp(fingerprint);
-        (Op::Begin { fingerprint, reply }, answer)
+        let claim = claim_name("p");
+        let op = Op::Begin {
+            fingerprint,
+            claim,
+            reply,
+        };
+        (op, answer)
     }
 
     fn write(change: Change) -> (Op, oneshot::Receiver<Result<Written, StoreError>>) {
@@ -684,6 +710,7 @@ mod tests {
             result: Remembered {
                 outcome,
                 attempts: 1,
+                receipt: None,
             },
         }
     }
@@ -751,7 +778,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut writer = writer(&dir);
         let claims = writer.claims.clone();
-        let begin_beside = |id: &str, f: &str| claims.begin(id, &fp(f)).map(Result::unwrap);
+        let begin_beside = |id: &str, f: &str| {
+            claims
+                .begin(id, &fp(f), &claims.new_claim())
+                .map(Result::unwrap)
+        };
         let Some(Begin::Claimed { claim, .. }) = begin_beside("x", "a") else {
             panic!("a fresh id is claimed")
         };
@@ -761,6 +792,7 @@ mod tests {
         let done = Remembered {
             outcome: Outcome::InvalidNumber,
             attempts: 1,
+            receipt: None,
         };
         let (mine, other) = (fp(&"f".repeat(64)), fp("other"));
         let txn = writer.begin_write().unwrap();
@@ -775,15 +807,21 @@ mod tests {
         assert!(unread("done"), "not committed yet");
         txn.commit().unwrap();
         assert_eq!(
-            claims.begin("done", &mine).unwrap().unwrap(),
+            claims
+                .begin("done", &mine, &claims.new_claim())
+                .unwrap()
+                .unwrap(),
             Begin::Replay(done)
         );
         assert_eq!(
-            claims.begin("done", &other).unwrap().unwrap(),
+            claims
+                .begin("done", &other, &claims.new_claim())
+                .unwrap()
+                .unwrap(),
             Begin::Conflict
         );
         assert!(matches!(
-            claims.begin("expired", &other),
+            claims.begin("expired", &other, &claims.new_claim()),
             Some(Ok(Begin::Claimed { .. }))
         ));
 
@@ -796,12 +834,12 @@ mod tests {
             .unwrap();
         drop(tx);
         assert!(
-            claims.begin("x", &fp("a")).is_none(),
+            claims.begin("x", &fp("a"), &claims.new_claim()).is_none(),
             "unsettled: the writer decides"
         );
         writer.settle(&deferred.written);
         assert!(matches!(
-            claims.begin("x", &fp("a")),
+            claims.begin("x", &fp("a"), &claims.new_claim()),
             Some(Ok(Begin::Replay(_)))
         ));
         assert!(
@@ -838,9 +876,15 @@ mod tests {
             matches!(answer.blocking_recv().unwrap().unwrap(), Written::Kept(r) if r.outcome == Outcome::InvalidBody)
         );
 
+        let deletion = crate::contract::Deletion {
+            chat: crate::pipeline::request::normalise_number("5511999999999").unwrap(),
+            known: crate::contract::ChatKnown::True,
+            at_ms: 1_733_000_000_000,
+        };
         let mark = Change::MarkChatDeleted {
             claim: "p/4".into(),
             fingerprint: fp("c"),
+            deletion: deletion.clone(),
         };
         let (op, answer) = write(mark);
         group(&mut writer, vec![("marked", op)]);
@@ -859,8 +903,9 @@ mod tests {
             answer.blocking_recv().unwrap().unwrap(),
             Begin::Claimed {
                 chat_deleted: true,
+                deletion: Some(d),
                 ..
-            }
+            } if d == deletion
         ));
     }
 

@@ -3,6 +3,7 @@
 //! events, deleting a chat, and the CLI's inspect and unpair.
 
 use std::fs::File;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +17,10 @@ use whatsapp_rust::wacore::appstate::patch_decode::WAPatchName;
 use whatsapp_rust::{AppStateError, ContactError, ErrorChainExt, Jid};
 
 use super::Device;
+use super::gated::{GatedBackend, SendGate};
 use super::mutation::DeleteChat;
 use super::resolve::{Account, Directory};
+use crate::fence::Fenced;
 use crate::pipeline::request::{ChatJid, JidServer};
 use crate::session::postgres::{PgSessionError, PgStore};
 use crate::session::{SessionError, SessionOptions, SessionState, SessionStore};
@@ -104,14 +107,40 @@ pub async fn build_bot(
     pair_phone: Option<&str>,
     on_event: impl Fn(Arc<Event>) + Send + Sync + 'static,
 ) -> Result<Bot, OpenError> {
-    let store: Arc<dyn Backend> = match hold {
+    let store = backend(hold).await?;
+    build_on(options, store, extra_events, pair_phone, on_event).await
+}
+
+/// As [`build_bot`] for the worker's own client: its store behind `gate`, so that no patch
+/// goes out after the deadline of the send that asked for it.
+pub async fn build_gated_bot(
+    options: &SessionOptions,
+    hold: &SessionHold,
+    gate: Arc<SendGate>,
+    on_event: impl Fn(Arc<Event>) + Send + Sync + 'static,
+) -> Result<Bot, OpenError> {
+    let store: Arc<dyn Backend> = Arc::new(GatedBackend::new(backend(hold).await?, gate));
+    build_on(options, store, &[], None, on_event).await
+}
+
+async fn backend(hold: &SessionHold) -> Result<Arc<dyn Backend>, OpenError> {
+    Ok(match hold {
         SessionHold::Database(store) => Arc::new(store.clone()),
         SessionHold::File { path, .. } => Arc::new(
             SqliteStore::new(&path.to_string_lossy())
                 .await
                 .map_err(|e| OpenError::Store(e.to_string()))?,
         ),
-    };
+    })
+}
+
+async fn build_on(
+    options: &SessionOptions,
+    store: Arc<dyn Backend>,
+    extra_events: &[EventKind],
+    pair_phone: Option<&str>,
+    on_event: impl Fn(Arc<Event>) + Send + Sync + 'static,
+) -> Result<Bot, OpenError> {
     let mut kinds = vec![
         EventKind::Connected,
         EventKind::Disconnected,
@@ -253,17 +282,80 @@ fn short(text: &str) -> String {
     text.chars().take(160).collect()
 }
 
-/// The crate's client is the real device: a delete is the app-state action `deleteChat`,
-/// within our own timeout.
+/// The real device: the crate's client, and the gate in front of its store.
+pub struct Linked {
+    client: Arc<Client>,
+    gate: Arc<SendGate>,
+    /// The crate call still running from an earlier send or catch-up. Calls run to their end
+    /// on a task of their own: a timeout answers the command but never cancels the crate
+    /// between the writes of a patch (its version, the old MACs, the new ones); the next call
+    /// waits for it.
+    running: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Linked {
+    pub fn new(client: Arc<Client>, gate: Arc<SendGate>) -> Self {
+        Self {
+            client,
+            gate,
+            running: Default::default(),
+        }
+    }
+
+    /// Runs `call` on its own task after the previous one ended; `None` when either did not
+    /// end within `timeout` (the call goes on).
+    async fn run<T: Send + 'static>(
+        &self,
+        timeout: Duration,
+        call: impl Future<Output = T> + Send + 'static,
+    ) -> Option<T> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut running = self.running.lock().await;
+        if let Some(mut previous) = running.take()
+            && tokio::time::timeout_at(deadline, &mut previous)
+                .await
+                .is_err()
+        {
+            *running = Some(previous);
+            return None;
+        }
+        let (done, answer) = tokio::sync::oneshot::channel();
+        *running = Some(tokio::spawn(async move {
+            let _ = done.send(call.await);
+        }));
+        drop(running);
+        tokio::time::timeout_at(deadline, answer).await.ok()?.ok()
+    }
+}
+
+/// A delete is the app-state action `deleteChat`, within our own timeout.
 #[async_trait::async_trait]
-impl Device for Arc<Client> {
-    async fn send(&self, mutation: &DeleteChat, timeout: Duration) -> Result<(), SessionError> {
-        let args = mutation.index_args();
-        let call = self.send_app_state_action(DeleteChat::schema(), &args, &mutation.value);
-        match tokio::time::timeout(timeout, call).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => Err(classify(&err)),
-            Err(_) => Err(SessionError::Timeout),
+impl Device for Linked {
+    async fn send(
+        &self,
+        mutation: &DeleteChat,
+        timeout: Duration,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(), SessionError> {
+        let (client, gate) = (self.client.clone(), self.gate.clone());
+        let args: Vec<String> = mutation.index_args().map(str::to_owned).to_vec();
+        let value = mutation.value.clone();
+        let call = async move {
+            gate.arm(deadline);
+            let index: Vec<&str> = args.iter().map(String::as_str).collect();
+            let sent = client
+                .send_app_state_action(DeleteChat::schema(), &index, &value)
+                .await;
+            gate.disarm();
+            sent
+        };
+        match self.run(timeout, call).await {
+            None => Err(SessionError::Timeout),
+            Some(Ok(())) => Ok(()),
+            Some(Err(_)) if self.gate.held_back() => Err(SessionError::Fenced(Fenced(
+                "the fence ended before the delete could be sent",
+            ))),
+            Some(Err(err)) => Err(classify(&err)),
         }
     }
 
@@ -272,8 +364,32 @@ impl Device for Arc<Client> {
             name: WAPatchName::RegularHigh,
             full_sync: false,
         };
+        let client = self.client.clone();
         // Best effort: a delete on a stale base is still applied after a conflict.
-        let _ = tokio::time::timeout(timeout, self.process_sync_task(task)).await;
+        let _ = self
+            .run(timeout, async move {
+                let _ = client.process_sync_task(task).await;
+            })
+            .await;
+    }
+}
+
+#[async_trait::async_trait]
+impl Directory for Linked {
+    async fn known_lid(&self, phone: &str) -> Option<String> {
+        self.client.known_lid(phone).await
+    }
+
+    async fn known_phone(&self, lid: &str) -> Option<String> {
+        self.client.known_phone(lid).await
+    }
+
+    async fn lid_migrated(&self) -> bool {
+        self.client.lid_migrated().await
+    }
+
+    async fn lookup(&self, phones: &[String]) -> Result<Vec<Account>, SessionError> {
+        self.client.lookup(phones).await
     }
 }
 
@@ -284,6 +400,14 @@ impl Directory for Arc<Client> {
     async fn known_lid(&self, phone: &str) -> Option<String> {
         let entry = self.get_lid_pn_entry(&Jid::pn(phone.to_owned())).await;
         entry.ok().flatten().map(|entry| entry.lid.to_string())
+    }
+
+    async fn known_phone(&self, lid: &str) -> Option<String> {
+        let entry = self.get_lid_pn_entry(&Jid::lid(lid.to_owned())).await;
+        entry
+            .ok()
+            .flatten()
+            .map(|entry| entry.phone_number.to_string())
     }
 
     async fn lid_migrated(&self) -> bool {

@@ -6,6 +6,7 @@
 //! chat a number stands for: [`resolve`]; the mutation sent: [`mutation`].
 
 pub mod client;
+pub mod gated;
 pub mod mutation;
 pub mod resolve;
 
@@ -18,9 +19,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use whatsapp_rust::prelude::{BotHandle, Event};
 
 pub use client::{
-    OpenError, SessionHold, SessionLock, app_state_ready, build_bot, inspect, next_state,
-    paired_as, unpair,
+    Linked, OpenError, SessionHold, SessionLock, app_state_ready, build_bot, build_gated_bot,
+    inspect, next_state, paired_as, unpair,
 };
+pub use gated::SendGate;
 pub use resolve::{Account, Directory, LookupLimits};
 
 use super::{ChatSession, Opening, SessionError, SessionOptions, SessionState, SessionStatus};
@@ -30,10 +32,15 @@ use client::operator_hint;
 use mutation::DeleteChat;
 use resolve::Resolver;
 
+/// How long before its fence's end a delete is no longer sent: the send itself takes a round
+/// trip, and the fence's end is only known to this process's clock.
+const SEND_MARGIN: Duration = Duration::from_secs(1);
+
 enum Msg {
     Delete {
         chat: ChatJid,
         lookup: bool,
+        seen_ms: u64,
         fence: Arc<dyn Fence>,
         reply: oneshot::Sender<Result<ChatJid, SessionError>>,
     },
@@ -46,8 +53,14 @@ enum Msg {
 /// crate's client (`client.rs`).
 #[async_trait::async_trait]
 pub trait Device: Directory {
-    /// Sends the mutation, within `timeout`.
-    async fn send(&self, mutation: &DeleteChat, timeout: Duration) -> Result<(), SessionError>;
+    /// Sends the mutation, within `timeout`; nothing goes out after `deadline` (the fence's
+    /// end, less a margin), however long the device waits before sending.
+    async fn send(
+        &self,
+        mutation: &DeleteChat,
+        timeout: Duration,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(), SessionError>;
 
     /// Brings the chat list deletes are built on up to date, once after the session is
     /// opened: the crate syncs app state at pairing and when the server says so, not after a
@@ -138,16 +151,18 @@ impl ChatSession for WhatsappSession {
         self.status.borrow().state
     }
 
-    async fn delete_chat(
+    async fn delete_chat_as_of(
         &self,
         chat: &ChatJid,
         lookup: bool,
+        seen_ms: u64,
         fence: Arc<dyn Fence>,
     ) -> Result<ChatJid, SessionError> {
         let (reply, answer) = oneshot::channel();
         let msg = Msg::Delete {
             chat: chat.clone(),
             lookup,
+            seen_ms,
             fence,
             reply,
         };
@@ -247,8 +262,9 @@ impl Actor {
             }
         };
         let events = self.events.clone();
+        let gate = Arc::new(SendGate::default());
         // Events arrive on the crate's tasks; the actor applies them in order.
-        let bot = build_bot(&self.options, &hold, &[], None, move |event| {
+        let bot = build_gated_bot(&self.options, &hold, gate.clone(), move |event| {
             events.deliver(event)
         })
         .await;
@@ -271,7 +287,7 @@ impl Actor {
         };
         self.set(SessionState::Connecting, Some(number));
         self.running = Some(Running {
-            device: Arc::new(client),
+            device: Arc::new(Linked::new(client, gate)),
             caught_up: false,
             handle: Some(bot.spawn()),
             hold: Some(hold),
@@ -311,6 +327,7 @@ impl Actor {
                 Msg::Delete {
                     chat,
                     lookup,
+                    seen_ms,
                     fence,
                     reply,
                 } => {
@@ -319,7 +336,7 @@ impl Actor {
                     if reply.is_closed() {
                         continue;
                     }
-                    let deleted = self.delete(&chat, lookup, &*fence).await;
+                    let deleted = self.delete(&chat, lookup, seen_ms, &*fence).await;
                     if deleted.is_err() && self.superseded() {
                         // Reported as replaced: an owner that still holds the lease opens
                         // the session again (the ownership coordinator does).
@@ -364,11 +381,13 @@ impl Actor {
         self.set(SessionState::Stopped, paired);
     }
 
-    /// Resolves the chat, then sends its delete if the fence still holds.
+    /// Resolves the chat, then sends its delete (the chat as of `seen_ms`) if the fence still
+    /// holds, and not after the fence's end.
     async fn delete(
         &mut self,
         chat: &ChatJid,
         lookup: bool,
+        seen_ms: u64,
         fence: &dyn Fence,
     ) -> Result<ChatJid, SessionError> {
         let Some(running) = &mut self.running else {
@@ -384,8 +403,16 @@ impl Actor {
             .await
             .map_err(|_| SessionError::Timeout)??;
         fence.check().map_err(SessionError::Fenced)?;
-        let mutation = DeleteChat::new(&client::to_jid(&target), Utc::now().timestamp_millis());
-        device.send(&mutation, self.options.delete_timeout).await?;
+        let deadline = fence.valid_until().map(|end| end - SEND_MARGIN);
+        if deadline.is_some_and(|d| d <= tokio::time::Instant::now()) {
+            return Err(SessionError::Fenced(crate::fence::Fenced(
+                "the fence ends before the delete could be sent",
+            )));
+        }
+        let at_ms = i64::try_from(seen_ms).unwrap_or(i64::MAX);
+        let mutation = DeleteChat::new(&client::to_jid(&target), at_ms);
+        let timeout = self.options.delete_timeout;
+        device.send(&mutation, timeout, deadline).await?;
         Ok(target)
     }
 
@@ -417,11 +444,16 @@ mod tests {
     struct Scripted {
         latency: Duration,
         sent: Mutex<Vec<String>>,
+        /// The timestamp of each mutation sent.
+        stamps: Mutex<Vec<i64>>,
     }
 
     #[async_trait::async_trait]
     impl Directory for Scripted {
         async fn known_lid(&self, _: &str) -> Option<String> {
+            None
+        }
+        async fn known_phone(&self, _: &str) -> Option<String> {
             None
         }
         async fn lid_migrated(&self) -> bool {
@@ -434,12 +466,19 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Device for Scripted {
-        async fn send(&self, mutation: &DeleteChat, _: Duration) -> Result<(), SessionError> {
+        async fn send(
+            &self,
+            mutation: &DeleteChat,
+            _: Duration,
+            _: Option<tokio::time::Instant>,
+        ) -> Result<(), SessionError> {
             tokio::time::sleep(self.latency).await;
             self.sent
                 .lock()
                 .unwrap()
                 .push(mutation.index_args().join(" "));
+            let stamp = mutation.value.timestamp.unwrap_or_default();
+            self.stamps.lock().unwrap().push(stamp);
             Ok(())
         }
 
@@ -460,6 +499,7 @@ mod tests {
         let device = Arc::new(Scripted {
             latency: Duration::from_millis(latency_ms),
             sent: Mutex::new(vec![]),
+            stamps: Mutex::new(vec![]),
         });
         let options = SessionOptions {
             store: crate::session::SessionStore::Sqlite(PathBuf::from("unused.db")),
@@ -511,6 +551,65 @@ mod tests {
                 "5511000000003@s.whatsapp.net 0"
             ]
         );
+    }
+
+    /// Defect (found by review): the delete runs in the actor, outside the command's future.
+    /// A command dropped while its delete was being sent (a hard stop) left the send going,
+    /// and the next try sent a new mutation stamped with the time of that try, which also
+    /// deletes what arrived in between. Every try of one command (the same first-seen time)
+    /// sends the same mutation.
+    #[tokio::test]
+    async fn a_delete_tried_again_after_its_command_was_dropped_sends_the_same_mutation() {
+        let (session, device) = session(1_000);
+        let chat = normalise_number("5511000000001").unwrap();
+        let seen_ms = 1_733_000_000_123;
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(100),
+            session.delete_chat_as_of(&chat, false, seen_ms, Arc::new(Unfenced)),
+        )
+        .await;
+        assert!(dropped.is_err(), "the first try was dropped mid-send");
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        assert_eq!(device.stamps.lock().unwrap().len(), 1, "the send went on");
+        let again = session
+            .delete_chat_as_of(&chat, false, seen_ms, Arc::new(Unfenced))
+            .await;
+        assert_eq!(again, Ok(chat));
+        let stamps = device.stamps.lock().unwrap().clone();
+        assert_eq!(
+            stamps,
+            [seen_ms as i64, seen_ms as i64],
+            "the same mutation both times"
+        );
+    }
+
+    /// A fence whose end has (nearly) come.
+    struct Ending;
+
+    impl Fence for Ending {
+        fn check(&self) -> Result<(), Fenced> {
+            Ok(())
+        }
+
+        fn valid_until(&self) -> Option<tokio::time::Instant> {
+            Some(tokio::time::Instant::now() + Duration::from_millis(500))
+        }
+    }
+
+    /// Defect (found by review): the fence was checked before the crate waited for its own
+    /// send lock and any running sync; only the delete timeout (longer than the lease) bounded
+    /// that wait, so a send could start after the lease and the claim ended. A fence that ends
+    /// within the send margin is not sent at all; the device is told the deadline otherwise.
+    #[tokio::test]
+    async fn a_delete_is_not_sent_when_its_fence_ends_before_it_could_be() {
+        let (session, device) = session(0);
+        let chat = normalise_number("5511000000001").unwrap();
+        let refused = session.delete_chat(&chat, false, Arc::new(Ending)).await;
+        assert!(
+            matches!(refused, Err(SessionError::Fenced(_))),
+            "{refused:?}"
+        );
+        assert_eq!(*device.sent.lock().unwrap(), ["catch up"]);
     }
 
     #[tokio::test]

@@ -1,9 +1,14 @@
 //! From a phone number to the chat the phone actually holds.
 //!
 //! WhatsApp's app-state server sees only an HMAC of the chat JID, so a delete for a JID the
-//! phone does not hold is accepted and changes nothing. Rules, in order:
-//! - a JID given explicitly (`@s.whatsapp.net`, `@lid`, `@g.us`) is used as given;
-//! - a number's candidates are the number itself and, for a Brazilian mobile number, the same
+//! phone does not hold is accepted and changes nothing. Every user chat is resolved, whether
+//! it came as a number or as a JID (services pass JIDs they took from webhooks and CRMs, keyed
+//! however that account keyed them then). Rules, in order:
+//! - a group (`@g.us`) is used as given;
+//! - a LID (`@lid`) on an account migrated to LIDs is used as given; on an account not
+//!   migrated, the phone number the session maps it to, if it knows one (else as given);
+//! - a phone number (bare or `@s.whatsapp.net`): its candidates are the number itself and,
+//!   for a Brazilian mobile number, the same
 //!   number with or without the ninth digit (accounts are often registered without it);
 //! - a candidate the session already maps to a LID, on an account migrated to LIDs, is that
 //!   LID (the key the phone uses for migrated one-to-one chats), with no query;
@@ -35,6 +40,8 @@ pub struct Account {
 pub trait Directory: Send + Sync {
     /// The LID the session's own store maps this phone number to (no network).
     async fn known_lid(&self, phone: &str) -> Option<String>;
+    /// The phone number the session's own store maps this LID to (no network).
+    async fn known_phone(&self, lid: &str) -> Option<String>;
     /// Whether the account keys one-to-one chats by LID.
     async fn lid_migrated(&self) -> bool;
     /// One query for these numbers; the registered accounts the server returned for them.
@@ -71,15 +78,26 @@ impl Resolver {
         f64::from((limits.per_minute / 10).max(1))
     }
 
-    /// The JID to delete for `chat`; `lookup` is false for a JID given explicitly.
+    /// The JID to delete for `chat`; without `lookup` (tools) it is used as given.
     pub async fn resolve(
         &mut self,
         chat: &ChatJid,
         lookup: bool,
         directory: &dyn Directory,
     ) -> Result<ChatJid, SessionError> {
-        if !lookup || chat.server() != JidServer::Phone {
-            return Ok(chat.clone());
+        match chat.server() {
+            _ if !lookup => return Ok(chat.clone()),
+            JidServer::Group => return Ok(chat.clone()),
+            JidServer::Lid => {
+                if directory.lid_migrated().await {
+                    return Ok(chat.clone());
+                }
+                return match directory.known_phone(chat.user()).await {
+                    Some(phone) => jid(&format!("{phone}@s.whatsapp.net")),
+                    None => Ok(chat.clone()),
+                };
+            }
+            JidServer::Phone => {}
         }
         let number = chat.user();
         if let Some((at, jid)) = self.cache.get(number)
@@ -194,6 +212,12 @@ mod tests {
         async fn known_lid(&self, phone: &str) -> Option<String> {
             self.known.get(phone).cloned()
         }
+        async fn known_phone(&self, lid: &str) -> Option<String> {
+            self.known
+                .iter()
+                .find(|(_, l)| l.as_str() == lid)
+                .map(|(phone, _)| phone.clone())
+        }
         async fn lid_migrated(&self) -> bool {
             self.migrated
         }
@@ -261,6 +285,44 @@ mod tests {
             [vec!["5531987654321".to_owned(), "553187654321".to_owned()]],
             "one query carries both variants"
         );
+    }
+
+    /// The defect: a JID given explicitly was deleted as given, so a service that passed a
+    /// phone-number JID for an account registered without the nine, a phone-number JID on an
+    /// account migrated to LIDs, or a LID on an account not migrated got a 200 and the chat
+    /// stayed. A JID goes through the same rules as a number.
+    #[tokio::test]
+    async fn a_jid_given_explicitly_is_resolved_as_a_number_is() {
+        let directory = Scripted {
+            accounts: [("553187654321".into(), account("553187654321", Some("99")))].into(),
+            known: [("5511987654321".into(), "777".into())].into(),
+            ..Default::default()
+        };
+        let mut resolver = Resolver::new(limits());
+        let by_jid = chat("5531987654321@s.whatsapp.net");
+        let got = resolver.resolve(&by_jid, true, &directory).await;
+        assert_eq!(got, Ok(chat("553187654321@s.whatsapp.net")));
+        // A LID on an account not migrated: the phone number the session maps it to.
+        let got = resolver.resolve(&chat("777@lid"), true, &directory).await;
+        assert_eq!(got, Ok(chat("5511987654321@s.whatsapp.net")));
+        // One it knows nothing of stays as given; a group is never resolved.
+        let got = resolver.resolve(&chat("888@lid"), true, &directory).await;
+        assert_eq!(got, Ok(chat("888@lid")));
+        let group = chat("120363024567890123@g.us");
+        assert_eq!(resolver.resolve(&group, true, &directory).await, Ok(group));
+        // On a migrated account, a phone-number JID becomes its LID, and a LID stays.
+        let migrated = Scripted {
+            migrated: true,
+            known: [("5511987654321".into(), "777".into())].into(),
+            ..Default::default()
+        };
+        let mut resolver = Resolver::new(limits());
+        let got = resolver
+            .resolve(&chat("5511987654321@s.whatsapp.net"), true, &migrated)
+            .await;
+        assert_eq!(got, Ok(chat("777@lid")));
+        let got = resolver.resolve(&chat("777@lid"), true, &migrated).await;
+        assert_eq!(got, Ok(chat("777@lid")));
     }
 
     #[tokio::test]
