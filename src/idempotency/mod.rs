@@ -239,6 +239,12 @@ pub trait IdempotencyStore: Send + Sync {
     }
     /// Extends the claim by a lease from now; `false` when another delivery holds the id now.
     async fn renew(&self, held: &Held) -> Result<bool, StoreError>;
+    /// Makes the claim's first-seen time durable before the effect it times: a try after a
+    /// crash then sends the same mutation. (Redis keeps it with the claim at `begin`.)
+    async fn keep_intent(&self, _held: &Held) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// The chat delete of this id happened (as `deletion` says): a later try skips it.
     async fn mark_chat_deleted(&self, held: &Held, deletion: &Deletion) -> Result<(), StoreError>;
     /// Keeps the final result and ends the claim. Returns what is remembered now: `result`,

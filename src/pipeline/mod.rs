@@ -507,6 +507,11 @@ impl Pipeline {
                 // What the chat list knew before the delete changes it.
                 let known = instance.session().knows(&request.chat);
                 let slot = self.pacer.wait(token).await;
+                let store = self.memory.store();
+                let keep = || store.keep_intent(claim.held());
+                if let Err(error) = self.memory.call(Patience::Bounded, log, keep).await {
+                    return (Err(Failure::Store(error)), tries);
+                }
                 let seen_ms = claim.held().seen_ms;
                 let (result, n) = self
                     .delete_chat(instance, request, seen_ms, fence.clone(), log)

@@ -102,6 +102,17 @@ impl IdempotencyStore for EmbeddedStore {
         .await?
     }
 
+    /// Claims live in memory: the claim's record is written (one group commit) before the
+    /// effect, so the try after a crash finds its first-seen time.
+    async fn keep_intent(&self, held: &Held) -> Result<(), StoreError> {
+        let change = Change::Intent {
+            claim: held.claim.clone(),
+            fingerprint: held.fingerprint.clone(),
+            seen_ms: held.seen_ms,
+        };
+        self.write(&held.id, change).await.map(drop)
+    }
+
     async fn mark_chat_deleted(&self, held: &Held, deletion: &Deletion) -> Result<(), StoreError> {
         let change = Change::MarkChatDeleted {
             claim: held.claim.clone(),

@@ -198,6 +198,12 @@ pub(super) enum Op {
 }
 
 pub(super) enum Change {
+    /// The claim's record, written as it is (its first-seen time made durable).
+    Intent {
+        claim: String,
+        fingerprint: Fingerprint,
+        seen_ms: u64,
+    },
     MarkChatDeleted {
         claim: String,
         fingerprint: Fingerprint,
@@ -566,6 +572,9 @@ impl Writer {
             Change::MarkChatDeleted {
                 fingerprint, claim, ..
             }
+            | Change::Intent {
+                fingerprint, claim, ..
+            }
             | Change::Remember {
                 fingerprint, claim, ..
             } => (Some(fingerprint), claim),
@@ -581,6 +590,11 @@ impl Writer {
         };
         let ours = record.lease_owner.as_deref() == Some(claim.as_str());
         match change {
+            Change::Intent { seen_ms, .. } => {
+                if seen_ms != 0 {
+                    record.seen_ms = seen_ms;
+                }
+            }
             Change::MarkChatDeleted { deletion, .. } => {
                 record.chat_deleted = true;
                 record.deletion = Some(deletion);
