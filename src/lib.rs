@@ -4,45 +4,35 @@
 //!
 //! # Layout
 //!
-//! One command's path, top to bottom:
+//! Modules form one dependency order, bottom first; a module imports only modules before it
+//! (`tests/layers.rs` checks it against `ARCHITECTURE.md`):
 //!
-//! - [`worker`]: the process's life. [`run`] serves HTTP, then keeps one broker connection at a
-//!   time ([`worker::connection`]), reconnecting with backoff ([`worker::reconnect`]).
-//! - [`bus`]: RabbitMQ. [`bus::connect()`], [`bus::topology`] (the exchanges and queues, and
-//!   [`bus::upgrade`] for an earlier version's), [`bus::consume`] (a consumer per queue, its
-//!   prefetch sized by [`bus::prefetch`]), [`bus::settle`] (carry out a verdict, then ack or
-//!   requeue: the one place that decides), [`bus::publisher`] (confirmed publishing) and
-//!   [`bus::reply`] (`reply_to` copies, whose failures stay theirs).
-//! - [`pipeline`]: the stages in the contract's order, run by [`pipeline::Pipeline::handle`]:
-//!   [`pipeline::envelope`] (properties and headers), [`pipeline::auth`] (tokens),
-//!   [`idempotency`] (claim, replay, remember), [`pipeline::request`] (the body, number → JID),
-//!   [`pipeline::pacing`] (per-token budget), [`session`] (the delete on the instance's
-//!   WhatsApp connection), [`media`] (the purge). [`pipeline::instances`] holds the hosted
-//!   instances.
-//! - [`contract`]: every outcome row and the one function that renders a result event
-//!   ([`contract::outcome`]), and every name on the wire: headers, event types, exchanges and
-//!   queues ([`contract::wire`]).
-//!
-//! Around it:
-//!
-//! - [`idempotency`]: the store trait and its two implementations, embedded (redb,
-//!   `idempotency::embedded`: front end, writer thread, record codec) and Redis.
-//! - [`session`]: the `ChatSession` trait; a scripted simulated session, and the real one
-//!   through whatsapp-rust ([`session::whatsapp`]: an actor per instance,
-//!   [`session::whatsapp::client`] for the client itself, [`session::whatsapp::resolve`] for
-//!   the chat a number stands for, [`session::whatsapp::mutation`] for the `deleteChat` sent).
-//! - [`media`]: the purge on disk or S3, with its config, errors, prefix template and retry.
-//! - [`fence`]: what every effect checks first (the idempotency claim is held).
-//! - [`ownership`]: which worker owns which instance when several share them: leases with a
-//!   fencing generation in Redis, a balanced sticky plan, hand-over and failover.
-//! - [`config`]: one typed struct from TOML and `CDW__*` environment overrides.
-//! - [`telemetry`]: every metric name and description, the per-command log span, log setup;
-//!   [`http`]: `/metrics`, `/healthz`, `/readyz`, `/instances`, `/admin/reload`.
-//! - [`cli`]: every subcommand (run, topology, check-config, token-hash, publish, results,
-//!   parked, pair, unpair, instances), each returning its exit code.
+//! 1. [`contract`]: the bus contract: the chat a command names, its body, every outcome row and
+//!    the one renderer of result events, the receipt of a 200, every name on the wire.
+//! 2. [`fence`]: what every effect checks first: an idempotency claim, this worker's lease on
+//!    the instance ([`fence::Lease`]).
+//! 3. [`telemetry`]: every metric name and description, the per-command log span, log setup.
+//! 4. [`media`]: the purge on disk or S3, with its config, errors, prefix template and retry.
+//! 5. [`config`]: one typed struct from TOML and `CDW__*` environment overrides.
+//! 6. [`auth`]: tokens and the command's envelope (its properties and headers).
+//! 7. [`idempotency`]: the store trait, embedded (redb) and Redis; claims and their renewal.
+//! 8. [`session`]: the `ChatSession` trait: a scripted simulated session, and the real one
+//!    through whatsapp-rust ([`session::whatsapp`]), its sessions kept in SQLite or PostgreSQL.
+//! 9. [`instances`]: the hosted instances: name, credentials, session and lease.
+//! 10. [`pipeline`]: the stages of one command in the contract's order, to a `Verdict`; it never
+//!     touches the broker.
+//! 11. [`bus`]: RabbitMQ: connect, topology, consumers, and [`bus::settle`], the one place that
+//!     carries out a verdict and acks or requeues.
+//! 12. [`ownership`]: which worker owns which instance: fenced leases in Redis, a balanced
+//!     sticky plan, hand-over and failover.
+//! 13. [`http`]: `/metrics`, `/healthz`, `/readyz`, `/instances`, `/admin/reload`.
+//! 14. [`worker`]: the process's life: [`run`] serves HTTP, coordinates ownership and keeps one
+//!     broker connection at a time.
+//! 15. [`cli`]: every subcommand, each returning its exit code.
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod bus;
 pub mod cli;
 pub mod config;
@@ -50,6 +40,7 @@ pub mod contract;
 pub mod fence;
 pub mod http;
 pub mod idempotency;
+pub mod instances;
 pub mod media;
 pub mod ownership;
 pub mod pipeline;

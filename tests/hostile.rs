@@ -76,7 +76,7 @@ async fn declared(
     );
     let cfg = chat_delete_worker::config::Config::from_toml(&toml).unwrap();
     let names = chat_delete_worker::contract::Names::new(ns);
-    let tiers = chat_delete_worker::bus::topology::retry_tiers(&cfg.retry.broker_delays_ms);
+    let tiers = cfg.retry.tiers();
     chat_delete_worker::bus::topology::Topology::new(&cfg.broker, &names, &["alpha"], &tiers)
         .declare(connection)
         .await
@@ -423,8 +423,7 @@ async fn copies_carry_no_token_and_the_parking_stream_is_read_without_side_effec
 async fn a_proof_opens_its_own_command_only() {
     let w = TestWorker::start(&config("")).await;
     let key = chat_delete_worker::config::TokenHash::of(TOKEN.as_bytes());
-    let proof =
-        chat_delete_worker::pipeline::auth::TokenProof::new(&key, "alpha", "proof-1", OK).to_hex();
+    let proof = chat_delete_worker::auth::TokenProof::new(&key, "alpha", "proof-1", OK).to_hex();
     let with_proof = |id: &'static str, body: &'static [u8], proof: &str| Command {
         token: None,
         extra_headers: vec![(

@@ -2,7 +2,7 @@
 //! on exactly one contract row, and a normalised JID is always safe to put in a path.
 
 use chat_delete_worker::contract::Outcome;
-use chat_delete_worker::pipeline::request::{normalise_number, parse_body};
+use chat_delete_worker::contract::{normalise_number, parse_body};
 use proptest::prelude::*;
 
 const MAX: usize = 64 * 1024;

@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chat_delete_worker::config::{Config, SimulatedConfig};
+use chat_delete_worker::contract::{ChatJid, normalise_number};
 use chat_delete_worker::fence::{Fence, Unfenced};
+use chat_delete_worker::instances::{Instance, Instances};
 use chat_delete_worker::ownership::{self, Coordination, Host, Timing};
-use chat_delete_worker::pipeline::request::{ChatJid, normalise_number};
-use chat_delete_worker::pipeline::{Instance, Instances};
 use chat_delete_worker::session::{ChatSession, Opening, SessionError, SimulatedSession};
 use common::redis::PrivateRedis;
 use common::*;

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chat_delete_worker::ownership::Lease;
-use chat_delete_worker::pipeline::request::normalise_number;
+use chat_delete_worker::contract::normalise_number;
+use chat_delete_worker::fence::Lease;
 use chat_delete_worker::session::postgres::PgSessions;
 use chat_delete_worker::session::whatsapp;
 use chat_delete_worker::session::{

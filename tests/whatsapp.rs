@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use chat_delete_worker::pipeline::request::normalise_number;
+use chat_delete_worker::contract::normalise_number;
 use chat_delete_worker::session::whatsapp::mutation::DeleteChat;
 use chat_delete_worker::session::whatsapp::{self, Directory, SessionLock};
 use chat_delete_worker::session::{

@@ -19,12 +19,12 @@ use tokio_util::task::TaskTracker;
 use super::Publisher;
 use super::prefetch::Prefetch;
 use super::settle::{Carrier, Settle, settle, settle_for};
-use crate::config::is_valid_instance_name;
+use crate::auth::envelope::Envelope;
 use crate::contract::Names;
 use crate::contract::wire::UNNAMED_INSTANCE;
+use crate::contract::wire::is_valid_instance_name;
 use crate::fence::{Committed, Fence};
-use crate::pipeline::envelope::Envelope;
-use crate::pipeline::{Instance, Pipeline, Source};
+use crate::pipeline::{Pipeline, Source};
 use crate::telemetry;
 
 /// The most unacked deliveries of a queue whose commands are only answered (unrouted, dead).
@@ -178,23 +178,12 @@ impl Activity {
     }
 }
 
-/// What a queue feeds the pipeline.
-#[derive(Clone)]
-pub enum Feed {
-    /// One hosted instance's commands.
-    Instance(Arc<Instance>),
-    /// Commands no worker hosts (answered 404).
-    Unrouted,
-    /// Commands a queue dead-lettered after too many deliveries (answered and parked).
-    DeadLettered,
-}
-
 /// One queue's consumer: what it reads, where its results go, and the connection's signals.
 pub struct QueueConsumer {
     pub consuming: Arc<Consuming>,
     pub publisher: Arc<Publisher>,
     pub queue: String,
-    pub feed: Feed,
+    pub source: Source,
     pub tracker: TaskTracker,
     pub signals: Signals,
     pub activity: Arc<Activity>,
@@ -209,9 +198,9 @@ pub async fn start(
     let channel = connection.create_channel().await?;
     // Set on every (re)connection: lapin's recovery would not. The unrouted and dead-letter
     // queues need little: they only answer.
-    let max = match queue.feed {
-        Feed::Instance(_) => consuming.prefetch,
-        Feed::Unrouted | Feed::DeadLettered => consuming.prefetch.min(ANSWER_ONLY_PREFETCH),
+    let max = match queue.source {
+        Source::Instance(_) => consuming.prefetch,
+        Source::Unrouted | Source::DeadLettered(_) => consuming.prefetch.min(ANSWER_ONLY_PREFETCH),
     };
     let prefetch = Prefetch::new(max, consuming.largest_ordinary);
     let first = new_tag(&consuming.app_id);
@@ -301,7 +290,7 @@ async fn consume_loop(mut deliveries: Deliveries, mut prefetch: Prefetch, queue:
         consuming,
         publisher,
         queue,
-        feed,
+        source,
         tracker,
         signals,
         activity,
@@ -338,7 +327,7 @@ async fn consume_loop(mut deliveries: Deliveries, mut prefetch: Prefetch, queue:
             }
         };
         activity.took();
-        if let Feed::Instance(instance) = &feed
+        if let Source::Instance(instance) = &source
             && instance.lease().check().is_err()
         {
             // Not ours (any more): leave it unsettled; it goes back to the queue, for the
@@ -367,7 +356,7 @@ async fn consume_loop(mut deliveries: Deliveries, mut prefetch: Prefetch, queue:
         };
         let consuming = consuming.clone();
         let publisher = publisher.clone();
-        let feed = feed.clone();
+        let source = source.clone();
         let hard_stop = hard_stop.clone();
         let lost = lost.clone();
         let done = activity.clone();
@@ -375,7 +364,7 @@ async fn consume_loop(mut deliveries: Deliveries, mut prefetch: Prefetch, queue:
             let _permit = permit;
             // Boxed: a command's future is large, and a spawned future is copied whole.
             Box::pin(process(
-                &consuming, &publisher, &feed, delivery, &hard_stop, &lost,
+                &consuming, &publisher, &source, delivery, &hard_stop, &lost,
             ))
             .await;
             done.settled();
@@ -386,7 +375,7 @@ async fn consume_loop(mut deliveries: Deliveries, mut prefetch: Prefetch, queue:
 async fn process(
     consuming: &Consuming,
     publisher: &Publisher,
-    feed: &Feed,
+    queue_source: &Source,
     delivery: Delivery,
     hard_stop: &CancellationToken,
     lost: &CancellationToken,
@@ -400,13 +389,15 @@ async fn process(
     } else {
         UNNAMED_INSTANCE
     };
-    let (source, instance_name) = match feed {
-        Feed::Instance(instance) => (Source::Instance(instance), instance.name()),
-        Feed::Unrouted => (Source::Unrouted, named),
-        Feed::DeadLettered => {
-            let hosted = consuming.pipeline.instances().get(key);
-            (Source::DeadLettered(hosted.map(|i| i.as_ref())), named)
+    let source = match queue_source {
+        Source::DeadLettered(_) => {
+            Source::DeadLettered(consuming.pipeline.instances().get(key).cloned())
         }
+        other => other.clone(),
+    };
+    let instance_name = match &source {
+        Source::Instance(instance) => instance.name(),
+        Source::Unrouted | Source::DeadLettered(_) => named,
     };
     let log = telemetry::CommandLog::new(
         envelope.idempotency_id.as_deref().unwrap_or(""),
@@ -415,10 +406,10 @@ async fn process(
         envelope.traceparent.as_deref().unwrap_or(""),
     );
     let metrics = &consuming.metrics;
-    match feed {
-        Feed::Instance(_) => metrics.received_instance.increment(1),
-        Feed::Unrouted => metrics.received_unrouted.increment(1),
-        Feed::DeadLettered => metrics.received_dead.increment(1),
+    match &source {
+        Source::Instance(_) => metrics.received_instance.increment(1),
+        Source::Unrouted => metrics.received_unrouted.increment(1),
+        Source::DeadLettered(_) => metrics.received_dead.increment(1),
     }
     metrics.in_flight.increment(1.0);
 
@@ -426,7 +417,7 @@ async fn process(
     let work = async {
         let verdict = consuming
             .pipeline
-            .handle(source, &envelope, &delivery.data, &log, &committed)
+            .handle(&source, &envelope, &delivery.data, &log, &committed)
             .await;
         let carrier = Carrier {
             publisher,

@@ -2,6 +2,7 @@
 //! confirms ([`publisher`], and [`reply`] for `reply_to` copies), consuming ([`consume`]) and settling each delivery once its
 //! verdict is carried out ([`settle`]).
 
+pub mod confirm;
 pub mod connect;
 pub mod consume;
 pub mod policies;

@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::time::Instant;
 
 use super::BrokerError;
+use super::confirm::{confirm_channel, publish_confirmed};
 use super::reply::ReplyTo;
 use crate::contract::ResultEvent;
 use crate::telemetry;
@@ -86,43 +86,4 @@ impl Publisher {
         self.publish_confirm.record(started.elapsed().as_secs_f64());
         Ok(())
     }
-}
-
-/// Publishes `body` on a confirm-mode channel and waits for the broker's confirm; `Ok(false)`
-/// when it was unroutable (returned).
-pub async fn publish_confirmed(
-    channel: &Channel,
-    exchange: &str,
-    routing_key: &str,
-    body: &[u8],
-    properties: BasicProperties,
-) -> Result<bool, BrokerError> {
-    let mandatory = BasicPublishOptions {
-        mandatory: true,
-        ..Default::default()
-    };
-    let confirm = channel
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            mandatory,
-            body,
-            properties,
-        )
-        .await?
-        .await?;
-    match confirm {
-        Confirmation::Ack(returned) => Ok(returned.is_none()),
-        // The channel is put in confirm mode on open; no confirm means it was not.
-        Confirmation::Nack(_) | Confirmation::NotRequested => Err(BrokerError::Nacked),
-    }
-}
-
-/// A channel in confirm mode.
-pub async fn confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    Ok(channel)
 }

@@ -12,7 +12,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use tokio::time::Instant;
 
 use super::BrokerError;
-use super::publisher::{confirm_channel, publish_confirmed};
+use super::confirm::{confirm_channel, publish_confirmed};
 use crate::telemetry;
 
 /// At most one log line per this much time about failed `reply_to` copies.

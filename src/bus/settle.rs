@@ -8,6 +8,8 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
 
 use super::{BrokerError, Publisher};
+use crate::auth::TokenProof;
+use crate::auth::envelope::Envelope;
 use crate::config::TokenHash;
 use crate::contract::wire::{
     ATTEMPTS_SO_FAR_HEADER, ORIGINAL_ROUTING_KEY_HEADER, PARKED_OUTCOME_HEADER,
@@ -15,8 +17,6 @@ use crate::contract::wire::{
     with_headers,
 };
 use crate::contract::{EventContext, Names, render};
-use crate::pipeline::auth::TokenProof;
-use crate::pipeline::envelope::Envelope;
 use crate::pipeline::{Handled, Verdict};
 use crate::telemetry::{self, CommandLog, CommandMetrics};
 

@@ -11,13 +11,6 @@ use crate::contract::Names;
 /// The distinct delays of the configured broker retries: one retry queue each. A command
 /// waiting for another try sits in its tier's queue until the queue's TTL dead-letters it back
 /// to the commands exchange.
-pub fn retry_tiers(broker_delays_ms: &[u64]) -> Vec<u64> {
-    let mut tiers = broker_delays_ms.to_vec();
-    tiers.sort_unstable();
-    tiers.dedup();
-    tiers
-}
-
 fn table(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
     let mut t = FieldTable::default();
     for (k, v) in entries {

@@ -15,7 +15,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 
 use super::BrokerError;
-use super::publisher::{confirm_channel, publish_confirmed};
+use super::confirm::{confirm_channel, publish_confirmed};
 use super::settle::without_token;
 use super::topology::{Holds, QueueSpec, Topology, declare_queue};
 use crate::contract::wire::{ORIGINAL_ROUTING_KEY_HEADER, text_header};

@@ -11,7 +11,7 @@ use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 
-use crate::bus::publisher::{confirm_channel, publish_confirmed};
+use crate::bus::confirm::{confirm_channel, publish_confirmed};
 use crate::bus::{self, BrokerError};
 use crate::config::Config;
 use crate::contract::Names;

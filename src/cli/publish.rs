@@ -15,8 +15,8 @@ use sha2::{Digest, Sha256};
 use crate::bus;
 use crate::config::Config;
 use crate::contract::Names;
+use crate::contract::normalise_number;
 use crate::contract::wire::TOKEN_HEADER;
-use crate::pipeline::request::normalise_number;
 
 /// One chat to delete.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,7 +162,7 @@ pub fn batch_id(instance: &str, number: &str, batch: &str) -> String {
 }
 
 pub fn results_queue(names: &Names, batch: &str) -> Result<String, BatchError> {
-    if !crate::config::is_valid_instance_name(batch) {
+    if !crate::contract::wire::is_valid_instance_name(batch) {
         return Err(BatchError::BatchName);
     }
     Ok(names.results_queue(batch))

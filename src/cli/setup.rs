@@ -13,7 +13,7 @@ pub async fn declare_topology(config: &Config, upgrade: bool) -> anyhow::Result<
     let connection = bus::connect(&config.broker, "chat-delete-worker topology").await?;
     let names = Names::new(&config.broker.namespace);
     let instances: Vec<&str> = config.instances.keys().map(String::as_str).collect();
-    let tiers = topology::retry_tiers(&config.retry.broker_delays_ms);
+    let tiers = config.retry.tiers();
     let topology = topology::Topology::new(&config.broker, &names, &instances, &tiers);
     bus::policies::apply(&config.broker, &topology.policies).await?;
     if upgrade {

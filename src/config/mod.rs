@@ -12,6 +12,7 @@ mod sections;
 
 pub use sections::*;
 
+use crate::contract::wire::is_valid_instance_name;
 use crate::media::MediaConfig;
 use env::apply_env_override;
 
@@ -68,17 +69,6 @@ pub enum ConfigError {
     Env { var: String, message: String },
     #[error("config key `{key}`: {message}")]
     Invalid { key: String, message: String },
-}
-
-/// True for names allowed as instance names: they become queue names, routing keys, metric
-/// labels and media paths.
-pub fn is_valid_instance_name(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    (1..=64).contains(&bytes.len())
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
 }
 
 impl Config {

@@ -268,6 +268,16 @@ pub struct RetryConfig {
     pub broker_delays_ms: Vec<u64>,
 }
 
+impl RetryConfig {
+    /// The retry queues' delays: one queue per distinct delay, shortest first.
+    pub fn tiers(&self) -> Vec<u64> {
+        let mut tiers = self.broker_delays_ms.clone();
+        tiers.sort_unstable();
+        tiers.dedup();
+        tiers
+    }
+}
+
 impl Default for RetryConfig {
     fn default() -> Self {
         Self {
@@ -395,7 +405,7 @@ pub struct SimulatedConfig {
     pub connected_flag_file: Option<PathBuf>,
     /// What a phone number resolves to (digits as given -> JID deleted); any other number is
     /// its own `<digits>@s.whatsapp.net`.
-    pub resolve: std::collections::BTreeMap<String, crate::pipeline::request::ChatJid>,
+    pub resolve: std::collections::BTreeMap<String, crate::contract::ChatJid>,
     /// The instance's chat list (JIDs): a 200 says `chat_known = true` for a chat in it and
     /// `false` for another; without it, `unknown`.
     pub chat_list: Option<std::collections::BTreeSet<String>>,

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::receipt::Receipt;
 use super::wire::*;
-use crate::pipeline::request::ChatJid;
+use crate::contract::ChatJid;
 
 /// The outcome of one command, one variant per row of the contract.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -256,7 +256,7 @@ pub fn render(outcome: &Outcome, ctx: &EventContext<'_>) -> ResultEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::request::normalise_number;
+    use crate::contract::normalise_number;
 
     #[test]
     fn bodies_are_the_documented_payloads() {

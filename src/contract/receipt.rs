@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::request::{ChatJid, JidServer};
+use crate::contract::{ChatJid, JidServer};
 
 /// Whether the instance's chat list held the chat when it was deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

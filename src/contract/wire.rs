@@ -30,6 +30,18 @@ pub const STREAM_OFFSET_HEADER: &str = "x-stream-offset";
 /// Headers RabbitMQ adds when it dead-letters a message (`x-death`, `x-first-death-*`, ...).
 pub const DEATH_HEADER_PREFIXES: [&str; 3] = ["x-death", "x-first-death", "x-last-death"];
 
+/// True for names the contract allows as instance names (1 to 64 letters, digits, `-` or
+/// `_`, starting with a letter or digit): they become queue names, routing keys, metric labels
+/// and media paths.
+pub fn is_valid_instance_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    (1..=64).contains(&bytes.len())
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+}
+
 // ---- result events ----
 
 /// Result headers (the HTTP status and metadata travel here).

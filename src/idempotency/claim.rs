@@ -18,7 +18,8 @@ const RETRY_RENEWAL: Duration = Duration::from_millis(250);
 
 pub struct Claim {
     held: Held,
-    lease: Duration,
+    /// How long the claim lasts from each renewal.
+    ttl: Duration,
     state: Mutex<State>,
 }
 
@@ -34,13 +35,13 @@ struct State {
 
 impl Claim {
     /// A claim the store granted to a `begin` sent at `asked_at`.
-    pub fn new(held: Held, lease: Duration, asked_at: Instant) -> Self {
+    pub fn new(held: Held, ttl: Duration, asked_at: Instant) -> Self {
         Self {
             held,
-            lease,
+            ttl,
             state: Mutex::new(State {
-                valid_until: asked_at + lease,
-                renew_at: asked_at + lease / 3,
+                valid_until: asked_at + ttl,
+                renew_at: asked_at + ttl / 3,
                 taken: false,
             }),
         }
@@ -87,11 +88,11 @@ impl Claim {
                 Err(_) => "failed",
             };
             metrics::counter!(telemetry::CLAIM_RENEWALS, "outcome" => outcome).increment(1);
-            let lease = self.lease;
+            let ttl = self.ttl;
             self.update(|s| match renewed {
                 Ok(true) => {
-                    s.valid_until = asked_at + lease;
-                    s.renew_at = asked_at + lease / 3;
+                    s.valid_until = asked_at + ttl;
+                    s.renew_at = asked_at + ttl / 3;
                 }
                 Ok(false) => s.taken = true,
                 // Unknown: keep what we know, ask again soon.

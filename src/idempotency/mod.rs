@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::TokenHash;
+use crate::contract::DeleteRequest;
 use crate::contract::{Deletion, Outcome, Receipt};
-use crate::pipeline::request::DeleteRequest;
 
 /// instance + token hash + normalised body, hashed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,9 +201,9 @@ impl SettledHint {
 /// Timing of leases and remembered results.
 #[derive(Debug, Clone, Copy)]
 pub struct Lifetimes {
-    /// How long a claim stays exclusive without being finished (a crashed worker's claims
-    /// expire after this).
-    pub lease: Duration,
+    /// How long a claim stays exclusive without being renewed or finished (a crashed
+    /// worker's claims expire after this; `idempotency.lease_secs`).
+    pub claim: Duration,
     /// How long a record (and a remembered result) is kept.
     pub keep: Duration,
 }
@@ -306,7 +306,7 @@ fn decide_begin(
     lifetimes: Lifetimes,
     dead_owner: impl Fn(&str) -> bool,
 ) -> (Begin, Option<Record>) {
-    let lease_until_ms = now + lifetimes.lease.as_millis() as u64;
+    let lease_until_ms = now + lifetimes.claim.as_millis() as u64;
     let expires_ms = now + lifetimes.keep.as_millis() as u64;
     let existing = existing.filter(|r| r.expires_ms > now);
     let Some(mut record) = existing else {
@@ -356,10 +356,10 @@ fn decide_begin(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::request::normalise_number;
+    use crate::contract::normalise_number;
 
     const L: Lifetimes = Lifetimes {
-        lease: Duration::from_secs(10),
+        claim: Duration::from_secs(10),
         keep: Duration::from_secs(100),
     };
 
@@ -446,17 +446,17 @@ mod tests {
     #[test]
     fn fingerprints_use_the_normalised_body() {
         let token = TokenHash::of(b"t");
-        let a = crate::pipeline::request::DeleteRequest {
+        let a = crate::contract::DeleteRequest {
             chat: normalise_number("+55 11 99999-9999").unwrap(),
             lookup: true,
             delete_media: false,
         };
-        let b = crate::pipeline::request::DeleteRequest {
+        let b = crate::contract::DeleteRequest {
             chat: normalise_number("5511999999999").unwrap(),
             lookup: true,
             delete_media: false,
         };
-        let c = crate::pipeline::request::DeleteRequest {
+        let c = crate::contract::DeleteRequest {
             delete_media: true,
             ..b.clone()
         };

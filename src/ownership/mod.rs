@@ -1,11 +1,11 @@
 //! Which worker owns which instance when several share the work. Every instance is owned by
 //! one live worker at a time through a lease in Redis with a fencing generation; only the owner
 //! consumes the instance's queue and holds its WhatsApp session. Each worker heartbeats its
-//! membership, renews its leases and computes the same balanced, sticky plan ([`assign`]) from
+//! membership, renews its leases and computes the same balanced, sticky plan ([`mod@assign`]) from
 //! what Redis holds; it takes free leases the plan gives it and hands over (stop consuming,
 //! finish or hand back what is in flight, close the session, then release) those it gives up.
 //!
-//! The lease is the fence every effect checks ([`Lease`]): held until a moment counted on this
+//! The lease is the fence every effect checks ([`crate::fence::Lease`]): held until a moment counted on this
 //! process's clock from when the renewal was *sent*, so it never outlives Redis's. While Redis
 //! does not answer, a worker keeps what it holds until those moments pass, then lets go of it
 //! (another worker may own it by then) and claims nothing new.
@@ -16,7 +16,7 @@ pub mod assign;
 mod coordination;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -24,8 +24,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::OwnershipConfig;
-use crate::fence::{Fence, Fenced};
-use crate::pipeline::{Instance, Instances};
+use crate::fence::Term;
+use crate::instances::{Instance, Instances};
 use crate::session::{Opening, SessionState};
 use crate::telemetry;
 use assign::{Member, assign};
@@ -43,89 +43,6 @@ const OPENING_AT_ONCE: usize = 8;
 /// alone waits three ticks, for others starting a little later.
 const SETTLE_TICKS: u32 = 1;
 const SETTLE_TICKS_ALONE: u32 = 3;
-
-/// An instance's ownership as this worker knows it; the fence of every effect on it.
-pub struct Lease {
-    term: Mutex<Option<Term>>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Term {
-    generation: u64,
-    /// `None`: held for good (a lone worker).
-    until: Option<Instant>,
-}
-
-impl Lease {
-    /// Held for as long as the process lives.
-    pub fn permanent() -> Self {
-        Self {
-            term: Mutex::new(Some(Term {
-                generation: 0,
-                until: None,
-            })),
-        }
-    }
-
-    /// Not held until a coordinator takes it.
-    pub fn vacant() -> Self {
-        Self {
-            term: Mutex::new(None),
-        }
-    }
-
-    fn set(&self, term: Option<Term>) {
-        *self.term.lock().unwrap_or_else(|e| e.into_inner()) = term;
-    }
-
-    fn term(&self) -> Option<Term> {
-        *self.term.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// One update under one lock: a hand-over clearing the term meanwhile stays cleared.
-    fn extend(&self, until: Instant) {
-        let mut term = self.term.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(term) = term.as_mut() {
-            term.until = Some(until);
-        }
-    }
-
-    /// The generation held, if the lease is held now.
-    pub fn generation(&self) -> Option<u64> {
-        let term = self.term()?;
-        (!term.ended(Instant::now())).then_some(term.generation)
-    }
-
-    fn expired(&self, now: Instant) -> bool {
-        self.term().is_some_and(|t| t.ended(now))
-    }
-}
-
-impl Term {
-    fn ended(&self, now: Instant) -> bool {
-        self.until.is_some_and(|until| now >= until)
-    }
-}
-
-impl Fence for Lease {
-    fn check(&self) -> Result<(), Fenced> {
-        match self.term() {
-            None => Err(Fenced("this worker does not own the instance")),
-            Some(term) if term.ended(Instant::now()) => Err(Fenced(
-                "this worker's lease on the instance could not be renewed in time",
-            )),
-            Some(_) => Ok(()),
-        }
-    }
-
-    fn valid_until(&self) -> Option<Instant> {
-        match self.term() {
-            Some(term) => term.until,
-            // Not held: it ended already.
-            None => Some(Instant::now()),
-        }
-    }
-}
 
 /// Whether a worker can serve the instances it would hold: its broker connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

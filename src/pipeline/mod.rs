@@ -1,18 +1,19 @@
-//! The stages between a delivery and its verdict, in the contract's order: read the envelope
-//! ([`envelope`]), authenticate ([`auth`]), check idempotency, validate the body
-//! ([`request`]), pace ([`pacing`]), delete the chat on the instance's session, purge its
-//! media, remember. [`Pipeline::handle`] runs them; the hosted instances are in [`instances`].
+//! The stages between a delivery and its [`Verdict`], in the contract's order: read the
+//! envelope and authenticate ([`crate::auth`]), check idempotency, validate the body
+//! ([`crate::contract::request`]), pace ([`pacing`]), delete the chat on the instance's
+//! session, purge its media, remember. [`Pipeline::handle`] runs them; it never touches the
+//! broker ([`crate::bus::settle`] carries the verdict out).
 //!
 //! A claimed command is handled while its claim is renewed, and every effect checks the claim
 //! first (`crate::fence`): a claim that was lost stops the command before its next effect and
 //! hands it back. The store is reached through `memory`, which waits out an outage.
 
-pub mod auth;
-pub mod envelope;
-pub mod instances;
 mod memory;
 pub mod pacing;
-pub mod request;
+mod verdict;
+
+use verdict::{Done, Failure, replay};
+pub use verdict::{Handled, Source, Verdict};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,10 +23,9 @@ use tokio::time::Instant;
 use backon::{ExponentialBuilder, Retryable};
 use tracing::Instrument;
 
-use crate::bus::topology::retry_tiers;
 use crate::config::{Config, IdempotencyBackend, RetryConfig, TokenHash};
-use crate::contract::{ChatKnown, Deletion, MediaErased, Outcome, Receipt};
-use crate::fence::{Both, Committed, Committing, Fence, Fenced};
+use crate::contract::{ChatKnown, Deletion, MediaErased, Outcome};
+use crate::fence::{Both, Committed, Committing, Fence};
 use crate::idempotency::{
     Begin, Claim, Durability, EmbeddedStore, Fingerprint, Held, IdempotencyStore, Lifetimes,
     RedisStore, Remembered, StoreError,
@@ -35,150 +35,10 @@ use crate::session::SessionError;
 use crate::telemetry::{self, CommandLog};
 use memory::{Memory, Patience};
 
-use envelope::Envelope;
-pub use instances::{Instance, Instances};
+use crate::auth::Envelope;
+use crate::contract::{ChatJid, DeleteRequest, parse_body};
+use crate::instances::{Instance, Instances};
 use pacing::Pacer;
-use request::{ChatJid, DeleteRequest, parse_body};
-
-/// Where a delivery came from.
-#[derive(Clone, Copy)]
-pub enum Source<'a> {
-    Instance(&'a Instance),
-    /// The unrouted queue: no worker hosts the routing key.
-    Unrouted,
-    /// Dead-lettered after too many deliveries without an answer (a crash loop): answered
-    /// without doing the work again, and parked for an operator. `None` when this worker does
-    /// not host the instance.
-    DeadLettered(Option<&'a Instance>),
-}
-
-/// An outcome with what the result event needs to say about it.
-#[derive(Debug)]
-pub struct Handled {
-    pub outcome: Outcome,
-    pub chat: Option<ChatJid>,
-    /// Tries of the work so far, this delivery's included.
-    pub attempts: u32,
-    /// A 200's receipt.
-    pub receipt: Option<Receipt>,
-}
-
-/// What to do with a delivery.
-#[derive(Debug)]
-pub enum Verdict {
-    /// Publish this result, then ack; `park` keeps a copy of the command in the parking queue
-    /// (a final failure an operator may want to replay).
-    Answer {
-        handled: Handled,
-        replayed: bool,
-        park: bool,
-    },
-    /// No answer yet: send the command through the retry queue of `delay_ms`, carrying the
-    /// tries and broker retries so far.
-    RetryLater {
-        delay_ms: u64,
-        tries: u32,
-        retries: u32,
-    },
-    /// No answer and nothing remembered: back to the queue at once. The command's claim went
-    /// to another delivery of the same id, which answers it.
-    HandBack,
-}
-
-impl Verdict {
-    fn answer(outcome: Outcome, chat: Option<ChatJid>, attempts: u32) -> Self {
-        let park = outcome.status() >= 500;
-        Verdict::Answer {
-            handled: Handled {
-                outcome,
-                chat,
-                attempts,
-                receipt: None,
-            },
-            replayed: false,
-            park,
-        }
-    }
-
-    /// The 200 of a delete that happened, with its receipt.
-    fn deleted(done: Done, delete_media: bool, attempts: u32) -> Self {
-        let receipt = Receipt::of(&done.deletion, done.media);
-        let chat = done.deletion.chat;
-        let outcome = Outcome::Deleted {
-            chat: chat.clone(),
-            delete_media,
-        };
-        let mut verdict = Verdict::answer(outcome, Some(chat), attempts);
-        if let Verdict::Answer { handled, .. } = &mut verdict {
-            handled.receipt = Some(receipt);
-        }
-        verdict
-    }
-}
-
-/// What the work of a command did.
-struct Done {
-    deletion: Deletion,
-    /// With `deleteMedia`: what the purge erased.
-    media: Option<MediaErased>,
-}
-
-/// Why the work of a command stopped short.
-enum Failure {
-    Session(SessionError),
-    Media(MediaError),
-    /// The store answered, but not usably (an unreadable record).
-    Store(StoreError),
-    /// The claim is no longer held: no further effect.
-    Fenced(Fenced),
-    /// The command crash-looped: it is not tried again.
-    DeadLettered,
-}
-
-impl Failure {
-    fn is_retryable(&self) -> bool {
-        match self {
-            Failure::Session(e) => e.is_retryable(),
-            Failure::Media(e) => e.is_retryable(),
-            Failure::Store(e) => e.is_retryable(),
-            Failure::Fenced(_) => false,
-            Failure::DeadLettered => true,
-        }
-    }
-
-    fn outcome(&self) -> Outcome {
-        match self {
-            Failure::Session(SessionError::NotConnected) => Outcome::NotConnected,
-            Failure::Session(e) => Outcome::DeleteChatFailed(e.reason()),
-            Failure::Media(e) => Outcome::DeleteMediaFailed(e.reason()),
-            Failure::Store(_) => {
-                Outcome::DeleteChatFailed("the idempotency record is unreadable".into())
-            }
-            Failure::Fenced(fenced) => Outcome::DeleteChatFailed(fenced.to_string()),
-            Failure::DeadLettered => Outcome::DeleteChatFailed(
-                "it was delivered too many times without an answer".into(),
-            ),
-        }
-    }
-}
-
-impl From<SessionError> for Failure {
-    fn from(error: SessionError) -> Self {
-        match error {
-            SessionError::Fenced(fenced) => Failure::Fenced(fenced),
-            other => Failure::Session(other),
-        }
-    }
-}
-
-impl From<MediaError> for Failure {
-    fn from(error: MediaError) -> Self {
-        match error {
-            MediaError::Fenced(fenced) => Failure::Fenced(fenced),
-            other => Failure::Media(other),
-        }
-    }
-}
 
 /// Everything the pipeline needs, shared by all consumers.
 pub struct Pipeline {
@@ -186,7 +46,7 @@ pub struct Pipeline {
     media: MediaStore,
     memory: Memory,
     /// How long a claim lasts unless renewed.
-    lease: Duration,
+    claim_ttl: Duration,
     pacer: Pacer,
     max_body_bytes: usize,
     retry: RetryConfig,
@@ -200,7 +60,7 @@ impl Pipeline {
     pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
         let instances = Arc::new(Instances::from_config(config).await?);
         let lifetimes = Lifetimes {
-            lease: Duration::from_secs(config.idempotency.lease_secs),
+            claim: Duration::from_secs(config.idempotency.lease_secs),
             keep: Duration::from_secs(config.idempotency.keep_secs),
         };
         let limit = config.pacing.deletes_per_minute;
@@ -234,7 +94,7 @@ impl Pipeline {
                 store,
                 Duration::from_millis(config.idempotency.outage_wait_ms),
             ),
-            lease: lifetimes.lease,
+            claim_ttl: lifetimes.claim,
             pacer,
             max_body_bytes: config.worker.max_body_bytes,
             retry: config.retry.clone(),
@@ -257,7 +117,7 @@ impl Pipeline {
     /// effect was let through its fence (the caller then lets the command finish).
     pub async fn handle(
         &self,
-        source: Source<'_>,
+        source: &Source,
         envelope: &Envelope,
         body: &[u8],
         log: &CommandLog<'_>,
@@ -325,7 +185,7 @@ impl Pipeline {
             generation,
             seen_ms,
         };
-        let claim = Arc::new(Claim::new(held, self.lease, asked_at));
+        let claim = Arc::new(Claim::new(held, self.claim_ttl, asked_at));
         if dead_lettered && parsed.is_ok() {
             let release = || store.release(claim.held());
             let _ = self.memory.call(Patience::Bounded, log, release).await;
@@ -479,10 +339,7 @@ impl Pipeline {
     }
 
     fn shortest_delay(&self) -> u64 {
-        retry_tiers(&self.retry.broker_delays_ms)
-            .first()
-            .copied()
-            .unwrap_or(1_000)
+        self.retry.tiers().first().copied().unwrap_or(1_000)
     }
 
     /// Pace, delete the chat (unless a previous try did: `before`), purge the media when
@@ -620,24 +477,5 @@ impl Pipeline {
         metrics::histogram!(telemetry::STAGE_DURATION, "stage" => "media_purge")
             .record(started.elapsed().as_secs_f64());
         result
-    }
-}
-
-/// A remembered result, answered again as a replay.
-fn replay(remembered: Remembered, request: Option<DeleteRequest>) -> Verdict {
-    metrics::counter!(telemetry::REPLAYS).increment(1);
-    let chat = match &remembered.outcome {
-        Outcome::Deleted { chat, .. } => Some(chat.clone()),
-        _ => request.map(|r| r.chat),
-    };
-    Verdict::Answer {
-        handled: Handled {
-            outcome: remembered.outcome,
-            chat,
-            attempts: remembered.attempts,
-            receipt: remembered.receipt,
-        },
-        replayed: true,
-        park: false,
     }
 }

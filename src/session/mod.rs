@@ -15,10 +15,10 @@ use chrono::{DateTime, Utc};
 
 use std::sync::Arc;
 
+use crate::contract::ChatJid;
 use crate::contract::ChatKnown;
+use crate::fence::Lease;
 use crate::fence::{Fence, Fenced};
-use crate::ownership::Lease;
-use crate::pipeline::request::ChatJid;
 
 /// What an instance's session looks like from outside.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

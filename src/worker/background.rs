@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::Instances;
+use crate::instances::Instances;
 use crate::session::SessionState;
 use crate::telemetry;
 

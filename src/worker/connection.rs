@@ -12,14 +12,13 @@ use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::consume::{
-    self, Activity, Consuming, Feed, QueueConsumer, RunningConsumer, Signals,
-};
+use crate::bus::consume::{self, Activity, Consuming, QueueConsumer, RunningConsumer, Signals};
 use crate::bus::{self, BrokerError, Publisher, topology};
 use crate::config::Config;
 use crate::http::Readiness;
+use crate::instances::Instance;
 use crate::ownership::{Host, Link};
-use crate::pipeline::Instance;
+use crate::pipeline::Source;
 use crate::session::Opening;
 use crate::telemetry;
 
@@ -143,8 +142,8 @@ impl Host for Serving {
             return Opening::Done;
         };
         let queue = self.consuming.names().instance_queue(instance.name());
-        let feed = Feed::Instance(instance.clone());
-        let started = start_queue(&line, &self.consuming, queue, feed).await;
+        let source = Source::Instance(instance.clone());
+        let started = start_queue(&line, &self.consuming, queue, source).await;
         let mut state = self.state.lock().await;
         match (started, &mut state.live) {
             (Ok((queue, running)), Some(live))
@@ -195,7 +194,7 @@ async fn start_queue(
     live: &Line,
     consuming: &Arc<Consuming>,
     queue: String,
-    feed: Feed,
+    source: Source,
 ) -> Result<(String, Queue), lapin::Error> {
     let signals = Signals {
         all_started: live.signals.all_started.clone(),
@@ -209,7 +208,7 @@ async fn start_queue(
         consuming: consuming.clone(),
         publisher: live.publisher.clone(),
         queue: queue.clone(),
-        feed,
+        source,
         tracker: tracker.clone(),
         signals: signals.clone(),
         activity: activity.clone(),
@@ -224,20 +223,20 @@ async fn start_queue(
     Ok((queue, running))
 }
 
-/// Connects (as the `generation`-th connection), consumes until `stop` or a loss, then drains.
+/// Connects (as the `attempt`-th connection), consumes until `stop` or a loss, then drains.
 pub async fn serve(
     config: &Config,
     serving: &Serving,
     readiness: &Readiness,
     stop: &CancellationToken,
-    generation: u64,
+    attempt: u64,
 ) -> Ended {
     let lost = |error| Ended::Lost {
         consumed: false,
         error,
     };
     let consuming = &serving.consuming;
-    let name = format!("{} ({generation})", config.worker.name);
+    let name = format!("{} ({attempt})", config.worker.name);
     let connection = match bus::connect(&config.broker, &name).await {
         Ok(connection) => Arc::new(connection),
         Err(error) => return lost(error),
@@ -245,7 +244,7 @@ pub async fn serve(
     let instances = consuming.pipeline().instances();
     let names = consuming.names();
     let instance_names: Vec<&str> = instances.iter().map(|i| i.name()).collect();
-    let tiers = topology::retry_tiers(&config.retry.broker_delays_ms);
+    let tiers = config.retry.tiers();
     let topology = topology::Topology::new(&config.broker, names, &instance_names, &tiers);
     if let Err(error) = bus::policies::apply(&config.broker, &topology.policies).await {
         return lost(error);
@@ -444,19 +443,19 @@ async fn start_consumers(
     owned: &BTreeSet<String>,
 ) -> Result<(), lapin::Error> {
     let names = consuming.names();
-    let mut queues: Vec<(String, Feed)> = consuming
+    let mut queues: Vec<(String, Source)> = consuming
         .pipeline()
         .instances()
         .iter()
         .filter(|i| owned.contains(i.name()))
-        .map(|i| (names.instance_queue(i.name()), Feed::Instance(i.clone())))
+        .map(|i| (names.instance_queue(i.name()), Source::Instance(i.clone())))
         .collect();
-    queues.push((names.unrouted_queue(), Feed::Unrouted));
-    queues.push((names.dead_queue(), Feed::DeadLettered));
+    queues.push((names.unrouted_queue(), Source::Unrouted));
+    queues.push((names.dead_queue(), Source::DeadLettered(None)));
     let line = live.line();
     let starts = queues
         .into_iter()
-        .map(|(queue, feed)| start_queue(&line, consuming, queue, feed));
+        .map(|(queue, source)| start_queue(&line, consuming, queue, source));
     let started: Vec<_> = futures_util::stream::iter(starts)
         .buffer_unordered(64)
         .collect()

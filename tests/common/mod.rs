@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use chat_delete_worker::bus::topology::retry_tiers;
 use chat_delete_worker::config::{Config, TokenHash};
 use chat_delete_worker::contract::Names;
 use futures_util::StreamExt;
@@ -285,7 +284,7 @@ impl TestWorker {
 
     pub async fn start_with(config: Config, ns: String, dir: tempfile::TempDir) -> Self {
         let names = Names::new(&ns);
-        let retry_tiers = retry_tiers(&config.retry.broker_delays_ms);
+        let retry_tiers = config.retry.tiers();
         let instances: Vec<String> = config.instances.keys().cloned().collect();
         let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
             .await

@@ -118,7 +118,7 @@ pub(super) mod tests {
             result,
             seen_ms: 1_733_000_000_000,
             deletion: Some(crate::contract::Deletion {
-                chat: crate::pipeline::request::normalise_number("5511999999999").unwrap(),
+                chat: crate::contract::normalise_number("5511999999999").unwrap(),
                 known: crate::contract::ChatKnown::False,
                 at_ms: 1_733_000_000_500,
             }),

@@ -156,7 +156,7 @@ mod tests {
     use crate::contract::Outcome;
 
     const L: Lifetimes = Lifetimes {
-        lease: Duration::from_secs(60),
+        claim: Duration::from_secs(60),
         keep: Duration::from_secs(600),
     };
 
@@ -202,7 +202,7 @@ mod tests {
         // marked chat delete survives it.
         let y = held("y", store.begin("y", &a, 0).await.unwrap(), &a);
         let deletion = Deletion {
-            chat: crate::pipeline::request::normalise_number("5511999999999").unwrap(),
+            chat: crate::contract::normalise_number("5511999999999").unwrap(),
             known: crate::contract::ChatKnown::Unknown,
             at_ms: 1,
         };

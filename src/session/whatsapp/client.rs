@@ -21,7 +21,6 @@ use super::gated::{GatedBackend, SendGate};
 use super::mutation::DeleteChat;
 use super::resolve::{Account, Directory};
 use crate::fence::Fenced;
-use crate::pipeline::request::{ChatJid, JidServer};
 use crate::session::postgres::{PgSessionError, PgStore};
 use crate::session::{SessionError, SessionOptions, SessionState, SessionStore};
 use whatsapp_rust::wacore::store::traits::{Backend, DeviceStore};
@@ -220,16 +219,6 @@ pub async fn app_state_ready(client: &Client) -> bool {
     let synced =
         matches!(backend.get_version("regular_high").await, Ok(state) if state.version > 0);
     has_key && synced
-}
-
-/// The crate's JID for a validated chat, device-free by construction.
-pub(crate) fn to_jid(chat: &ChatJid) -> Jid {
-    let user = chat.user().to_owned();
-    match chat.server() {
-        JidServer::Phone => Jid::pn(user),
-        JidServer::Lid => Jid::lid(user),
-        JidServer::Group => Jid::group(user),
-    }
 }
 
 /// Maps the crate's errors onto ours with its own classification helpers. The one case it
@@ -522,22 +511,6 @@ pub async fn unpair(options: &SessionOptions) -> Result<bool, OpenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::request::normalise_number;
-
-    #[test]
-    fn validated_chats_map_to_device_free_crate_jids() {
-        for (input, server) in [
-            ("5511999999999", whatsapp_rust::Server::Pn),
-            ("123456789012345@lid", whatsapp_rust::Server::Lid),
-            ("120363024567890123@g.us", whatsapp_rust::Server::Group),
-        ] {
-            let chat = normalise_number(input).unwrap();
-            let jid = to_jid(&chat);
-            assert_eq!(jid.to_string(), chat.as_str());
-            assert_eq!(jid.server, server);
-            assert_eq!(jid.device, 0);
-        }
-    }
 
     #[test]
     fn errors_are_classified() {

@@ -4,6 +4,18 @@
 use whatsapp_rust::waproto::whatsapp as wa;
 use whatsapp_rust::{Jid, message_range, schemas};
 
+use crate::contract::{ChatJid, JidServer};
+
+/// The crate's JID for a validated chat, device-free by construction.
+pub(crate) fn to_jid(chat: &ChatJid) -> Jid {
+    let user = chat.user().to_owned();
+    match chat.server() {
+        JidServer::Phone => Jid::pn(user),
+        JidServer::Lid => Jid::lid(user),
+        JidServer::Group => Jid::group(user),
+    }
+}
+
 /// One `deleteChat` mutation: the index arguments after the action name, and the value.
 #[derive(Debug, Clone)]
 pub struct DeleteChat {
@@ -69,8 +81,7 @@ mod tests {
     use whatsapp_rust::waproto::whatsapp as wa;
 
     use super::*;
-    use crate::pipeline::request::normalise_number;
-    use crate::session::whatsapp::client::to_jid;
+    use crate::contract::normalise_number;
 
     const FIXTURE: &str = include_str!("../../../tests/fixtures/golden/delete_chat.json");
     const SET: wa::syncd_mutation::SyncdOperation = wa::syncd_mutation::SyncdOperation::SET;
@@ -273,5 +284,20 @@ mod tests {
             checked += 1;
         }
         assert_eq!(checked, 3);
+    }
+
+    #[test]
+    fn validated_chats_map_to_device_free_crate_jids() {
+        for (input, server) in [
+            ("5511999999999", whatsapp_rust::Server::Pn),
+            ("123456789012345@lid", whatsapp_rust::Server::Lid),
+            ("120363024567890123@g.us", whatsapp_rust::Server::Group),
+        ] {
+            let chat = normalise_number(input).unwrap();
+            let jid = to_jid(&chat);
+            assert_eq!(jid.to_string(), chat.as_str());
+            assert_eq!(jid.server, server);
+            assert_eq!(jid.device, 0);
+        }
     }
 }

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::pipeline::request::{ChatJid, JidServer, normalise_number};
+use crate::contract::{ChatJid, JidServer, normalise_number};
 use crate::session::SessionError;
 
 /// An account WhatsApp returned for a queried number.

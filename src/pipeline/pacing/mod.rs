@@ -38,43 +38,13 @@ struct Shared {
     give_back: Script,
 }
 
-/// KEYS[1]: the token's key; ARGV: ms between slots, the tolerance (ms of slots a quiet token
-/// may use at once). Reserves the next slot and returns how many ms until it is due, and the
-/// arrival time it moved the schedule to (which names the slot when it is given back).
-const RESERVE: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now), now)
-local due = tat + interval - burst
-local wait = math.max(0, due - now)
-local after = tat + interval
-redis.call('SET', KEYS[1], string.format('%.3f', after), 'PX', math.ceil(after - now) + 1000)
-return {math.ceil(wait), string.format('%.3f', after)}
-"#;
-
-/// KEYS[1]: the token's key, KEYS[2]: its slots given back out of order; ARGV: ms between
-/// slots, the slot (the arrival time its reservation moved the schedule to). The latest slot
-/// moves the schedule back by one interval, and so does each slot given back before it that
-/// is the latest now; an earlier slot waits in KEYS[2] until it is.
-const GIVE_BACK: &str = r#"
-local interval, slot = tonumber(ARGV[1]), ARGV[2]
-local tat = redis.call('GET', KEYS[1])
-if tat ~= slot then
-  redis.call('ZADD', KEYS[2], tonumber(slot), slot)
-  redis.call('PEXPIRE', KEYS[2], 120000)
-  return 0
-end
-local back = 0
-while tat do
-  local earlier = string.format('%.3f', tonumber(tat) - interval)
-  redis.call('SET', KEYS[1], earlier, 'KEEPTTL')
-  back = back + 1
-  if redis.call('ZREM', KEYS[2], earlier) == 0 then break end
-  tat = earlier
-end
-return back
-"#;
+/// Reserves a token's next slot (see the file), on Redis's clock.
+const RESERVE: &str = concat!(
+    include_str!("../../lua/now.lua"),
+    include_str!("reserve.lua")
+);
+/// Gives a reserved slot back (see the file).
+const GIVE_BACK: &str = include_str!("give_back.lua");
 
 /// A token bucket of one token: `tokens` may go negative, meaning callers have reserved slots
 /// in the future and are sleeping until then.

@@ -1,6 +1,12 @@
 //! Fences: conditions that must still hold just before an effect (a WhatsApp delete, a media
 //! purge batch). An idempotency claim is one: an effect happens only while the claim is
-//! verifiably held, so a duplicate that took the id over never shares an effect with us.
+//! verifiably held, so a duplicate that took the id over never shares an effect with us. This
+//! worker's lease on the instance ([`Lease`]) is the other.
+
+mod lease;
+
+pub use lease::Lease;
+pub(crate) use lease::Term;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

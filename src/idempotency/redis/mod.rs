@@ -23,153 +23,6 @@ use super::{
 };
 use crate::contract::Deletion;
 
-/// `now` in ms on Redis's clock.
-const NOW: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"#;
-
-/// The record operations, applied in order in one call: KEYS[1] is the expiry index, KEYS[i+1]
-/// the record of the i-th operation, and ARGV holds nine values per operation: its name, the
-/// fingerprint, the claim, two operation-specific values, the id, the generation of the
-/// claim's instance lease, when the id was first seen, and what a delete did (a mark's). Each
-/// operation answers with a list of strings.
-const OPERATIONS: &str = r#"
-local index = KEYS[1]
-
--- A fresh record of this request, claimed by `claim` under generation `gen` of its
--- instance's lease, where there is none (or only an expired one, which the caller deletes
--- first). `seen` is when the id was first seen: now for a new id, the claim's own for a
--- record written again.
-local function create(key, fp, claim, lease_ms, keep_ms, id, gen, seen)
-  if tonumber(seen or '0') == 0 then seen = now end
-  redis.call('HSET', key, 'fp', fp, 'lease_owner', claim, 'lease_until', now + lease_ms,
-    'chat_deleted', '0', 'expires', now + keep_ms, 'gen', gen, 'seen', seen)
-  redis.call('ZADD', index, now + keep_ms, id)
-  return seen
-end
-
--- A claim taken under an older generation of the instance's lease (the fingerprint names the
--- instance) was its previous owner's, whose every effect its fence refuses now. Generation 0
--- is no ownership: such a claim ends only with its own lease.
-local function outlived(held, gen)
-  held = tonumber(held or '0')
-  return held > 0 and held < tonumber(gen)
-end
-
-local op = {}
-
-function op.begin(key, fp, claim, lease_ms, keep_ms, id, gen)
-  lease_ms, keep_ms = tonumber(lease_ms), tonumber(keep_ms)
-  local r = redis.call('HMGET', key, 'fp', 'result', 'lease_owner', 'lease_until', 'chat_deleted',
-    'expires', 'gen', 'seen', 'deletion')
-  if not r[1] or (r[6] and tonumber(r[6]) <= now) then
-    if r[1] then redis.call('DEL', key) end
-    local seen = create(key, fp, claim, lease_ms, keep_ms, id, gen, '0')
-    return {'claimed', '0', tostring(seen), ''}
-  end
-  if r[1] ~= fp then return {'conflict'} end
-  if r[2] then return {'replay', r[2]} end
-  -- A live claim of another asker waits; the asker's own (its earlier answer was lost) is its.
-  if r[3] and r[3] ~= claim and tonumber(r[4]) > now and not outlived(r[7], gen) then
-    return {'busy'}
-  end
-  local seen = r[8]
-  if not seen then
-    seen = tostring(now)
-    redis.call('HSET', key, 'seen', seen)
-  end
-  redis.call('HSET', key, 'lease_owner', claim, 'lease_until', now + lease_ms, 'gen', gen)
-  if not r[6] then
-    -- A record of an earlier version, kept alive by a TTL: give it an expiry of ours.
-    redis.call('HSET', key, 'expires', now + keep_ms)
-    redis.call('ZADD', index, now + keep_ms, id)
-    redis.call('PERSIST', key)
-  end
-  return {'claimed', r[5] or '0', seen, r[9] or ''}
-end
-
--- '1' when the claim is (again) ours.
-function op.renew(key, fp, claim, lease_ms, keep_ms, id, gen, seen)
-  lease_ms, keep_ms = tonumber(lease_ms), tonumber(keep_ms)
-  local r = redis.call('HMGET', key, 'fp', 'lease_owner', 'result')
-  if not r[1] then
-    -- The record vanished (lost, or an earlier version's TTL ran out): nobody else holds it.
-    create(key, fp, claim, lease_ms, keep_ms, id, gen, seen)
-    return {'1'}
-  end
-  if r[1] ~= fp or r[3] or r[2] ~= claim then return {'0'} end
-  redis.call('HSET', key, 'lease_until', now + lease_ms)
-  local ttl = redis.call('PTTL', key)
-  if ttl >= 0 and ttl < lease_ms then redis.call('PEXPIRE', key, lease_ms) end
-  return {'1'}
-end
-
-function op.mark(key, fp, claim, lease_ms, keep_ms, id, gen, seen, deletion)
-  local current = redis.call('HGET', key, 'fp')
-  if current and current ~= fp then return {'superseded'} end
-  if not current then
-    create(key, fp, claim, tonumber(lease_ms), tonumber(keep_ms), id, gen, seen)
-  end
-  redis.call('HSET', key, 'chat_deleted', '1', 'deletion', deletion)
-  return {'ok'}
-end
-
--- The lease fields stay: once there is a result nothing reads them. The record is kept for the
--- keep time from its claim; only an answer that came later than a hundredth of it moves the
--- expiry (and its place in the index), so a quick answer costs no index update.
-function op.remember(key, fp, claim, result, keep_ms, id)
-  keep_ms = tonumber(keep_ms)
-  local r = redis.call('HMGET', key, 'fp', 'result', 'expires')
-  if r[1] and r[1] ~= fp then return {'superseded'} end
-  if r[2] then return {'kept', r[2]} end
-  local expires = tonumber(r[3])
-  if not expires or now + keep_ms - expires > keep_ms / 100 then
-    expires = now + keep_ms
-    redis.call('ZADD', index, expires, id)
-  end
-  redis.call('HSET', key, 'fp', fp, 'result', result, 'expires', expires)
-  -- A record of an earlier version, kept alive by a TTL, is ours to time now.
-  if r[1] and not r[3] then redis.call('PERSIST', key) end
-  return {'stored'}
-end
-
-function op.release(key, fp, claim)
-  if redis.call('HGET', key, 'lease_owner') == claim then
-    redis.call('HDEL', key, 'lease_owner', 'lease_until')
-  end
-  return {'ok'}
-end
-
--- Each operation fails alone (a full Redis refusing its write), so no operation is told
--- another's error after its own effect happened.
-local answers = {}
-for i = 2, #KEYS do
-  local a = (i - 2) * 9
-  local ok, answer = pcall(op[ARGV[a + 1]], KEYS[i], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
-    ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8], ARGV[a + 9])
-  if not ok then
-    if type(answer) == 'table' then answer = answer.err end
-    answer = {'error', tostring(answer)}
-  end
-  answers[i - 1] = answer
-end
-return answers
-"#;
-
-/// KEYS[1]: the index; ARGV: key prefix, most records to look at. Deletes expired records.
-const SWEEP: &str = r#"
-local index, prefix, limit = KEYS[1], ARGV[1], tonumber(ARGV[2])
-local due = redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, limit)
-for _, id in ipairs(due) do
-  local key = prefix .. id
-  local expires = redis.call('HGET', key, 'expires')
-  if not expires or tonumber(expires) <= now then redis.call('DEL', key) end
-  redis.call('ZREM', index, id)
-end
-return #due
-"#;
-
 /// How long a Redis call may take before it counts as unanswered (the client's default).
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -181,6 +34,13 @@ pub fn connection_config(response: Duration) -> ::redis::aio::ConnectionManagerC
         .set_response_timeout(Some(response))
         .set_max_delay(Duration::from_millis(250))
 }
+
+/// `now` on Redis's clock, first in every script ([`crate::idempotency`]'s and ownership's).
+pub const NOW: &str = include_str!("../../lua/now.lua");
+/// The record operations (see the file), applied in order in one call.
+const OPERATIONS: &str = include_str!("operations.lua");
+/// Deletes expired records from the index, a batch at a time.
+const SWEEP: &str = include_str!("sweep.lua");
 
 /// How often each worker sweeps, and how many records at most per sweep (more sweeps follow
 /// at once while there is more to do).
@@ -374,13 +234,13 @@ impl RedisStore {
 
     /// An operation on a held claim whose two extra values are the lease and keep times.
     async fn on_claim(&self, name: &'static str, held: &Held) -> Result<Vec<String>, StoreError> {
-        let (lease, keep) = (self.lease_ms(), self.keep_ms());
+        let (lease, keep) = (self.claim_ms(), self.keep_ms());
         let (a, b) = (lease.to_string(), keep.to_string());
         self.run(name, held.clone(), a, b).await
     }
 
-    fn lease_ms(&self) -> u64 {
-        self.lifetimes.lease.as_millis() as u64
+    fn claim_ms(&self) -> u64 {
+        self.lifetimes.claim.as_millis() as u64
     }
 
     fn keep_ms(&self) -> u64 {
@@ -603,7 +463,7 @@ impl IdempotencyStore for RedisStore {
             generation,
             seen_ms: 0,
         };
-        let (lease, keep) = (self.lease_ms().to_string(), self.keep_ms().to_string());
+        let (lease, keep) = (self.claim_ms().to_string(), self.keep_ms().to_string());
         let reply = self.run("begin", held, lease, keep).await?;
         match reply.first().map(String::as_str) {
             Some("claimed") => Ok(Begin::Claimed {
@@ -637,7 +497,7 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn mark_chat_deleted(&self, held: &Held, deletion: &Deletion) -> Result<(), StoreError> {
-        let (lease, keep) = (self.lease_ms().to_string(), self.keep_ms().to_string());
+        let (lease, keep) = (self.claim_ms().to_string(), self.keep_ms().to_string());
         let deletion =
             serde_json::to_string(deletion).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let reply = self
@@ -696,316 +556,4 @@ async fn sweep(connection: ConnectionManager, prefix: String, script: Script) {
 }
 
 #[cfg(test)]
-mod tests {
-    use futures_util::future::join_all;
-
-    use super::*;
-    use crate::contract::Outcome;
-
-    /// The local Redis (the test suite's `scripts/services` starts it), under a prefix of its own.
-    async fn store() -> (RedisStore, String) {
-        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let prefix = format!("test:batch:{}:", uuid::Uuid::new_v4().simple());
-        let lifetimes = Lifetimes {
-            lease: Duration::from_secs(60),
-            keep: Duration::from_secs(600),
-        };
-        (
-            RedisStore::connect(&url, &prefix, lifetimes).await.unwrap(),
-            prefix,
-        )
-    }
-
-    /// Operations sent together share script calls and looks share pipelines, yet each gets its
-    /// own answer: one claim per id however many ask at once, and a record Redis refuses to
-    /// read fails only its own operation or look.
-    #[tokio::test]
-    async fn batched_operations_answer_one_by_one() {
-        let (store, prefix) = store().await;
-        let fp = Fingerprint("a".into());
-        let ids: Vec<String> = (0..300).map(|i| format!("id{}", i % 100)).collect();
-        let begins = join_all(ids.iter().map(|id| store.begin(id, &fp, 0))).await;
-        let claimed = begins
-            .iter()
-            .filter(|b| matches!(b, Ok(Begin::Claimed { .. })))
-            .count();
-        let busy = begins
-            .iter()
-            .filter(|b| matches!(b, Ok(Begin::Busy)))
-            .count();
-        assert_eq!((claimed, busy), (100, 200));
-
-        let held: Vec<Held> = ids
-            .iter()
-            .zip(begins)
-            .filter_map(|(id, begin)| match begin {
-                Ok(Begin::Claimed { claim, .. }) => Some(Held {
-                    id: id.clone(),
-                    claim,
-                    fingerprint: fp.clone(),
-                    generation: 0,
-                    seen_ms: 0,
-                }),
-                _ => None,
-            })
-            .collect();
-        let done = Remembered {
-            outcome: Outcome::InvalidNumber,
-            attempts: 1,
-            receipt: None,
-        };
-        let remembered = join_all(held.iter().map(|h| store.remember(h, &done))).await;
-        assert!(remembered.iter().all(|r| r.as_ref().ok() == Some(&done)));
-
-        let mut conn = store.connection.clone();
-        let _: () = ::redis::cmd("SET")
-            .arg(format!("{prefix}wrongtype"))
-            .arg("x")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        // Replays and conflicts, whether read with HMGET or asked of the script.
-        let again = join_all(ids[..100].iter().map(|id| store.begin(id, &fp, 0))).await;
-        assert!(
-            again
-                .iter()
-                .all(|b| matches!(b, Ok(Begin::Replay(r)) if r == &done))
-        );
-        let other = Fingerprint("b".into());
-        let conflicts = join_all(ids[..100].iter().map(|id| store.begin(id, &other, 0))).await;
-        assert!(conflicts.iter().all(|b| matches!(b, Ok(Begin::Conflict))));
-        // The conflicts were all read, so every begin now looks first: the pipeline of looks
-        // that carries a record Redis refuses to read answers every other look.
-        let mut replaying: Vec<&str> = ids[..100].iter().map(String::as_str).collect();
-        replaying.insert(50, "wrongtype");
-        let again = join_all(replaying.iter().map(|id| store.begin(id, &fp, 0))).await;
-        for (id, begin) in replaying.iter().zip(&again) {
-            match (*id, begin) {
-                ("wrongtype", Err(StoreError::Redis(_))) => {}
-                (_, Ok(Begin::Replay(r))) if r == &done => {}
-                other => panic!("unexpected answer {other:?}"),
-            }
-        }
-
-        // Renewals always go through the script: the batch that carries a record Redis
-        // refuses to read answers every other renewal.
-        let mut renewing = held.clone();
-        renewing.insert(
-            50,
-            Held {
-                id: "wrongtype".into(),
-                claim: "c".into(),
-                fingerprint: fp.clone(),
-                generation: 0,
-                seen_ms: 0,
-            },
-        );
-        let renewed = join_all(renewing.iter().map(|h| store.renew(h))).await;
-        for (h, renewed) in renewing.iter().zip(&renewed) {
-            match (h.id.as_str(), renewed) {
-                ("wrongtype", Err(StoreError::Redis(_))) => {}
-                (_, Ok(false)) => {}
-                other => panic!("unexpected answer {other:?}"),
-            }
-        }
-
-        let keys: Vec<String> = ::redis::cmd("KEYS")
-            .arg(format!("{prefix}*"))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let _: () = ::redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
-
-    fn test_deletion() -> Deletion {
-        Deletion {
-            chat: crate::pipeline::request::normalise_number("5511999999999").unwrap(),
-            known: crate::contract::ChatKnown::Unknown,
-            at_ms: 1_733_000_000_000,
-        }
-    }
-
-    /// A live claim taken under an older generation of the instance's lease (its previous
-    /// owner's, whose fence refuses its effects now) is taken over at once by a begin under a
-    /// newer one, keeping its progress; the claim of a lone worker (generation 0) and one of
-    /// the same generation are waited out.
-    #[tokio::test]
-    async fn a_newer_owner_takes_over_the_claims_its_predecessor_left() {
-        let (store, prefix) = store().await;
-        let fp = Fingerprint("a".into());
-        let mut held = Vec::new();
-        for (id, generation) in [("left", 3), ("lone", 0)] {
-            let Ok(Begin::Claimed { claim, .. }) = store.begin(id, &fp, generation).await else {
-                panic!("not claimed");
-            };
-            let fingerprint = fp.clone();
-            let (id, claim) = (id.into(), claim);
-            held.push(Held {
-                id,
-                claim,
-                fingerprint,
-                generation,
-                seen_ms: 0,
-            });
-        }
-        store
-            .mark_chat_deleted(&held[0], &test_deletion())
-            .await
-            .unwrap();
-        for generation in [0, 3] {
-            let again = store.begin("left", &fp, generation).await.unwrap();
-            assert_eq!(again, Begin::Busy, "asked under generation {generation}");
-        }
-        let taken = store.begin("left", &fp, 4).await.unwrap();
-        assert!(
-            matches!(
-                &taken,
-                Begin::Claimed {
-                    chat_deleted: true,
-                    deletion: Some(deletion),
-                    ..
-                } if *deletion == test_deletion()
-            ),
-            "{taken:?}"
-        );
-        assert!(
-            !store.renew(&held[0]).await.unwrap(),
-            "the old claim is over"
-        );
-        assert_eq!(store.begin("lone", &fp, 7).await.unwrap(), Begin::Busy);
-        assert!(store.renew(&held[1]).await.unwrap());
-
-        let _: () = ::redis::cmd("DEL")
-            .arg(&prefix)
-            .arg(format!("{prefix}left"))
-            .arg(format!("{prefix}lone"))
-            .query_async(&mut store.connection.clone())
-            .await
-            .unwrap();
-    }
-
-    /// Defect (found by review): a renewal (or a mark) that found the record gone wrote it
-    /// again under generation 0, "no ownership", so the next owner's begin under a newer
-    /// generation waited for the claim to end instead of taking it over.
-    #[tokio::test]
-    async fn a_record_written_again_keeps_the_generation_of_its_claim() {
-        let (store, prefix) = store().await;
-        let fp = Fingerprint("a".into());
-        let Ok(Begin::Claimed { claim, seen_ms, .. }) = store.begin("again", &fp, 3).await else {
-            panic!("not claimed");
-        };
-        let held = Held {
-            id: "again".into(),
-            claim,
-            fingerprint: fp.clone(),
-            generation: 3,
-            seen_ms,
-        };
-        let key = format!("{prefix}again");
-        let mut conn = store.connection.clone();
-        let _: () = ::redis::cmd("DEL")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(
-            store.renew(&held).await.unwrap(),
-            "renewed by writing it again"
-        );
-        let taken = store.begin("again", &fp, 4).await.unwrap();
-        assert!(
-            matches!(taken, Begin::Claimed { seen_ms: s, .. } if s == seen_ms),
-            "taken over with the first try's time: {taken:?}"
-        );
-        let _: () = ::redis::cmd("DEL")
-            .arg(&prefix)
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
-
-    /// A result answered soon after its claim keeps the claim's expiry (no index update); one
-    /// answered later than a hundredth of the keep time is kept for the keep time from then.
-    /// Either way the expiry field and the index agree, which the sweep relies on.
-    #[tokio::test]
-    async fn a_late_answer_moves_the_expiry_and_a_quick_one_does_not() {
-        let (store, prefix) = store().await;
-        let mut conn = store.connection.clone();
-        let fp = Fingerprint("a".into());
-        let done = Remembered {
-            outcome: Outcome::InvalidNumber,
-            attempts: 1,
-            receipt: None,
-        };
-        let mut expiry = async |id: &str| -> (u64, u64) {
-            let field: u64 = ::redis::cmd("HGET")
-                .arg(format!("{prefix}{id}"))
-                .arg("expires")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            let score: u64 = ::redis::cmd("ZSCORE")
-                .arg(&prefix)
-                .arg(id)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            (field, score)
-        };
-        let mut held = Vec::new();
-        for id in ["quick", "late"] {
-            let Ok(Begin::Claimed { claim, .. }) = store.begin(id, &fp, 0).await else {
-                panic!("not claimed");
-            };
-            held.push(Held {
-                id: id.into(),
-                claim,
-                fingerprint: fp.clone(),
-                generation: 0,
-                seen_ms: 0,
-            });
-        }
-        let (claimed, indexed) = expiry("quick").await;
-        assert_eq!(claimed, indexed);
-        let (late, _) = expiry("late").await;
-        // As if "quick" was claimed a second ago (within a hundredth of the keep time, 600 s)
-        // and "late" a minute ago.
-        let claimed = claimed - 1_000;
-        let mut pipe = ::redis::pipe();
-        for (id, at) in [("quick", claimed), ("late", late - 60_000)] {
-            pipe.hset(format!("{prefix}{id}"), "expires", at)
-                .zadd(&prefix, id, at);
-        }
-        let _: () = pipe
-            .query_async(&mut store.connection.clone())
-            .await
-            .unwrap();
-
-        for h in &held {
-            assert_eq!(store.remember(h, &done).await.unwrap(), done);
-        }
-        assert_eq!(
-            expiry("quick").await,
-            (claimed, claimed),
-            "a quick answer moves nothing"
-        );
-        let (moved, indexed) = expiry("late").await;
-        assert_eq!(moved, indexed);
-        assert!(
-            moved >= late,
-            "kept the keep time from the answer: {moved} < {late}"
-        );
-        let _: () = ::redis::cmd("DEL")
-            .arg(&prefix)
-            .arg(format!("{prefix}quick"))
-            .arg(format!("{prefix}late"))
-            .query_async(&mut store.connection.clone())
-            .await
-            .unwrap();
-    }
-}
+mod tests;

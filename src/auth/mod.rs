@@ -4,6 +4,10 @@
 //! The worker's own copies of a command (retried, parked) never carry the token: they carry a
 //! [`TokenProof`] instead, which opens that same command again and nothing else.
 
+pub mod envelope;
+
+pub use envelope::Envelope;
+
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;

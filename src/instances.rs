@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::config::{Config, InstanceKind, TokenHash};
-use crate::ownership::Lease;
+use crate::fence::Lease;
 use crate::session::postgres::PgSessions;
 use crate::session::{ChatSession, SessionOptions, SimulatedSession, WhatsappSession};
 
-use super::auth::InstanceCredentials;
-use super::envelope::Envelope;
+use crate::auth::Envelope;
+use crate::auth::InstanceCredentials;
 
 /// One hosted instance.
 pub struct Instance {

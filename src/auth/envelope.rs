@@ -2,7 +2,7 @@
 
 use lapin::BasicProperties;
 
-use super::auth::TokenProof;
+use super::TokenProof;
 use crate::contract::wire::{
     ATTEMPTS_SO_FAR_HEADER, RETRIES_HEADER, TOKEN_HEADER, TOKEN_PROOF_HEADER, TRACEPARENT_HEADER,
     int_header, string_header,

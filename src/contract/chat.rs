@@ -1,23 +1,9 @@
-//! The command body: strict JSON decoding and the number-to-JID normaliser.
+//! A chat JID as the contract accepts it, and the number-to-JID normaliser.
 //!
 //! whatsapp-rust's own `Jid` parser accepts `abc@s.whatsapp.net` and `55 11 9@s.whatsapp.net`,
 //! so validation is ours: a JID that leaves here holds only ASCII digits, at most one `-` (legacy
 //! group ids) and one of three servers. It never holds a path separator or `..`, which matters
 //! because it becomes part of media paths.
-
-use serde::Deserialize;
-
-use crate::contract::Outcome;
-
-/// What a valid body asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeleteRequest {
-    pub chat: ChatJid,
-    /// Resolve the chat to the key the phone holds it under (a number or a user JID alike);
-    /// false only where a tool deletes a JID as given.
-    pub lookup: bool,
-    pub delete_media: bool,
-}
 
 /// A validated, normalised chat JID (`<digits>@s.whatsapp.net`, `<digits>@lid`, `<id>@g.us`).
 /// Deserialising validates again, so a stored JID is as safe as a fresh one.
@@ -72,38 +58,6 @@ const LID_SERVER: &str = "lid";
 const GROUP_SERVER: &str = "g.us";
 /// Longest `number` looked at; anything longer is not a phone number or JID we support.
 const MAX_NUMBER_CHARS: usize = 128;
-
-#[derive(Deserialize)]
-struct RawBody {
-    // A wrong type (`"number": 5511...`) fails here, as a Go/serde-strict handler would.
-    #[serde(default)]
-    number: Option<String>,
-    #[serde(default, rename = "deleteMedia")]
-    delete_media: Option<bool>,
-}
-
-/// Decodes and validates a body, in the contract's order: `Invalid request body`, then
-/// `Number is required`, then `Invalid number`.
-pub fn parse_body(body: &[u8], max_bytes: usize) -> Result<DeleteRequest, Outcome> {
-    // Derived structs also accept JSON arrays; the body must be an object.
-    let is_object = body.trim_ascii_start().first() == Some(&b'{');
-    if !is_object || body.len() > max_bytes {
-        return Err(Outcome::InvalidBody);
-    }
-    let raw: RawBody = serde_json::from_slice(body).map_err(|_| Outcome::InvalidBody)?;
-    let number = raw.number.unwrap_or_default();
-    let number = number.trim();
-    if number.is_empty() {
-        return Err(Outcome::NumberRequired);
-    }
-    let chat = normalise_number(number).ok_or(Outcome::InvalidNumber)?;
-    Ok(DeleteRequest {
-        chat,
-        // Every user chat is resolved, a JID as well as a number (see the session's resolver).
-        lookup: true,
-        delete_media: raw.delete_media.unwrap_or(false),
-    })
-}
 
 /// A phone number (`+55 11 99999-9999` style) or a JID on a supported server, as a normalised
 /// JID; `None` when it is neither.
@@ -214,44 +168,5 @@ mod tests {
         ] {
             assert_eq!(jid(bad), None, "{bad:?}");
         }
-    }
-
-    #[test]
-    fn body_rules_in_contract_order() {
-        let max = 64 * 1024;
-        let ok = parse_body(br#"{"number":"5511999999999"}"#, max).unwrap();
-        assert!(!ok.delete_media);
-        let ok = parse_body(
-            br#"{"number":"5511999999999","deleteMedia":true,"extra":[1]}"#,
-            max,
-        )
-        .unwrap();
-        assert!(ok.delete_media);
-        for (body, want) in [
-            (&b""[..], Outcome::InvalidBody),
-            (b"not json", Outcome::InvalidBody),
-            (b"[]", Outcome::InvalidBody),
-            (b"\"5511\"", Outcome::InvalidBody),
-            (br#"{"number":5511999999999}"#, Outcome::InvalidBody),
-            (
-                br#"{"number":"5511999999999","deleteMedia":"yes"}"#,
-                Outcome::InvalidBody,
-            ),
-            (br#"{"number":"5511999999999"} x"#, Outcome::InvalidBody),
-            (b"{}", Outcome::NumberRequired),
-            (br#"{"number":null}"#, Outcome::NumberRequired),
-            (br#"{"number":"   "}"#, Outcome::NumberRequired),
-            (br#"{"number":"abc"}"#, Outcome::InvalidNumber),
-        ] {
-            assert_eq!(parse_body(body, max).unwrap_err(), want, "{body:?}");
-        }
-        let big = format!(
-            r#"{{"number":"5511999999999","pad":"{}"}}"#,
-            "x".repeat(100)
-        );
-        assert_eq!(
-            parse_body(big.as_bytes(), 64).unwrap_err(),
-            Outcome::InvalidBody
-        );
     }
 }
