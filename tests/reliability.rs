@@ -10,6 +10,7 @@ use common::*;
 use lapin::types::AMQPValue;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 const TOKEN: &str = "secret-tok-rel";
 const ACCOUNT: &str = "secret-tok-rel-account";
@@ -443,4 +444,92 @@ impl Relay {
             dropping.store(true, Ordering::SeqCst);
         }
     }
+}
+
+/// A TCP hop between the worker and the broker that can go silent: it keeps the connection
+/// open and stops passing bytes either way, as a broker out of file handles or a half-open
+/// connection does.
+struct SilentableHop {
+    port: u16,
+    silent: Arc<AtomicBool>,
+}
+
+/// Copies `from` to `to` until either ends; while `silent`, holds what it read.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    silent: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while silent.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl SilentableHop {
+    async fn start(upstream: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let silent = Arc::new(AtomicBool::new(false));
+        let (upstream, flag) = (upstream.to_owned(), silent.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(pipe(client_read, server_write, flag.clone()));
+                tokio::spawn(pipe(server_read, client_write, flag.clone()));
+            }
+        });
+        Self { port, silent }
+    }
+
+    fn go_silent(&self) {
+        self.silent.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Defect (issue: a broker out of file handles took the machine down with it): a worker told
+/// to stop while its broker no longer answered waited for the broker to confirm each consumer's
+/// cancel, for ever (until something reset the connection). Its shutdown now takes at most
+/// its grace plus a bounded wait for each of the broker's answers.
+#[tokio::test]
+async fn a_stop_while_the_broker_does_not_answer_ends_in_bounded_time() {
+    let hop = SilentableHop::start("127.0.0.1:5672").await;
+    let token = "secret-tok-silent";
+    let cfg = format!(
+        r#"
+[worker]
+shutdown_grace_ms = 1000
+[instances.alpha]
+token_sha256 = "{}"
+kind = "simulated"
+"#,
+        hash(token)
+    );
+    let port = hop.port;
+    let w = TestWorker::start_tuned(&cfg, move |config| {
+        // No heartbeats: nothing but the worker's own bounds ends the wait.
+        config.broker.url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f?heartbeat=0");
+    })
+    .await;
+    w.publish(Command::new("alpha", "silent-1", token, OK))
+        .await;
+    let first = w.events.by_id("silent-1").await;
+    assert_eq!(status(&first), 200);
+    hop.go_silent();
+    // Fails the test unless the worker has exited within WAIT (20 s).
+    w.stop().await;
 }

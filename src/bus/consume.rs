@@ -102,21 +102,25 @@ fn new_tag(app_id: &str) -> String {
     format!("{app_id}-{}", uuid::Uuid::new_v4())
 }
 
+/// How long the worker waits for the broker to answer a cancel or a close. A broker that
+/// stopped answering (out of file handles, a half-open connection) must not hold up a
+/// shutdown or a hand-over: what is not settled goes back when the connection ends.
+pub const ANSWER_WAIT: Duration = Duration::from_secs(5);
+
 impl RunningConsumer {
     /// Closes the channel: deliveries taken but not settled go back to the queue.
     pub async fn close(&self) {
-        let _ = self.channel.close(200, "queue handed over".into()).await;
+        let closed = self.channel.close(200, "queue handed over".into());
+        let _ = tokio::time::timeout(ANSWER_WAIT, closed).await;
     }
 
     /// Asks the broker to send no more deliveries (those in flight are still settled).
     pub async fn cancel(&self) {
-        let _ = self
+        let tag = current(&self.tag);
+        let cancelled = self
             .channel
-            .basic_cancel(
-                current(&self.tag).as_str().into(),
-                BasicCancelOptions::default(),
-            )
-            .await;
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+        let _ = tokio::time::timeout(ANSWER_WAIT, cancelled).await;
     }
 }
 

@@ -330,7 +330,8 @@ pub async fn serve(
     // Bounded: a broker that never answers the close must not hold up the next connection.
     let closing = std::iter::once(&connection).chain(&results);
     let closes = closing.map(|c| c.close(200, "worker stopping".into()));
-    let _ = tokio::time::timeout(CLOSE_WAIT, futures_util::future::join_all(closes)).await;
+    let _ =
+        tokio::time::timeout(consume::ANSWER_WAIT, futures_util::future::join_all(closes)).await;
     if requested {
         Ended::Stopped
     } else {
@@ -341,13 +342,10 @@ pub async fn serve(
     }
 }
 
-/// Most hosted instances whose results share the consuming connection. Worker CPU per command,
-/// shared against a connection of their own: one queue 50-78 against 74-92 µs; 64 and 200
-/// queues even; 1,000 queues about 60 µs more (2026-12-03/04, `bench/run.py`; README).
+/// Most hosted instances whose results share the consuming connection: up to here a shared
+/// connection costs less worker CPU per command than one of their own, beyond it more
+/// (`bench/run.py`; docs/benchmarks.md).
 const RESULTS_SHARE_CONNECTION_UP_TO: usize = 64;
-
-/// How long a closing connection waits for the broker's answer.
-const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Ends when a queue holds commands while its consumer, the queue's only one, had nothing to
 /// do for `after`, or when the broker does not answer that look within `after` (never when

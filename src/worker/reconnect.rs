@@ -1,5 +1,7 @@
 //! How long to wait before the next broker connection: 250 ms, doubling up to 5 s, and back to
-//! 250 ms after a connection that got as far as consuming.
+//! 250 ms after a connection that got as far as consuming; each wait is drawn between half the
+//! step and the step (jitter), so replicas that lost the broker together do not reconnect in
+//! lockstep.
 
 use std::time::Duration;
 
@@ -36,9 +38,9 @@ impl Reconnect {
         if consumed {
             self.next = FIRST;
         }
-        let delay = self.next;
+        let step = self.next;
         self.next = (self.next * 2).min(LONGEST);
-        delay
+        step / 2 + step.mul_f64(rand::random::<f64>() / 2.0)
     }
 
     /// Waits out `delay`; false when `stop` came first.
@@ -67,12 +69,24 @@ mod tests {
             assert!(reconnect.wait(delay, &stop).await);
             waited.push(started.elapsed().as_millis());
         }
-        assert_eq!(
-            waited,
-            [250, 500, 1000, 2000, 4000, 5000, 5000, 250, 500],
-            "virtual time waited before each connection"
-        );
+        let steps = [250, 500, 1000, 2000, 4000, 5000, 5000, 250, 500];
+        for (waited, step) in waited.iter().zip(steps) {
+            assert!(
+                (step / 2..=step).contains(waited),
+                "waited {waited} ms for a {step} ms step"
+            );
+        }
         assert_eq!(reconnect.connections(), 9);
+    }
+
+    /// The defect: every replica waited exactly 250, 500, 1000... ms, so all reconnected to a
+    /// restarted broker at the same moments.
+    #[test]
+    fn replicas_do_not_reconnect_in_lockstep() {
+        let delays: std::collections::BTreeSet<Duration> = (0..20)
+            .map(|_| Reconnect::default().delay_after(false))
+            .collect();
+        assert!(delays.len() > 10, "{delays:?}");
     }
 
     #[tokio::test(start_paused = true)]
