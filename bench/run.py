@@ -50,6 +50,9 @@ NAMESPACES = []    # (ns, instance args) still to delete
 RUN_COUNT = {}     # drains per namespace, to name the saved /metrics
 ARGS = None
 OUT = None
+RESULTS = None     # what the finished parts measured, for the figures line if a later one fails
+FIGURES = ("ratio_to_ceiling", "ratio_to_aiopika", "rss_1000_mib", "ready_1000_s", "replay_ratio",
+           "latency_p99_ratio", "many_queue_ratio")
 
 
 def log(msg):
@@ -846,30 +849,46 @@ def part_scale_out(n, prefetch, concurrency, workers=3, instances=6):
             "spread_after_s": t_even - t_first, "per_worker": shares, "cpu": window}
 
 
-def broker_open_files_limit():
+def broker_handles():
+    """(used, limit) of the broker's file handles as RabbitMQ counts them (3.10's file handle
+    cache, which refuses new sockets near its limit); on brokers without it, the process's open
+    files against its limit. None when neither can be read."""
+    try:
+        out = subprocess.run(["rabbitmqctl", "-q", "eval", "file_handle_cache:info()."],
+                             capture_output=True, text=True, timeout=30).stdout
+        figures = dict(re.findall(r"\{(total_limit|total_used),(\d+)\}", out))
+        if len(figures) == 2:
+            return int(figures["total_used"]), int(figures["total_limit"])
+    except (OSError, subprocess.TimeoutExpired):
+        pass
     pid = broker_pid()
     try:
         with open(f"/proc/{pid}/limits") as f:
-            for line in f:
-                if line.startswith("Max open files"):
-                    return int(line.split()[3])
-    except (OSError, TypeError, ValueError, IndexError):
-        pass
-    return None
-
-
-def many_blocker(count):
-    """RabbitMQ 3.10 reserves about three file handles per quorum queue in its file handle
-    cache; past ~90% of the open-files limit it stops accepting connections (new sockets wait
-    in file_handle_cache:obtain) until queues are deleted. Refuse to wedge a shared broker."""
-    limit = broker_open_files_limit()
-    if limit is None or ARGS.force_many:
+            limit = next(int(line.split()[3]) for line in f if line.startswith("Max open files"))
+        return len(os.listdir(f"/proc/{pid}/fd")), limit
+    except (OSError, TypeError, ValueError, IndexError, StopIteration):
         return None
-    needed = int(count * 3.2) + 250
-    if needed > 0.9 * limit:
-        return (f"broker open-files limit {limit} is too low for {count} quorum queues (needs ~{needed}): "
-                f"restart it with `scripts/services --restart-rabbitmq` (raises the limit to the hard one), "
-                f"or pass --force-many")
+
+
+# Handles a quorum queue holds (3.10: log segments and snapshot), and what the bench's other
+# namespaces, connections and the broker's own needs may take at once.
+HANDLES_PER_QUEUE = 3.2
+HANDLES_BESIDES = 250
+
+
+def handles_blocker(queues, what):
+    """Why the broker cannot take `queues` more quorum queues without wedging (past ~90 % of
+    its limit RabbitMQ 3.10 accepts no connection until queues are deleted), or None."""
+    handles = broker_handles()
+    if handles is None or ARGS.force_many:
+        return None
+    used, limit = handles
+    needed = int(queues * HANDLES_PER_QUEUE) + HANDLES_BESIDES
+    if used + needed > 0.9 * limit:
+        return (f"the broker has {limit - used} of {limit} file handles free, too few for {what} "
+                f"(~{needed}): delete queues left behind (`rabbitmqctl list_queues name`; an earlier "
+                f"bench's start with bench), or restart it with a higher limit "
+                f"(`scripts/services --restart-rabbitmq` raises it to the hard one); or pass --force-many")
     return None
 
 
@@ -1092,11 +1111,28 @@ def report(r):
     if floors:
         # What the goals' own steps cost the bare loop, in the same run (not a result of the worker).
         print("floors: " + " ".join(floors))
-    print(f"ratio_to_ceiling={ratio_ceiling:.2f} ratio_to_aiopika={fmt(ratio_py, '{:.2f}')} "
-          f"rss_1000_mib={fmt(rss_1000, '{:.1f}')} ready_1000_s={fmt(ready_1000, '{:.2f}')} "
-          f"replay_ratio={fmt(replay_ratio, '{:.2f}')} latency_p99_ratio={fmt(lat_ratio, '{:.2f}')} "
-          f"many_queue_ratio={fmt(many_ratio, '{:.2f}')}",
-          flush=True)
+    figures_line({"ratio_to_ceiling": fmt(ratio_ceiling, '{:.2f}'), "ratio_to_aiopika": fmt(ratio_py, '{:.2f}'),
+                  "rss_1000_mib": fmt(rss_1000, '{:.1f}'), "ready_1000_s": fmt(ready_1000, '{:.2f}'),
+                  "replay_ratio": fmt(replay_ratio, '{:.2f}'), "latency_p99_ratio": fmt(lat_ratio, '{:.2f}'),
+                  "many_queue_ratio": fmt(many_ratio, '{:.2f}')})
+
+
+def figures_line(values, failed=None):
+    """The last line of every run, also a failed one: what is not known reads n/a."""
+    line = " ".join(f"{k}={values.get(k, 'n/a')}" for k in FIGURES)
+    if failed:
+        line += " failed=" + json.dumps(failed)
+    print(line, flush=True)
+
+
+def report_failed(reason):
+    """The table and figures of the parts that finished, when a later one failed."""
+    if RESULTS and RESULTS.get("workers") and len(RESULTS.get("ceiling", [])) > len(RESULTS["workers"]):
+        ceil, workers = RESULTS["ceiling"], RESULTS["workers"]
+        ratios = [wk["rate"] / ((ceil[i]["rate"] + ceil[i + 1]["rate"]) / 2) for i, wk in enumerate(workers)]
+        figures_line({"ratio_to_ceiling": f"{median(ratios):.2f}"}, failed=reason)
+    else:
+        figures_line({}, failed=reason)
 
 
 def main():
@@ -1160,9 +1196,13 @@ def main():
             raise BenchError(f"{tool} not built in {ARGS.bin_dir}")
     if not amqp_reachable():
         raise BenchError("RabbitMQ is not reachable on 127.0.0.1:5672 (scripts/services starts it)")
+    blocker = handles_blocker(0, "the bench's own namespaces")
+    if blocker:
+        raise BenchError(blocker)
     log(f"run {RUN_ID}: N={n:,}, prefetch {ARGS.prefetch}, {count} x {per} instances; logs in {OUT}")
 
-    r = {"n": n, "prefetch": ARGS.prefetch, "concurrency": conc, "many_prefetch": ARGS.many_prefetch,
+    global RESULTS
+    r = RESULTS = {"n": n, "prefetch": ARGS.prefetch, "concurrency": conc, "many_prefetch": ARGS.many_prefetch,
          "many_concurrency": ARGS.many_concurrency, "ceiling": [], "workers": [], "aiopika": None,
          "many": None}
     # The broker's pace drifts from one drain to the next, so ceiling and worker alternate, and
@@ -1187,7 +1227,8 @@ def main():
         r["ceiling"].append(part_ceiling(n, ARGS.prefetch, "ceiling after the Redis drains"))
     if not ARGS.skip_aiopika:
         r["aiopika"] = part_aiopika(ARGS.aiopika_n or min(n, 50_000), py_prefetch)
-    r["many_skipped"] = "skipped (--skip-many)" if ARGS.skip_many else many_blocker(count)
+    r["many_skipped"] = ("skipped (--skip-many)" if ARGS.skip_many
+                         else handles_blocker(count, f"{count} instance queues"))
     if r["many_skipped"]:
         log(f"many instances: {r['many_skipped']}")
     else:
@@ -1215,6 +1256,12 @@ if __name__ == "__main__":
     atexit.register(cleanup_all)
     try:
         main()
-    except BenchError as e:
-        log(f"FAILED: {e}")
+    except (BenchError, Exception, SystemExit) as e:  # noqa: BLE001 - any failure still reports
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        reason = str(e) if isinstance(e, (BenchError, SystemExit)) else f"{type(e).__name__}: {e}"
+        log(f"FAILED: {reason}")
+        # Clean up first, so what it prints cannot be the last line.
+        cleanup_all()
+        report_failed(reason)
         sys.exit(1)

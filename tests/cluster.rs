@@ -267,3 +267,122 @@ async fn a_connection_goes_to_a_node_that_answers() {
     };
     assert!(bus::connect(&down, "failover test").await.is_err());
 }
+
+/// The least free file handles among the running nodes.
+async fn tightest_free(management: &str) -> u64 {
+    let nodes = api(reqwest::Method::GET, format!("{management}/api/nodes")).await;
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["running"].as_bool() == Some(true))
+        .map(|n| n["fd_total"].as_u64().unwrap() - n["fd_used"].as_u64().unwrap())
+        .min()
+        .unwrap()
+}
+
+/// Defect (a bench with 1,000 instances on a broker limited to 1,024 open files took it down:
+/// the broker accepted no connection until restarted, and nothing said why): a topology the
+/// broker's file handles cannot hold is refused before anything is declared, by `topology`
+/// and `check-config`, with the fix; one that fits is declared as before.
+#[tokio::test]
+async fn queues_the_brokers_file_handles_cannot_hold_are_refused_before_declaring() {
+    let (urls, management) = cluster();
+    let ns = format!("cap{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    // A quorum queue takes three handles on every node: a third of the free ones, and more.
+    let too_many = tightest_free(&management[0]).await / 3 + 50;
+    let dir = tempfile::tempdir().unwrap();
+    let token = hex::encode(chat_delete_worker::config::TokenHash::of(b"t").0);
+    let config = |instances: u64| {
+        let mut text = format!(
+            "[broker]\nurl = \"{}\"\nmanagement_url = \"{}\"\nnamespace = \"{ns}\"\n[http]\nenabled = false\n",
+            urls[0], management[0]
+        );
+        for i in 0..instances {
+            text.push_str(&format!(
+                "[instances.i{i}]\nkind = \"simulated\"\ntoken_sha256 = \"{token}\"\n"
+            ));
+        }
+        let path = dir.path().join(format!("{instances}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let run = |path: &std::path::Path, subcommand: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chat-delete-worker"))
+            .arg("--config")
+            .arg(path)
+            .arg(subcommand)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+
+    let crowded = config(too_many);
+    for subcommand in ["check-config", "topology"] {
+        let (ok, text) = run(&crowded, subcommand);
+        assert!(!ok, "{subcommand} went ahead: {text}");
+        assert!(
+            text.contains("file handles") && text.contains("LimitNOFILE"),
+            "{subcommand}: {text}"
+        );
+    }
+    let names = Names::new(&ns);
+    let declared = api(
+        reqwest::Method::GET,
+        format!(
+            "{}/api/exchanges/%2F/{}",
+            management[0],
+            names.commands_exchange()
+        ),
+    )
+    .await;
+    assert_eq!(declared["error"], "Object Not Found", "nothing declared");
+
+    let (ok, text) = run(&config(3), "check-config");
+    assert!(ok && text.contains("new queue(s) fit"), "{text}");
+    let (ok, text) = run(&config(3), "topology");
+    assert!(ok, "{text}");
+    let connection = bus::connect(
+        &BrokerConfig {
+            url: urls[0].clone(),
+            ..Default::default()
+        },
+        "cluster test",
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let topology = Topology::new(
+        &BrokerConfig::default(),
+        &names,
+        &["i0", "i1", "i2"],
+        &chat_delete_worker::config::RetryConfig::default().tiers(),
+    );
+    for queue in &topology.queues {
+        channel
+            .queue_delete(queue.name.as_str().into(), Default::default())
+            .await
+            .unwrap();
+    }
+    for exchange in [
+        names.commands_exchange(),
+        names.unrouted_exchange(),
+        names.events_exchange(),
+        names.dead_exchange(),
+    ] {
+        let _ = channel
+            .exchange_delete(exchange.as_str().into(), Default::default())
+            .await;
+    }
+    for tier in chat_delete_worker::config::RetryConfig::default().tiers() {
+        let _ = channel
+            .exchange_delete(
+                names.retry_exchange(tier).as_str().into(),
+                Default::default(),
+            )
+            .await;
+    }
+}

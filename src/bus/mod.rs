@@ -2,6 +2,7 @@
 //! confirms ([`publisher`], and [`reply`] for `reply_to` copies), consuming ([`consume`]) and settling each delivery once its
 //! verdict is carried out ([`settle`]).
 
+pub mod capacity;
 pub mod confirm;
 pub mod connect;
 pub mod consume;
@@ -79,6 +80,10 @@ pub enum BrokerError {
         "the broker refused the topology: a queue or exchange exists with other arguments. If an earlier version declared it, stop every worker and run `chat-delete-worker topology --upgrade` once ({0})"
     )]
     Topology(lapin::Error),
+    /// The queues to declare would use up the broker's file handles: declaring them anyway
+    /// leaves the broker accepting no connection at all.
+    #[error("not declaring the topology: {0}")]
+    Capacity(capacity::Shortfall),
     #[error("no queue is bound to {0}")]
     Unroutable(String),
     #[error("the broker connection was lost")]
@@ -90,11 +95,15 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
-    /// Everything but a bad address, a bad TLS file or a refused topology can succeed on another try.
+    /// Everything but a bad address, a bad TLS file, a refused topology or a broker short of
+    /// file handles can succeed on another try.
     pub fn is_retryable(&self) -> bool {
         !matches!(
             self,
-            BrokerError::Url(_) | BrokerError::TlsFile(..) | BrokerError::Topology(_)
+            BrokerError::Url(_)
+                | BrokerError::TlsFile(..)
+                | BrokerError::Topology(_)
+                | BrokerError::Capacity(_)
         )
     }
 }

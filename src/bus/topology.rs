@@ -92,6 +92,14 @@ impl QueueSpec {
         self.instance
     }
 
+    /// `quorum`, `classic` or `stream`, as declared.
+    pub fn queue_type(&self) -> &str {
+        match self.args.inner().get("x-queue-type") {
+            Some(AMQPValue::LongString(kind)) => std::str::from_utf8(kind.as_bytes()).unwrap_or(""),
+            _ => "classic",
+        }
+    }
+
     /// The exchange and routing key it is bound with, if any.
     pub fn binding(&self) -> Option<(&str, &str)> {
         self.binding

@@ -186,7 +186,7 @@ async fn dispatch(config: Config, command: Command) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
         Command::Topology { upgrade } => setup::declare_topology(&config, upgrade).await,
-        Command::CheckConfig => Ok(setup::check_config(&config)),
+        Command::CheckConfig => Ok(setup::check_config(&config).await),
         Command::TokenHash => Ok(setup::token_hash()),
         Command::Parked { action } => match action {
             ParkedAction::List { limit, json } => parked::run_list(&config, limit, json).await,

@@ -3,8 +3,9 @@
 use std::io::Read;
 use std::process::ExitCode;
 
+use crate::bus::capacity::Verdict;
 use crate::bus::{self, topology};
-use crate::config::{Config, TokenHash};
+use crate::config::{CapacityCheck, Config, TokenHash};
 use crate::contract::Names;
 
 /// Declares the exchanges and queues of the configured instances; with `upgrade`, queues an
@@ -15,6 +16,7 @@ pub async fn declare_topology(config: &Config, upgrade: bool) -> anyhow::Result<
     let instances: Vec<&str> = config.instances.keys().map(String::as_str).collect();
     let tiers = config.retry.tiers();
     let topology = topology::Topology::new(&config.broker, &names, &instances, &tiers);
+    bus::capacity::enforce(&config.broker, &topology).await?;
     bus::policies::apply(&config.broker, &topology.policies).await?;
     if upgrade {
         let upgraded = bus::upgrade::upgrade(&connection, &topology).await?;
@@ -34,8 +36,9 @@ pub async fn declare_topology(config: &Config, upgrade: bool) -> anyhow::Result<
     Ok(ExitCode::SUCCESS)
 }
 
-/// The config is valid once it loaded; prints what this worker would host.
-pub fn check_config(config: &Config) -> ExitCode {
+/// The config is valid once it loaded; prints what this worker would host and (with
+/// `broker.management_url`) whether its queues fit the broker's file handles.
+pub async fn check_config(config: &Config) -> ExitCode {
     let names = Names::new(&config.broker.namespace);
     println!("config is valid");
     println!("commands exchange: {}", names.commands_exchange());
@@ -47,6 +50,22 @@ pub fn check_config(config: &Config) -> ExitCode {
             instance.account.as_deref().unwrap_or("-"),
             names.instance_queue(name)
         );
+    }
+    let instances: Vec<&str> = config.instances.keys().map(String::as_str).collect();
+    let tiers = config.retry.tiers();
+    let topology = topology::Topology::new(&config.broker, &names, &instances, &tiers);
+    match bus::capacity::check(&config.broker, &topology).await {
+        Verdict::Unknown(why) => println!("broker capacity: not checked ({why})"),
+        Verdict::Fits { new_queues, free } => println!(
+            "broker capacity: {new_queues} new queue(s) fit; {free} file handles left on the tightest node"
+        ),
+        Verdict::Tight(shortfall) => println!("broker capacity: tight: {shortfall}"),
+        Verdict::Exceeds(shortfall) => {
+            println!("broker capacity: refused: {shortfall}");
+            if config.broker.capacity_check == CapacityCheck::Refuse {
+                return ExitCode::FAILURE;
+            }
+        }
     }
     ExitCode::SUCCESS
 }

@@ -246,6 +246,9 @@ pub async fn serve(
     let instance_names: Vec<&str> = instances.iter().map(|i| i.name()).collect();
     let tiers = config.retry.tiers();
     let topology = topology::Topology::new(&config.broker, names, &instance_names, &tiers);
+    if let Err(error) = bus::capacity::enforce(&config.broker, &topology).await {
+        return lost(error);
+    }
     if let Err(error) = bus::policies::apply(&config.broker, &topology.policies).await {
         return lost(error);
     }

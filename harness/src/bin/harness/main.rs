@@ -16,6 +16,7 @@
 //!   restarted; duplicates as in `slow`.
 //! - `scale`: several workers share the instances (see [`scale`]).
 
+mod broker;
 mod scale;
 
 use std::collections::{HashMap, HashSet};
@@ -169,13 +170,80 @@ const TOKEN: &str = "harness-token";
 
 #[tokio::main]
 async fn main() {
-    let args = parse_args();
-    if args.mode == Mode::Scale {
-        let ok = scale::run(&args, args.disruptions).await;
-        std::process::exit(if ok { 0 } else { 1 });
-    }
-    let dir = tempfile::tempdir().expect("temp dir");
+    let args = std::sync::Arc::new(parse_args());
     let ns = format!("harness{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    // Its instances' queues and the shared ones (scale: a neighbour's too, and one more).
+    let queues = match args.mode {
+        Mode::Scale => 2 * (args.instances + 8),
+        _ => args.instances + 7,
+    };
+    if let Some(why) = broker::blocker(&args, queues).await {
+        eprintln!("harness: not starting: {why}");
+        println!(
+            "{}",
+            unknown_figures(&args, "the broker is short of file handles")
+        );
+        std::process::exit(2);
+    }
+    let run = {
+        let (args, ns) = (args.clone(), ns.clone());
+        tokio::spawn(async move {
+            match args.mode {
+                Mode::Scale => scale::run(&args, args.disruptions, ns).await,
+                _ => disruptions(&args, ns).await,
+            }
+        })
+    };
+    let outcome = run.await;
+    // Whatever happened, nothing of the run stays on the broker; the figures come last.
+    broker::sweep(&args, &ns).await;
+    match outcome {
+        Ok((figures, ok)) => {
+            println!("{figures}");
+            std::process::exit(if ok { 0 } else { 1 });
+        }
+        Err(error) => {
+            let reason = match error.try_into_panic() {
+                Ok(panic) => panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "the run panicked".into()),
+                Err(error) => error.to_string(),
+            };
+            println!("{}", unknown_figures(&args, &reason));
+            std::process::exit(1);
+        }
+    }
+}
+
+/// The figures line of a run that produced none, with why.
+fn unknown_figures(args: &Args, reason: &str) -> String {
+    let keys: &[&str] = match args.mode {
+        Mode::Scale => &[
+            "lost",
+            "double_effects",
+            "overlaps",
+            "repeats",
+            "failover_p99_s",
+            "answer_stall_max_s",
+            "answer_stall_p99_s",
+            "imbalance",
+            "kills",
+            "refused",
+            "stale_connects",
+        ],
+        _ => &["lost", "double_effects", "repeats", "reexecuted", "kills"],
+    };
+    let figures: Vec<String> = keys.iter().map(|k| format!("{k}=n/a")).collect();
+    let reason = reason.lines().next().unwrap_or_default().replace('"', "'");
+    format!("{} failed=\"{reason}\"", figures.join(" "))
+}
+
+/// A run of the worker under disruptions (every mode but scale): returns its figures line and
+/// whether it passed.
+async fn disruptions(args: &Args, ns: String) -> (String, bool) {
+    let dir = tempfile::tempdir().expect("temp dir");
     let hash = hex::encode(chat_delete_worker::config::TokenHash::of(TOKEN.as_bytes()).0);
     let mut redis = match args.mode {
         Mode::StoreFaults => Some(Redis::start(dir.path()).await),
@@ -185,14 +253,14 @@ async fn main() {
     let config = write_config(
         dir.path(),
         &ns,
-        &args,
+        args,
         &hash,
         redis_url.as_deref(),
         args.instances,
     );
     let names = chat_delete_worker::contract::Names::new(&ns);
     let instances: Vec<String> = (0..args.instances).map(|i| format!("inst{i}")).collect();
-    let results_queue = setup(&args, &config, &names).await;
+    let results_queue = setup(args, &config, &names).await;
     publish_commands(&args.amqp, &names, &instances, 0..args.commands, "first").await;
     eprintln!(
         "harness: {} commands preloaded over {} instances ({:?})",
@@ -203,7 +271,7 @@ async fn main() {
     let mut worker = spawn_worker(&args.worker, &config, &log);
     // Duplicates while the originals wait.
     let duplicates = args.duplicates().then(|| {
-        publish_in_batches(&args, &names, &instances, 50, "dup", || {
+        publish_in_batches(args, &names, &instances, 50, "dup", || {
             Duration::from_millis(rand::rng().random_range(50..400))
         })
     });
@@ -277,7 +345,7 @@ async fn main() {
         }
     );
     cleanup(&args.amqp, &names, &instances, Some(&results_queue)).await;
-    println!(
+    let figures = format!(
         "lost={} double_effects={} repeats={} reexecuted={} kills={disruptions}",
         counts.lost, counts.double_effects, counts.repeats, counts.reexecuted
     );
@@ -286,7 +354,7 @@ async fn main() {
         && counts.repeats == 0
         && drained
         && counts.reexecuted <= args.disruptions * in_flight_limit;
-    std::process::exit(if ok { 0 } else { 1 });
+    (figures, ok)
 }
 
 /// Declares the topology through the worker itself, plus a durable results queue; returns

@@ -206,11 +206,10 @@ fn freeze(quick: bool) -> Duration {
 /// The ownership lease the workers run with (the default).
 const LEASE: Duration = Duration::from_secs(10);
 
-pub async fn run(args: &Args, rounds: usize) -> bool {
+pub async fn run(args: &Args, rounds: usize, ns: String) -> (String, bool) {
     let dir = tempfile::tempdir().expect("temp dir");
     eprintln!("harness: working in {}", dir.path().display());
     let quick = rounds <= 1;
-    let ns = format!("harness{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let hash = hex::encode(chat_delete_worker::config::TokenHash::of(TOKEN.as_bytes()).0);
     // A Redis of the run's own (append-only, fsync always), so that it can be taken down.
     let mut redis = Redis::start(dir.path()).await;
@@ -473,11 +472,11 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
         Some(_) => format!(" node_restarts={node_restarts}"),
         None => String::new(),
     };
-    println!(
+    let figures = format!(
         "lost={} double_effects={} overlaps={overlaps} repeats={} failover_p99_s={p99:.1} answer_stall_max_s={stall_max:.1} answer_stall_p99_s={stall_p99:.1} imbalance={imbalance} kills={kills}{cluster} refused={refused} stale_connects={stale_connects}",
         counts.lost, counts.double_effects, counts.repeats,
     );
-    counts.lost == 0
+    let ok = counts.lost == 0
         && counts.double_effects == 0
         && counts.repeats == 0
         && overlaps == 0
@@ -485,7 +484,8 @@ pub async fn run(args: &Args, rounds: usize) -> bool {
         && drained
         && p99 <= 15.0
         && stall_max <= 15.0
-        && imbalance <= 1
+        && imbalance <= 1;
+    (figures, ok)
 }
 
 /// One result event as the harness received it.

@@ -1,0 +1,216 @@
+//! The broker's file handles against the queues a worker is about to declare. RabbitMQ runs
+//! out of them quietly: past its limit it accepts no AMQP connection at all, so every worker
+//! and tool on it hangs. Looked at through the management API before declaring, it is a
+//! message with the fix instead.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::BrokerError;
+use super::topology::Topology;
+use crate::config::{BrokerConfig, CapacityCheck};
+
+/// File handles one queue keeps open on each node that holds it (RabbitMQ 3.10, measured with
+/// `file_handle_cache:info()`): a quorum queue's log segments and snapshot, a stream's segment
+/// and index; a classic queue's index once it holds messages.
+fn handles_per_queue(queue_type: &str) -> u64 {
+    match queue_type {
+        "quorum" => 3,
+        "stream" => 2,
+        _ => 1,
+    }
+}
+
+/// Sockets of the worker's own: the consuming connection and the results one.
+const CONNECTIONS: u64 = 2;
+
+/// What the look found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// No management API to ask, or it did not answer: nothing known.
+    Unknown(String),
+    /// The new queues fit; `free` is what the tightest node has left after them.
+    Fits { new_queues: usize, free: u64 },
+    /// They fit, with less than a tenth of the node's handles left.
+    Tight(Shortfall),
+    /// They do not fit: declaring them would leave the broker unable to accept connections.
+    Exceeds(Shortfall),
+}
+
+/// The numbers behind a tight or exceeding verdict.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shortfall {
+    pub node: String,
+    pub new_queues: usize,
+    pub needed: u64,
+    pub free: u64,
+    pub total: u64,
+}
+
+impl std::fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "declaring {} new queue(s) takes about {} file handles on RabbitMQ node {}, which has \
+             {} free of {}. Raise the broker's open-file limit (LimitNOFILE in its systemd unit, \
+             or `ulimit -n` before it starts; see docs/operations.md), spread the instances over \
+             more brokers or namespaces, or set broker.capacity_check = \"warn\" to go ahead",
+            self.new_queues, self.needed, self.node, self.free, self.total
+        )
+    }
+}
+
+/// Compares what `topology` would add on the broker with each running node's free handles.
+pub async fn check(cfg: &BrokerConfig, topology: &Topology) -> Verdict {
+    let Some(api) = &cfg.management_url else {
+        return Verdict::Unknown("broker.management_url is not set".into());
+    };
+    match look(cfg, api, topology).await {
+        Ok(verdict) => verdict,
+        Err(error) => Verdict::Unknown(error.to_string()),
+    }
+}
+
+/// Looks (unless `broker.capacity_check` is `off`) and says what it found in the log; an
+/// exceeding verdict is an error unless the check only warns.
+pub async fn enforce(cfg: &BrokerConfig, topology: &Topology) -> Result<Verdict, BrokerError> {
+    if cfg.capacity_check == CapacityCheck::Off {
+        return Ok(Verdict::Unknown("broker.capacity_check is off".into()));
+    }
+    let verdict = check(cfg, topology).await;
+    match &verdict {
+        Verdict::Exceeds(shortfall) if cfg.capacity_check == CapacityCheck::Refuse => {
+            return Err(BrokerError::Capacity(shortfall.clone()));
+        }
+        Verdict::Exceeds(shortfall) | Verdict::Tight(shortfall) => {
+            tracing::warn!("The broker is short of file handles: {shortfall}.");
+        }
+        Verdict::Fits { new_queues, free } => {
+            tracing::debug!(
+                new_queues,
+                free,
+                "The new queues fit the broker's file handles."
+            );
+        }
+        Verdict::Unknown(why) => {
+            tracing::debug!(
+                why = why.as_str(),
+                "The broker's file handles were not looked at."
+            );
+        }
+    }
+    Ok(verdict)
+}
+
+async fn look(cfg: &BrokerConfig, api: &str, topology: &Topology) -> Result<Verdict, BrokerError> {
+    let uri: lapin::uri::AMQPUri = cfg.url.parse().map_err(BrokerError::Url)?;
+    let user = &uri.authority.userinfo;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| BrokerError::Policy(e.to_string()))?;
+    let get = |path: String| {
+        let request = client
+            .get(format!("{}{path}", api.trim_end_matches('/')))
+            .basic_auth(&user.username, Some(&user.password));
+        async move {
+            let response = request
+                .send()
+                .await
+                .map_err(|e| e.without_url().to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("management API answered {}", response.status()));
+            }
+            let text = response
+                .text()
+                .await
+                .map_err(|e| e.without_url().to_string())?;
+            serde_json::from_str::<Value>(&text).map_err(|e| e.to_string())
+        }
+    };
+    let vhost = uri.vhost.replace('%', "%25").replace('/', "%2F");
+    let nodes = get("/api/nodes".into())
+        .await
+        .map_err(BrokerError::Policy)?;
+    let queues = get(format!("/api/queues/{vhost}?columns=name"))
+        .await
+        .map_err(BrokerError::Policy)?;
+    let existing: HashSet<&str> = queues
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|q| q["name"].as_str())
+        .collect();
+    let new: Vec<_> = topology
+        .queues
+        .iter()
+        .filter(|q| !existing.contains(q.name.as_str()))
+        .collect();
+    let needed = CONNECTIONS
+        + new
+            .iter()
+            .map(|q| handles_per_queue(q.queue_type()))
+            .sum::<u64>();
+    let tightest = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["running"].as_bool() == Some(true))
+        .filter_map(|n| {
+            let total = n["fd_total"].as_u64()?;
+            let used = n["fd_used"].as_u64()?;
+            Some((
+                n["name"].as_str()?.to_owned(),
+                total.saturating_sub(used),
+                total,
+            ))
+        })
+        .min_by_key(|(_, free, _)| *free);
+    let Some((node, free, total)) = tightest else {
+        return Ok(Verdict::Unknown(
+            "the management API showed no running node with file handle figures".into(),
+        ));
+    };
+    Ok(judge(node, new.len(), needed, free, total))
+}
+
+fn judge(node: String, new_queues: usize, needed: u64, free: u64, total: u64) -> Verdict {
+    let shortfall = || Shortfall {
+        node: node.clone(),
+        new_queues,
+        needed,
+        free,
+        total,
+    };
+    if needed > free {
+        Verdict::Exceeds(shortfall())
+    } else if (free - needed) * 10 < total {
+        Verdict::Tight(shortfall())
+    } else {
+        Verdict::Fits {
+            new_queues,
+            free: free - needed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_follow_the_tightest_nodes_free_handles() {
+        let v = |needed, free| judge("n".into(), 1, needed, free, 1_000);
+        assert!(matches!(v(300, 927), Verdict::Fits { free: 627, .. }));
+        assert!(matches!(v(850, 927), Verdict::Tight(_)));
+        assert!(matches!(v(928, 927), Verdict::Exceeds(_)));
+        let Verdict::Exceeds(s) = v(3_002, 870) else {
+            unreachable!()
+        };
+        let message = s.to_string();
+        assert!(message.contains("3002 file handles") && message.contains("870 free of 1000"));
+        assert!(message.contains("LimitNOFILE"), "{message}");
+    }
+}
