@@ -1,6 +1,8 @@
 //! Metric names and descriptions in one place, the Prometheus recorder, and log setup.
 //! Labels are bounded: status, outcome, stage, and instance (bounded by the config).
 
+pub mod traces;
+
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};

@@ -5,7 +5,7 @@ use lapin::BasicProperties;
 use super::TokenProof;
 use crate::contract::wire::{
     ATTEMPTS_SO_FAR_HEADER, RETRIES_HEADER, TOKEN_HEADER, TOKEN_PROOF_HEADER, TRACEPARENT_HEADER,
-    int_header, string_header,
+    TRACESTATE_HEADER, int_header, string_header,
 };
 
 /// A command's envelope; the body is validated later, after authentication.
@@ -24,6 +24,8 @@ pub struct Envelope {
     /// Delayed redeliveries so far.
     pub retries: u32,
     pub traceparent: Option<String>,
+    /// Vendor trace state beside a valid `traceparent` (W3C: at most 512 printable characters).
+    pub tracestate: Option<String>,
 }
 
 impl Envelope {
@@ -32,6 +34,16 @@ impl Envelope {
             s.map(|s| s.as_str().to_owned()).filter(|s| !s.is_empty())
         };
         let headers = props.headers().as_ref();
+        let traceparent = headers
+            .and_then(|h| string_header(h, TRACEPARENT_HEADER))
+            .and_then(|b| String::from_utf8(b).ok())
+            .filter(|tp| is_traceparent(tp));
+        // Trace state means nothing without the parent it belongs to.
+        let tracestate = headers
+            .filter(|_| traceparent.is_some())
+            .and_then(|h| string_header(h, TRACESTATE_HEADER))
+            .and_then(|b| String::from_utf8(b).ok())
+            .filter(|ts| is_tracestate(ts));
         Self {
             idempotency_id: non_empty(props.message_id().as_ref()),
             correlation_id: non_empty(props.correlation_id().as_ref()),
@@ -46,12 +58,15 @@ impl Envelope {
             retries: headers
                 .and_then(|h| int_header(h, RETRIES_HEADER))
                 .unwrap_or(0),
-            traceparent: headers
-                .and_then(|h| string_header(h, TRACEPARENT_HEADER))
-                .and_then(|b| String::from_utf8(b).ok())
-                .filter(|tp| is_traceparent(tp)),
+            traceparent,
+            tracestate,
         }
     }
+}
+
+/// Printable ASCII, at most 512 characters (W3C trace context); anything else is dropped.
+fn is_tracestate(ts: &str) -> bool {
+    !ts.is_empty() && ts.len() <= 512 && ts.bytes().all(|b| (0x20..0x7f).contains(&b))
 }
 
 /// `00-<32 hex>-<16 hex>-<2 hex>`; anything else is dropped rather than echoed.
@@ -109,5 +124,21 @@ mod tests {
         assert_eq!(env.token, None);
         assert_eq!(env.traceparent, None);
         assert_eq!(env.idempotency_id, None);
+    }
+
+    #[test]
+    fn trace_state_is_kept_only_beside_a_valid_parent_and_when_well_formed() {
+        let envelope = |parent: &str, state: &str| {
+            let mut h = FieldTable::default();
+            let text = |s: &str| AMQPValue::LongString(s.into());
+            h.insert(ShortString::from(TRACEPARENT_HEADER), text(parent));
+            h.insert(ShortString::from(TRACESTATE_HEADER), text(state));
+            Envelope::from_properties(&BasicProperties::default().with_headers(h)).tracestate
+        };
+        let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        assert_eq!(envelope(parent, "k=v,a=b").as_deref(), Some("k=v,a=b"));
+        assert_eq!(envelope("junk", "k=v"), None);
+        assert_eq!(envelope(parent, "k=v\n"), None);
+        assert_eq!(envelope(parent, &"k=v,".repeat(200)), None);
     }
 }

@@ -26,6 +26,7 @@ use crate::contract::wire::is_valid_instance_name;
 use crate::fence::{Committed, Fence};
 use crate::pipeline::{Pipeline, Source};
 use crate::telemetry;
+use crate::telemetry::traces::{self, Attribute};
 
 /// The most unacked deliveries of a queue whose commands are only answered (unrouted, dead).
 const ANSWER_ONLY_PREFETCH: u16 = 8;
@@ -417,8 +418,39 @@ async fn process(
     }
     metrics.in_flight.increment(1.0);
 
+    let span = traces::command(
+        || format!("process {}", delivery.exchange),
+        envelope.traceparent.as_deref(),
+        envelope.tracestate.as_deref(),
+        || {
+            let mut attributes = vec![
+                Attribute::new("messaging.system", "rabbitmq"),
+                Attribute::new("messaging.operation.type", "process"),
+                Attribute::new("messaging.operation.name", "process"),
+                Attribute::new("messaging.destination.name", delivery.exchange.to_string()),
+                Attribute::new("messaging.rabbitmq.destination.routing_key", key.to_owned()),
+                Attribute::new("messaging.message.body.size", delivery.data.len() as i64),
+                Attribute::new("chat_delete.instance", instance_name.to_owned()),
+                Attribute::new(
+                    "chat_delete.attempt",
+                    i64::from(envelope.previous_attempts + 1),
+                ),
+            ];
+            if let Some(id) = &envelope.idempotency_id {
+                attributes.push(Attribute::new("messaging.message.id", id.clone()));
+            }
+            if let Some(correlation) = &envelope.correlation_id {
+                let conversation = correlation.clone();
+                attributes.push(Attribute::new(
+                    "messaging.message.conversation_id",
+                    conversation,
+                ));
+            }
+            attributes
+        },
+    );
     let committed = Arc::new(Committed::default());
-    let work = async {
+    let work = traces::within(span, async {
         let verdict = consuming
             .pipeline
             .handle(&source, &envelope, &delivery.data, &log, &committed)
@@ -442,7 +474,7 @@ async fn process(
             lost.cancel();
         }
         settle(&delivery, settle_for(&done)).await;
-    };
+    });
 
     tokio::pin!(work);
     tokio::select! {

@@ -18,6 +18,7 @@ use crate::contract::wire::{
 };
 use crate::contract::{EventContext, Names, render};
 use crate::pipeline::{Handled, Verdict};
+use crate::telemetry::traces::{self, Attribute, Kind};
 use crate::telemetry::{self, CommandLog, CommandMetrics};
 
 /// What happens to a delivery once its handling is over.
@@ -102,25 +103,45 @@ impl Carrier<'_> {
 
     /// Publishes the result event (to the events exchange and `reply_to`).
     async fn answer(&self, handled: &Handled, replayed: bool) -> Result<(), BrokerError> {
-        let envelope = self.envelope;
-        let ctx = EventContext {
-            instance: self.instance,
-            idempotency_id: envelope.idempotency_id.as_deref(),
-            correlation_id: envelope.correlation_id.as_deref(),
-            chat: handled.chat.as_ref(),
-            attempts: handled.attempts,
-            replayed,
-            receipt: handled.receipt.as_ref(),
-            traceparent: envelope.traceparent.as_deref(),
-            app_id: self.app_id,
-            now: chrono::Utc::now(),
-        };
-        let event = render(&handled.outcome, &ctx);
-        self.publisher
-            .publish(event, envelope.reply_to.as_deref())
-            .await?;
-        self.metrics.completed(&handled.outcome);
         let status = handled.outcome.status();
+        traces::annotate(|| {
+            vec![
+                Attribute::new("chat_delete.status", i64::from(status)),
+                Attribute::new("chat_delete.outcome", handled.outcome.label()),
+                Attribute::new("chat_delete.attempts", i64::from(handled.attempts)),
+                Attribute::new("chat_delete.replayed", replayed),
+            ]
+        });
+        if status >= 500 {
+            traces::failed(handled.outcome.label().to_owned());
+        }
+        let send = async {
+            let envelope = self.envelope;
+            // Inside the send span: the result names it as its parent.
+            let (traceparent, tracestate) = traces::outgoing(
+                envelope.traceparent.as_deref(),
+                envelope.tracestate.as_deref(),
+            );
+            let (traceparent, tracestate) = (traceparent.as_deref(), tracestate.as_deref());
+            let context = self.context(handled, replayed, traceparent, tracestate);
+            let event = render(&handled.outcome, &context);
+            traces::annotate(|| {
+                vec![
+                    Attribute::new("messaging.system", "rabbitmq"),
+                    Attribute::new("messaging.operation.type", "send"),
+                    Attribute::new("messaging.destination.name", self.names.events_exchange()),
+                    Attribute::new(
+                        "messaging.rabbitmq.destination.routing_key",
+                        event.routing_key.clone(),
+                    ),
+                ]
+            });
+            self.publisher
+                .publish(event, envelope.reply_to.as_deref())
+                .await
+        };
+        traces::stage("send", Kind::Producer, send).await?;
+        self.metrics.completed(&handled.outcome);
         let answered = |level: tracing::Level| {
             let outcome = handled.outcome.label();
             let attempts = handled.attempts;
@@ -140,6 +161,29 @@ impl Carrier<'_> {
             answered(tracing::Level::DEBUG);
         }
         Ok(())
+    }
+
+    fn context<'c>(
+        &'c self,
+        handled: &'c Handled,
+        replayed: bool,
+        traceparent: Option<&'c str>,
+        tracestate: Option<&'c str>,
+    ) -> EventContext<'c> {
+        let envelope = self.envelope;
+        EventContext {
+            instance: self.instance,
+            idempotency_id: envelope.idempotency_id.as_deref(),
+            correlation_id: envelope.correlation_id.as_deref(),
+            chat: handled.chat.as_ref(),
+            attempts: handled.attempts,
+            replayed,
+            receipt: handled.receipt.as_ref(),
+            traceparent,
+            tracestate,
+            app_id: self.app_id,
+            now: chrono::Utc::now(),
+        }
     }
 
     /// Keeps a copy of the command in the parking queue, with its final status and outcome.

@@ -48,6 +48,8 @@ pub struct Config {
     pub ownership: OwnershipConfig,
     #[serde(default)]
     pub sessions: SessionsConfig,
+    #[serde(default)]
+    pub traces: TracesConfig,
     /// Accounts by name; an account's token (TokenAccount) is valid for every instance it owns.
     #[serde(default)]
     pub accounts: BTreeMap<String, AccountConfig>,
@@ -217,6 +219,22 @@ impl Config {
             return Err(invalid(
                 "sessions.postgres_url".into(),
                 "required when sessions.store = \"postgres\"",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.traces.sample_ratio) {
+            return Err(invalid(
+                "traces.sample_ratio".into(),
+                "must be between 0 and 1",
+            ));
+        }
+        let endpoint = &self.traces.otlp_endpoint;
+        if !endpoint.is_empty()
+            && !endpoint.starts_with("http://")
+            && !endpoint.starts_with("https://")
+        {
+            return Err(invalid(
+                "traces.otlp_endpoint".into(),
+                "must be an http:// or https:// URL (OTLP/HTTP)",
             ));
         }
         if let Some(node) = self.broker.nodes.iter().find(|n| host_port(n).is_none()) {

@@ -88,6 +88,19 @@ pub struct BrokerConfig {
     /// three of them (RabbitMQ), which then hands its queues and the deliveries it held to the
     /// instances' next owners: well within the ownership lease. 0 leaves it to the broker (RabbitMQ: 60 s).
     pub heartbeat_secs: u16,
+    /// Before declaring its queues (with `management_url`), the worker compares the file
+    /// handles they will take on the broker with the broker's free ones: `refuse` stops it
+    /// with the fix when they do not fit, `warn` only logs, `off` skips the look.
+    pub capacity_check: CapacityCheck,
+}
+
+/// What the worker does when the queues it would declare do not fit the broker's file handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CapacityCheck {
+    Refuse,
+    Warn,
+    Off,
 }
 
 impl Default for BrokerConfig {
@@ -105,6 +118,31 @@ impl Default for BrokerConfig {
             management_url: None,
             stall_after_ms: 30_000,
             heartbeat_secs: 3,
+            capacity_check: CapacityCheck::Refuse,
+        }
+    }
+}
+
+/// OpenTelemetry traces: a span per command and one per stage, exported over OTLP/HTTP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracesConfig {
+    /// The OTLP/HTTP endpoint (`http://collector:4318`; `/v1/traces` is added unless given).
+    /// Empty (the default): no spans are made and nothing is exported.
+    pub otlp_endpoint: String,
+    /// `service.name` of the spans.
+    pub service_name: String,
+    /// Share of the commands traced when their publisher sent no sampling decision (no
+    /// `traceparent`); a publisher's sampled flag is followed.
+    pub sample_ratio: f64,
+}
+
+impl Default for TracesConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            service_name: "chat-delete-worker".into(),
+            sample_ratio: 1.0,
         }
     }
 }

@@ -162,8 +162,9 @@ pub struct EventContext<'a> {
     pub replayed: bool,
     /// On a 200: what happened.
     pub receipt: Option<&'a Receipt>,
-    /// W3C trace context carried over from the command.
+    /// W3C trace context: the worker's span while tracing, else the command's own.
     pub traceparent: Option<&'a str>,
+    pub tracestate: Option<&'a str>,
     pub app_id: &'a str,
     pub now: chrono::DateTime<chrono::Utc>,
 }
@@ -233,6 +234,9 @@ pub fn render(outcome: &Outcome, ctx: &EventContext<'_>) -> ResultEvent {
     );
     if let Some(tp) = ctx.traceparent {
         put(TRACEPARENT_HEADER, text(tp));
+        if let Some(ts) = ctx.tracestate {
+            put(TRACESTATE_HEADER, text(ts));
+        }
     }
 
     let correlation_id = ctx.correlation_id.unwrap_or(event_id);

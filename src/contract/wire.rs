@@ -10,6 +10,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 pub const TOKEN_HEADER: &str = "token";
 /// W3C trace context; carried over to the result event when well formed.
 pub const TRACEPARENT_HEADER: &str = "traceparent";
+pub const TRACESTATE_HEADER: &str = "tracestate";
 /// What the worker's own copies (retried, parked) carry instead of the token (hex).
 pub const TOKEN_PROOF_HEADER: &str = "x-chat-delete-token-proof";
 

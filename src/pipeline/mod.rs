@@ -32,6 +32,7 @@ use crate::idempotency::{
 };
 use crate::media::{MediaError, MediaStore, PurgeReport};
 use crate::session::SessionError;
+use crate::telemetry::traces::{self, Kind};
 use crate::telemetry::{self, CommandLog};
 use memory::{Memory, Patience};
 
@@ -157,7 +158,8 @@ impl Pipeline {
         // kept waiting by its own claim.
         let name = store.new_claim();
         let begin = || store.begin_as(id, &fingerprint, generation, &name);
-        let begun = self.memory.call(Patience::Bounded, log, begin).await;
+        let claiming = self.memory.call(Patience::Bounded, log, begin);
+        let begun = traces::stage("claim", Kind::Internal, claiming).await;
         self.claim_duration.record(asked_at.elapsed().as_secs_f64());
         let (claim, chat_deleted, seen_ms, deletion) = match begun {
             Ok(Begin::Claimed {
@@ -272,10 +274,13 @@ impl Pipeline {
         let store = self.memory.store();
         let remember = || store.remember(claim.held(), &result);
         let started = Instant::now();
-        let remembered = match patience {
-            Patience::Bounded => self.memory.call(patience, log, remember).await,
-            Patience::Unbounded => self.memory.record(&claim.held().id, log, remember).await,
+        let remembering = async {
+            match patience {
+                Patience::Bounded => self.memory.call(patience, log, remember).await,
+                Patience::Unbounded => self.memory.record(&claim.held().id, log, remember).await,
+            }
         };
+        let remembered = traces::stage("remember", Kind::Internal, remembering).await;
         self.remember_duration
             .record(started.elapsed().as_secs_f64());
         match remembered {
@@ -370,9 +375,8 @@ impl Pipeline {
                     return (Err(Failure::Store(error)), tries);
                 }
                 let seen_ms = claim.held().seen_ms;
-                let (result, n) = self
-                    .delete_chat(instance, request, seen_ms, fence.clone(), log)
-                    .await;
+                let deleting = self.delete_chat(instance, request, seen_ms, fence.clone(), log);
+                let (result, n) = traces::stage("whatsapp delete", Kind::Client, deleting).await;
                 tries = n;
                 // The slot was used unless the delete was refused before anything was sent.
                 if !matches!(result, Err(SessionError::Fenced(_))) {
@@ -411,6 +415,7 @@ impl Pipeline {
             for chat in chats {
                 // The purge logs what it did, so it runs in the command's span.
                 let purge = self.purge_media(instance, chat, fence.clone());
+                let purge = traces::stage("media purge", Kind::Client, purge);
                 match purge.instrument(log.span().clone()).await {
                     Ok(report) => {
                         erased.objects += report.objects;

@@ -39,6 +39,15 @@ pub async fn run(
     on_started: impl FnOnce(Started) + Send,
 ) -> anyhow::Result<()> {
     let metrics = telemetry::prometheus();
+    let traces = &config.traces;
+    let exporting = telemetry::traces::start(
+        &traces.otlp_endpoint,
+        &traces.service_name,
+        traces.sample_ratio,
+    )?;
+    if exporting.is_some() {
+        tracing::info!(endpoint = %config.traces.otlp_endpoint, "Exporting traces over OTLP.");
+    }
     let pipeline = Arc::new(Pipeline::from_config(&config).await?);
     let instances = pipeline.instances().clone();
     let readiness = Arc::new(Readiness::default());
@@ -143,6 +152,9 @@ pub async fn run(
     };
     stop.cancel();
     instances.shutdown().await;
+    if let Some(exporting) = exporting {
+        let _ = tokio::task::spawn_blocking(move || exporting.shutdown()).await;
+    }
     match failed {
         Some(error) => Err(error.into()),
         None => {

@@ -14,6 +14,7 @@ use crate::contract::ChatJid;
 use crate::contract::ChatKnown;
 use crate::fence::Lease;
 use crate::fence::{Fence, Fenced};
+use crate::telemetry::traces::{self, Kind};
 
 use super::postgres::{PgSessions, PgStore};
 use super::{ChatSession, Opening, SessionError, SessionState};
@@ -313,10 +314,12 @@ impl Inner {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
             .is_ok();
         // Resolution as scripted; a number not in the script is its own chat.
-        let chat = match self.resolve.get(chat.user()) {
-            Some(scripted) if lookup => scripted,
-            _ => chat,
-        };
+        let chat = traces::stage_now("resolve", Kind::Internal, || {
+            match self.resolve.get(chat.user()) {
+                Some(scripted) if lookup => scripted,
+                _ => chat,
+            }
+        });
         if fail {
             return Err(match self.failure {
                 SimulatedFailure::NotConnected => SessionError::NotConnected,
@@ -388,7 +391,8 @@ impl ChatSession for SimulatedSession {
         // other half) on a task of its own, whatever becomes of the requester.
         let (reply, answer) = oneshot::channel();
         let (inner, chat) = (self.inner.clone(), chat.clone());
-        tokio::spawn(async move {
+        let trace = traces::carry();
+        tokio::spawn(traces::within(trace, async move {
             let turn = inner.latency / 2;
             tokio::time::sleep(turn).await;
             if reply.is_closed() {
@@ -397,7 +401,7 @@ impl ChatSession for SimulatedSession {
             let sending = inner.latency - turn;
             let acted = inner.act(&chat, lookup, seen_ms, &*fence, sending).await;
             let _ = reply.send(acted);
-        });
+        }));
         answer.await.unwrap_or(Err(SessionError::NotConnected))
     }
 

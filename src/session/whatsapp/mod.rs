@@ -28,6 +28,7 @@ pub use resolve::{Account, Directory, LookupLimits};
 use super::{ChatSession, Opening, SessionError, SessionOptions, SessionState, SessionStatus};
 use crate::contract::ChatJid;
 use crate::fence::Fence;
+use crate::telemetry::traces::{self, Kind, TraceContext};
 use client::operator_hint;
 use mutation::DeleteChat;
 use resolve::Resolver;
@@ -42,6 +43,8 @@ enum Msg {
         lookup: bool,
         seen_ms: u64,
         fence: Arc<dyn Fence>,
+        /// The command's trace context, for the stages the actor runs.
+        trace: Option<TraceContext>,
         reply: oneshot::Sender<Result<ChatJid, SessionError>>,
     },
     Reload(oneshot::Sender<Opening>),
@@ -164,6 +167,7 @@ impl ChatSession for WhatsappSession {
             lookup,
             seen_ms,
             fence,
+            trace: traces::carry(),
             reply,
         };
         if self.mailbox.send(msg).await.is_err() {
@@ -329,6 +333,7 @@ impl Actor {
                     lookup,
                     seen_ms,
                     fence,
+                    trace,
                     reply,
                 } => {
                     // Deletes wait here one at a time: one whose requester has gone (handed
@@ -336,7 +341,8 @@ impl Actor {
                     if reply.is_closed() {
                         continue;
                     }
-                    let deleted = self.delete(&chat, lookup, seen_ms, &*fence).await;
+                    let deleting = self.delete(&chat, lookup, seen_ms, &*fence);
+                    let deleted = traces::within(trace, deleting).await;
                     if deleted.is_err() && self.superseded() {
                         // Reported as replaced: an owner that still holds the lease opens
                         // the session again (the ownership coordinator does).
@@ -399,6 +405,7 @@ impl Actor {
             running.caught_up = true;
         }
         let resolve = self.resolver.resolve(chat, lookup, &*device);
+        let resolve = traces::stage("resolve", Kind::Internal, resolve);
         let target = tokio::time::timeout(self.options.delete_timeout, resolve)
             .await
             .map_err(|_| SessionError::Timeout)??;
@@ -412,7 +419,8 @@ impl Actor {
         let at_ms = i64::try_from(seen_ms).unwrap_or(i64::MAX);
         let mutation = DeleteChat::new(&mutation::to_jid(&target), at_ms);
         let timeout = self.options.delete_timeout;
-        device.send(&mutation, timeout, deadline).await?;
+        let send = device.send(&mutation, timeout, deadline);
+        traces::stage("send app state patch", Kind::Client, send).await?;
         Ok(target)
     }
 
