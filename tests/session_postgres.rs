@@ -135,6 +135,15 @@ async fn exercise(store: &dyn Backend) {
         store.get_latest_sync_key_id().await.unwrap(),
         Some(vec![0, 2])
     );
+    // The latest key is the highest key id (the crate's SQLite store's rule), not the last one
+    // stored: keys arrive in any order (a key share, a resync, a migration).
+    store.set_sync_key(&[0, 9], key.clone()).await.unwrap();
+    store.set_sync_key(&[0, 3], key.clone()).await.unwrap();
+    assert_eq!(
+        store.get_latest_sync_key_id().await.unwrap(),
+        Some(vec![0, 9]),
+        "the highest key id is the latest"
+    );
     assert_eq!(store.get_version("regular_high").await.unwrap().version, 0);
     let state = HashState {
         version: 17,

@@ -133,7 +133,6 @@ impl AppSyncStore for PgStore {
     }
 
     async fn set_sync_key(&self, key_id: &[u8], key: AppStateSyncKey) -> Result<()> {
-        // `ts` orders the keys: the latest set is the latest key.
         let value = json(&key)?;
         self.write(&[(
             "INSERT INTO cdw_wa_kv (instance, space, key, value, ts)
@@ -193,14 +192,18 @@ impl AppSyncStore for PgStore {
     }
 
     async fn get_latest_sync_key_id(&self) -> Result<Option<Vec<u8>>> {
-        let row = self
-            .read_one(
-                "SELECT key FROM cdw_wa_kv WHERE instance = $1 AND space = $2
-                 ORDER BY ts DESC, key DESC LIMIT 1",
-                &[&&*self.instance, &SYNC_KEY],
-            )
-            .await?;
-        row.map(|r| hex::decode(r.get::<_, String>(0)))
+        // As the crate's SQLite store: the highest key id whose key can be read (keys arrive
+        // in any order: a share, a resync, a migration). Hex keeps the byte order in "C".
+        let rows = self.scan(SYNC_KEY, Some("")).await?;
+        let mut readable: Vec<String> = rows
+            .iter()
+            .filter(|row| parse::<AppStateSyncKey>(&row.get::<_, Vec<u8>>(2)).is_ok())
+            .map(|row| row.get::<_, String>(1))
+            .collect();
+        readable.sort_unstable();
+        readable
+            .pop()
+            .map(hex::decode)
             .transpose()
             .map_err(|e| StoreError::Serialization(Box::new(e)))
     }
