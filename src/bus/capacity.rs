@@ -4,11 +4,11 @@
 //! message with the fix instead.
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use serde_json::Value;
 
 use super::BrokerError;
+use super::management::Management;
 use super::topology::Topology;
 use crate::config::{BrokerConfig, CapacityCheck};
 
@@ -64,12 +64,9 @@ impl std::fmt::Display for Shortfall {
 
 /// Compares what `topology` would add on the broker with each running node's free handles.
 pub async fn check(cfg: &BrokerConfig, topology: &Topology) -> Verdict {
-    let Some(api) = &cfg.management_url else {
-        return Verdict::Unknown("broker.management_url is not set".into());
-    };
-    match look(cfg, api, topology).await {
+    match look(cfg, topology).await {
         Ok(verdict) => verdict,
-        Err(error) => Verdict::Unknown(error.to_string()),
+        Err(error) => Verdict::Unknown(format!("the management API: {error}")),
     }
 }
 
@@ -104,17 +101,12 @@ pub async fn enforce(cfg: &BrokerConfig, topology: &Topology) -> Result<Verdict,
     Ok(verdict)
 }
 
-async fn look(cfg: &BrokerConfig, api: &str, topology: &Topology) -> Result<Verdict, BrokerError> {
-    let uri: lapin::uri::AMQPUri = cfg.url.parse().map_err(BrokerError::Url)?;
-    let user = &uri.authority.userinfo;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|e| BrokerError::Policy(e.to_string()))?;
+async fn look(cfg: &BrokerConfig, topology: &Topology) -> Result<Verdict, String> {
+    let Some(api) = Management::of(cfg).map_err(|e| e.to_string())? else {
+        return Ok(Verdict::Unknown("broker.management_url is not set".into()));
+    };
     let get = |path: String| {
-        let request = client
-            .get(format!("{}{path}", api.trim_end_matches('/')))
-            .basic_auth(&user.username, Some(&user.password));
+        let request = api.request(reqwest::Method::GET, &path);
         async move {
             let response = request
                 .send()
@@ -130,13 +122,8 @@ async fn look(cfg: &BrokerConfig, api: &str, topology: &Topology) -> Result<Verd
             serde_json::from_str::<Value>(&text).map_err(|e| e.to_string())
         }
     };
-    let vhost = uri.vhost.replace('%', "%25").replace('/', "%2F");
-    let nodes = get("/api/nodes".into())
-        .await
-        .map_err(BrokerError::Policy)?;
-    let queues = get(format!("/api/queues/{vhost}?columns=name"))
-        .await
-        .map_err(BrokerError::Policy)?;
+    let nodes = get("/api/nodes".into()).await?;
+    let queues = get(format!("/api/queues/{}?columns=name", api.vhost)).await?;
     let existing: HashSet<&str> = queues
         .as_array()
         .into_iter()

@@ -6,6 +6,7 @@ pub mod capacity;
 pub mod confirm;
 pub mod connect;
 pub mod consume;
+pub mod management;
 pub mod policies;
 pub mod prefetch;
 pub mod publisher;

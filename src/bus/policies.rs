@@ -2,12 +2,11 @@
 //! placement) as RabbitMQ policies, applied through the HTTP API: a policy can change on a
 //! queue that exists, where a changed queue argument is refused (PRECONDITION_FAILED).
 
-use std::time::Duration;
-
 use lapin::types::AMQPValue;
 use serde_json::{Map, Value, json};
 
 use super::BrokerError;
+use super::management::{Management, encode};
 use crate::config::BrokerConfig;
 
 /// One policy: the queues it matches and what it sets on them.
@@ -60,38 +59,22 @@ pub fn escape(name: &str) -> String {
         .collect()
 }
 
-fn encode(segment: &str) -> String {
-    segment.replace('%', "%25").replace('/', "%2F")
-}
-
 /// Writes the policies through `broker.management_url`, with `broker.url`'s credentials and
 /// virtual host.
 pub async fn apply(cfg: &BrokerConfig, policies: &[Policy]) -> Result<(), BrokerError> {
-    let Some(api) = &cfg.management_url else {
+    let Some(api) = Management::of(cfg)? else {
         return Ok(());
     };
-    let uri: lapin::uri::AMQPUri = cfg.url.parse().map_err(BrokerError::Url)?;
-    let user = &uri.authority.userinfo;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|e| BrokerError::Policy(e.to_string()))?;
     for policy in policies {
-        let url = format!(
-            "{}/api/policies/{}/{}",
-            api.trim_end_matches('/'),
-            encode(&uri.vhost),
-            encode(&policy.name)
-        );
+        let path = format!("/api/policies/{}/{}", api.vhost, encode(&policy.name));
         let body = json!({
             "pattern": policy.pattern,
             "definition": policy.definition,
             "priority": policy.priority,
             "apply-to": "queues",
         });
-        let response = client
-            .put(&url)
-            .basic_auth(&user.username, Some(&user.password))
+        let response = api
+            .request(reqwest::Method::PUT, &path)
             .header("content-type", "application/json")
             .body(body.to_string())
             .send()
