@@ -86,6 +86,20 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until the worker's `series` reaches 1.
+async fn metric_reached(w: &TestWorker, series: &str, what: &str) {
+    let addr = w.http_addr.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = http_get(addr, "/metrics").await.unwrap_or_default();
+        if metric(&text, series) >= 1.0 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The claim is renewed while a delete that takes longer than the lease runs, so a duplicate
 /// sent meanwhile waits for the answer and replays it: one delete, one fresh answer.
 async fn a_claim_outlives_a_slow_delete(store: Store) {
@@ -251,19 +265,8 @@ async fn a_delete_whose_record_outlives_the_instance_lease_is_answered_once_the_
     .await;
     redis.stop().await;
     eventually("the delete", || deletes(&w) == 1).await;
-    let addr = w.http_addr.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let text = http_get(addr, "/metrics").await.unwrap_or_default();
-        if metric(&text, "chat_delete_leases_lost_total{reason=\"expired\"}") >= 1.0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the lease never ran out"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let expired = "chat_delete_leases_lost_total{reason=\"expired\"}";
+    metric_reached(&w, expired, "the lease never ran out").await;
     assert!(
         w.events.all().is_empty(),
         "not answered before it is stored"
@@ -471,19 +474,8 @@ async fn a_full_disk_makes_commands_wait_and_nothing_is_done_twice() {
         ))
         .await;
     }
-    let addr = w.http_addr.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let text = http_get(addr, "/metrics").await.unwrap_or_default();
-        if metric(&text, "chat_delete_store_waits_total") >= 1.0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no commit ever failed on the full disk"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let waited = "chat_delete_store_waits_total";
+    metric_reached(&w, waited, "no commit ever failed on the full disk").await;
     let answered_while_full = w.events.all().len() - 1;
     assert!(answered_while_full < BURST, "some commands wait for room");
 
