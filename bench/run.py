@@ -50,6 +50,7 @@ NAMESPACES = []    # (ns, instance args) still to delete
 RUN_COUNT = {}     # drains per namespace, to name the saved /metrics
 ARGS = None
 OUT = None
+RUN_ID = None      # names every namespace of the run: bench<RUN_ID>...
 RESULTS = None     # what the finished parts measured, for the figures line if a later one fails
 FIGURES = ("ratio_to_ceiling", "ratio_to_aiopika", "rss_1000_mib", "ready_1000_s", "replay_ratio",
            "latency_p99_ratio", "many_queue_ratio")
@@ -134,6 +135,24 @@ def cleanup_all():
             delete_namespace(ns, inst_args)
         except Exception as e:  # noqa: BLE001
             log(f"could not delete namespace {ns}: {e}")
+    sweep_run_queues()
+
+
+def sweep_run_queues():
+    """Deletes any queue of this run the namespace clean-up did not know of (a queue a newer
+    worker declares), so that no run leaves file handles behind on the broker."""
+    if RUN_ID is None:
+        return
+    try:
+        out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name", "--no-table-headers"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    left = [q.strip() for q in out.splitlines() if q.strip().startswith(f"bench{RUN_ID}")]
+    for queue in left:
+        subprocess.run(["rabbitmqctl", "-q", "delete_queue", queue], capture_output=True, timeout=60)
+    if left:
+        log(f"deleted {len(left)} queue(s) of this run the clean-up missed: {', '.join(left[:5])}")
 
 
 def on_signal(signum, _frame):

@@ -727,9 +727,11 @@ async fn cleanup(a: &Args) -> Res<()> {
     let mut queues: Vec<String> = a.instances()?.iter().map(|i| format!("{ns}.delete.{i}")).collect();
     queues.push(format!("{ns}.delete.unrouted"));
     queues.push(format!("{ns}.delete.parked"));
+    queues.push(format!("{ns}.delete.dead"));
     queues.push(format!("{ns}.results"));
     queues.extend(RETRY_LABELS.iter().map(|l| format!("{ns}.delete.retry.{l}")));
-    let mut exchanges = vec![format!("{ns}.commands"), format!("{ns}.commands.unrouted"), format!("{ns}.events")];
+    let mut exchanges =
+        vec![format!("{ns}.commands"), format!("{ns}.commands.unrouted"), format!("{ns}.events"), format!("{ns}.dead")];
     exchanges.extend(RETRY_LABELS.iter().map(|l| format!("{ns}.retry.{l}")));
     let conn = Arc::new(connect(&a.url(), "cdw-bench cleanup").await?);
     let lanes = 8usize;

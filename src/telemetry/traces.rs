@@ -13,7 +13,8 @@ use std::future::Future;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use opentelemetry::context::FutureExt;
+use futures_util::future::Either;
+use opentelemetry::context::{FutureExt, WithContext};
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
@@ -126,11 +127,14 @@ pub fn command(
     Some(parent.with_span(span))
 }
 
-/// Runs `work` with `cx` (a command's span) as its current context.
-pub async fn within<F: Future>(cx: Option<Context>, work: F) -> F::Output {
+/// `work` with `cx` (a command's span) as its current context; the span ends when the future
+/// is dropped. A plain function returning either future, not an `async fn`: an `async fn`
+/// would hold `work` twice (as its argument and as what it awaits), and this wraps every
+/// command's whole future.
+pub fn within<F: Future>(cx: Option<Context>, work: F) -> Either<WithContext<F>, F> {
     match cx {
-        Some(cx) => work.with_context(cx).await,
-        None => work.await,
+        Some(cx) => Either::Left(work.with_context(cx)),
+        None => Either::Right(work),
     }
 }
 
@@ -140,14 +144,10 @@ pub fn carry() -> Option<Context> {
     Some(Context::current())
 }
 
-/// Runs `work` in a child span of the current command span, ending it when `work` ends.
-pub async fn stage<F: Future>(name: &'static str, kind: SpanKind, work: F) -> F::Output {
-    let Some(cx) = child(name, kind) else {
-        return work.await;
-    };
-    let out = work.with_context(cx.clone()).await;
-    cx.span().end();
-    out
+/// `work` in a child span of the current command span, which ends when the future is dropped
+/// (once it is done, or given up). Built when called: call it inside the command's future.
+pub fn stage<F: Future>(name: &'static str, kind: SpanKind, work: F) -> Either<WithContext<F>, F> {
+    within(child(name, kind), work)
 }
 
 /// As [`stage`], for a step that does not wait.
