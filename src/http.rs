@@ -56,6 +56,9 @@ pub struct InstanceView {
     pub state: String,
     pub paired_as: Option<String>,
     pub changed_at: Option<String>,
+    /// While WhatsApp's 429 holds the instance's deletes back.
+    #[serde(default)]
+    pub throttled_until: Option<String>,
 }
 
 /// Binds the port and serves until `stop`; returns the bound address (port 0 picks one).
@@ -99,7 +102,11 @@ async fn instances(extract::State(s): AppState) -> axum::Json<Vec<InstanceView>>
                 name: i.name().to_owned(),
                 state: i.session().state().label().to_owned(),
                 paired_as: details.as_ref().and_then(|d| d.paired_as.clone()),
-                changed_at: details.map(|d| d.changed_at.to_rfc3339()),
+                changed_at: details.as_ref().map(|d| d.changed_at.to_rfc3339()),
+                throttled_until: details
+                    .and_then(|d| d.throttled_until)
+                    .filter(|until| *until > chrono::Utc::now())
+                    .map(|until| until.to_rfc3339()),
             }
         })
         .collect();

@@ -37,6 +37,7 @@ pub const OWNERSHIP_GAP: &str = "chat_delete_ownership_gap_seconds";
 pub const HANDOVER_DURATION: &str = "chat_delete_handover_seconds";
 pub const LEASES_LOST: &str = "chat_delete_leases_lost_total";
 pub const SESSIONS_RECONNECTED: &str = "chat_delete_sessions_reconnected_total";
+pub const WHATSAPP_THROTTLED: &str = "chat_delete_whatsapp_throttled_total";
 pub const MEDIA_OBJECTS_DELETED: &str = "chat_delete_media_objects_deleted_total";
 pub const MEDIA_BYTES_DELETED: &str = "chat_delete_media_bytes_deleted_total";
 
@@ -146,6 +147,10 @@ fn describe() {
     describe_counter!(
         SESSIONS_RECONNECTED,
         "Sessions connected again because another client replaced them while this worker held the instance (a worker that lost the lease without knowing, caught in its connect)."
+    );
+    describe_counter!(
+        WHATSAPP_THROTTLED,
+        "429s from WhatsApp per instance (wa_instance): its deletes wait out a back-off that doubles while they keep coming."
     );
     describe_counter!(MEDIA_OBJECTS_DELETED, "Media objects deleted by purges.");
     describe_counter!(

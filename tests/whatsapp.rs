@@ -17,8 +17,8 @@ use common::*;
 use whatsapp_rust::prelude::Event;
 use whatsapp_rust::store::traits::{AppStateSyncKey, AppSyncStore};
 use whatsapp_rust::types::events::{
-    ConnectFailureReason, Connected, Disconnected, LoggedOut, StreamReplaced, TempBanReason,
-    TemporaryBan,
+    ConnectFailureReason, Connected, Disconnected, LoggedOut, StreamError, StreamReplaced,
+    TempBanReason, TemporaryBan,
 };
 use whatsapp_rust::{ErrorChainExt, Jid};
 
@@ -307,5 +307,59 @@ async fn events_drive_the_state_and_parking_stops_the_client() {
             .build(),
     ));
     wait_state(&session, SessionState::Banned).await;
+    session.shutdown().await;
+}
+
+/// Defect (issue: throttling invisible): WhatsApp's 429 changed nothing, so the worker kept
+/// sending at the rate that drew it. Now it is counted, shown with the instance, and holds the
+/// instance's deletes back (a retryable error naming it), with the session still connected.
+#[tokio::test]
+async fn a_429_is_counted_shown_and_holds_the_instances_deletes_back() {
+    let metrics = chat_delete_worker::telemetry::prometheus();
+    let dir = tempfile::tempdir().unwrap();
+    let options = options(dir.path(), "throttled");
+    seed_paired(&options, "5511977775555").await;
+    let session = WhatsappSession::start("throttled", options).await;
+    session.inject_event(Event::Connected(Connected::builder().build()));
+    wait_state(&session, SessionState::Connected).await;
+    assert_eq!(session.status().throttled_until, None);
+
+    session.inject_event(Event::StreamError(
+        StreamError::builder().code("429".to_owned()).build(),
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while session.status().throttled_until.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the 429 was not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let until = session.status().throttled_until.unwrap();
+    assert!(until > chrono::Utc::now() + chrono::TimeDelta::seconds(20));
+    assert_eq!(session.state(), SessionState::Connected);
+    let chat = normalise_number("5511999999999").unwrap();
+    let refused = session
+        .delete_chat(
+            &chat,
+            false,
+            std::sync::Arc::new(chat_delete_worker::fence::Unfenced),
+        )
+        .await;
+    match refused {
+        Err(error @ SessionError::Server(_)) => {
+            assert!(error.is_retryable());
+            assert!(error.reason().contains("429"), "{error}");
+        }
+        other => panic!("a delete went on while throttled: {other:?}"),
+    }
+    let text = metrics.render();
+    assert_eq!(
+        metric(
+            &text,
+            "chat_delete_whatsapp_throttled_total{wa_instance=\"throttled\"}"
+        ),
+        1.0
+    );
     session.shutdown().await;
 }

@@ -40,6 +40,7 @@ pub async fn run(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
                     state,
                     paired_as,
                     changed_at,
+                    throttled_until: None,
                 });
             }
             eprintln!(
@@ -58,8 +59,12 @@ pub async fn run(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         "INSTANCE", "STATE", "PAIRED AS"
     );
     for v in views {
+        let throttled = match &v.throttled_until {
+            Some(until) => format!(" (WhatsApp 429: deletes wait until {until})"),
+            None => String::new(),
+        };
         println!(
-            "{:<24} {:<12} {:<18} {}",
+            "{:<24} {:<12} {:<18} {}{throttled}",
             v.name,
             v.state,
             v.paired_as.as_deref().unwrap_or("-"),

@@ -27,6 +27,8 @@ pub struct SessionStatus {
     /// The phone number the device is linked to, once paired.
     pub paired_as: Option<String>,
     pub changed_at: DateTime<Utc>,
+    /// Until when WhatsApp's 429 holds this instance's deletes back.
+    pub throttled_until: Option<DateTime<Utc>>,
 }
 
 /// Where one instance's session is kept.

@@ -9,6 +9,7 @@ pub mod client;
 pub mod gated;
 pub mod mutation;
 pub mod resolve;
+mod throttle;
 
 use std::sync::Arc;
 
@@ -28,10 +29,13 @@ pub use resolve::{Account, Directory, LookupLimits};
 use super::{ChatSession, Opening, SessionError, SessionOptions, SessionState, SessionStatus};
 use crate::contract::ChatJid;
 use crate::fence::Fence;
+use crate::telemetry;
 use crate::telemetry::traces::{self, Kind, TraceContext};
 use client::operator_hint;
 use mutation::DeleteChat;
 use resolve::Resolver;
+use throttle::Throttle;
+use tokio::time::Instant;
 
 /// How long before its fence's end a delete is no longer sent: the send itself takes a round
 /// trip, and the fence's end is only known to this process's clock.
@@ -204,6 +208,7 @@ struct Actor {
     status: watch::Sender<SessionStatus>,
     running: Option<Running>,
     resolver: Resolver,
+    throttle: Throttle,
 }
 
 struct Inbox {
@@ -220,6 +225,7 @@ impl Actor {
             state: SessionState::NotPaired,
             paired_as: None,
             changed_at: Utc::now(),
+            throttled_until: None,
         });
         let actor = Actor {
             instance: instance.to_owned(),
@@ -228,6 +234,7 @@ impl Actor {
             events: events.clone(),
             status: status_tx,
             running: None,
+            throttle: Throttle::default(),
         };
         let inbox = Inbox {
             mailbox: inbox,
@@ -249,6 +256,7 @@ impl Actor {
                     state,
                     paired_as,
                     changed_at: Utc::now(),
+                    throttled_until: s.throttled_until,
                 };
             }
             changed
@@ -396,6 +404,12 @@ impl Actor {
         seen_ms: u64,
         fence: &dyn Fence,
     ) -> Result<ChatJid, SessionError> {
+        if let Some(left) = self.throttle.left(Instant::now()) {
+            return Err(SessionError::Server(format!(
+                "WhatsApp is throttling this instance (429); deletes resume in {} s",
+                left.as_secs().max(1)
+            )));
+        }
         let Some(running) = &mut self.running else {
             return Err(SessionError::NotConnected);
         };
@@ -425,6 +439,14 @@ impl Actor {
     }
 
     async fn apply(&mut self, event: &Event) {
+        if throttle::is_throttling(event) {
+            let wait = self.throttle.hit(Instant::now());
+            metrics::counter!(telemetry::WHATSAPP_THROTTLED, "wa_instance" => self.instance.clone())
+                .increment(1);
+            tracing::warn!(instance = %self.instance, wait_s = wait.as_secs(), "WhatsApp is throttling the instance (429); its deletes wait.");
+            let until = Utc::now() + wait;
+            self.status.send_modify(|s| s.throttled_until = Some(until));
+        }
         let Some(state) = next_state(event) else {
             return;
         };
