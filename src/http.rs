@@ -59,6 +59,9 @@ pub struct InstanceView {
     /// While WhatsApp's 429 holds the instance's deletes back.
     #[serde(default)]
     pub throttled_until: Option<String>,
+    /// When the chat list's app state last failed to sync (deletes may not land).
+    #[serde(default)]
+    pub app_state_failed_at: Option<String>,
 }
 
 /// Binds the port and serves until `stop`; returns the bound address (port 0 picks one).
@@ -103,6 +106,10 @@ async fn instances(extract::State(s): AppState) -> axum::Json<Vec<InstanceView>>
                 state: i.session().state().label().to_owned(),
                 paired_as: details.as_ref().and_then(|d| d.paired_as.clone()),
                 changed_at: details.as_ref().map(|d| d.changed_at.to_rfc3339()),
+                app_state_failed_at: details
+                    .as_ref()
+                    .and_then(|d| d.app_state_failed_at)
+                    .map(|at| at.to_rfc3339()),
                 throttled_until: details
                     .and_then(|d| d.throttled_until)
                     .filter(|until| *until > chrono::Utc::now())

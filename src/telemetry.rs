@@ -38,6 +38,7 @@ pub const HANDOVER_DURATION: &str = "chat_delete_handover_seconds";
 pub const LEASES_LOST: &str = "chat_delete_leases_lost_total";
 pub const SESSIONS_RECONNECTED: &str = "chat_delete_sessions_reconnected_total";
 pub const WHATSAPP_THROTTLED: &str = "chat_delete_whatsapp_throttled_total";
+pub const APP_STATE_SYNC_FAILED: &str = "chat_delete_app_state_sync_failures_total";
 pub const MEDIA_OBJECTS_DELETED: &str = "chat_delete_media_objects_deleted_total";
 pub const MEDIA_BYTES_DELETED: &str = "chat_delete_media_bytes_deleted_total";
 
@@ -151,6 +152,10 @@ fn describe() {
     describe_counter!(
         WHATSAPP_THROTTLED,
         "429s from WhatsApp per instance (wa_instance): its deletes wait out a back-off that doubles while they keep coming."
+    );
+    describe_counter!(
+        APP_STATE_SYNC_FAILED,
+        "Syncs of the chat list's app state (regular_high, where deletes go) that failed, per instance (wa_instance) and how (fatal, retryable)."
     );
     describe_counter!(MEDIA_OBJECTS_DELETED, "Media objects deleted by purges.");
     describe_counter!(

@@ -363,3 +363,37 @@ async fn a_429_is_counted_shown_and_holds_the_instances_deletes_back() {
     );
     session.shutdown().await;
 }
+
+/// Defect (issue: a stuck collection looks connected): when the chat list's app state
+/// (`regular_high`) did not sync, nothing showed it while every delete failed. It is counted
+/// and shown with the instance now.
+#[tokio::test]
+async fn a_chat_list_that_did_not_sync_is_counted_and_shown() {
+    use whatsapp_rust::types::events::AppStateSyncFailed;
+    let metrics = chat_delete_worker::telemetry::prometheus();
+    let dir = tempfile::tempdir().unwrap();
+    let options = options(dir.path(), "unsynced");
+    seed_paired(&options, "5511977774444").await;
+    let session = WhatsappSession::start("unsynced", options).await;
+    session.inject_event(Event::Connected(Connected::builder().build()));
+    wait_state(&session, SessionState::Connected).await;
+    let failed = AppStateSyncFailed::builder()
+        .fatal(vec!["regular_high".to_owned()])
+        .retryable(vec![])
+        .skipped(vec![])
+        .connected(true)
+        .build();
+    session.inject_event(Event::AppStateSyncFailed(failed));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while session.status().app_state_failed_at.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the failed sync was not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let series =
+        "chat_delete_app_state_sync_failures_total{wa_instance=\"unsynced\",how=\"fatal\"}";
+    assert_eq!(metric(&metrics.render(), series), 1.0);
+    session.shutdown().await;
+}

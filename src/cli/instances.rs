@@ -41,6 +41,7 @@ pub async fn run(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
                     paired_as,
                     changed_at,
                     throttled_until: None,
+                    app_state_failed_at: None,
                 });
             }
             eprintln!(
@@ -59,12 +60,15 @@ pub async fn run(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         "INSTANCE", "STATE", "PAIRED AS"
     );
     for v in views {
-        let throttled = match &v.throttled_until {
+        let mut notes = match &v.throttled_until {
             Some(until) => format!(" (WhatsApp 429: deletes wait until {until})"),
             None => String::new(),
         };
+        if let Some(at) = &v.app_state_failed_at {
+            notes.push_str(&format!(" (chat list sync failed at {at})"));
+        }
         println!(
-            "{:<24} {:<12} {:<18} {}{throttled}",
+            "{:<24} {:<12} {:<18} {}{notes}",
             v.name,
             v.state,
             v.paired_as.as_deref().unwrap_or("-"),

@@ -2,8 +2,10 @@
 //! code in the terminal (refreshed as codes rotate), or an 8-character pairing code for
 //! `--phone`, and ends once the session is saved or pairing failed.
 
+use std::future::Future;
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -153,6 +155,28 @@ impl PairFlow {
     }
 }
 
+/// Waits until `ready()` (the app state is synced), reading events meanwhile: a sync that
+/// failed for good or a logout ends the wait with its error, not with the time limit.
+async fn wait_for_sync<F: Future<Output = bool>>(
+    mut ready: impl FnMut() -> F,
+    inbox: &mut mpsc::UnboundedReceiver<Arc<Event>>,
+    flow: &mut PairFlow,
+) -> Result<(), PairError> {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => if ready().await {
+                return Ok(());
+            },
+            event = inbox.recv() => match event.map(|event| flow.on(&event)) {
+                None => return Err(PairError::Disconnected),
+                Some(Step::Fail(error)) => return Err(error),
+                Some(_) => {}
+            },
+        }
+    }
+}
+
 /// Pairs the session at `options.store` and stays until the phone's app state (the chat
 /// list deletes are built on) is synced and saved; returns the linked number.
 pub async fn pair(
@@ -209,10 +233,8 @@ pub async fn pair(
                 }
                 Step::Connected => {
                     let _ = writeln!(out, "Connected; syncing the chat list from the phone...");
-                    while !app_state_ready(&client).await {
-                        // The crate syncs app state once the phone shares its keys.
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                    }
+                    // The crate syncs app state once the phone shares its keys.
+                    wait_for_sync(|| app_state_ready(&client), &mut inbox, &mut flow).await?;
                     let _ = writeln!(out, "Chat list synced.");
                     return paired_as(&client).ok_or(PairError::Disconnected);
                 }
@@ -325,5 +347,45 @@ mod tests {
             by_qr.on(&exhausted(true)),
             Step::Fail(PairError::QrCodesExhausted)
         ));
+    }
+
+    /// Defect: once connected, `pair` only polled the store for the synced app state and read
+    /// no event, so a sync refused for good (or a logout) waited out the whole time limit.
+    #[tokio::test(start_paused = true)]
+    async fn a_sync_that_failed_for_good_ends_the_wait_with_its_error() {
+        use whatsapp_rust::types::events::AppStateSyncFailed;
+        let (events, mut inbox) = mpsc::unbounded_channel();
+        let mut flow = PairFlow {
+            by_code: false,
+            linked: true,
+        };
+        let failed = AppStateSyncFailed::builder()
+            .fatal(vec!["regular_high".to_owned()])
+            .retryable(vec![])
+            .skipped(vec![])
+            .connected(true)
+            .build();
+        let started = tokio::time::Instant::now();
+        let send_later = async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            events
+                .send(Arc::new(Event::AppStateSyncFailed(failed)))
+                .unwrap();
+            std::future::pending::<()>().await
+        };
+        let waited = tokio::select! {
+            waited = wait_for_sync(|| async { false }, &mut inbox, &mut flow) => waited,
+            () = send_later => unreachable!(),
+        };
+        assert!(matches!(waited, Err(PairError::AppStateSync)), "{waited:?}");
+        assert!(started.elapsed() < Duration::from_secs(6));
+
+        let (_events, mut inbox) = mpsc::unbounded_channel();
+        let mut polls = 0;
+        let ready = || {
+            polls += 1;
+            std::future::ready(polls == 3)
+        };
+        assert!(wait_for_sync(ready, &mut inbox, &mut flow).await.is_ok());
     }
 }

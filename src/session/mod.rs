@@ -29,6 +29,9 @@ pub struct SessionStatus {
     pub changed_at: DateTime<Utc>,
     /// Until when WhatsApp's 429 holds this instance's deletes back.
     pub throttled_until: Option<DateTime<Utc>>,
+    /// When the chat list's app state (`regular_high`, where deletes go) last failed to sync,
+    /// since the session was opened: deletes built on it may not land.
+    pub app_state_failed_at: Option<DateTime<Utc>>,
 }
 
 /// Where one instance's session is kept.

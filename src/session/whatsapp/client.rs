@@ -119,7 +119,7 @@ pub async fn build_gated_bot(
     on_event: impl Fn(Arc<Event>) + Send + Sync + 'static,
 ) -> Result<Bot, OpenError> {
     let store: Arc<dyn Backend> = Arc::new(GatedBackend::new(backend(hold).await?, gate));
-    build_on(options, store, &[], None, on_event).await
+    build_on(options, store, super::throttle::WATCHED, None, on_event).await
 }
 
 async fn backend(hold: &SessionHold) -> Result<Arc<dyn Backend>, OpenError> {

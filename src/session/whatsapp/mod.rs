@@ -226,6 +226,7 @@ impl Actor {
             paired_as: None,
             changed_at: Utc::now(),
             throttled_until: None,
+            app_state_failed_at: None,
         });
         let actor = Actor {
             instance: instance.to_owned(),
@@ -257,6 +258,7 @@ impl Actor {
                     paired_as,
                     changed_at: Utc::now(),
                     throttled_until: s.throttled_until,
+                    app_state_failed_at: s.app_state_failed_at,
                 };
             }
             changed
@@ -446,6 +448,13 @@ impl Actor {
             tracing::warn!(instance = %self.instance, wait_s = wait.as_secs(), "WhatsApp is throttling the instance (429); its deletes wait.");
             let until = Utc::now() + wait;
             self.status.send_modify(|s| s.throttled_until = Some(until));
+        }
+        if let Some(how) = throttle::chat_list_sync_failed(event) {
+            metrics::counter!(telemetry::APP_STATE_SYNC_FAILED, "wa_instance" => self.instance.clone(), "how" => how)
+                .increment(1);
+            tracing::warn!(instance = %self.instance, how, "The chat list's app state (regular_high) did not sync; deletes may not land until it does.");
+            self.status
+                .send_modify(|s| s.app_state_failed_at = Some(Utc::now()));
         }
         let Some(state) = next_state(event) else {
             return;
