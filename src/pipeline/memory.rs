@@ -158,17 +158,8 @@ impl Memory {
                 metrics::counter!(telemetry::STORE_WAITS).increment(1);
                 log.in_span(|| tracing::warn!(%error, ?patience, "Idempotency store unreachable; waiting for it."));
             }
-            let delay = backoff
-                .get_or_insert_with(|| {
-                    ExponentialBuilder::default()
-                        .with_min_delay(Duration::from_millis(50))
-                        .with_max_delay(Duration::from_secs(2))
-                        .with_jitter()
-                        .without_max_times()
-                        .build()
-                })
-                .next()
-                .unwrap_or(Duration::from_secs(2));
+            let delay = backoff.get_or_insert_with(outage_delays).next();
+            let delay = delay.unwrap_or(OUTAGE_LONGEST_WAIT);
             let now = tokio::time::Instant::now();
             if patience == Patience::Bounded && now + delay > deadline {
                 return Err(error);
@@ -179,4 +170,17 @@ impl Memory {
             }
         }
     }
+}
+/// The longest wait between two looks at a store that does not answer.
+pub(super) const OUTAGE_LONGEST_WAIT: Duration = Duration::from_secs(2);
+
+/// The waits between looks at a store that does not answer (the idempotency store, the shared
+/// pacing): 50 ms doubling to [`OUTAGE_LONGEST_WAIT`], jittered, for as long as it takes.
+pub(super) fn outage_delays() -> backon::ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(OUTAGE_LONGEST_WAIT)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }

@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use ::redis::Script;
 use ::redis::aio::ConnectionManager;
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::time::Instant;
 
+use super::memory::{OUTAGE_LONGEST_WAIT, outage_delays};
 use crate::config::{PacingLimit, TokenHash};
 use crate::telemetry;
 
@@ -208,17 +208,8 @@ impl Pacer {
                     tracing::debug!(%error, "Shared pacing does not answer; waiting for it.");
                 }
             }
-            let delay = backoff
-                .get_or_insert_with(|| {
-                    ExponentialBuilder::default()
-                        .with_min_delay(Duration::from_millis(50))
-                        .with_max_delay(Duration::from_secs(2))
-                        .with_jitter()
-                        .without_max_times()
-                        .build()
-                })
-                .next()
-                .unwrap_or(Duration::from_secs(2));
+            let delay = backoff.get_or_insert_with(outage_delays).next();
+            let delay = delay.unwrap_or(OUTAGE_LONGEST_WAIT);
             tokio::time::sleep(delay).await;
         }
     }
