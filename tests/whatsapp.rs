@@ -11,7 +11,8 @@ use chat_delete_worker::contract::normalise_number;
 use chat_delete_worker::session::whatsapp::mutation::DeleteChat;
 use chat_delete_worker::session::whatsapp::{self, Directory, SessionLock};
 use chat_delete_worker::session::{
-    ChatSession, SessionError, SessionOptions, SessionState, SessionStore, WhatsappSession,
+    ChatSession, SessionError, SessionOptions, SessionState, SessionStatus, SessionStore,
+    WhatsappSession,
 };
 use common::*;
 use whatsapp_rust::prelude::Event;
@@ -248,6 +249,25 @@ async fn wait_state(session: &WhatsappSession, want: SessionState) {
     }
 }
 
+/// A paired session told it is connected (nothing listens: the client itself stays down).
+async fn connected(dir: &std::path::Path, name: &str, number: &str) -> WhatsappSession {
+    let options = options(dir, name);
+    seed_paired(&options, number).await;
+    let session = WhatsappSession::start(name, options).await;
+    session.inject_event(Event::Connected(Connected::builder().build()));
+    wait_state(&session, SessionState::Connected).await;
+    session
+}
+
+/// Waits until the session's status satisfies `done`.
+async fn wait_status(session: &WhatsappSession, what: &str, done: impl Fn(&SessionStatus) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done(&session.status()) {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test]
 async fn events_drive_the_state_and_parking_stops_the_client() {
     let dir = tempfile::tempdir().unwrap();
@@ -317,24 +337,16 @@ async fn events_drive_the_state_and_parking_stops_the_client() {
 async fn a_429_is_counted_shown_and_holds_the_instances_deletes_back() {
     let metrics = chat_delete_worker::telemetry::prometheus();
     let dir = tempfile::tempdir().unwrap();
-    let options = options(dir.path(), "throttled");
-    seed_paired(&options, "5511977775555").await;
-    let session = WhatsappSession::start("throttled", options).await;
-    session.inject_event(Event::Connected(Connected::builder().build()));
-    wait_state(&session, SessionState::Connected).await;
+    let session = connected(dir.path(), "throttled", "5511977775555").await;
     assert_eq!(session.status().throttled_until, None);
 
     session.inject_event(Event::StreamError(
         StreamError::builder().code("429".to_owned()).build(),
     ));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while session.status().throttled_until.is_none() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the 429 was not seen"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_status(&session, "the 429 was not seen", |s| {
+        s.throttled_until.is_some()
+    })
+    .await;
     let until = session.status().throttled_until.unwrap();
     assert!(until > chrono::Utc::now() + chrono::TimeDelta::seconds(20));
     assert_eq!(session.state(), SessionState::Connected);
@@ -372,11 +384,7 @@ async fn a_chat_list_that_did_not_sync_is_counted_and_shown() {
     use whatsapp_rust::types::events::AppStateSyncFailed;
     let metrics = chat_delete_worker::telemetry::prometheus();
     let dir = tempfile::tempdir().unwrap();
-    let options = options(dir.path(), "unsynced");
-    seed_paired(&options, "5511977774444").await;
-    let session = WhatsappSession::start("unsynced", options).await;
-    session.inject_event(Event::Connected(Connected::builder().build()));
-    wait_state(&session, SessionState::Connected).await;
+    let session = connected(dir.path(), "unsynced", "5511977774444").await;
     let failed = AppStateSyncFailed::builder()
         .fatal(vec!["regular_high".to_owned()])
         .retryable(vec![])
@@ -384,14 +392,8 @@ async fn a_chat_list_that_did_not_sync_is_counted_and_shown() {
         .connected(true)
         .build();
     session.inject_event(Event::AppStateSyncFailed(failed));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while session.status().app_state_failed_at.is_none() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the failed sync was not seen"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let seen = |s: &SessionStatus| s.app_state_failed_at.is_some();
+    wait_status(&session, "the failed sync was not seen", seen).await;
     let series =
         "chat_delete_app_state_sync_failures_total{wa_instance=\"unsynced\",how=\"fatal\"}";
     assert_eq!(metric(&metrics.render(), series), 1.0);

@@ -15,7 +15,7 @@ use crate::config::{Config, InstanceKind};
 use crate::session::SessionOptions;
 use crate::session::postgres::PgSessions;
 use crate::session::whatsapp::{
-    OpenError, SessionHold, app_state_ready, build_bot, paired_as, unpair,
+    OpenError, SessionHold, app_state_ready, build_bot, chat_list_sync_failed, paired_as, unpair,
 };
 use whatsapp_rust::pair_code::PairCodeOptions;
 
@@ -137,7 +137,7 @@ impl PairFlow {
                 Step::Say("Linked; waiting for the session to be ready...".into())
             }
             Event::Connected(_) if self.linked => Step::Connected,
-            Event::AppStateSyncFailed(e) if e.fatal.iter().any(|c| c == "regular_high") => {
+            Event::AppStateSyncFailed(_) if chat_list_sync_failed(event) == Some("fatal") => {
                 Step::Fail(PairError::AppStateSync)
             }
             Event::PairError(e) => Step::Fail(PairError::Refused(e.error.clone())),

@@ -119,7 +119,7 @@ pub async fn build_gated_bot(
     on_event: impl Fn(Arc<Event>) + Send + Sync + 'static,
 ) -> Result<Bot, OpenError> {
     let store: Arc<dyn Backend> = Arc::new(GatedBackend::new(backend(hold).await?, gate));
-    build_on(options, store, super::throttle::WATCHED, None, on_event).await
+    build_on(options, store, WATCHED, None, on_event).await
 }
 
 async fn backend(hold: &SessionHold) -> Result<Arc<dyn Backend>, OpenError> {
@@ -193,6 +193,30 @@ pub fn next_state(event: &Event) -> Option<SessionState> {
         Event::TemporaryBan(_) => SessionState::Banned,
         _ => return None,
     })
+}
+
+/// The events the worker's client must deliver besides the state changes: a 429 comes as
+/// either of the first two (`throttle`), a chat list that did not sync as the last.
+pub(super) const WATCHED: &[EventKind] = &[
+    EventKind::StreamError,
+    EventKind::ConnectFailure,
+    EventKind::AppStateSyncFailed,
+];
+
+/// `fatal` or `retryable` when the event says the chat list's collection (`regular_high`,
+/// where deletes go) did not sync.
+pub fn chat_list_sync_failed(event: &Event) -> Option<&'static str> {
+    let Event::AppStateSyncFailed(failed) = event else {
+        return None;
+    };
+    let names = |list: &[String]| list.iter().any(|c| c == "regular_high");
+    if names(&failed.fatal) {
+        Some("fatal")
+    } else if names(&failed.retryable) {
+        Some("retryable")
+    } else {
+        None
+    }
 }
 
 /// The one line an operator needs when an instance is parked.

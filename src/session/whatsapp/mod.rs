@@ -21,7 +21,7 @@ use whatsapp_rust::prelude::{BotHandle, Event};
 
 pub use client::{
     Linked, OpenError, SessionHold, SessionLock, app_state_ready, build_bot, build_gated_bot,
-    inspect, next_state, paired_as, unpair,
+    chat_list_sync_failed, inspect, next_state, paired_as, unpair,
 };
 pub use gated::SendGate;
 pub use resolve::{Account, Directory, LookupLimits};
@@ -449,7 +449,7 @@ impl Actor {
             let until = Utc::now() + wait;
             self.status.send_modify(|s| s.throttled_until = Some(until));
         }
-        if let Some(how) = throttle::chat_list_sync_failed(event) {
+        if let Some(how) = chat_list_sync_failed(event) {
             metrics::counter!(telemetry::APP_STATE_SYNC_FAILED, "wa_instance" => self.instance.clone(), "how" => how)
                 .increment(1);
             tracing::warn!(instance = %self.instance, how, "The chat list's app state (regular_high) did not sync; deletes may not land until it does.");

@@ -5,16 +5,8 @@
 use std::time::Duration;
 
 use tokio::time::Instant;
-use whatsapp_rust::prelude::{Event, EventKind};
+use whatsapp_rust::prelude::Event;
 use whatsapp_rust::types::events::ConnectFailureReason;
-
-/// The events the worker's client must deliver besides the state changes: a 429 comes as
-/// either, and a collection the server refuses for good as the last.
-pub(super) const WATCHED: &[EventKind] = &[
-    EventKind::StreamError,
-    EventKind::ConnectFailure,
-    EventKind::AppStateSyncFailed,
-];
 
 const FIRST: Duration = Duration::from_secs(30);
 const LONGEST: Duration = Duration::from_secs(600);
@@ -41,22 +33,6 @@ impl Throttle {
         self.until
             .filter(|until| *until > now)
             .map(|until| until - now)
-    }
-}
-
-/// `fatal` or `retryable` when the event says the chat list's collection (`regular_high`,
-/// where deletes go) did not sync.
-pub(super) fn chat_list_sync_failed(event: &Event) -> Option<&'static str> {
-    let Event::AppStateSyncFailed(failed) = event else {
-        return None;
-    };
-    let names = |list: &[String]| list.iter().any(|c| c == "regular_high");
-    if names(&failed.fatal) {
-        Some("fatal")
-    } else if names(&failed.retryable) {
-        Some("retryable")
-    } else {
-        None
     }
 }
 
