@@ -62,6 +62,12 @@ pub struct InstanceView {
     /// When the chat list's app state last failed to sync (deletes may not land).
     #[serde(default)]
     pub app_state_failed_at: Option<String>,
+    /// Since when the chat list is stuck at version 0 (every delete conflicts).
+    #[serde(default)]
+    pub app_state_stuck_since: Option<String>,
+    /// The chat index: how many chats, and whether it holds the phone's whole chat list.
+    #[serde(default)]
+    pub chat_index: Option<crate::session::ChatIndexStatus>,
 }
 
 /// Binds the port and serves until `stop`; returns the bound address (port 0 picks one).
@@ -110,6 +116,11 @@ async fn instances(extract::State(s): AppState) -> axum::Json<Vec<InstanceView>>
                     .as_ref()
                     .and_then(|d| d.app_state_failed_at)
                     .map(|at| at.to_rfc3339()),
+                app_state_stuck_since: details
+                    .as_ref()
+                    .and_then(|d| d.app_state_stuck_since)
+                    .map(|at| at.to_rfc3339()),
+                chat_index: details.as_ref().and_then(|d| d.chat_index),
                 throttled_until: details
                     .and_then(|d| d.throttled_until)
                     .filter(|until| *until > chrono::Utc::now())

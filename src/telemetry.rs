@@ -39,6 +39,10 @@ pub const LEASES_LOST: &str = "chat_delete_leases_lost_total";
 pub const SESSIONS_RECONNECTED: &str = "chat_delete_sessions_reconnected_total";
 pub const WHATSAPP_THROTTLED: &str = "chat_delete_whatsapp_throttled_total";
 pub const APP_STATE_SYNC_FAILED: &str = "chat_delete_app_state_sync_failures_total";
+pub const APP_STATE_STUCK: &str = "chat_delete_app_state_stuck";
+pub const CHATS_INDEXED: &str = "chat_delete_chats_indexed";
+pub const DELETE_KEYS_SENT: &str = "chat_delete_whatsapp_delete_keys_total";
+pub const UNPINS_FAILED: &str = "chat_delete_whatsapp_unpin_failures_total";
 pub const MEDIA_OBJECTS_DELETED: &str = "chat_delete_media_objects_deleted_total";
 pub const MEDIA_BYTES_DELETED: &str = "chat_delete_media_bytes_deleted_total";
 
@@ -156,6 +160,22 @@ fn describe() {
     describe_counter!(
         APP_STATE_SYNC_FAILED,
         "Syncs of the chat list's app state (regular_high, where deletes go) that failed, per instance (wa_instance) and how (fatal, retryable)."
+    );
+    describe_gauge!(
+        APP_STATE_STUCK,
+        "1 while an instance's chat list (regular_high) stays at version 0 with a key to build on: the client cannot sync it, and deletes fail until the instance is paired again."
+    );
+    describe_gauge!(
+        CHATS_INDEXED,
+        "Chats in an instance's chat index (wa_instance), which picks each delete's key and range."
+    );
+    describe_counter!(
+        DELETE_KEYS_SENT,
+        "deleteChat mutations sent, by how the key was chosen (how: indexed, resolved, candidate)."
+    );
+    describe_counter!(
+        UNPINS_FAILED,
+        "Unpins sent with a delete that WhatsApp did not take (the chat is deleted; it would come back pinned)."
     );
     describe_counter!(MEDIA_OBJECTS_DELETED, "Media objects deleted by purges.");
     describe_counter!(

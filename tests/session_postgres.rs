@@ -445,6 +445,58 @@ async fn a_writer_from_an_older_opening_is_refused_by_the_database() {
     cli.put_session("peer", b"paired again").await.unwrap();
 }
 
+/// The chat index lives with the session in PostgreSQL: saved in the session's fenced
+/// transactions (a superseded opening's save is refused), read back whole by the next owner,
+/// and a chat deleted since is gone there too.
+#[tokio::test]
+async fn the_chat_index_is_kept_with_the_session_and_fenced() {
+    use chat_delete_worker::contract::ChatKnown;
+    use chat_delete_worker::session::whatsapp::chat_store::ChatStore;
+    use chat_delete_worker::session::whatsapp::chats::MessageKey;
+
+    const LID: &str = "123456789012345@lid";
+    const PN: &str = "5511987654321@s.whatsapp.net";
+    let key = |id: &str| MessageKey {
+        id: id.into(),
+        from_me: false,
+        participant: None,
+    };
+    let sessions = PgSessions::connect(&postgres_url()).await.unwrap();
+    let instance = unique("chats");
+    let old = ChatStore::Shared(sessions.open(&instance, Some(1)).await.unwrap());
+    let mut index = old.load(100).await.unwrap();
+    assert!(index.is_empty());
+    index.message(LID, Some(PN), 1_700_000_000, key("A1"));
+    index.synced();
+    old.save(index.changes()).await.unwrap();
+
+    let new = ChatStore::Shared(sessions.open(&instance, Some(2)).await.unwrap());
+    index.message(
+        "5511900000000@s.whatsapp.net",
+        None,
+        1_700_000_100,
+        key("B1"),
+    );
+    let refused = old.save(index.changes()).await;
+    assert!(refused.is_err(), "a superseded owner's save is refused");
+
+    let mut read = new.load(100).await.unwrap();
+    assert_eq!(read.len(), 1);
+    let chat = read.find(PN).expect("found under its twin");
+    assert_eq!(chat.jid, LID);
+    assert_eq!(chat.last_key.as_ref().unwrap().id, "A1");
+    assert!(read.coverage().synced);
+    assert_eq!(
+        read.known(["5511900000000@s.whatsapp.net"]),
+        ChatKnown::False,
+        "the refused write left nothing"
+    );
+
+    read.deleted(LID, 1_700_000_000);
+    new.save(read.changes()).await.unwrap();
+    assert!(new.load(100).await.unwrap().is_empty());
+}
+
 fn pg_options(sessions: &PgSessions, instance: &str, owner: Option<Arc<Lease>>) -> SessionOptions {
     SessionOptions {
         store: SessionStore::Postgres {
@@ -460,6 +512,7 @@ fn pg_options(sessions: &PgSessions, instance: &str, owner: Option<Arc<Lease>>) 
             cache_ttl: Duration::from_secs(60),
             per_minute: 60,
         },
+        chat_index_max: 1_000,
     }
 }
 

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use chat_delete_worker::contract::normalise_number;
-use chat_delete_worker::session::whatsapp::mutation::DeleteChat;
+use chat_delete_worker::session::whatsapp::mutation::{Mutation, Range};
 use chat_delete_worker::session::whatsapp::{self, Directory, SessionLock};
 use chat_delete_worker::session::{
     ChatSession, SessionError, SessionOptions, SessionState, SessionStatus, SessionStore,
@@ -37,6 +37,7 @@ fn options(dir: &std::path::Path, name: &str) -> SessionOptions {
             cache_ttl: Duration::from_secs(60),
             per_minute: 60,
         },
+        chat_index_max: 1_000,
     }
 }
 
@@ -119,7 +120,8 @@ async fn a_hundred_never_paired_instances_start_answer_503_and_stop() {
 async fn app_state_keys_without_a_connection_are_not_connected_through_the_real_delete() {
     let dir = tempfile::tempdir().unwrap();
     let options = options(dir.path(), "keyed");
-    let mutation = DeleteChat::new(&Jid::pn("5511999999999"), 1_700_000_000_000);
+    let at_ms = 1_700_000_000_000;
+    let mutation = Mutation::delete_chat(&Jid::pn("5511999999999"), &Range::until(at_ms), at_ms);
     let timeout = Duration::from_secs(5);
 
     // Never paired: the crate has no app-state key, which is "not connected" for us.

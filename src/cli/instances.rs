@@ -42,6 +42,8 @@ pub async fn run(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
                     changed_at,
                     throttled_until: None,
                     app_state_failed_at: None,
+                    app_state_stuck_since: None,
+                    chat_index: None,
                 });
             }
             eprintln!(
@@ -66,6 +68,19 @@ pub async fn run(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         };
         if let Some(at) = &v.app_state_failed_at {
             notes.push_str(&format!(" (chat list sync failed at {at})"));
+        }
+        if let Some(since) = &v.app_state_stuck_since {
+            notes.push_str(&format!(
+                " (chat list stuck at version 0 since {since}: unpair and pair again)"
+            ));
+        }
+        if let Some(index) = &v.chat_index {
+            let whole = if index.synced && !index.overflowed {
+                "whole list"
+            } else {
+                "learning"
+            };
+            notes.push_str(&format!(" ({} chats indexed, {whole})", index.chats));
         }
         println!(
             "{:<24} {:<12} {:<18} {}{notes}",

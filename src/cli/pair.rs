@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -14,9 +14,15 @@ use whatsapp_rust::prelude::{Event, EventKind};
 use crate::config::{Config, InstanceKind};
 use crate::session::SessionOptions;
 use crate::session::postgres::PgSessions;
+use crate::session::whatsapp::chat_store::ChatStore;
+use crate::session::whatsapp::chats::{self, ChatIndex};
 use crate::session::whatsapp::{
     OpenError, SessionHold, app_state_ready, build_bot, chat_list_sync_failed, paired_as, unpair,
 };
+
+/// How long `pair` stays, after the app state synced, for the phone's chat list (history
+/// sync's initial bootstrap); what comes later reaches the worker.
+const CHAT_LIST_WAIT: Duration = Duration::from_secs(60);
 use whatsapp_rust::pair_code::PairCodeOptions;
 
 /// The session settings of a configured `whatsapp` instance.
@@ -187,6 +193,9 @@ pub async fn pair(
 ) -> Result<String, PairError> {
     let hold = SessionHold::acquire(options).await?;
     let (events, mut inbox) = mpsc::unbounded_channel();
+    let (history, chat_list) = mpsc::unbounded_channel();
+    let index = Arc::new(Mutex::new(ChatIndex::new(options.chat_index_max)));
+    let reading = tokio::spawn(read_history(chat_list, index.clone()));
     let bot = build_bot(
         options,
         &hold,
@@ -198,10 +207,14 @@ pub async fn pair(
             EventKind::PairingQrCodesExhausted,
             EventKind::PairingCodeError,
             EventKind::AppStateSyncFailed,
+            EventKind::HistorySync,
         ],
         phone,
         move |event| {
-            let _ = events.send(event);
+            let _ = match *event {
+                Event::HistorySync(_) => history.send(event),
+                _ => events.send(event),
+            };
         },
     )
     .await?;
@@ -236,6 +249,7 @@ pub async fn pair(
                     // The crate syncs app state once the phone shares its keys.
                     wait_for_sync(|| app_state_ready(&client), &mut inbox, &mut flow).await?;
                     let _ = writeln!(out, "Chat list synced.");
+                    keep_chat_index(&index, &ChatStore::of(&hold), out).await;
                     return paired_as(&client).ok_or(PairError::Disconnected);
                 }
                 Step::Fail(error) => return Err(error),
@@ -247,7 +261,54 @@ pub async fn pair(
     .unwrap_or(Err(PairError::TimedOut(limit)));
     // Disconnecting flushes the new session to its file.
     let _ = tokio::time::timeout(options.shutdown_deadline, handle.shutdown()).await;
+    reading.abort();
     outcome
+}
+
+/// Reads the history sync chunks into the chat index (off the async threads).
+async fn read_history(
+    mut chunks: mpsc::UnboundedReceiver<Arc<Event>>,
+    index: Arc<Mutex<ChatIndex>>,
+) {
+    while let Some(event) = chunks.recv().await {
+        let Event::HistorySync(sync) = &*event else {
+            continue;
+        };
+        let sync = sync.clone();
+        if let Ok(history) = tokio::task::spawn_blocking(move || chats::from_history(&sync)).await {
+            index.lock().expect("index lock").merge(history);
+        }
+    }
+}
+
+/// Waits a while for the phone's whole chat list, then saves the chat index with the session.
+async fn keep_chat_index(
+    index: &Mutex<ChatIndex>,
+    store: &ChatStore,
+    out: &mut (impl Write + Send),
+) {
+    let _ = writeln!(out, "Reading the phone's chat list (history sync)...");
+    let complete = tokio::time::timeout(CHAT_LIST_WAIT, async {
+        while !index.lock().expect("index lock").coverage().synced {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+    .await
+    .is_ok();
+    let (changes, chats) = {
+        let mut index = index.lock().expect("index lock");
+        (index.changes(), index.len())
+    };
+    let said = match store.save(changes).await {
+        Ok(()) if complete => format!("Chat index saved: {chats} chats, the whole chat list."),
+        Ok(()) => format!(
+            "Chat index saved: {chats} chats so far; the rest reaches the worker (chat_known says unknown until then)."
+        ),
+        Err(error) => format!(
+            "The chat index could not be saved ({error}); the worker builds it from messages."
+        ),
+    };
+    let _ = writeln!(out, "{said}");
 }
 
 #[cfg(test)]
@@ -280,6 +341,7 @@ mod tests {
                 cache_ttl: Duration::from_secs(60),
                 per_minute: 60,
             },
+            chat_index_max: 1_000,
         };
         let _held =
             crate::session::whatsapp::SessionLock::acquire(&dir.path().join("a.db")).unwrap();

@@ -25,6 +25,9 @@ pub struct WorkerConfig {
     pub lookup_cache_ttl_s: u64,
     /// Number lookups (usync queries) per minute and instance; more wait.
     pub lookups_per_minute: u32,
+    /// Most chats an instance's chat index keeps (the ones quiet the longest go first); it
+    /// picks each delete's key and range and says whether the phone held the chat.
+    pub chat_index_max_chats: usize,
     /// How long in-flight commands may take to finish on shutdown before they are handed back.
     pub shutdown_grace_ms: u64,
 }
@@ -40,6 +43,7 @@ impl Default for WorkerConfig {
             delete_timeout_ms: 30_000,
             lookup_cache_ttl_s: 24 * 3600,
             lookups_per_minute: 60,
+            chat_index_max_chats: 20_000,
             shutdown_grace_ms: 10_000,
         }
     }

@@ -32,6 +32,20 @@ pub struct SessionStatus {
     /// When the chat list's app state (`regular_high`, where deletes go) last failed to sync,
     /// since the session was opened: deletes built on it may not land.
     pub app_state_failed_at: Option<DateTime<Utc>>,
+    /// Since when the chat list's app state is stuck at version 0 (the client cannot sync it).
+    pub app_state_stuck_since: Option<DateTime<Utc>>,
+    /// The chat index, for sessions that keep one.
+    pub chat_index: Option<ChatIndexStatus>,
+}
+
+/// How much of the phone's chat list an instance's chat index holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChatIndexStatus {
+    pub chats: usize,
+    /// The phone's whole chat list arrived (history sync at pairing).
+    pub synced: bool,
+    /// Chats were dropped to stay within `worker.chat_index_max_chats`.
+    pub overflowed: bool,
 }
 
 /// Where one instance's session is kept.
@@ -72,6 +86,8 @@ pub struct SessionOptions {
     pub transport_url: Option<String>,
     /// Cache and budget of number lookups.
     pub lookup: whatsapp::LookupLimits,
+    /// Most chats an instance's chat index keeps.
+    pub chat_index_max: usize,
 }
 
 impl SessionOptions {
@@ -103,6 +119,7 @@ impl SessionOptions {
                 cache_ttl: Duration::from_secs(worker.lookup_cache_ttl_s),
                 per_minute: worker.lookups_per_minute,
             },
+            chat_index_max: worker.chat_index_max_chats,
         }
     }
 }

@@ -440,6 +440,46 @@ impl PgStore {
         self.put("note", "", key, value).await
     }
 
+    /// The chat index's rows (`session::whatsapp::chats`), and its coverage row.
+    pub async fn chat_rows(&self) -> Result<(Vec<Vec<u8>>, Option<Vec<u8>>)> {
+        let rows = self.scan(CHAT, None).await?;
+        let chats = rows.into_iter().map(|row| row.get(2)).collect();
+        Ok((chats, self.get(CHAT_COVERAGE, "", "").await?))
+    }
+
+    /// Saves the chat index's changes in one fenced transaction: rows as (jid, last message
+    /// time, value), the keys removed, and the coverage when it changed.
+    pub async fn save_chat_rows(
+        &self,
+        upserts: &[(String, i64, Vec<u8>)],
+        removed: &[String],
+        coverage: Option<&[u8]>,
+    ) -> Result<()> {
+        const UPSERT: &str = "INSERT INTO cdw_wa_kv (instance, space, grp, key, value, ts)
+             VALUES ($1, $2, '', $3, $4, $5)
+             ON CONFLICT (instance, space, grp, key)
+             DO UPDATE SET value = EXCLUDED.value, ts = EXCLUDED.ts";
+        const REMOVE: &str =
+            "DELETE FROM cdw_wa_kv WHERE instance = $1 AND space = $2 AND grp = '' AND key = $3";
+        let instance: &str = &self.instance;
+        let (chat, covered, none, zero) = (CHAT, CHAT_COVERAGE, "", 0_i64);
+        let mut statements: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = Vec::new();
+        for (jid, last_s, value) in upserts {
+            statements.push((UPSERT, vec![&instance, &chat, jid, value, last_s]));
+        }
+        for jid in removed {
+            statements.push((REMOVE, vec![&instance, &chat, jid]));
+        }
+        if let Some(coverage) = &coverage {
+            statements.push((UPSERT, vec![&instance, &covered, &none, coverage, &zero]));
+        }
+        let statements: Vec<(&str, Params<'_>)> = statements
+            .iter()
+            .map(|(sql, params)| (*sql, params.as_slice()))
+            .collect();
+        self.write(&statements).await.map(drop)
+    }
+
     /// Whether a write was refused because the session was opened again since. An owner that
     /// still holds the lease was superseded by a worker that lost it without knowing (its
     /// open reached the database after the owner's): opening again fences that one out.
@@ -478,3 +518,5 @@ const SENT: &str = "sent";
 const PENDING: &str = "pending";
 const MSG_SECRET: &str = "msg_secret";
 const DEVICE: &str = "device";
+const CHAT: &str = "chat";
+const CHAT_COVERAGE: &str = "chat_coverage";

@@ -18,7 +18,7 @@ use whatsapp_rust::{AppStateError, ContactError, ErrorChainExt, Jid};
 
 use super::Device;
 use super::gated::{GatedBackend, SendGate};
-use super::mutation::DeleteChat;
+use super::mutation::Mutation;
 use super::resolve::{Account, Directory};
 use crate::fence::Fenced;
 use crate::session::postgres::{PgSessionError, PgStore};
@@ -150,13 +150,16 @@ async fn build_on(
     ];
     kinds.extend_from_slice(extra_events);
     let on_event = Arc::new(on_event);
-    let mut builder = Bot::builder()
-        .with_backend_arc(store)
-        .skip_history_sync()
-        .on_event_for(&kinds, move |event, _client| {
-            on_event(event);
-            async {}
-        });
+    let mut builder = Bot::builder().with_backend_arc(store);
+    // History sync (the phone's chat list) is only fetched by a client that reads it.
+    if !kinds.contains(&EventKind::HistorySync) {
+        builder = builder.skip_history_sync();
+    }
+    let builder = builder.on_event_for(&kinds, move |event, _client| {
+        on_event(event);
+        async {}
+    });
+    let mut builder = builder;
     if let Some(phone) = pair_phone {
         builder = builder.with_pair_code(PairCodeOptions {
             phone_number: phone.to_owned(),
@@ -196,11 +199,16 @@ pub fn next_state(event: &Event) -> Option<SessionState> {
 }
 
 /// The events the worker's client must deliver besides the state changes: a 429 comes as
-/// either of the first two (`throttle`), a chat list that did not sync as the last.
+/// either of the first two (`throttle`), a chat list that did not sync as the third; the
+/// rest feed the chat index (`chats`).
 pub(super) const WATCHED: &[EventKind] = &[
     EventKind::StreamError,
     EventKind::ConnectFailure,
     EventKind::AppStateSyncFailed,
+    EventKind::Messages,
+    EventKind::HistorySync,
+    EventKind::PinUpdate,
+    EventKind::DeleteChatUpdate,
 ];
 
 /// `fatal` or `retryable` when the event says the chat list's collection (`regular_high`,
@@ -238,11 +246,19 @@ pub(super) fn operator_hint(instance: &str, state: SessionState) -> Option<Strin
 /// Whether the session can build a delete on what the phone holds: it has an app-state key
 /// and has synced the collection deletes go to (`regular_high`) at least once.
 pub async fn app_state_ready(client: &Client) -> bool {
+    let (has_key, version) = chat_list_version(client).await;
+    has_key && version > 0
+}
+
+/// Whether the session holds an app-state key, and the chat list's version (0: never synced).
+async fn chat_list_version(client: &Client) -> (bool, u64) {
     let backend = client.persistence_manager().backend();
     let has_key = matches!(backend.get_latest_sync_key_id().await, Ok(Some(_)));
-    let synced =
-        matches!(backend.get_version("regular_high").await, Ok(state) if state.version > 0);
-    has_key && synced
+    let version = match backend.get_version("regular_high").await {
+        Ok(state) => state.version,
+        Err(_) => 0,
+    };
+    (has_key, version)
 }
 
 /// Maps the crate's errors onto ours with its own classification helpers. The one case it
@@ -346,19 +362,21 @@ impl Linked {
 impl Device for Linked {
     async fn send(
         &self,
-        mutation: &DeleteChat,
+        mutation: &Mutation,
         timeout: Duration,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<(), SessionError> {
         let (client, gate) = (self.client.clone(), self.gate.clone());
-        let args: Vec<String> = mutation.index_args().map(str::to_owned).to_vec();
-        let value = mutation.value.clone();
+        let args: Vec<String> = mutation
+            .index_args()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let (schema, value) = (mutation.schema(), mutation.value.clone());
         let call = async move {
             gate.arm(deadline);
             let index: Vec<&str> = args.iter().map(String::as_str).collect();
-            let sent = client
-                .send_app_state_action(DeleteChat::schema(), &index, &value)
-                .await;
+            let sent = client.send_app_state_action(schema, &index, &value).await;
             gate.disarm();
             sent
         };
@@ -384,6 +402,11 @@ impl Device for Linked {
                 let _ = client.process_sync_task(task).await;
             })
             .await;
+    }
+
+    async fn chat_list_stuck(&self) -> bool {
+        let (has_key, version) = chat_list_version(&self.client).await;
+        has_key && version == 0
     }
 }
 

@@ -5,13 +5,15 @@
 //! until `pair` links it and the worker is told to reload. The client itself: [`client`]; the
 //! chat a number stands for: [`resolve`]; the mutation sent: [`mutation`].
 
+pub mod chat_store;
+pub mod chats;
 pub mod client;
 pub mod gated;
 pub mod mutation;
 pub mod resolve;
 mod throttle;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
 use std::time::Duration;
@@ -26,13 +28,18 @@ pub use client::{
 pub use gated::SendGate;
 pub use resolve::{Account, Directory, LookupLimits};
 
-use super::{ChatSession, Opening, SessionError, SessionOptions, SessionState, SessionStatus};
-use crate::contract::ChatJid;
+use super::{
+    ChatIndexStatus, ChatSession, Opening, SessionError, SessionOptions, SessionState,
+    SessionStatus,
+};
+use crate::contract::{ChatJid, ChatKnown};
 use crate::fence::Fence;
 use crate::telemetry;
 use crate::telemetry::traces::{self, Kind, TraceContext};
+use chat_store::ChatStore;
+use chats::ChatIndex;
 use client::operator_hint;
-use mutation::DeleteChat;
+use mutation::{Mutation, Range};
 use resolve::Resolver;
 use throttle::Throttle;
 use tokio::time::Instant;
@@ -40,6 +47,50 @@ use tokio::time::Instant;
 /// How long before its fence's end a delete is no longer sent: the send itself takes a round
 /// trip, and the fence's end is only known to this process's clock.
 const SEND_MARGIN: Duration = Duration::from_secs(1);
+
+/// How often what the chat index learned is saved (and at every close).
+const INDEX_SAVE_EVERY: Duration = Duration::from_secs(5);
+
+/// What one delete sends.
+struct Plan {
+    /// The chat deleted (and reported).
+    key: ChatJid,
+    range: Range,
+    /// The same chat under its other key, deleted too while the key is uncertain.
+    twin: Option<ChatJid>,
+    unpin: bool,
+    /// How the key was chosen (a metric label).
+    how: &'static str,
+}
+
+/// The index keys a command's chat may be held under: the JID given and, for a Brazilian
+/// mobile number, the variant with or without the ninth digit.
+fn keys_for(chat: &ChatJid) -> Vec<String> {
+    match chat.server() {
+        crate::contract::JidServer::Phone => resolve::candidates(chat.user())
+            .into_iter()
+            .map(|number| format!("{number}@s.whatsapp.net"))
+            .collect(),
+        _ => vec![chat.as_str().to_owned()],
+    }
+}
+
+/// The same person under the other addressing, as the session's own store maps it.
+async fn twin_of(chat: &ChatJid, directory: &dyn Device) -> Option<ChatJid> {
+    let twin = match chat.server() {
+        crate::contract::JidServer::Phone => {
+            format!("{}@lid", directory.known_lid(chat.user()).await?)
+        }
+        crate::contract::JidServer::Lid => {
+            format!(
+                "{}@s.whatsapp.net",
+                directory.known_phone(chat.user()).await?
+            )
+        }
+        crate::contract::JidServer::Group => return None,
+    };
+    crate::contract::normalise_number(&twin)
+}
 
 enum Msg {
     Delete {
@@ -64,7 +115,7 @@ pub trait Device: Directory {
     /// end, less a margin), however long the device waits before sending.
     async fn send(
         &self,
-        mutation: &DeleteChat,
+        mutation: &Mutation,
         timeout: Duration,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<(), SessionError>;
@@ -73,6 +124,13 @@ pub trait Device: Directory {
     /// opened: the crate syncs app state at pairing and when the server says so, not after a
     /// restart.
     async fn catch_up(&self, timeout: Duration);
+
+    /// Whether the chat list deletes go to is stuck: a key to build on, yet still at version
+    /// 0 after a sync (whatsapp-rust 0.7.0 never leaves version 0 once a snapshot repeats an
+    /// index, and every delete then fails with a conflict while the session shows connected).
+    async fn chat_list_stuck(&self) -> bool {
+        false
+    }
 }
 
 /// A running device; for a real client, its task and the lock on its file.
@@ -81,6 +139,8 @@ struct Running {
     caught_up: bool,
     handle: Option<BotHandle>,
     hold: Option<SessionHold>,
+    /// Where the chat index is saved; `None` for a scripted device.
+    chats: Option<ChatStore>,
 }
 
 /// The handle the pipeline holds; the actor owns the client.
@@ -88,6 +148,8 @@ pub struct WhatsappSession {
     mailbox: mpsc::Sender<Msg>,
     events: EventSink,
     status: watch::Receiver<SessionStatus>,
+    /// The actor's chat index, read for `chat_known`.
+    index: Arc<Mutex<ChatIndex>>,
 }
 
 /// Connection events go to the actor on their own unbounded channel: a backlog of deletes in
@@ -129,6 +191,7 @@ impl WhatsappSession {
             caught_up: false,
             handle: None,
             hold: None,
+            chats: None,
         });
         actor.set(SessionState::Connected, None);
         tokio::spawn(actor.run(inbox));
@@ -136,7 +199,15 @@ impl WhatsappSession {
     }
 
     pub fn status(&self) -> SessionStatus {
-        self.status.borrow().clone()
+        let mut status = self.status.borrow().clone();
+        let index = self.index.lock().expect("index lock");
+        let coverage = index.coverage();
+        status.chat_index = Some(ChatIndexStatus {
+            chats: index.len(),
+            synced: coverage.synced,
+            overflowed: coverage.overflowed,
+        });
+        status
     }
 
     /// Feeds an event through the client's own path (tests drive transitions this way).
@@ -156,6 +227,13 @@ impl WhatsappSession {
 impl ChatSession for WhatsappSession {
     fn state(&self) -> SessionState {
         self.status.borrow().state
+    }
+
+    /// Whether the chat index holds the chat, under the JID given, its twin, or (a Brazilian
+    /// mobile number) the variant with or without the ninth digit.
+    fn knows(&self, chat: &ChatJid) -> ChatKnown {
+        let index = self.index.lock().expect("index lock");
+        index.known(keys_for(chat).iter().map(String::as_str))
     }
 
     async fn delete_chat_as_of(
@@ -209,6 +287,7 @@ struct Actor {
     running: Option<Running>,
     resolver: Resolver,
     throttle: Throttle,
+    index: Arc<Mutex<ChatIndex>>,
 }
 
 struct Inbox {
@@ -227,7 +306,10 @@ impl Actor {
             changed_at: Utc::now(),
             throttled_until: None,
             app_state_failed_at: None,
+            app_state_stuck_since: None,
+            chat_index: None,
         });
+        let index = Arc::new(Mutex::new(ChatIndex::new(options.chat_index_max)));
         let actor = Actor {
             instance: instance.to_owned(),
             resolver: Resolver::new(options.lookup),
@@ -236,6 +318,7 @@ impl Actor {
             status: status_tx,
             running: None,
             throttle: Throttle::default(),
+            index: index.clone(),
         };
         let inbox = Inbox {
             mailbox: inbox,
@@ -245,6 +328,7 @@ impl Actor {
             mailbox,
             events,
             status,
+            index,
         };
         (actor, inbox, session)
     }
@@ -253,13 +337,9 @@ impl Actor {
         self.status.send_if_modified(|s| {
             let changed = s.state != state || s.paired_as != paired_as;
             if changed {
-                *s = SessionStatus {
-                    state,
-                    paired_as,
-                    changed_at: Utc::now(),
-                    throttled_until: s.throttled_until,
-                    app_state_failed_at: s.app_state_failed_at,
-                };
+                s.state = state;
+                s.paired_as = paired_as;
+                s.changed_at = Utc::now();
             }
             changed
         });
@@ -300,17 +380,22 @@ impl Actor {
             return Opening::Done;
         };
         self.set(SessionState::Connecting, Some(number));
+        let chats = ChatStore::of(&hold);
+        self.load_index(&chats).await;
         self.running = Some(Running {
             device: Arc::new(Linked::new(client, gate)),
             caught_up: false,
             handle: Some(bot.spawn()),
             hold: Some(hold),
+            chats: Some(chats),
         });
         Opening::Done
     }
 
-    /// Disconnects (flushing the session) within the deadline, then aborts.
+    /// Disconnects (flushing the session and the chat index) within the deadline, then
+    /// aborts.
     async fn stop_client(&mut self) {
+        self.save_index().await;
         if let Some(Running {
             handle: Some(handle),
             ..
@@ -326,12 +411,18 @@ impl Actor {
     }
 
     async fn run(mut self, mut inbox: Inbox) {
+        let mut save = tokio::time::interval(INDEX_SAVE_EVERY);
+        save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // State changes first: a delete never waits behind a stale "connected".
             let msg = tokio::select! {
                 biased;
                 Some(event) = inbox.events.recv() => {
                     self.apply(&event).await;
+                    continue;
+                }
+                _ = save.tick() => {
+                    self.save_index().await;
                     continue;
                 }
                 msg = inbox.mailbox.recv() => msg,
@@ -397,8 +488,10 @@ impl Actor {
         self.set(SessionState::Stopped, paired);
     }
 
-    /// Resolves the chat, then sends its delete (the chat as of `seen_ms`) if the fence still
-    /// holds, and not after the fence's end.
+    /// Sends the chat's delete if the fence still holds, and not after the fence's end. The
+    /// chat index picks the key the phone holds and the range (the chat's last message as of
+    /// `seen_ms`); a chat it does not hold is resolved, and deleted under that key and, while
+    /// the index cannot tell, under its twin too. The chat is unpinned with it.
     async fn delete(
         &mut self,
         chat: &ChatJid,
@@ -420,11 +513,7 @@ impl Actor {
             device.catch_up(self.options.delete_timeout).await;
             running.caught_up = true;
         }
-        let resolve = self.resolver.resolve(chat, lookup, &*device);
-        let resolve = traces::stage("resolve", Kind::Internal, resolve);
-        let target = tokio::time::timeout(self.options.delete_timeout, resolve)
-            .await
-            .map_err(|_| SessionError::Timeout)??;
+        let plan = self.plan(chat, lookup, seen_ms, &*device).await?;
         fence.check().map_err(SessionError::Fenced)?;
         let deadline = fence.valid_until().map(|end| end - SEND_MARGIN);
         if deadline.is_some_and(|d| d <= tokio::time::Instant::now()) {
@@ -433,14 +522,181 @@ impl Actor {
             )));
         }
         let at_ms = i64::try_from(seen_ms).unwrap_or(i64::MAX);
-        let mutation = DeleteChat::new(&mutation::to_jid(&target), at_ms);
+        let key = mutation::to_jid(&plan.key);
+        let mutation = Mutation::delete_chat(&key, &plan.range, at_ms);
         let timeout = self.options.delete_timeout;
         let send = device.send(&mutation, timeout, deadline);
-        traces::stage("send app state patch", Kind::Client, send).await?;
-        Ok(target)
+        let sent = traces::stage("send app state patch", Kind::Client, send).await;
+        self.watch_stuck(&sent, &*device).await;
+        sent?;
+        self.count_key(plan.how);
+        // The twin and the pin are extras: the delete under the key chosen decides the
+        // answer, and a later try repeats them with the same bytes.
+        if let Some(twin) = &plan.twin {
+            let mutation = Mutation::delete_chat(&mutation::to_jid(twin), &plan.range, at_ms);
+            match device.send(&mutation, timeout, deadline).await {
+                Ok(()) => self.count_key("candidate"),
+                Err(error) => {
+                    tracing::warn!(instance = %self.instance, %error, "The delete under the chat's other key was not sent.");
+                }
+            }
+        }
+        if plan.unpin {
+            let unpin = Mutation::unpin(&key, at_ms);
+            if let Err(error) = device.send(&unpin, timeout, deadline).await {
+                metrics::counter!(telemetry::UNPINS_FAILED).increment(1);
+                tracing::warn!(instance = %self.instance, %error, "The chat was deleted but not unpinned; it comes back pinned if it comes back.");
+            }
+        }
+        self.index
+            .lock()
+            .expect("index lock")
+            .deleted(plan.key.as_str(), plan.range.last_message_s);
+        Ok(plan.key)
+    }
+
+    /// What a delete of `chat` sends: from the index when it holds the chat, else from
+    /// resolution.
+    async fn plan(
+        &mut self,
+        chat: &ChatJid,
+        lookup: bool,
+        seen_ms: u64,
+        device: &dyn Device,
+    ) -> Result<Plan, SessionError> {
+        let seen = i64::try_from(seen_ms).unwrap_or(i64::MAX);
+        let held = |index: &Arc<Mutex<ChatIndex>>, keys: &[String]| {
+            let index = index.lock().expect("index lock");
+            let held = index.find_any(keys.iter().map(String::as_str)).cloned();
+            (held, index.coverage())
+        };
+        let given = if lookup {
+            keys_for(chat)
+        } else {
+            vec![chat.as_str().to_owned()]
+        };
+        let (mut found, _) = held(&self.index, &given);
+        let mut resolved = None;
+        if found.is_none() {
+            let resolve = self.resolver.resolve(chat, lookup, device);
+            let resolve = traces::stage("resolve", Kind::Internal, resolve);
+            let target = tokio::time::timeout(self.options.delete_timeout, resolve)
+                .await
+                .map_err(|_| SessionError::Timeout)??;
+            found = held(&self.index, &[target.as_str().to_owned()]).0;
+            resolved = Some(target);
+        }
+        if let Some(indexed) = found
+            && let Some(key) = crate::contract::normalise_number(&indexed.jid)
+        {
+            return Ok(Plan {
+                key,
+                range: indexed.range_as_of(seen),
+                twin: None,
+                unpin: indexed.pinned,
+                how: "indexed",
+            });
+        }
+        let key = resolved.unwrap_or_else(|| chat.clone());
+        let coverage = self.index.lock().expect("index lock").coverage();
+        // Without the phone's chat list, the key stays uncertain: the twin is sent too (an
+        // index the phone does not hold is a no-op there), and the pin is cleared blind.
+        let uncertain = lookup && !coverage.synced;
+        let twin = if uncertain {
+            twin_of(&key, device).await
+        } else {
+            None
+        };
+        Ok(Plan {
+            key,
+            range: Range::until(seen),
+            twin,
+            unpin: !coverage.synced,
+            how: "resolved",
+        })
+    }
+
+    fn count_key(&self, how: &'static str) {
+        metrics::counter!(telemetry::DELETE_KEYS_SENT, "how" => how).increment(1);
+    }
+
+    /// After a delete that failed on a conflict, whether the chat list is stuck; after one
+    /// that went through, that it is not.
+    async fn watch_stuck(&self, sent: &Result<(), SessionError>, device: &dyn Device) {
+        let stuck = match sent {
+            Ok(()) => false,
+            Err(SessionError::Server(text) | SessionError::Rejected(text))
+                if text.contains("conflict") || text.contains("409") =>
+            {
+                device.chat_list_stuck().await
+            }
+            Err(_) => return,
+        };
+        let gauge =
+            metrics::gauge!(telemetry::APP_STATE_STUCK, "wa_instance" => self.instance.clone());
+        gauge.set(if stuck { 1.0 } else { 0.0 });
+        self.status.send_if_modified(|s| {
+            let was = s.app_state_stuck_since.is_some();
+            if stuck && !was {
+                tracing::error!(instance = %self.instance, "The chat list's app state is stuck at version 0 and every delete conflicts: unpair and pair the instance again.");
+                s.app_state_stuck_since = Some(Utc::now());
+            } else if !stuck {
+                s.app_state_stuck_since = None;
+            }
+            stuck != was
+        });
+    }
+
+    /// Loads the instance's chat index from where the session is kept.
+    async fn load_index(&mut self, store: &ChatStore) {
+        match store.load(self.options.chat_index_max).await {
+            Ok(index) => {
+                self.gauge_chats(index.len());
+                *self.index.lock().expect("index lock") = index;
+            }
+            Err(error) => {
+                tracing::warn!(instance = %self.instance, %error, "The chat index could not be read; it starts empty (chat_known says unknown).");
+                *self.index.lock().expect("index lock") =
+                    ChatIndex::new(self.options.chat_index_max);
+            }
+        }
+    }
+
+    /// Saves what the chat index learned since the last save.
+    async fn save_index(&mut self) {
+        let Some(Running {
+            chats: Some(store), ..
+        }) = &self.running
+        else {
+            return;
+        };
+        let (changes, len) = {
+            let mut index = self.index.lock().expect("index lock");
+            (index.changes(), index.len())
+        };
+        self.gauge_chats(len);
+        if let Err(error) = store.save(changes).await {
+            tracing::warn!(instance = %self.instance, %error, "The chat index could not be saved; it is rebuilt from messages as they come.");
+        }
+    }
+
+    fn gauge_chats(&self, len: usize) {
+        metrics::gauge!(telemetry::CHATS_INDEXED, "wa_instance" => self.instance.clone())
+            .set(len as f64);
     }
 
     async fn apply(&mut self, event: &Event) {
+        if let Event::HistorySync(sync) = event {
+            // A chunk is megabytes of compressed protobuf: read off the async threads.
+            let sync = sync.clone();
+            if let Ok(history) =
+                tokio::task::spawn_blocking(move || chats::from_history(&sync)).await
+            {
+                self.index.lock().expect("index lock").merge(history);
+            }
+            return;
+        }
+        self.index.lock().expect("index lock").apply(event);
         if throttle::is_throttling(event) {
             let wait = self.throttle.hit(Instant::now());
             metrics::counter!(telemetry::WHATSAPP_THROTTLED, "wa_instance" => self.instance.clone())

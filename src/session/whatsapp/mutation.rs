@@ -1,5 +1,6 @@
-//! The `deleteChat` app-state mutation, built here (not inside the crate's helper) so that what
-//! the worker sends is exactly what the golden vectors check.
+//! The app-state mutations the worker sends (`deleteChat`, and `pin_v1` to unpin), built here
+//! (not inside the crate's helpers) so that what the worker sends is exactly what the golden
+//! vectors check.
 
 use whatsapp_rust::waproto::whatsapp as wa;
 use whatsapp_rust::{Jid, message_range, schemas};
@@ -16,10 +17,33 @@ pub(crate) fn to_jid(chat: &ChatJid) -> Jid {
     }
 }
 
-/// One `deleteChat` mutation: the index arguments after the action name, and the value.
+/// The last message of a chat a delete covers: WhatsApp Web deletes the whole chat only when
+/// the range encloses every message it holds, so a message newer than this keeps the chat.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Range {
+    /// Unix seconds.
+    pub last_message_s: i64,
+    /// The last message's key, when the chat index has it (what the apps send).
+    pub last_key: Option<wa::MessageKey>,
+}
+
+impl Range {
+    /// A range that ends at `at_ms`, with no message known (what WhatsApp Web and whatsmeow
+    /// send when they know no better).
+    pub fn until(at_ms: i64) -> Self {
+        Self {
+            last_message_s: at_ms.div_euclid(1000),
+            last_key: None,
+        }
+    }
+}
+
+/// One app-state mutation the worker sends: `deleteChat`, or the `pin_v1` that unpins the chat
+/// deleted (as WhatsApp Web does, so a chat that comes back does not come back pinned).
 #[derive(Debug, Clone)]
-pub struct DeleteChat {
-    jid: String,
+pub struct Mutation {
+    schema: &'static schemas::Schema,
+    args: Vec<String>,
     pub value: wa::SyncActionValue,
 }
 
@@ -28,32 +52,54 @@ pub struct DeleteChat {
 /// concerns the service's own media, so it is never set.
 const KEEP_MEDIA_ON_DEVICES: &str = "0";
 
-impl DeleteChat {
-    /// `now_ms` stands for the last message time too, as WhatsApp Web and whatsmeow send when
-    /// no better is known.
-    pub fn new(jid: &Jid, now_ms: i64) -> Self {
-        let range = message_range(now_ms.div_euclid(1000), None, vec![]);
+impl Mutation {
+    /// Deletes `jid`'s chat up to `range`; `at_ms` stamps the action (the command's first-seen
+    /// time, so every try sends the same bytes).
+    pub fn delete_chat(jid: &Jid, range: &Range, at_ms: i64) -> Self {
+        let messages = match &range.last_key {
+            Some(key) => vec![(key.clone(), range.last_message_s)],
+            None => vec![],
+        };
+        let range = message_range(range.last_message_s, None, messages);
         let value = wa::SyncActionValue {
             delete_chat_action: Some(wa::sync_action_value::DeleteChatAction {
                 message_range: Some(range).into(),
             })
             .into(),
-            timestamp: Some(now_ms),
+            timestamp: Some(at_ms),
             ..Default::default()
         };
         Self {
-            jid: jid.to_string(),
+            schema: &schemas::DELETE_CHAT,
+            args: vec![jid.to_string(), KEEP_MEDIA_ON_DEVICES.to_owned()],
             value,
         }
     }
 
-    /// The schema's index arguments in order: chat JID, media flag.
-    pub fn index_args(&self) -> [&str; 2] {
-        [&self.jid, KEEP_MEDIA_ON_DEVICES]
+    /// Unpins `jid`'s chat.
+    pub fn unpin(jid: &Jid, at_ms: i64) -> Self {
+        let value = wa::SyncActionValue {
+            pin_action: Some(wa::sync_action_value::PinAction {
+                pinned: Some(false),
+            })
+            .into(),
+            timestamp: Some(at_ms),
+            ..Default::default()
+        };
+        Self {
+            schema: &schemas::PIN,
+            args: vec![jid.to_string()],
+            value,
+        }
     }
 
-    pub fn schema() -> &'static schemas::Schema {
-        &schemas::DELETE_CHAT
+    /// The schema's index arguments in order (`deleteChat`: chat JID, media flag).
+    pub fn index_args(&self) -> Vec<&str> {
+        self.args.iter().map(String::as_str).collect()
+    }
+
+    pub fn schema(&self) -> &'static schemas::Schema {
+        self.schema
     }
 }
 
@@ -119,7 +165,7 @@ mod tests {
     /// The index JSON the crate builds from a schema (its own builder is crate-private).
     fn index_json(args: &[&str]) -> Vec<u8> {
         let mut args = args.iter();
-        let parts: Vec<&str> = DeleteChat::schema()
+        let parts: Vec<&str> = schemas::DELETE_CHAT
             .index_parts
             .iter()
             .map(|part| match part {
@@ -137,7 +183,7 @@ mod tests {
     /// Checks one case against the worker's value under `index`.
     fn check(golden: &Golden, case: &Value, index: &[u8], value: &wa::SyncActionValue) {
         let name = case["name"].as_str().unwrap();
-        let version = DeleteChat::schema().version;
+        let version = schemas::DELETE_CHAT.version;
         assert_eq!(case["collection"], COLLECTION, "{name}");
         assert_eq!(case["action_version"], version, "{name}");
         assert_eq!(
@@ -247,9 +293,9 @@ mod tests {
         assert!(theirs_decoded.padding.unwrap_or_default().is_empty());
     }
 
-    fn worker_mutation(golden: &Golden, case: &Value) -> DeleteChat {
+    fn worker_mutation(golden: &Golden, case: &Value) -> Mutation {
         let chat = normalise_number(case["jid"].as_str().unwrap()).unwrap();
-        DeleteChat::new(&to_jid(&chat), golden.now_ms)
+        Mutation::delete_chat(&to_jid(&chat), &Range::until(golden.now_ms), golden.now_ms)
     }
 
     /// PN, LID and group chats: the worker's own mutations.
@@ -278,7 +324,9 @@ mod tests {
         let mut checked = 0;
         for case in golden.cases.iter().filter(|c| c["media_flag"] == "1") {
             let mutation = worker_mutation(&golden, case);
-            let [jid, flag] = mutation.index_args();
+            let [jid, flag] = mutation.index_args()[..] else {
+                panic!("deleteChat has two index arguments")
+            };
             assert_eq!(flag, "0", "the phone is never asked to delete media");
             check(&golden, case, &index_json(&[jid, "1"]), &mutation.value);
             checked += 1;

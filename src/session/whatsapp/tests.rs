@@ -13,12 +13,20 @@ struct Scripted {
     sent: Mutex<Vec<String>>,
     /// The timestamp of each mutation sent.
     stamps: Mutex<Vec<i64>>,
+    /// Phone number to LID, as the session's store maps them.
+    lids: Mutex<Vec<(String, String)>>,
+    /// Sends fail with this while set.
+    failing: Mutex<Option<SessionError>>,
+    stuck: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait::async_trait]
 impl Directory for Scripted {
-    async fn known_lid(&self, _: &str) -> Option<String> {
-        None
+    async fn known_lid(&self, phone: &str) -> Option<String> {
+        let lids = self.lids.lock().unwrap();
+        lids.iter()
+            .find(|(p, _)| p == phone)
+            .map(|(_, lid)| lid.clone())
     }
     async fn known_phone(&self, _: &str) -> Option<String> {
         None
@@ -35,15 +43,15 @@ impl Directory for Scripted {
 impl Device for Scripted {
     async fn send(
         &self,
-        mutation: &DeleteChat,
+        mutation: &Mutation,
         _: Duration,
         _: Option<tokio::time::Instant>,
     ) -> Result<(), SessionError> {
         tokio::time::sleep(self.latency).await;
-        self.sent
-            .lock()
-            .unwrap()
-            .push(mutation.index_args().join(" "));
+        if let Some(error) = self.failing.lock().unwrap().clone() {
+            return Err(error);
+        }
+        self.sent.lock().unwrap().push(describe(mutation));
         let stamp = mutation.value.timestamp.unwrap_or_default();
         self.stamps.lock().unwrap().push(stamp);
         Ok(())
@@ -51,6 +59,25 @@ impl Device for Scripted {
 
     async fn catch_up(&self, _: Duration) {
         self.sent.lock().unwrap().push("catch up".into());
+    }
+
+    async fn chat_list_stuck(&self) -> bool {
+        self.stuck.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// `<jid> 0` for a delete (its index arguments), with ` @<last message id>` when its range
+/// names one; `unpin <jid>` for an unpin.
+fn describe(mutation: &Mutation) -> String {
+    let args = mutation.index_args().join(" ");
+    if mutation.value.pin_action.as_option().is_some() {
+        return format!("unpin {args}");
+    }
+    let action = mutation.value.delete_chat_action.as_option().unwrap();
+    let range = action.message_range.as_option().unwrap();
+    match range.messages.first() {
+        Some(m) => format!("{args} @{}", m.key.as_option().unwrap().id.clone().unwrap()),
+        None => args,
     }
 }
 
@@ -67,6 +94,9 @@ fn session(latency_ms: u64) -> (WhatsappSession, Arc<Scripted>) {
         latency: Duration::from_millis(latency_ms),
         sent: Mutex::new(vec![]),
         stamps: Mutex::new(vec![]),
+        lids: Mutex::new(vec![]),
+        failing: Mutex::new(None),
+        stuck: Default::default(),
     });
     let options = SessionOptions {
         store: crate::session::SessionStore::Sqlite(PathBuf::from("unused.db")),
@@ -78,6 +108,7 @@ fn session(latency_ms: u64) -> (WhatsappSession, Arc<Scripted>) {
             cache_ttl: Duration::from_secs(60),
             per_minute: 60,
         },
+        chat_index_max: 1_000,
     };
     let session = WhatsappSession::connected("scripted", options, device.clone());
     (session, device)
@@ -115,7 +146,9 @@ async fn a_queued_delete_whose_requester_has_gone_is_not_sent() {
         [
             "catch up",
             "5511000000001@s.whatsapp.net 0",
-            "5511000000003@s.whatsapp.net 0"
+            "unpin 5511000000001@s.whatsapp.net",
+            "5511000000003@s.whatsapp.net 0",
+            "unpin 5511000000003@s.whatsapp.net"
         ]
     );
 }
@@ -136,18 +169,20 @@ async fn a_delete_tried_again_after_its_command_was_dropped_sends_the_same_mutat
     )
     .await;
     assert!(dropped.is_err(), "the first try was dropped mid-send");
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    assert_eq!(device.stamps.lock().unwrap().len(), 1, "the send went on");
+    let sends = || device.stamps.lock().unwrap().len();
+    let went_on = tokio::time::timeout(Duration::from_secs(10), async {
+        while sends() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    went_on.await.expect("the delete and the unpin went on");
     let again = session
         .delete_chat_as_of(&chat, false, seen_ms, Arc::new(Unfenced))
         .await;
     assert_eq!(again, Ok(chat));
     let stamps = device.stamps.lock().unwrap().clone();
-    assert_eq!(
-        stamps,
-        [seen_ms as i64, seen_ms as i64],
-        "the same mutation both times"
-    );
+    // A delete and the (blind) unpin, each try.
+    assert_eq!(stamps, [seen_ms as i64; 4], "the same mutations both times");
 }
 
 /// A fence whose end has (nearly) come.
@@ -241,6 +276,190 @@ async fn the_phone_is_never_asked_to_delete_media() {
     assert_eq!(deleted, Ok(chat));
     assert_eq!(
         *device.sent.lock().unwrap(),
-        ["catch up", "120363024567890123@g.us 0"]
+        [
+            "catch up",
+            "120363024567890123@g.us 0",
+            "unpin 120363024567890123@g.us"
+        ]
     );
+}
+
+const LID: &str = "123456789012345@lid";
+const PN: &str = "5511987654321@s.whatsapp.net";
+const SEEN_MS: u64 = 1_733_000_000_000;
+const SEEN_S: i64 = (SEEN_MS / 1000) as i64;
+
+/// Waits (bounded) until the actor has applied what was injected.
+async fn until(done: impl Fn() -> bool) {
+    let wait = tokio::time::timeout(Duration::from_secs(10), async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    wait.await.expect("the event was applied in time");
+}
+
+fn sent(device: &Scripted) -> Vec<String> {
+    device.sent.lock().unwrap().clone()
+}
+
+/// The defect: the worker kept no chat list. A number whose chat the phone holds under its
+/// LID was deleted under the number (a silent no-op there), with a range of "now" that also
+/// swallowed what came after the command. The index picks the key the phone holds and the
+/// chat's last message, with no lookup.
+#[tokio::test]
+async fn a_chat_the_index_holds_is_deleted_under_its_key_with_the_range_the_apps_send() {
+    let (session, device) = session(0);
+    session.inject_event(chats::tests::message(
+        LID,
+        Some(PN),
+        "A1",
+        SEEN_S - 60,
+        false,
+    ));
+    let number = normalise_number("+55 11 98765-4321").unwrap();
+    let deleted = session
+        .delete_chat_as_of(&number, true, SEEN_MS, Arc::new(Unfenced))
+        .await;
+    assert_eq!(
+        deleted,
+        Ok(normalise_number(LID).unwrap()),
+        "chat_jid is the key deleted"
+    );
+    assert_eq!(sent(&device), ["catch up", &format!("{LID} 0 @A1")]);
+    assert_eq!(
+        session.knows(&number),
+        ChatKnown::Unknown,
+        "gone from the index; the chat list never synced"
+    );
+}
+
+/// A message that arrived after the command was first seen keeps the chat, as on WhatsApp:
+/// the range stops at the first-seen time, and the index keeps the chat.
+#[tokio::test]
+async fn a_message_after_the_command_was_seen_keeps_the_chat() {
+    let (session, device) = session(0);
+    session.inject_event(chats::tests::message(LID, None, "LATE", SEEN_S + 30, false));
+    let chat = normalise_number(LID).unwrap();
+    until(|| session.knows(&chat) == ChatKnown::True).await;
+    let deleted = session
+        .delete_chat_as_of(&chat, true, SEEN_MS, Arc::new(Unfenced))
+        .await;
+    assert_eq!(deleted, Ok(chat.clone()));
+    assert_eq!(
+        sent(&device),
+        ["catch up", &format!("{LID} 0")],
+        "no key: up to the first-seen time"
+    );
+    assert_eq!(
+        session.knows(&chat),
+        ChatKnown::True,
+        "the newer message keeps it"
+    );
+}
+
+/// The defect: the chat's pin stayed, so a chat that came back came back pinned.
+#[tokio::test]
+async fn a_pinned_chat_is_unpinned_with_its_delete() {
+    use whatsapp_rust::types::events::PinUpdate;
+    let (session, device) = session(0);
+    session.inject_event(chats::tests::message(LID, None, "A1", SEEN_S - 5, false));
+    session.inject_event(Event::PinUpdate(
+        PinUpdate::builder()
+            .jid(LID.parse().unwrap())
+            .timestamp(Utc::now())
+            .action(Box::new(
+                whatsapp_rust::waproto::whatsapp::sync_action_value::PinAction {
+                    pinned: Some(true),
+                },
+            ))
+            .from_full_sync(false)
+            .build(),
+    ));
+    let chat = normalise_number(LID).unwrap();
+    let deleted = session
+        .delete_chat_as_of(&chat, true, SEEN_MS, Arc::new(Unfenced))
+        .await;
+    assert_eq!(deleted, Ok(chat));
+    assert_eq!(
+        sent(&device),
+        ["catch up", &format!("{LID} 0 @A1"), &format!("unpin {LID}")]
+    );
+}
+
+/// Without the phone's chat list the key stays uncertain: the chat is deleted under the key
+/// resolved and under its twin (a key the phone does not hold is a no-op there). Once the
+/// chat list has synced, a chat it does not hold is `false` and only the key resolved is sent.
+#[tokio::test]
+async fn without_the_chat_list_the_twin_is_deleted_too() {
+    use whatsapp_rust::waproto::whatsapp::history_sync::HistorySyncType;
+    let (session, device) = session(0);
+    device
+        .lids
+        .lock()
+        .unwrap()
+        .push(("5511987654321".into(), "123456789012345".into()));
+    let number = normalise_number(PN).unwrap();
+    assert_eq!(session.knows(&number), ChatKnown::Unknown);
+    let deleted = session
+        .delete_chat_as_of(&number, true, SEEN_MS, Arc::new(Unfenced))
+        .await;
+    assert_eq!(deleted, Ok(number.clone()));
+    assert_eq!(
+        sent(&device),
+        [
+            "catch up",
+            &format!("{PN} 0"),
+            &format!("{LID} 0"),
+            &format!("unpin {PN}")
+        ]
+    );
+
+    device.sent.lock().unwrap().clear();
+    let end = chats::tests::history(vec![], HistorySyncType::InitialBootstrap, Some(100));
+    session.inject_event(Event::HistorySync(Box::new(end)));
+    // The history chunk is read off the actor's thread: wait until it is applied.
+    until(|| {
+        session
+            .status()
+            .chat_index
+            .is_some_and(|index| index.synced)
+    })
+    .await;
+    assert_eq!(session.knows(&number), ChatKnown::False);
+    session
+        .delete_chat_as_of(&number, true, SEEN_MS, Arc::new(Unfenced))
+        .await
+        .unwrap();
+    assert_eq!(sent(&device), [format!("{PN} 0")]);
+}
+
+/// whatsapp-rust 0.7.0 can keep the chat list at version 0 for ever; every delete then
+/// conflicts while the instance shows connected. It is shown, and cleared once a delete
+/// goes through.
+#[tokio::test]
+async fn a_chat_list_stuck_at_version_zero_is_shown_and_cleared() {
+    let (session, device) = session(0);
+    let conflict = SessionError::Server(
+        "app-state patch for regular_high still conflicting after 3 attempts".into(),
+    );
+    *device.failing.lock().unwrap() = Some(conflict.clone());
+    device
+        .stuck
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let chat = normalise_number(PN).unwrap();
+    let failed = session.delete_chat(&chat, true, Arc::new(Unfenced)).await;
+    assert_eq!(failed, Err(conflict));
+    assert!(session.status().app_state_stuck_since.is_some(), "shown");
+    assert_eq!(session.state(), SessionState::Connected);
+
+    *device.failing.lock().unwrap() = None;
+    device
+        .stuck
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    session
+        .delete_chat(&chat, true, Arc::new(Unfenced))
+        .await
+        .unwrap();
+    assert!(session.status().app_state_stuck_since.is_none(), "cleared");
 }
