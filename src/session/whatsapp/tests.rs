@@ -15,6 +15,8 @@ struct Scripted {
     stamps: Mutex<Vec<i64>>,
     /// Phone number to LID, as the session's store maps them.
     lids: Mutex<Vec<(String, String)>>,
+    /// Every mutation sent, as the actor handed it over.
+    mutations: Mutex<Vec<Mutation>>,
     /// Sends fail with this while set.
     failing: Mutex<Option<SessionError>>,
     stuck: std::sync::atomic::AtomicBool,
@@ -52,6 +54,7 @@ impl Device for Scripted {
             return Err(error);
         }
         self.sent.lock().unwrap().push(describe(mutation));
+        self.mutations.lock().unwrap().push(mutation.clone());
         let stamp = mutation.value.timestamp.unwrap_or_default();
         self.stamps.lock().unwrap().push(stamp);
         Ok(())
@@ -95,6 +98,7 @@ fn session(latency_ms: u64) -> (WhatsappSession, Arc<Scripted>) {
         sent: Mutex::new(vec![]),
         stamps: Mutex::new(vec![]),
         lids: Mutex::new(vec![]),
+        mutations: Mutex::new(vec![]),
         failing: Mutex::new(None),
         stuck: Default::default(),
     });
@@ -462,4 +466,129 @@ async fn a_chat_list_stuck_at_version_zero_is_shown_and_cleared() {
         .await
         .unwrap();
     assert!(session.status().app_state_stuck_since.is_none(), "cleared");
+}
+
+/// The worker's patches for Baileys' decoder (`scripts/golden-decode`): the mutations the actor
+/// hands the device for a phone-number chat, a LID chat (pinned) and a group chat the index
+/// holds, built into patches by the crate's own patch builder over a real session store that
+/// holds the golden key, written as JSON with what each must decode to.
+#[tokio::test]
+#[ignore = "run by scripts/golden-decode, which decodes the output with Baileys"]
+async fn golden_worker_patches_for_baileys() {
+    use whatsapp_rust::TokioRuntime;
+    use whatsapp_rust::schemas::IndexPart;
+    use whatsapp_rust::store::SqliteStore;
+    use whatsapp_rust::types::events::PinUpdate;
+    use whatsapp_rust::wacore::appstate::encode::encode_record;
+    use whatsapp_rust::wacore::appstate::keys::expand_app_state_keys;
+    use whatsapp_rust::wacore::appstate_sync::AppStateProcessor;
+    use whatsapp_rust::wacore::store::traits::{AppStateSyncKey, AppSyncStore};
+    use whatsapp_rust::waproto::whatsapp as wa;
+
+    let out = std::env::var("CDW_GOLDEN_OUT").expect("CDW_GOLDEN_OUT: where to write the patches");
+    const GROUP: &str = "120363024567890123@g.us";
+    const MEMBER: &str = "5511900000000@s.whatsapp.net";
+    let (key_data, key_id, iv) = ([7u8; 32], hex::decode("000000001234").unwrap(), [0x42u8; 16]);
+
+    // What the chats held, as the session saw it.
+    let (session, device) = session(0);
+    let seen_ms = SEEN_MS;
+    session.inject_event(chats::tests::message(PN, None, "PN-LAST", SEEN_S - 100, true));
+    session.inject_event(chats::tests::message(LID, Some(MEMBER), "LID-LAST", SEEN_S - 50, false));
+    session.inject_event(Event::PinUpdate(
+        PinUpdate::builder()
+            .jid(LID.parse().unwrap())
+            .timestamp(Utc::now())
+            .action(Box::new(wa::sync_action_value::PinAction { pinned: Some(true) }))
+            .from_full_sync(false)
+            .build(),
+    ));
+    let Event::Messages(batch) = chats::tests::message(GROUP, None, "G-LAST", SEEN_S - 10, false)
+    else {
+        unreachable!()
+    };
+    let mut info = (*batch.messages[0].info).clone();
+    info.source.sender = MEMBER.parse().unwrap();
+    session.inject_event(Event::Messages(
+        whatsapp_rust::types::events::MessageBatch::builder()
+            .messages(Arc::from(vec![
+                whatsapp_rust::types::events::InboundMessage::builder()
+                    .message(batch.messages[0].message.clone())
+                    .info(Arc::new(info))
+                    .build(),
+            ]))
+            .origin(whatsapp_rust::types::events::BatchOrigin::Live)
+            .build(),
+    ));
+    until(|| session.status().chat_index.is_some_and(|i| i.chats == 3)).await;
+    for chat in ["5511987654321", LID, GROUP] {
+        let chat = normalise_number(chat).unwrap();
+        session
+            .delete_chat_as_of(&chat, true, seen_ms, Arc::new(Unfenced))
+            .await
+            .unwrap();
+    }
+    let mutations = device.mutations.lock().unwrap().clone();
+    assert_eq!(mutations.len(), 4, "three deletes and one unpin");
+
+    // The crate's own patch builder over a session store holding the golden key.
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::new(&dir.path().join("golden.db").to_string_lossy())
+        .await
+        .unwrap();
+    let key = AppStateSyncKey {
+        key_data: key_data.to_vec(),
+        fingerprint: vec![],
+        timestamp: 0,
+    };
+    store.set_sync_key(&key_id, key).await.unwrap();
+    let processor = AppStateProcessor::new(Arc::new(store), Arc::new(TokioRuntime));
+    let keys = expand_app_state_keys(&key_data);
+    let mut cases = Vec::new();
+    for mutation in &mutations {
+        let schema = mutation.schema();
+        let mut args = mutation.index_args().into_iter();
+        let index: Vec<&str> = schema
+            .index_parts
+            .iter()
+            .map(|part| match part {
+                IndexPart::Literal { value } => *value,
+                _ => args.next().unwrap(),
+            })
+            .collect();
+        let (record, _) = encode_record(
+            wa::syncd_mutation::SyncdOperation::SET,
+            &serde_json::to_vec(&index).unwrap(),
+            &mutation.value,
+            &keys,
+            &key_id,
+            &iv,
+            schema.version as i32,
+        );
+        let collection = schema.collection.as_str();
+        let (patch, base) = processor.build_patch(collection, vec![record]).await.unwrap();
+        assert_eq!(base, 0);
+        cases.push(serde_json::json!({
+            "collection": collection,
+            "index": index,
+            "patch_bytes": hex::encode(patch),
+        }));
+    }
+    // What each must decode to, from the inputs above (not from the mutations).
+    let expect = [
+        serde_json::json!({"last_message_s": SEEN_S - 100, "key": {"remoteJid": PN, "id": "PN-LAST", "fromMe": true}}),
+        serde_json::json!({"last_message_s": SEEN_S - 50, "key": {"remoteJid": LID, "id": "LID-LAST", "fromMe": false}}),
+        serde_json::json!({"pinned": false}),
+        serde_json::json!({"last_message_s": SEEN_S - 10, "key": {"remoteJid": GROUP, "id": "G-LAST", "fromMe": false, "participant": MEMBER}}),
+    ];
+    for (case, expect) in cases.iter_mut().zip(expect) {
+        case["expect"] = expect;
+    }
+    let doc = serde_json::json!({
+        "key_data": hex::encode(key_data),
+        "key_id": hex::encode(&key_id),
+        "timestamp_ms": seen_ms,
+        "cases": cases,
+    });
+    std::fs::write(&out, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
 }
