@@ -495,6 +495,21 @@ async fn the_chat_index_is_kept_with_the_session_and_fenced() {
     read.deleted(LID, 1_700_000_000);
     new.save(read.changes()).await.unwrap();
     assert!(new.load(100).await.unwrap().is_empty());
+
+    // A history sync's worth at once, in one transaction.
+    let mut bulk = new.load(5_000).await.unwrap();
+    for n in 0..3_000 {
+        bulk.message(
+            &format!("55119{n:08}@s.whatsapp.net"),
+            None,
+            1_700_000_000 + n,
+            key("M"),
+        );
+    }
+    new.save(bulk.changes()).await.unwrap();
+    let read = new.load(5_000).await.unwrap();
+    assert_eq!(read.len(), 3_000);
+    assert!(read.find("5511900002999@s.whatsapp.net").is_some());
 }
 
 fn pg_options(sessions: &PgSessions, instance: &str, owner: Option<Arc<Lease>>) -> SessionOptions {

@@ -447,8 +447,9 @@ impl PgStore {
         Ok((chats, self.get(CHAT_COVERAGE, "", "").await?))
     }
 
-    /// Saves the chat index's changes in one fenced transaction: rows as (jid, last message
-    /// time, value), the keys removed, and the coverage when it changed.
+    /// Saves the chat index's changes in one fenced transaction of at most three statements
+    /// (a history sync brings thousands of chats at once): rows as (jid, last message time,
+    /// value), the keys removed, and the coverage when it changed.
     pub async fn save_chat_rows(
         &self,
         upserts: &[(String, i64, Vec<u8>)],
@@ -456,27 +457,36 @@ impl PgStore {
         coverage: Option<&[u8]>,
     ) -> Result<()> {
         const UPSERT: &str = "INSERT INTO cdw_wa_kv (instance, space, grp, key, value, ts)
-             VALUES ($1, $2, '', $3, $4, $5)
+             SELECT $1, $2, '', k, v, t FROM unnest($3::text[], $4::bytea[], $5::bigint[]) AS u(k, v, t)
              ON CONFLICT (instance, space, grp, key)
              DO UPDATE SET value = EXCLUDED.value, ts = EXCLUDED.ts";
-        const REMOVE: &str =
-            "DELETE FROM cdw_wa_kv WHERE instance = $1 AND space = $2 AND grp = '' AND key = $3";
+        const REMOVE: &str = "DELETE FROM cdw_wa_kv
+             WHERE instance = $1 AND space = $2 AND grp = '' AND key = ANY($3::text[])";
         let instance: &str = &self.instance;
-        let (chat, covered, none, zero) = (CHAT, CHAT_COVERAGE, "", 0_i64);
-        let mut statements: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = Vec::new();
-        for (jid, last_s, value) in upserts {
-            statements.push((UPSERT, vec![&instance, &chat, jid, value, last_s]));
+        let keys: Vec<&str> = upserts.iter().map(|(k, _, _)| k.as_str()).collect();
+        let values: Vec<&[u8]> = upserts.iter().map(|(_, _, v)| v.as_slice()).collect();
+        let times: Vec<i64> = upserts.iter().map(|(_, t, _)| *t).collect();
+        let covered: (Vec<&str>, Vec<&[u8]>, Vec<i64>) =
+            (vec![""], coverage.into_iter().collect(), vec![0]);
+        let mut statements: Vec<(&str, Params<'_>)> = Vec::new();
+        let rows: [&(dyn ToSql + Sync); 5] = [&instance, &CHAT, &keys, &values, &times];
+        let gone: [&(dyn ToSql + Sync); 3] = [&instance, &CHAT, &removed];
+        let state: [&(dyn ToSql + Sync); 5] = [
+            &instance,
+            &CHAT_COVERAGE,
+            &covered.0,
+            &covered.1,
+            &covered.2,
+        ];
+        if !upserts.is_empty() {
+            statements.push((UPSERT, &rows));
         }
-        for jid in removed {
-            statements.push((REMOVE, vec![&instance, &chat, jid]));
+        if !removed.is_empty() {
+            statements.push((REMOVE, &gone));
         }
-        if let Some(coverage) = &coverage {
-            statements.push((UPSERT, vec![&instance, &covered, &none, coverage, &zero]));
+        if coverage.is_some() {
+            statements.push((UPSERT, &state));
         }
-        let statements: Vec<(&str, Params<'_>)> = statements
-            .iter()
-            .map(|(sql, params)| (*sql, params.as_slice()))
-            .collect();
         self.write(&statements).await.map(drop)
     }
 

@@ -131,6 +131,8 @@ impl ChatIndex {
         for chat in chats {
             index.put(chat);
         }
+        // Only what changes from here on is saved (a lowered bound's removals included).
+        index.dirty.clear();
         index.bound();
         index
     }
@@ -244,18 +246,32 @@ impl ChatIndex {
     }
 
     /// Takes the chat held under `jid` or `twin` (or under either's twin) out of the index,
-    /// keyed by `jid` from now on: the latest addressing is the one the phone uses.
+    /// keyed by `jid` from now on: the latest addressing is the one the phone uses. Two
+    /// entries that turn out to be one chat (learnt under each key before the twin was known)
+    /// become one, with the newer last message.
     fn take_for(&mut self, jid: &str, twin: Option<&str>) -> Chat {
-        let held = [Some(jid), twin]
+        let mut held: Vec<String> = [Some(jid), twin]
             .into_iter()
             .flatten()
-            .find_map(|k| self.find(k).map(|chat| chat.jid.clone()));
-        let mut chat = match held {
-            Some(key) => self.remove(&key).expect("found just before"),
-            None => Chat::new(jid.to_owned(), None),
-        };
-        if chat.jid != jid {
-            chat.twin = Some(std::mem::replace(&mut chat.jid, jid.to_owned()));
+            .filter_map(|k| self.find(k).map(|chat| chat.jid.clone()))
+            .collect();
+        held.dedup();
+        let mut chat = Chat::new(jid.to_owned(), None);
+        for key in held {
+            let Some(found) = self.remove(&key) else {
+                continue;
+            };
+            if found.last_s >= chat.last_s {
+                chat.last_s = found.last_s;
+                chat.last_key = found.last_key;
+            }
+            chat.pinned |= found.pinned;
+            let other = if found.jid == jid {
+                found.twin
+            } else {
+                Some(found.jid)
+            };
+            chat.twin = chat.twin.or(other);
         }
         if let Some(twin) = twin.filter(|t| *t != jid) {
             chat.twin = Some(twin.to_owned());

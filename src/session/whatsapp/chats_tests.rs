@@ -333,3 +333,23 @@ async fn the_index_is_kept_in_the_session_file() {
     assert!(again.coverage().synced);
     assert_eq!(again.known([GROUP]), ChatKnown::False);
 }
+
+/// A chat learnt under its phone number, then under its LID before the two were known to be
+/// one: the message that names both makes them one entry, under the key it came with.
+#[test]
+fn two_entries_of_one_chat_become_one_when_their_twin_is_learnt() {
+    let mut index = ChatIndex::new(100);
+    index.apply(&message(PN, None, "OLD", 1_000, false));
+    index.apply(&message(LID, None, "NEW", 2_000, false));
+    assert_eq!(index.len(), 2);
+    index.apply(&message(LID, Some(PN), "NEWER", 3_000, false));
+    assert_eq!(index.len(), 1);
+    let chat = index.find(PN).unwrap();
+    assert_eq!(chat.jid, LID);
+    assert_eq!(chat.last_key.as_ref().unwrap().id, "NEWER");
+    assert_eq!(
+        index.changes().removed,
+        [PN.to_owned()],
+        "the old entry goes from the store"
+    );
+}

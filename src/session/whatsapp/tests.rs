@@ -488,18 +488,36 @@ async fn golden_worker_patches_for_baileys() {
     let out = std::env::var("CDW_GOLDEN_OUT").expect("CDW_GOLDEN_OUT: where to write the patches");
     const GROUP: &str = "120363024567890123@g.us";
     const MEMBER: &str = "5511900000000@s.whatsapp.net";
-    let (key_data, key_id, iv) = ([7u8; 32], hex::decode("000000001234").unwrap(), [0x42u8; 16]);
+    let (key_data, key_id, iv) = (
+        [7u8; 32],
+        hex::decode("000000001234").unwrap(),
+        [0x42u8; 16],
+    );
 
     // What the chats held, as the session saw it.
     let (session, device) = session(0);
     let seen_ms = SEEN_MS;
-    session.inject_event(chats::tests::message(PN, None, "PN-LAST", SEEN_S - 100, true));
-    session.inject_event(chats::tests::message(LID, Some(MEMBER), "LID-LAST", SEEN_S - 50, false));
+    session.inject_event(chats::tests::message(
+        PN,
+        None,
+        "PN-LAST",
+        SEEN_S - 100,
+        true,
+    ));
+    session.inject_event(chats::tests::message(
+        LID,
+        Some(MEMBER),
+        "LID-LAST",
+        SEEN_S - 50,
+        false,
+    ));
     session.inject_event(Event::PinUpdate(
         PinUpdate::builder()
             .jid(LID.parse().unwrap())
             .timestamp(Utc::now())
-            .action(Box::new(wa::sync_action_value::PinAction { pinned: Some(true) }))
+            .action(Box::new(wa::sync_action_value::PinAction {
+                pinned: Some(true),
+            }))
             .from_full_sync(false)
             .build(),
     ));
@@ -566,7 +584,10 @@ async fn golden_worker_patches_for_baileys() {
             schema.version as i32,
         );
         let collection = schema.collection.as_str();
-        let (patch, base) = processor.build_patch(collection, vec![record]).await.unwrap();
+        let (patch, base) = processor
+            .build_patch(collection, vec![record])
+            .await
+            .unwrap();
         assert_eq!(base, 0);
         cases.push(serde_json::json!({
             "collection": collection,
