@@ -2,7 +2,7 @@
 //! number, and its twin), each one's last message (time and key) and whether it is pinned.
 //! Metadata only, never a message's content. It is filled from history sync (the phone's chat
 //! list, sent once at pairing), live messages and app-state updates (pins; deletes made on
-//! other devices), kept in the session store (`store.rs` beside it) and bounded.
+//! other devices), kept in the session store (`chat_store.rs` beside it) and bounded.
 //!
 //! It decides what a delete names and covers: the key the phone holds, and the chat's last
 //! message as of the command's first-seen time (the range the apps send). And what a 200 says

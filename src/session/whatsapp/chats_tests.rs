@@ -62,6 +62,20 @@ fn message_with(
     )
 }
 
+/// The chat was pinned or unpinned on a device.
+pub(crate) fn pin(chat: &str, pinned: bool) -> Event {
+    Event::PinUpdate(
+        PinUpdate::builder()
+            .jid(jid(chat))
+            .timestamp(chrono::Utc::now())
+            .action(Box::new(wa::sync_action_value::PinAction {
+                pinned: Some(pinned),
+            }))
+            .from_full_sync(false)
+            .build(),
+    )
+}
+
 /// A history sync chunk with these conversations, zlib-wrapped as the phone sends it.
 pub(crate) fn history(
     conversations: Vec<wa::Conversation>,
@@ -254,19 +268,7 @@ fn history_sync_fills_the_chat_list_and_its_end_makes_absent_chats_false() {
 fn pins_and_deletes_from_other_devices_are_followed() {
     let mut index = ChatIndex::new(100);
     index.apply(&message(PN, None, "P1", 1_000, false));
-    let pin = |pinned| {
-        Event::PinUpdate(
-            PinUpdate::builder()
-                .jid(jid(PN))
-                .timestamp(chrono::Utc::now())
-                .action(Box::new(wa::sync_action_value::PinAction {
-                    pinned: Some(pinned),
-                }))
-                .from_full_sync(false)
-                .build(),
-        )
-    };
-    index.apply(&pin(true));
+    index.apply(&pin(PN, true));
     assert!(index.find(PN).unwrap().pinned);
     let deleted = |up_to_s| {
         Event::DeleteChatUpdate(

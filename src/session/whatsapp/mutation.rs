@@ -101,6 +101,21 @@ impl Mutation {
     pub fn schema(&self) -> &'static schemas::Schema {
         self.schema
     }
+
+    /// The index as the crate builds it (its own builder is crate-private): the schema's parts,
+    /// literals in place and `args` for the rest.
+    #[cfg(test)]
+    pub(crate) fn index_parts<'a>(schema: &'a schemas::Schema, args: &[&'a str]) -> Vec<&'a str> {
+        let mut args = args.iter();
+        schema
+            .index_parts
+            .iter()
+            .map(|part| match part {
+                schemas::IndexPart::Literal { value } => *value,
+                _ => args.next().expect("an argument per part"),
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -118,7 +133,6 @@ mod tests {
     //! byte for byte.
 
     use serde_json::Value;
-    use whatsapp_rust::schemas::IndexPart;
     use whatsapp_rust::wacore::appstate::decode::decode_record;
     use whatsapp_rust::wacore::appstate::encode::encode_record;
     use whatsapp_rust::wacore::appstate::hash::{HashState, generate_patch_mac};
@@ -162,18 +176,9 @@ mod tests {
         hex::decode(v.as_str().unwrap()).unwrap()
     }
 
-    /// The index JSON the crate builds from a schema (its own builder is crate-private).
+    /// The index JSON the crate builds for a `deleteChat`.
     fn index_json(args: &[&str]) -> Vec<u8> {
-        let mut args = args.iter();
-        let parts: Vec<&str> = schemas::DELETE_CHAT
-            .index_parts
-            .iter()
-            .map(|part| match part {
-                IndexPart::Literal { value } => *value,
-                _ => args.next().unwrap(),
-            })
-            .collect();
-        serde_json::to_vec(&parts).unwrap()
+        serde_json::to_vec(&Mutation::index_parts(&schemas::DELETE_CHAT, args)).unwrap()
     }
 
     fn record(mutation: &wa::SyncdMutation) -> &wa::SyncdRecord {

@@ -365,21 +365,9 @@ async fn a_message_after_the_command_was_seen_keeps_the_chat() {
 /// The defect: the chat's pin stayed, so a chat that came back came back pinned.
 #[tokio::test]
 async fn a_pinned_chat_is_unpinned_with_its_delete() {
-    use whatsapp_rust::types::events::PinUpdate;
     let (session, device) = session(0);
     session.inject_event(chats::tests::message(LID, None, "A1", SEEN_S - 5, false));
-    session.inject_event(Event::PinUpdate(
-        PinUpdate::builder()
-            .jid(LID.parse().unwrap())
-            .timestamp(Utc::now())
-            .action(Box::new(
-                whatsapp_rust::waproto::whatsapp::sync_action_value::PinAction {
-                    pinned: Some(true),
-                },
-            ))
-            .from_full_sync(false)
-            .build(),
-    ));
+    session.inject_event(chats::tests::pin(LID, true));
     let chat = normalise_number(LID).unwrap();
     let deleted = session
         .delete_chat_as_of(&chat, true, SEEN_MS, Arc::new(Unfenced))
@@ -476,9 +464,7 @@ async fn a_chat_list_stuck_at_version_zero_is_shown_and_cleared() {
 #[ignore = "run by scripts/golden-decode, which decodes the output with Baileys"]
 async fn golden_worker_patches_for_baileys() {
     use whatsapp_rust::TokioRuntime;
-    use whatsapp_rust::schemas::IndexPart;
     use whatsapp_rust::store::SqliteStore;
-    use whatsapp_rust::types::events::PinUpdate;
     use whatsapp_rust::wacore::appstate::encode::encode_record;
     use whatsapp_rust::wacore::appstate::keys::expand_app_state_keys;
     use whatsapp_rust::wacore::appstate_sync::AppStateProcessor;
@@ -511,16 +497,7 @@ async fn golden_worker_patches_for_baileys() {
         SEEN_S - 50,
         false,
     ));
-    session.inject_event(Event::PinUpdate(
-        PinUpdate::builder()
-            .jid(LID.parse().unwrap())
-            .timestamp(Utc::now())
-            .action(Box::new(wa::sync_action_value::PinAction {
-                pinned: Some(true),
-            }))
-            .from_full_sync(false)
-            .build(),
-    ));
+    session.inject_event(chats::tests::pin(LID, true));
     let Event::Messages(batch) = chats::tests::message(GROUP, None, "G-LAST", SEEN_S - 10, false)
     else {
         unreachable!()
@@ -565,15 +542,7 @@ async fn golden_worker_patches_for_baileys() {
     let mut cases = Vec::new();
     for mutation in &mutations {
         let schema = mutation.schema();
-        let mut args = mutation.index_args().into_iter();
-        let index: Vec<&str> = schema
-            .index_parts
-            .iter()
-            .map(|part| match part {
-                IndexPart::Literal { value } => *value,
-                _ => args.next().unwrap(),
-            })
-            .collect();
+        let index = Mutation::index_parts(schema, &mutation.index_args());
         let (record, _) = encode_record(
             wa::syncd_mutation::SyncdOperation::SET,
             &serde_json::to_vec(&index).unwrap(),
