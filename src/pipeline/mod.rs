@@ -31,7 +31,7 @@ use crate::idempotency::{
     RedisStore, Remembered, StoreError,
 };
 use crate::media::{MediaError, MediaStore, PurgeReport};
-use crate::session::SessionError;
+use crate::session::{Deleted, SessionError};
 use crate::telemetry::traces::{self, Kind};
 use crate::telemetry::{self, CommandLog};
 use memory::{Memory, Patience};
@@ -366,8 +366,6 @@ impl Pipeline {
         let deletion = match before {
             Some(deletion) => deletion,
             None => {
-                // What the chat list knew before the delete changes it.
-                let known = instance.session().knows(&request.chat);
                 let slot = self.pacer.wait(token).await;
                 let store = self.memory.store();
                 let keep = || store.keep_intent(claim.held());
@@ -383,7 +381,7 @@ impl Pipeline {
                     slot.used();
                 }
                 let deletion = match result {
-                    Ok(chat) => Deletion {
+                    Ok(Deleted { chat, known }) => Deletion {
                         chat,
                         known,
                         at_ms: chrono::Utc::now().timestamp_millis(),
@@ -446,7 +444,7 @@ impl Pipeline {
         seen_ms: u64,
         fence: Arc<dyn Fence>,
         log: &CommandLog<'_>,
-    ) -> (Result<ChatJid, SessionError>, u32) {
+    ) -> (Result<Deleted, SessionError>, u32) {
         let started = Instant::now();
         let mut tries = 0u32;
         let result = (|| {

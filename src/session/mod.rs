@@ -48,6 +48,14 @@ pub struct ChatIndexStatus {
     pub overflowed: bool,
 }
 
+/// A delete WhatsApp took: the chat deleted (as resolved) and whether the instance's chat
+/// list held it (what a 200 reports as `chat_known`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deleted {
+    pub chat: ChatJid,
+    pub known: ChatKnown,
+}
+
 /// Where one instance's session is kept.
 #[derive(Debug, Clone)]
 pub enum SessionStore {
@@ -213,16 +221,16 @@ pub trait ChatSession: Send + Sync {
     /// Deletes the chat from the instance's chat list (all linked devices, through app state),
     /// if `fence` still holds just before the delete is sent (it may wait for the session).
     /// With `lookup`, a phone number is first resolved to the chat the phone holds; returns
-    /// the JID deleted. The phone's own media is never touched. `seen_ms` (Unix ms) is when
-    /// the command was first seen: the delete covers what the chat held then, and every try of
-    /// one command sends the same mutation.
+    /// the JID deleted and whether the chat list held it. The phone's own media is never
+    /// touched. `seen_ms` (Unix ms) is when the command was first seen: the delete covers what
+    /// the chat held then, and never more on a later try.
     async fn delete_chat_as_of(
         &self,
         chat: &ChatJid,
         lookup: bool,
         seen_ms: u64,
         fence: Arc<dyn Fence>,
-    ) -> Result<ChatJid, SessionError>;
+    ) -> Result<Deleted, SessionError>;
 
     /// [`Self::delete_chat_as_of`] now (tools and tests; commands carry their own time).
     async fn delete_chat(
@@ -232,12 +240,8 @@ pub trait ChatSession: Send + Sync {
         fence: Arc<dyn Fence>,
     ) -> Result<ChatJid, SessionError> {
         let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
-        self.delete_chat_as_of(chat, lookup, now, fence).await
-    }
-
-    /// Whether the instance's chat list holds `chat` now (what a 200 reports as `chat_known`).
-    fn knows(&self, _chat: &ChatJid) -> ChatKnown {
-        ChatKnown::Unknown
+        let deleted = self.delete_chat_as_of(chat, lookup, now, fence).await;
+        deleted.map(|deleted| deleted.chat)
     }
 
     /// Picks up a session paired since the start (or since it was parked).

@@ -17,7 +17,7 @@ use crate::fence::{Fence, Fenced};
 use crate::telemetry::traces::{self, Kind};
 
 use super::postgres::{PgSessions, PgStore};
-use super::{ChatSession, Opening, SessionError, SessionState};
+use super::{ChatSession, Deleted, Opening, SessionError, SessionState};
 
 pub struct SimulatedSession {
     inner: Arc<Inner>,
@@ -163,6 +163,20 @@ impl World {
 }
 
 impl SimulatedSession {
+    /// Whether the scripted chat list holds the chat, under the key given or the one it
+    /// resolves to.
+    fn known(&self, chat: &ChatJid) -> ChatKnown {
+        let Some(list) = &self.chat_list else {
+            return ChatKnown::Unknown;
+        };
+        let resolved = self.resolve.get(chat.user()).unwrap_or(chat);
+        if list.contains(chat.as_str()) || list.contains(resolved.as_str()) {
+            ChatKnown::True
+        } else {
+            ChatKnown::False
+        }
+    }
+
     pub fn new(instance: &str, cfg: &SimulatedConfig) -> std::io::Result<Self> {
         let world = match &cfg.world_dir {
             Some(dir) => {
@@ -355,36 +369,24 @@ impl ChatSession for SimulatedSession {
         }
     }
 
-    /// Whether the scripted chat list holds the chat, under the key given or the one it
-    /// resolves to.
-    fn knows(&self, chat: &ChatJid) -> ChatKnown {
-        let Some(list) = &self.chat_list else {
-            return ChatKnown::Unknown;
-        };
-        let resolved = self.resolve.get(chat.user()).unwrap_or(chat);
-        if list.contains(chat.as_str()) || list.contains(resolved.as_str()) {
-            ChatKnown::True
-        } else {
-            ChatKnown::False
-        }
-    }
-
     async fn delete_chat_as_of(
         &self,
         chat: &ChatJid,
         lookup: bool,
         seen_ms: u64,
         fence: Arc<dyn Fence>,
-    ) -> Result<ChatJid, SessionError> {
+    ) -> Result<Deleted, SessionError> {
+        // What the chat list knew before the delete changes it.
+        let known = self.known(chat);
+        let deleted = |chat| Deleted { chat, known };
         if !self.detached {
             // The latency stands for the wait in the session and the call itself; the effect,
             // and the fence check just before it, come at its end.
             if !self.latency.is_zero() {
                 tokio::time::sleep(self.latency).await;
             }
-            return self
-                .act(chat, lookup, seen_ms, &*fence, Duration::ZERO)
-                .await;
+            let acted = self.act(chat, lookup, seen_ms, &*fence, Duration::ZERO);
+            return acted.await.map(deleted);
         }
         // As the real session's actor: the delete waits for its turn (half the latency), is
         // skipped if its requester has gone by then, else checks its fence and is sent (the
@@ -402,7 +404,8 @@ impl ChatSession for SimulatedSession {
             let acted = inner.act(&chat, lookup, seen_ms, &*fence, sending).await;
             let _ = reply.send(acted);
         }));
-        answer.await.unwrap_or(Err(SessionError::NotConnected))
+        let acted = answer.await.unwrap_or(Err(SessionError::NotConnected));
+        acted.map(deleted)
     }
 
     async fn open(&self) -> Opening {

@@ -29,7 +29,7 @@ pub use gated::SendGate;
 pub use resolve::{Account, Directory, LookupLimits};
 
 use super::{
-    ChatIndexStatus, ChatSession, Opening, SessionError, SessionOptions, SessionState,
+    ChatIndexStatus, ChatSession, Deleted, Opening, SessionError, SessionOptions, SessionState,
     SessionStatus,
 };
 use crate::contract::{ChatJid, ChatKnown};
@@ -59,6 +59,8 @@ struct Plan {
     /// The same chat under its other key, deleted too while the key is uncertain.
     twin: Option<ChatJid>,
     unpin: bool,
+    /// Whether the chat index held the chat.
+    known: ChatKnown,
     /// How the key was chosen (a metric label).
     how: &'static str,
 }
@@ -100,7 +102,7 @@ enum Msg {
         fence: Arc<dyn Fence>,
         /// The command's trace context, for the stages the actor runs.
         trace: Option<TraceContext>,
-        reply: oneshot::Sender<Result<ChatJid, SessionError>>,
+        reply: oneshot::Sender<Result<Deleted, SessionError>>,
     },
     Reload(oneshot::Sender<Opening>),
     Close(oneshot::Sender<()>),
@@ -229,20 +231,13 @@ impl ChatSession for WhatsappSession {
         self.status.borrow().state
     }
 
-    /// Whether the chat index holds the chat, under the JID given, its twin, or (a Brazilian
-    /// mobile number) the variant with or without the ninth digit.
-    fn knows(&self, chat: &ChatJid) -> ChatKnown {
-        let index = self.index.lock().expect("index lock");
-        index.known(keys_for(chat).iter().map(String::as_str))
-    }
-
     async fn delete_chat_as_of(
         &self,
         chat: &ChatJid,
         lookup: bool,
         seen_ms: u64,
         fence: Arc<dyn Fence>,
-    ) -> Result<ChatJid, SessionError> {
+    ) -> Result<Deleted, SessionError> {
         let (reply, answer) = oneshot::channel();
         let msg = Msg::Delete {
             chat: chat.clone(),
@@ -498,7 +493,7 @@ impl Actor {
         lookup: bool,
         seen_ms: u64,
         fence: &dyn Fence,
-    ) -> Result<ChatJid, SessionError> {
+    ) -> Result<Deleted, SessionError> {
         if let Some(left) = self.throttle.left(Instant::now()) {
             return Err(SessionError::Server(format!(
                 "WhatsApp is throttling this instance (429); deletes resume in {} s",
@@ -552,7 +547,10 @@ impl Actor {
             .lock()
             .expect("index lock")
             .deleted(plan.key.as_str(), plan.range.last_message_s);
-        Ok(plan.key)
+        Ok(Deleted {
+            chat: plan.key,
+            known: plan.known,
+        })
     }
 
     /// What a delete of `chat` sends: from the index when it holds the chat, else from
@@ -565,17 +563,16 @@ impl Actor {
         device: &dyn Device,
     ) -> Result<Plan, SessionError> {
         let seen = i64::try_from(seen_ms).unwrap_or(i64::MAX);
-        let held = |index: &Arc<Mutex<ChatIndex>>, keys: &[String]| {
+        let held = |index: &Mutex<ChatIndex>, keys: &[String]| {
             let index = index.lock().expect("index lock");
-            let held = index.find_any(keys.iter().map(String::as_str)).cloned();
-            (held, index.coverage())
+            index.find_any(keys.iter().map(String::as_str)).cloned()
         };
         let given = if lookup {
             keys_for(chat)
         } else {
             vec![chat.as_str().to_owned()]
         };
-        let (mut found, _) = held(&self.index, &given);
+        let mut found = held(&self.index, &given);
         let mut resolved = None;
         if found.is_none() {
             let resolve = self.resolver.resolve(chat, lookup, device);
@@ -583,7 +580,7 @@ impl Actor {
             let target = tokio::time::timeout(self.options.delete_timeout, resolve)
                 .await
                 .map_err(|_| SessionError::Timeout)??;
-            found = held(&self.index, &[target.as_str().to_owned()]).0;
+            found = held(&self.index, &[target.as_str().to_owned()]);
             resolved = Some(target);
         }
         if let Some(indexed) = found
@@ -594,11 +591,15 @@ impl Actor {
                 range: indexed.range_as_of(seen),
                 twin: None,
                 unpin: indexed.pinned,
+                known: ChatKnown::True,
                 how: "indexed",
             });
         }
         let key = resolved.unwrap_or_else(|| chat.clone());
-        let coverage = self.index.lock().expect("index lock").coverage();
+        let (coverage, known) = {
+            let index = self.index.lock().expect("index lock");
+            (index.coverage(), index.known([key.as_str()]))
+        };
         // Without the phone's chat list, the key stays uncertain: the twin is sent too (an
         // index the phone does not hold is a no-op there), and the pin is cleared blind.
         let uncertain = lookup && !coverage.synced;
@@ -612,6 +613,7 @@ impl Actor {
             range: Range::until(seen),
             twin,
             unpin: !coverage.synced,
+            known,
             how: "resolved",
         })
     }
