@@ -299,10 +299,14 @@ async fn keep_chat_index(
         let mut index = index.lock().expect("index lock");
         (index.changes(), index.len())
     };
+    let chats = match chats {
+        1 => "1 chat".to_owned(),
+        n => format!("{n} chats"),
+    };
     let said = match store.save(changes).await {
-        Ok(()) if complete => format!("Chat index saved: {chats} chats, the whole chat list."),
+        Ok(()) if complete => format!("Chat index saved: {chats}, the whole chat list."),
         Ok(()) => format!(
-            "Chat index saved: {chats} chats so far; the rest reaches the worker (chat_known says unknown until then)."
+            "Chat index saved: {chats} so far; the rest reaches the worker (chat_known says unknown until then)."
         ),
         Err(error) => format!(
             "The chat index could not be saved ({error}); the worker builds it from messages."
@@ -449,5 +453,42 @@ mod tests {
             std::future::ready(polls == 3)
         };
         assert!(wait_for_sync(ready, &mut inbox, &mut flow).await.is_ok());
+    }
+
+    /// The phone's chat list reaches the session store through `pair`: the history chunks read
+    /// while it waits, saved once the initial bootstrap has ended.
+    #[tokio::test]
+    async fn pair_saves_the_chat_list_history_sync_brings() {
+        use crate::session::whatsapp::chats::tests::{conversation, history};
+        use whatsapp_rust::waproto::whatsapp::history_sync::HistorySyncType;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChatStore::File(dir.path().join("a.db"));
+        let index = Arc::new(Mutex::new(ChatIndex::new(100)));
+        let (chunks, chat_list) = mpsc::unbounded_channel();
+        let reading = tokio::spawn(read_history(chat_list, index.clone()));
+        let lid = "123456789012345@lid";
+        let first = history(
+            vec![conversation(lid, None, Some(("M1", 1_700_000_000)))],
+            HistorySyncType::InitialBootstrap,
+            Some(40),
+        );
+        let last = history(vec![], HistorySyncType::InitialBootstrap, Some(100));
+        for chunk in [first, last] {
+            chunks
+                .send(Arc::new(Event::HistorySync(Box::new(chunk))))
+                .unwrap();
+        }
+        let mut out = Vec::new();
+        keep_chat_index(&index, &store, &mut out).await;
+        reading.abort();
+        let said = String::from_utf8(out).unwrap();
+        assert!(
+            said.contains("Chat index saved: 1 chat, the whole chat list."),
+            "{said}"
+        );
+        let saved = store.load(100).await.unwrap();
+        assert_eq!(saved.find(lid).unwrap().last_key.as_ref().unwrap().id, "M1");
+        assert!(saved.coverage().synced);
     }
 }

@@ -471,4 +471,4 @@ fn from_conversation(conversation: &wa::Conversation) -> Option<Chat> {
 
 #[cfg(test)]
 #[path = "chats_tests.rs"]
-pub(super) mod tests;
+pub(crate) mod tests;
