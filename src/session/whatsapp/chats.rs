@@ -369,12 +369,33 @@ fn key_of_text(jid: &str) -> Option<String> {
     jid.parse::<Jid>().ok().as_ref().and_then(key_of)
 }
 
-/// The chat, its twin, the time and the key of a live message; `None` for a protocol message
-/// (key shares, revokes, history notifications) or a chat no command can name.
+/// Whether a message shows in its chat as one (the apps name only those as a chat's last
+/// message): not a protocol message (key shares, revokes, edits, history notifications), a
+/// reaction, a poll vote, a keep or an in-chat pin, nor one that carries only a sender key.
+fn shows_in_chat(message: &wa::Message) -> bool {
+    let not_shown = message.protocol_message.as_option().is_some()
+        || message.reaction_message.as_option().is_some()
+        || message.enc_reaction_message.as_option().is_some()
+        || message.poll_update_message.as_option().is_some()
+        || message.keep_in_chat_message.as_option().is_some()
+        || message.pin_in_chat_message.as_option().is_some()
+        || message.enc_event_response_message.as_option().is_some();
+    if not_shown {
+        return false;
+    }
+    let mut content = message.clone();
+    content.sender_key_distribution_message = Default::default();
+    content.fast_ratchet_key_sender_key_distribution_message = Default::default();
+    content.message_context_info = Default::default();
+    content != wa::Message::default()
+}
+
+/// The chat, its twin, the time and the key of a live message; `None` for one that does not
+/// show in its chat, or a chat no command can name.
 fn from_message(
     message: &whatsapp_rust::types::events::InboundMessage,
 ) -> Option<(String, Option<String>, i64, MessageKey)> {
-    if message.message.protocol_message.as_option().is_some() {
+    if !shows_in_chat(&message.message) {
         return None;
     }
     let source = &message.info.source;
@@ -438,9 +459,14 @@ fn from_conversation(conversation: &wa::Conversation) -> Option<Chat> {
     .and_then(key_of_text);
     let mut chat = Chat::new(jid, twin);
     for message in &conversation.messages {
+        // A system message (a stub: no content) or one not shown is not the last message the
+        // apps name.
         let Some(info) = message.message.as_option() else {
             continue;
         };
+        if !info.message.as_option().is_some_and(shows_in_chat) {
+            continue;
+        }
         let at_s = info.message_timestamp.unwrap_or(0) as i64;
         let Some(key) = info.key.as_option() else {
             continue;

@@ -22,7 +22,14 @@ fn jid(text: &str) -> Jid {
 /// A live message in `chat` at `at_s`, from the other side unless `from_me`; `alt` is the
 /// sender's (or recipient's) other JID as the server sends it.
 pub(crate) fn message(chat: &str, alt: Option<&str>, id: &str, at_s: i64, from_me: bool) -> Event {
-    message_with(chat, alt, id, at_s, from_me, wa::Message::default())
+    message_with(chat, alt, id, at_s, from_me, text("hello"))
+}
+
+fn text(body: &str) -> wa::Message {
+    wa::Message {
+        conversation: Some(body.to_owned()),
+        ..Default::default()
+    }
 }
 
 fn message_with(
@@ -133,6 +140,7 @@ pub(crate) fn conversation(
                 })
                 .into(),
                 message_timestamp: Some(at_s),
+                message: Some(text("from history")).into(),
                 ..Default::default()
             })
             .into(),
@@ -184,6 +192,36 @@ fn protocol_messages_and_chats_no_command_can_name_are_not_indexed() {
     index.apply(&message_with(PN, None, "K", 1, false, protocol));
     index.apply(&message("status@broadcast", None, "S", 1, false));
     assert!(index.is_empty());
+}
+
+/// The apps name a chat's last message as the user saw it: a reaction or a message carrying
+/// only a sender key is not one (a range naming it would name a message the phone does not
+/// list).
+#[test]
+fn reactions_and_sender_key_shares_do_not_move_the_last_message() {
+    let mut index = ChatIndex::new(100);
+    index.apply(&message(GROUP, None, "SEEN", 1_000, false));
+    let reaction = wa::Message {
+        reaction_message: Some(wa::message::ReactionMessage::default()).into(),
+        ..Default::default()
+    };
+    let key_share = wa::Message {
+        sender_key_distribution_message: Some(Default::default()).into(),
+        ..Default::default()
+    };
+    let mut text_with_key = text("hi");
+    text_with_key.sender_key_distribution_message = Some(Default::default()).into();
+    index.apply(&message_with(GROUP, None, "R", 2_000, false, reaction));
+    index.apply(&message_with(GROUP, None, "K", 3_000, false, key_share));
+    assert_eq!(
+        index.find(GROUP).unwrap().last_key.as_ref().unwrap().id,
+        "SEEN"
+    );
+    index.apply(&message_with(GROUP, None, "T", 4_000, false, text_with_key));
+    assert_eq!(
+        index.find(GROUP).unwrap().last_key.as_ref().unwrap().id,
+        "T"
+    );
 }
 
 #[test]
@@ -354,4 +392,26 @@ fn two_entries_of_one_chat_become_one_when_their_twin_is_learnt() {
         [PN.to_owned()],
         "the old entry goes from the store"
     );
+}
+
+/// In history sync too, a system message (a stub, no content) is not the last message named.
+#[test]
+fn a_system_message_in_history_is_not_the_last_message_named() {
+    let mut with_stub = conversation(GROUP, None, Some(("REAL", 100)));
+    with_stub.messages.push(wa::HistorySyncMsg {
+        message: Some(wa::WebMessageInfo {
+            key: Some(wa::MessageKey {
+                id: Some("STUB".into()),
+                ..Default::default()
+            })
+            .into(),
+            message_timestamp: Some(200),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    });
+    let chat = from_conversation(&with_stub).unwrap();
+    assert_eq!(chat.last_key.unwrap().id, "REAL");
+    assert_eq!(chat.last_s, 100);
 }
