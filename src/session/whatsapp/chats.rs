@@ -439,9 +439,17 @@ pub fn from_history(sync: &LazyHistorySync) -> History {
             && sync.progress().is_some_and(|p| p >= 100),
     };
     let mut stream = sync.stream();
-    while let Ok(Some(conversation)) = stream.next_conversation() {
-        if let Some(chat) = from_conversation(&conversation) {
-            history.chats.push(chat);
+    loop {
+        match stream.next_conversation() {
+            Ok(Some(conversation)) => history.chats.extend(from_conversation(&conversation)),
+            Ok(None) => break,
+            Err(error) => {
+                // What was read is kept; a chunk that did not read whole never makes the list
+                // whole (chat_known stays unknown rather than a wrong false).
+                tracing::warn!(%error, "A history sync chunk could not be read to its end.");
+                history.chat_list_complete = false;
+                break;
+            }
         }
     }
     history

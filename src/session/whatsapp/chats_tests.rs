@@ -415,3 +415,27 @@ fn a_system_message_in_history_is_not_the_last_message_named() {
     assert_eq!(chat.last_key.unwrap().id, "REAL");
     assert_eq!(chat.last_s, 100);
 }
+
+/// A chunk that does not read to its end never makes the chat list whole: a wrong `false`
+/// would say a chat the phone holds is not there.
+#[test]
+fn a_torn_history_chunk_never_completes_the_chat_list() {
+    use wa::history_sync::HistorySyncType;
+    let whole = history(
+        vec![conversation(LID, None, Some(("H1", 1_600_000_000)))],
+        HistorySyncType::InitialBootstrap,
+        Some(100),
+    );
+    assert!(from_history(&whole).chat_list_complete);
+    let raw = whole.decompress().unwrap();
+    let torn = &raw[..raw.len() - 3];
+    let torn = LazyHistorySync::new(
+        zlib_stored(torn),
+        torn.len(),
+        HistorySyncType::InitialBootstrap as i32,
+        Some(1),
+        Some(100),
+    );
+    let read = from_history(&torn);
+    assert!(!read.chat_list_complete);
+}
