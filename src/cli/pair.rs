@@ -271,12 +271,8 @@ async fn read_history(
     index: Arc<Mutex<ChatIndex>>,
 ) {
     while let Some(event) = chunks.recv().await {
-        let Event::HistorySync(sync) = &*event else {
-            continue;
-        };
-        let sync = sync.clone();
-        if let Ok(history) = tokio::task::spawn_blocking(move || chats::from_history(&sync)).await {
-            index.lock().expect("index lock").merge(history);
+        if let Event::HistorySync(sync) = &*event {
+            chats::merge_history(&index, sync).await;
         }
     }
 }

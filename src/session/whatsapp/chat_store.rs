@@ -92,6 +92,10 @@ fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("plain data serialises")
 }
 
+fn json_text<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("plain data serialises")
+}
+
 /// A row written by an older or newer worker that does not parse is skipped, not fatal.
 fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
     serde_json::from_slice(bytes).ok()
@@ -143,7 +147,7 @@ fn save_file(path: &std::path::Path, changes: &Changes) -> Result<(), String> {
             )
             .bind::<Text, _>(&chat.jid)
             .bind::<BigInt, _>(chat.last_s)
-            .bind::<Text, _>(String::from_utf8_lossy(&json(chat)).into_owned())
+            .bind::<Text, _>(json_text(chat))
             .execute(conn)?;
         }
         for jid in &changes.removed {
@@ -156,7 +160,7 @@ fn save_file(path: &std::path::Path, changes: &Changes) -> Result<(), String> {
                 "INSERT INTO cdw_chat_coverage (id, value) VALUES (0, ?)
                  ON CONFLICT (id) DO UPDATE SET value = excluded.value",
             )
-            .bind::<Text, _>(String::from_utf8_lossy(&json(coverage)).into_owned())
+            .bind::<Text, _>(json_text(coverage))
             .execute(conn)?;
         }
         Ok(())

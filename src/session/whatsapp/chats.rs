@@ -11,6 +11,7 @@
 //! before the index existed learns chats only as messages come) or once it overflowed.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use whatsapp_rust::Jid;
@@ -427,6 +428,15 @@ pub struct History {
     pub chats: Vec<Chat>,
     /// The chunk ends the initial bootstrap: the index now holds the whole chat list.
     pub chat_list_complete: bool,
+}
+
+/// Reads a history sync chunk off the async threads (a chunk is megabytes of compressed
+/// protobuf) and merges what it says into `index`.
+pub async fn merge_history(index: &Mutex<ChatIndex>, sync: &LazyHistorySync) {
+    let sync = sync.clone();
+    if let Ok(history) = tokio::task::spawn_blocking(move || from_history(&sync)).await {
+        index.lock().expect("index lock").merge(history);
+    }
 }
 
 /// Reads a history sync chunk's conversations, one at a time, keeping only their metadata.

@@ -77,23 +77,6 @@ fn keys_for(chat: &ChatJid) -> Vec<String> {
     }
 }
 
-/// The same person under the other addressing, as the session's own store maps it.
-async fn twin_of(chat: &ChatJid, directory: &dyn Device) -> Option<ChatJid> {
-    let twin = match chat.server() {
-        crate::contract::JidServer::Phone => {
-            format!("{}@lid", directory.known_lid(chat.user()).await?)
-        }
-        crate::contract::JidServer::Lid => {
-            format!(
-                "{}@s.whatsapp.net",
-                directory.known_phone(chat.user()).await?
-            )
-        }
-        crate::contract::JidServer::Group => return None,
-    };
-    crate::contract::normalise_number(&twin)
-}
-
 enum Msg {
     Delete {
         chat: ChatJid,
@@ -604,7 +587,7 @@ impl Actor {
         // index the phone does not hold is a no-op there), and the pin is cleared blind.
         let uncertain = lookup && !coverage.synced;
         let twin = if uncertain {
-            twin_of(&key, device).await
+            resolve::twin(&key, device).await
         } else {
             None
         };
@@ -689,13 +672,7 @@ impl Actor {
 
     async fn apply(&mut self, event: &Event) {
         if let Event::HistorySync(sync) = event {
-            // A chunk is megabytes of compressed protobuf: read off the async threads.
-            let sync = sync.clone();
-            if let Ok(history) =
-                tokio::task::spawn_blocking(move || chats::from_history(&sync)).await
-            {
-                self.index.lock().expect("index lock").merge(history);
-            }
+            chats::merge_history(&self.index, sync).await;
             return;
         }
         self.index.lock().expect("index lock").apply(event);

@@ -161,6 +161,23 @@ impl Resolver {
     }
 }
 
+/// The same person under the other addressing, as the session's own store maps it.
+pub async fn twin(chat: &ChatJid, directory: &dyn Directory) -> Option<ChatJid> {
+    let twin = match chat.server() {
+        JidServer::Phone => {
+            format!("{}@lid", directory.known_lid(chat.user()).await?)
+        }
+        JidServer::Lid => {
+            format!(
+                "{}@s.whatsapp.net",
+                directory.known_phone(chat.user()).await?
+            )
+        }
+        JidServer::Group => return None,
+    };
+    normalise_number(&twin)
+}
+
 /// A server answer that does not make a valid JID is a server fault, not ours to delete.
 fn jid(text: &str) -> Result<ChatJid, SessionError> {
     normalise_number(text)
