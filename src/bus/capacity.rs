@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 
+use backon::{ConstantBuilder, Retryable};
 use serde_json::Value;
 
 use super::BrokerError;
@@ -25,6 +26,10 @@ fn handles_per_queue(queue_type: &str) -> u64 {
 
 /// Sockets of the worker's own: the consuming connection and the results one.
 const CONNECTIONS: u64 = 2;
+
+/// Further tries of a management API read before the check says it could not look.
+const LOOK_RETRIES: usize = 2;
+const LOOK_RETRY_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// What the look found.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,7 +110,7 @@ async fn look(cfg: &BrokerConfig, topology: &Topology) -> Result<Verdict, String
     let Some(api) = Management::of(cfg).map_err(|e| e.to_string())? else {
         return Ok(Verdict::Unknown("broker.management_url is not set".into()));
     };
-    let get = |path: String| {
+    let get_once = |path: String| {
         let request = api.request(reqwest::Method::GET, &path);
         async move {
             let response = request
@@ -122,6 +127,12 @@ async fn look(cfg: &BrokerConfig, topology: &Topology) -> Result<Verdict, String
             serde_json::from_str::<Value>(&text).map_err(|e| e.to_string())
         }
     };
+    // A cluster's management API answers 500 now and then (a queue deleted while it lists
+    // them, a node busy): a single such answer must not skip the check.
+    let retries = ConstantBuilder::default()
+        .with_delay(LOOK_RETRY_WAIT)
+        .with_max_times(LOOK_RETRIES);
+    let get = |path: String| (move || get_once(path.clone())).retry(retries);
     let nodes = get("/api/nodes".into()).await?;
     let queues = get(format!("/api/queues/{}?columns=name", api.vhost)).await?;
     let existing: HashSet<&str> = queues
@@ -199,5 +210,48 @@ mod tests {
         let message = s.to_string();
         assert!(message.contains("3002 file handles") && message.contains("870 free of 1000"));
         assert!(message.contains("LimitNOFILE"), "{message}");
+    }
+
+    /// The defect (a CI run of the cluster test): the management API answered one 500, and
+    /// the check said "not checked" and let a topology through that the broker could not
+    /// hold. A read that fails once is tried again.
+    #[tokio::test]
+    async fn one_failed_management_read_does_not_skip_the_check() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU32, Ordering};
+
+        let calls = Arc::new(AtomicU32::new(0));
+        let counted = calls.clone();
+        let app = axum::Router::new()
+            .route(
+                "/api/nodes",
+                axum::routing::get(move || {
+                    let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+                    async move {
+                        if first {
+                            return Err(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+                        }
+                        Ok(axum::Json(serde_json::json!([
+                            {"name": "rabbit@a", "running": true, "fd_total": 100, "fd_used": 90}
+                        ])))
+                    }
+                }),
+            )
+            .route(
+                "/api/queues/{vhost}",
+                axum::routing::get(|| async { axum::Json(serde_json::json!([])) }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let cfg = BrokerConfig {
+            management_url: Some(format!("http://{addr}")),
+            ..Default::default()
+        };
+        let tiers = crate::config::RetryConfig::default().tiers();
+        let topology = Topology::new(&cfg, &crate::contract::Names::new("cap"), &["i0"], &tiers);
+        let verdict = check(&cfg, &topology).await;
+        assert!(matches!(verdict, Verdict::Exceeds(_)), "{verdict:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 }
