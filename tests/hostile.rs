@@ -147,6 +147,11 @@ async fn a_reply_to_that_refuses_costs_nothing_but_its_own_copy() {
             .iter()
             .all(|d| header_int(d, "attempts") == Some(1))
     );
+    // Never consumed, so `auto_delete` never removes it: the worker's stop does not know it.
+    w.channel
+        .queue_delete(trap.as_str().into(), Default::default())
+        .await
+        .unwrap();
     w.stop().await;
 }
 
