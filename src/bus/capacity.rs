@@ -27,7 +27,8 @@ fn handles_per_queue(queue_type: &str) -> u64 {
 /// Sockets of the worker's own: the consuming connection and the results one.
 const CONNECTIONS: u64 = 2;
 
-/// Further tries of a management API read before the check says it could not look.
+/// Further tries of a management API read that got a 5xx, before the check says it could
+/// not look.
 const LOOK_RETRIES: usize = 2;
 const LOOK_RETRY_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -110,29 +111,40 @@ async fn look(cfg: &BrokerConfig, topology: &Topology) -> Result<Verdict, String
     let Some(api) = Management::of(cfg).map_err(|e| e.to_string())? else {
         return Ok(Verdict::Unknown("broker.management_url is not set".into()));
     };
+    // What a read failed with, and whether it was the server's 5xx.
+    struct Failed(String, bool);
     let get_once = |path: String| {
         let request = api.request(reqwest::Method::GET, &path);
         async move {
+            let other = |text: String| Failed(text, false);
             let response = request
                 .send()
                 .await
-                .map_err(|e| e.without_url().to_string())?;
-            if !response.status().is_success() {
-                return Err(format!("management API answered {}", response.status()));
+                .map_err(|e| other(e.without_url().to_string()))?;
+            let status = response.status();
+            if !status.is_success() {
+                let text = format!("management API answered {status}");
+                return Err(Failed(text, status.is_server_error()));
             }
             let text = response
                 .text()
                 .await
-                .map_err(|e| e.without_url().to_string())?;
-            serde_json::from_str::<Value>(&text).map_err(|e| e.to_string())
+                .map_err(|e| other(e.without_url().to_string()))?;
+            serde_json::from_str::<Value>(&text).map_err(|e| other(e.to_string()))
         }
     };
     // A cluster's management API answers 500 now and then (a queue deleted while it lists
-    // them, a node busy): a single such answer must not skip the check.
+    // them, a node busy): one such answer must not skip the check. Only a 5xx is tried again:
+    // an API that does not answer has already cost its timeout, and the connection waits.
     let retries = ConstantBuilder::default()
         .with_delay(LOOK_RETRY_WAIT)
         .with_max_times(LOOK_RETRIES);
-    let get = |path: String| (move || get_once(path.clone())).retry(retries);
+    let get = |path: String| {
+        let read = (move || get_once(path.clone()))
+            .retry(retries)
+            .when(|failed: &Failed| failed.1);
+        async move { read.await.map_err(|Failed(text, _)| text) }
+    };
     let nodes = get("/api/nodes".into()).await?;
     let queues = get(format!("/api/queues/{}?columns=name", api.vhost)).await?;
     let existing: HashSet<&str> = queues
